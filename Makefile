@@ -1,0 +1,42 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv when missing and are
+# idempotent: the install steps re-run only when pyproject.toml changes (stamp files inside the venv).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: demo test lint pytest bench bench-quick clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade "pip>=24" "setuptools>=68" wheel
+
+# Runtime only (no torch): what `pip install facemark` gives a deploy machine.
+$(VENV)/.stamp-runtime: pyproject.toml | $(BIN)/python
+	$(PIP) install -e .
+	touch $@
+
+# Everything: train extra (torch, torchvision, onnx) + dev tools.
+$(VENV)/.stamp-all: pyproject.toml | $(BIN)/python
+	$(PIP) install -e ".[train,dev]"
+	touch $@ $(VENV)/.stamp-runtime
+
+demo: $(VENV)/.stamp-runtime
+	$(BIN)/facemark runtime predict facemark/assets/samples --out demo --json demo/landmarks.json --draw contours --summary
+
+lint: $(VENV)/.stamp-all
+	$(BIN)/ruff check .
+
+pytest: $(VENV)/.stamp-all
+	$(BIN)/python -m pytest -q
+
+test: lint pytest
+
+bench: $(VENV)/.stamp-all
+	$(BIN)/facemark bench --out bench-out
+
+bench-quick: $(VENV)/.stamp-all
+	$(BIN)/facemark bench --quick --out bench-out
+
+clean:
+	rm -rf $(VENV) demo bench-out .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+from facemark.cli import main
+
+main()

@@ -1,0 +1,162 @@
+"""Readers for the two real annotation formats (torch-free): 300-W folders (.pts) and dlib's XML.
+
+Both give `FaceRecord`s: one face, its image path and 68 points in 0-based image pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from facemark.contract import Box
+from facemark.errors import DataError
+from facemark.imageio import IMAGE_SUFFIXES
+from facemark.scheme import NUM_POINTS
+
+Warn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class FaceRecord:
+    image_path: Path
+    landmarks: np.ndarray = field(repr=False)  # (68, 2) float32, 0-based image pixels
+    key: str  # identity for the split: image file name + face index (independent of the data root)
+    source_box: Box | None = None  # a box given by the annotation (dlib XML), if any
+
+
+def read_pts(path: str | os.PathLike) -> np.ndarray:
+    """Read an iBUG .pts file -> (68, 2) float32 in 0-based pixels (.pts files are 1-based)."""
+    p = Path(path)
+    try:
+        lines = [ln.strip() for ln in p.read_text(encoding="utf-8", errors="strict").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{p}: cannot read ({exc})") from None
+    lines = [ln for ln in lines if ln]
+    declared: int | None = None
+    if lines and lines[0].lower().startswith("version"):
+        try:
+            header = dict(ln.split(":", 1) for ln in lines[:2])
+            declared = int(header["n_points"].strip())
+            start, end = lines.index("{"), lines.index("}")
+        except (ValueError, KeyError):
+            raise DataError(f"{p}: malformed .pts header (expected version, n_points, '{{' ... '}}')") from None
+        body = lines[start + 1 : end]
+    else:  # bare "x y" lines, as some 300-W mirrors ship them
+        body = lines
+    try:
+        points = np.array([[float(v) for v in ln.split()] for ln in body], dtype=np.float64)
+    except ValueError:
+        raise DataError(f"{p}: non-numeric coordinate line") from None
+    if points.ndim != 2 or points.shape[1] != 2:
+        raise DataError(f"{p}: every point line must hold exactly two numbers")
+    if declared is not None and declared != len(points):
+        raise DataError(f"{p}: header says n_points {declared} but {len(points)} points follow")
+    if len(points) != NUM_POINTS:
+        raise DataError(f"{p}: {len(points)} points, expected {NUM_POINTS}")
+    if not np.isfinite(points).all():
+        raise DataError(f"{p}: non-finite coordinate")
+    return (points - 1.0).astype(np.float32)
+
+
+def _image_beside(pts: Path) -> Path | None:
+    for candidate in pts.parent.glob(pts.stem + ".*"):
+        if candidate.suffix.lower() in IMAGE_SUFFIXES:
+            return candidate
+    return None
+
+
+def read_pts_folder(folder: str | os.PathLike, warn: Warn) -> list[FaceRecord]:
+    """All .pts files below `folder` with the image of the same stem beside them."""
+    root = Path(folder)
+    records: list[FaceRecord] = []
+    for pts in sorted(root.rglob("*.pts")):
+        image = _image_beside(pts)
+        if image is None:
+            warn(f"{pts}: no image beside it (tried {', '.join(IMAGE_SUFFIXES)}); skipped")
+            continue
+        records.append(FaceRecord(image, read_pts(pts), key=f"{image.name}#0"))
+    return records
+
+
+def read_dlib_xml(path: str | os.PathLike, warn: Warn) -> list[FaceRecord]:
+    """dlib's imglab XML: <images><image file=...><box top left width height [ignore]><part name x y/>."""
+    p = Path(path)
+    try:
+        root = ET.parse(p).getroot()
+    except (ET.ParseError, OSError) as exc:
+        raise DataError(f"{p}: not a readable XML file ({exc})") from None
+    images = root if root.tag == "images" else root.find(".//images")
+    if images is None:
+        raise DataError(f"{p}: no <images> element")
+    records: list[FaceRecord] = []
+    for image_el in images.iter("image"):
+        file_attr = image_el.get("file")
+        if not file_attr:
+            raise DataError(f"{p}: an <image> without a file attribute")
+        image_path = (p.parent / file_attr).resolve()
+        if not image_path.is_file():
+            warn(f"{p}: image {file_attr} not found; its boxes skipped")
+            continue
+        for index, box_el in enumerate(image_el.iter("box")):
+            if box_el.get("ignore", "0") not in ("0", "", "false"):
+                continue
+            records.append(_dlib_box_record(p, image_path, file_attr, index, box_el))
+    return records
+
+
+def _dlib_box_record(xml: Path, image_path: Path, file_attr: str, index: int, box_el: ET.Element) -> FaceRecord:
+    where = f"{xml}: image {file_attr}, box {index}"
+    try:
+        box = tuple(float(box_el.get(k, "nan")) for k in ("left", "top", "width", "height"))
+        parts = {int(part.get("name")): (float(part.get("x")), float(part.get("y"))) for part in box_el.iter("part")}
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: non-numeric box or part attribute") from None
+    if len(parts) != NUM_POINTS or sorted(parts) != list(range(NUM_POINTS)):
+        raise DataError(f"{where}: {len(parts)} landmark parts, expected {NUM_POINTS} named 0..{NUM_POINTS - 1}")
+    points = np.array([parts[i] for i in range(NUM_POINTS)], dtype=np.float32)  # dlib parts are 0-based
+    return FaceRecord(image_path, points, key=f"{Path(file_attr).name}#{index}", source_box=box)
+
+
+def load_records(paths: Iterable[str | os.PathLike], warn: Warn) -> list[FaceRecord]:
+    """Read every data source: an XML file (dlib) or a folder searched recursively for .pts."""
+    records: list[FaceRecord] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = read_pts_folder(path, warn)
+        elif path.suffix.lower() == ".xml":
+            found = read_dlib_xml(path, warn)
+        elif path.suffix.lower() == ".pts":
+            image = _image_beside(path)
+            if image is None:
+                raise DataError(f"{path}: no image beside it")
+            found = [FaceRecord(image, read_pts(path), key=f"{image.name}#0")]
+        elif not path.exists():
+            raise DataError(f"{path}: no such file or folder")
+        else:
+            raise DataError(f"{path}: expected a folder of .pts files or a dlib .xml file")
+        if not found:
+            raise DataError(f"{path}: no annotated faces found")
+        records.extend(found)
+    return records
+
+
+def is_validation(key: str, val_fraction: float, seed: int) -> bool:
+    """Seeded hash of the record's key: stable when files are added, independent of order."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+
+
+def split_records(
+    records: Sequence[FaceRecord], val_fraction: float = 0.1, seed: int = 0
+) -> tuple[list[FaceRecord], list[FaceRecord]]:
+    """Deterministic train/validation split of `records`."""
+    train = [r for r in records if not is_validation(r.key, val_fraction, seed)]
+    val = [r for r in records if is_validation(r.key, val_fraction, seed)]
+    return train, val

@@ -1,0 +1,126 @@
+"""Torch-free evaluation: any predictor (eager checkpoint or ONNX model) over annotated faces -> NME report.
+
+The crops go through exactly the runtime's preprocessing (`CropContract.prepare`), never a training cache,
+so the figures are those of what is deployed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from facemark.contract import Box, CropContract, box_from_landmarks
+from facemark.data import FaceRecord
+from facemark.fileio import write_text_atomic
+from facemark.imageio import read_gray
+from facemark.metrics import DEFAULT_THRESHOLD, nme_per_face, summarize
+
+
+class CropPredictor(Protocol):
+    """Normalised crops (N, 1, S, S) float32 -> normalised landmarks (N, 68, 2)."""
+
+    contract: CropContract
+
+    def predict(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+# Finds the box of `record`'s face in its grayscale image; None when the face is not found.
+BoxSource = Callable[[np.ndarray, FaceRecord], Box | None]
+
+
+def ground_truth_box(gray: np.ndarray, record: FaceRecord) -> Box:
+    return box_from_landmarks(record.landmarks)
+
+
+@dataclass
+class Evaluation:
+    keys: list[str] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)
+    errors: list[float] = field(default_factory=list)  # NME per evaluated face
+    predictions: list[np.ndarray] = field(default_factory=list, repr=False)
+    missed: list[str] = field(default_factory=list)  # keys whose face the box source did not find
+    total: int = 0
+
+    def summary(self, threshold: float = DEFAULT_THRESHOLD) -> dict:
+        s = summarize(np.asarray(self.errors), threshold)
+        s["detection_rate"] = (self.total - len(self.missed)) / self.total if self.total else float("nan")
+        return s
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["key", "image", "nme"])
+        for key, image, err in zip(self.keys, self.images, self.errors, strict=True):
+            writer.writerow([key, image, f"{err:.6f}"])
+        for key in self.missed:
+            writer.writerow([key, "", "missed"])
+        return buf.getvalue()
+
+
+def evaluate(
+    predictor: CropPredictor,
+    records: Sequence[FaceRecord],
+    box_source: BoxSource = ground_truth_box,
+    batch_size: int = 32,
+    progress: Callable[[int], None] | None = None,
+) -> Evaluation:
+    """Predict every record's face through the deployed preprocessing and measure NME."""
+    contract = predictor.contract
+    result = Evaluation(total=len(records))
+    pending: list[tuple[FaceRecord, np.ndarray, np.ndarray]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        batch = np.concatenate([p[1] for p in pending])
+        outputs = predictor.predict(batch)
+        for (record, _, matrix), out in zip(pending, outputs, strict=True):
+            pred = contract.decode_points(out, matrix)
+            result.keys.append(record.key)
+            result.images.append(str(record.image_path))
+            result.errors.append(float(nme_per_face(pred, record.landmarks)[0]))
+            result.predictions.append(pred.astype(np.float32))
+        pending.clear()
+
+    for record in records:
+        gray = read_gray(record.image_path)
+        box = box_source(gray, record)
+        if box is None:
+            result.missed.append(record.key)
+        else:
+            tensor, matrices = contract.prepare(gray, [box])
+            pending.append((record, tensor, matrices[0]))
+            if len(pending) >= batch_size:
+                flush()
+        if progress:
+            progress(1)
+    flush()
+    return result
+
+
+def write_reports(
+    evaluation: Evaluation,
+    meta: dict,
+    json_path: str | os.PathLike | None = None,
+    csv_path: str | os.PathLike | None = None,
+    plot_path: str | os.PathLike | None = None,
+    label: str = "model",
+) -> dict:
+    """Write the requested report files (atomically) and return the JSON document."""
+    doc = {**evaluation.summary(), **meta}
+    if json_path:
+        write_text_atomic(json_path, json.dumps(doc, indent=2) + "\n")
+    if csv_path:
+        write_text_atomic(csv_path, evaluation.to_csv())
+    if plot_path:
+        from facemark.metrics import plot_ced
+
+        plot_ced({label: np.asarray(evaluation.errors)}, plot_path)
+    return doc

@@ -1,0 +1,43 @@
+"""Atomic writes: a file is either complete at its path or not there at all."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None):
+    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed.
+
+    `suffix` defaults to the target's own (so writers that pick a format by extension keep working).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or target.suffix, dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_with_atomic(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
+    """Call `writer(tmp_path)` and rename the result onto `path` only if it returns."""
+    with atomic_path(path) as tmp:
+        writer(tmp)

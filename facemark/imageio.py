@@ -1,0 +1,72 @@
+"""Image reading with the checks a batch needs: one clear `ImageError` per bad file, never a crash."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from facemark.errors import ImageError
+from facemark.fileio import write_with_atomic
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+# 8K x 8K: anything bigger is refused before decoding, so a hostile file cannot exhaust memory.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit with a clear message
+
+
+def probe_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file header alone (Pillow reads it lazily, nothing is decoded)."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
+
+
+def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image as 8-bit BGR (H, W, 3).
+
+    Grayscale, 16-bit and RGBA inputs are converted; EXIF orientation is applied (OpenCV's IMREAD_COLOR).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ImageError(f"{p}: no such file")
+    if p.stat().st_size == 0:
+        raise ImageError(f"{p}: empty file")
+    width, height = probe_size(p)
+    if width * height > max_pixels:
+        raise ImageError(
+            f"{p}: {width}x{height} is larger than the limit of {max_pixels / 1e6:.0f} megapixels; "
+            "downscale it first"
+        )
+    data = np.fromfile(p, dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if image is None or image.size == 0:
+        raise ImageError(f"{p}: corrupt or unsupported image data")
+    return image
+
+
+def to_gray(image: np.ndarray) -> np.ndarray:
+    if image.ndim == 2:
+        return image
+    return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+
+
+def read_gray(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    return to_gray(read_image(path, max_pixels))
+
+
+def write_image(path: str | os.PathLike, image: np.ndarray, jpeg_quality: int = 92) -> None:
+    """Encode by the extension of `path` and write atomically."""
+    target = Path(path)
+    ext = target.suffix.lower() or ".jpg"
+    params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if ext in (".jpg", ".jpeg") else []
+    ok, buf = cv2.imencode(ext, image, params)
+    if not ok:
+        raise ImageError(f"{target}: could not encode image as {ext}")
+    write_with_atomic(target, lambda tmp: tmp.write_bytes(buf.tobytes()))

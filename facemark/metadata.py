@@ -1,0 +1,71 @@
+"""ONNX `metadata_props` keys (GUIDE section 4): written by export, read by the runtime. One place for all."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from facemark.contract import BoxCalibration, CropContract
+from facemark.errors import ModelError
+
+PREFIX = "facemark."
+MODEL_FORMAT = "facemark-onnx/1"
+CHECKPOINT_FORMAT = "facemark-checkpoint/1"
+
+FORMAT = PREFIX + "format"
+CONTRACT = PREFIX + "contract"  # JSON of CropContract
+POINTS = PREFIX + "points"  # "ibug68"
+ARCH = PREFIX + "arch"
+PRECISION = PREFIX + "precision"  # fp32 | fp16 | int8
+TRAIN_DATA = PREFIX + "train_data"
+VAL_NME = PREFIX + "val_nme"
+SOURCE_SHA256 = PREFIX + "source_sha256"
+VERSIONS = PREFIX + "versions"  # JSON
+EXPORTED_AT = PREFIX + "exported_at"
+PARITY = PREFIX + "parity"  # JSON summary
+DETECTOR_CALIBRATION = PREFIX + "detector_calibration"  # JSON of BoxCalibration
+
+ALL_KEYS = (FORMAT, CONTRACT, POINTS, ARCH, PRECISION, TRAIN_DATA, VAL_NME, SOURCE_SHA256, VERSIONS,
+            EXPORTED_AT, PARITY, DETECTOR_CALIBRATION)
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "landmarks"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the runtime needs from a model's metadata, parsed and checked."""
+
+    contract: CropContract
+    calibration: BoxCalibration | None
+    precision: str
+    points: str
+    raw: Mapping[str, str] = field(repr=False)
+
+    def summary(self) -> dict:
+        """The small JSON-able description used in reports and the runtime's JSON output."""
+        keep = (ARCH, PRECISION, POINTS, VAL_NME, SOURCE_SHA256, EXPORTED_AT, TRAIN_DATA)
+        return {k.removeprefix(PREFIX): self.raw[k] for k in keep if k in self.raw}
+
+
+def parse_metadata(props: Mapping[str, str], source: str) -> ModelInfo:
+    """Check and parse facemark metadata; `source` names the model in error messages."""
+    if CONTRACT not in props:
+        raise ModelError(f"{source}: not a facemark model (no '{CONTRACT}' in its metadata); export it with "
+                         "`facemark export`")
+    try:
+        contract = CropContract.from_json(props[CONTRACT])
+        calibration = (BoxCalibration.from_json(props[DETECTOR_CALIBRATION])
+                       if props.get(DETECTOR_CALIBRATION) else None)
+    except (ValueError, TypeError) as exc:
+        raise ModelError(f"{source}: malformed facemark metadata ({exc})") from None
+    points = props.get(POINTS, "ibug68")
+    if points != "ibug68":
+        raise ModelError(f"{source}: point scheme {points!r} is not supported (expected 'ibug68')")
+    return ModelInfo(contract, calibration, props.get(PRECISION, "fp32"), points, dict(props))
+
+
+def dumps(value: object) -> str:
+    """JSON for metadata values: compact and key-sorted, so equal content gives equal strings."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,1 @@
+"""Training stage (torch): dataset + augmentation, model, training loop, checkpoints."""

@@ -1,0 +1,62 @@
+"""Checkpoints (GUIDE section 3): plain types only, loadable with weights_only=True, written atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from facemark.contract import CropContract
+from facemark.errors import ModelError
+from facemark.fileio import write_with_atomic
+from facemark.metadata import CHECKPOINT_FORMAT
+from facemark.train.model import LandmarkNet, build_model
+
+
+def save_checkpoint(path: str | os.PathLike, model: LandmarkNet, contract: CropContract, train_config: dict,
+                    metrics: dict, state: dict | None = None) -> None:
+    """Write best.pt / last.pt. `state` (optimizer, scheduler, scaler, RNG...) only for resumable files."""
+    net = model.module if hasattr(model, "module") else model  # unwrap DDP
+    doc = {
+        "format": CHECKPOINT_FORMAT,
+        "model": dict(net.config),
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "contract": contract.to_dict(),
+        "train": train_config,
+        "metrics": metrics,
+    }
+    if state is not None:
+        doc["state"] = state
+    write_with_atomic(path, lambda tmp: torch.save(doc, tmp))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"{p}: no such checkpoint")
+    try:
+        doc = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise ModelError(f"{p}: not a readable checkpoint ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != CHECKPOINT_FORMAT:
+        raise ModelError(f"{p}: not a facemark checkpoint (format {doc.get('format') if isinstance(doc, dict) else '?'})")
+    return doc
+
+
+def load_model(path: str | os.PathLike) -> tuple[LandmarkNet, CropContract, dict]:
+    """The network in eval mode on CPU, its contract, and the whole checkpoint dict."""
+    doc = load_checkpoint(path)
+    model = build_model(doc["model"])
+    model.load_state_dict(doc["state_dict"])
+    model.eval()
+    return model, CropContract.from_dict(doc["contract"]), doc
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
