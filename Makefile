@@ -22,7 +22,7 @@ $(VENV)/.stamp-all: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.stamp-runtime
 
 demo: $(VENV)/.stamp-runtime
-	$(BIN)/facemark runtime predict facemark/assets/samples --out demo --json demo/landmarks.json --draw contours --summary
+	$(BIN)/facemark runtime predict facemark/assets/samples --out demo --json demo/landmarks.json --draw contours
 
 lint: $(VENV)/.stamp-all
 	$(BIN)/ruff check .

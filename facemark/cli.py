@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-import click
 import typer
 from rich.console import Console
 
@@ -38,6 +37,11 @@ def _register() -> None:
     app.command("train")(train_cli.train_command)
     app.command("evaluate")(evaluate_cli.evaluate_command)
     # -- stage registrations (export, runtime, bench) below --
+    from facemark.runtime import cli as runtime_cli
+    app.add_typer(runtime_cli.app, name="runtime")
+    from facemark.benchmarks import cli as bench_cli
+
+    app.command("bench")(bench_cli.bench_command)
 
 
 _register()
@@ -46,17 +50,13 @@ _register()
 def run(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit code; a FacemarkError becomes one line on stderr (exit 2)."""
     try:
-        result = app(args=list(argv) if argv is not None else None, standalone_mode=False)
+        app(args=list(argv) if argv is not None else None, prog_name="facemark")
+    except SystemExit as exc:  # typer's standalone mode ends every run this way
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except FacemarkError as exc:
         err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         return 2
-    except click.exceptions.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
-        err_console.print("aborted")
-        return 130
-    return result if isinstance(result, int) else 0
+    return 0
 
 
 def main() -> None:

@@ -7,12 +7,12 @@ import os
 from pathlib import Path
 
 import torch
+from facemark.train.model import LandmarkNet, build_model
 
 from facemark.contract import CropContract
 from facemark.errors import ModelError
 from facemark.fileio import write_with_atomic
 from facemark.metadata import CHECKPOINT_FORMAT
-from facemark.train.model import LandmarkNet, build_model
 
 
 def save_checkpoint(path: str | os.PathLike, model: LandmarkNet, contract: CropContract, train_config: dict,

@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import torch
-
 from facemark.train.checkpoint import load_model
 
 
