@@ -30,17 +30,17 @@ def _root() -> None:
 
 
 def _register() -> None:
-    # One line per stage; each stage's cli module is light (typer + core only).
+    # Each stage's cli module is light (typer + core only); the stage itself loads when its command runs.
     from facemark import evaluate_cli
+    from facemark.benchmarks import cli as bench_cli
+    from facemark.export import cli as export_cli
+    from facemark.runtime import cli as runtime_cli
     from facemark.train import cli as train_cli
 
     app.command("train")(train_cli.train_command)
     app.command("evaluate")(evaluate_cli.evaluate_command)
-    # -- stage registrations (export, runtime, bench) below --
-    from facemark.runtime import cli as runtime_cli
+    app.command("export")(export_cli.export_command)
     app.add_typer(runtime_cli.app, name="runtime")
-    from facemark.benchmarks import cli as bench_cli
-
     app.command("bench")(bench_cli.bench_command)
 
 

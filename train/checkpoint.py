@@ -7,12 +7,12 @@ import os
 from pathlib import Path
 
 import torch
-from facemark.train.model import LandmarkNet, build_model
 
 from facemark.contract import CropContract
 from facemark.errors import ModelError
 from facemark.fileio import write_with_atomic
 from facemark.metadata import CHECKPOINT_FORMAT
+from facemark.train.model import LandmarkNet, build_model
 
 
 def save_checkpoint(path: str | os.PathLike, model: LandmarkNet, contract: CropContract, train_config: dict,
@@ -41,7 +41,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     except Exception as exc:  # torch raises many types for a bad file
         raise ModelError(f"{p}: not a readable checkpoint ({exc.__class__.__name__}: {exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != CHECKPOINT_FORMAT:
-        raise ModelError(f"{p}: not a facemark checkpoint (format {doc.get('format') if isinstance(doc, dict) else '?'})")
+        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise ModelError(f"{p}: not a facemark checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r})")
     return doc
 
 

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -19,9 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from facemark.train.checkpoint import load_checkpoint, save_checkpoint
-from facemark.train.dataset import AugmentConfig, AugmentedFaces, FaceCache, validation_tensors
-from facemark.train.model import LandmarkNet
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -29,6 +27,9 @@ from facemark.contract import CropContract
 from facemark.data import FaceRecord, load_records, split_records
 from facemark.errors import DataError
 from facemark.metrics import nme_per_face
+from facemark.train.checkpoint import load_checkpoint, save_checkpoint
+from facemark.train.dataset import AugmentConfig, AugmentedFaces, FaceCache, validation_tensors
+from facemark.train.model import LandmarkNet
 
 
 @dataclass
@@ -131,6 +132,13 @@ def landmark_loss(name: str, pred: torch.Tensor, target: torch.Tensor, size: int
     raise ValueError(f"unknown loss {name!r} (l1, mse, wing)")
 
 
+def _ignore_signals_in_worker(_worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group: loader workers must not die of it, the main process stops
+    # cleanly at a step boundary and saves last.pt.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _dist_info() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) when launched by torchrun, else (0, 0, 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -219,9 +227,10 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
     dataset = AugmentedFaces(cache, contract, AugmentConfig(**cfg.augment))
     sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=cfg.seed) if distributed else None
     loader = DataLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=len(dataset) > cfg.batch_size,
+        dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+        drop_last=len(dataset) > cfg.batch_size,
         num_workers=cfg.workers, persistent_workers=cfg.workers > 0, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if cfg.workers > 0 else None,
+        prefetch_factor=4 if cfg.workers > 0 else None, worker_init_fn=_ignore_signals_in_worker,
     )
 
     model = LandmarkNet(image_size=cfg.image_size).to(device).to(memory_format=torch.channels_last)

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import torch
+
 from facemark.train.checkpoint import load_model
 
 

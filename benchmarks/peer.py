@@ -1,0 +1,85 @@
+"""The peer row: dlib's 68-point shape predictor (`pip install "facemark[peer]"` = dlib-bin +
+face_recognition_models), timed per face on the same crops and scored on the same validation faces.
+
+dlib's predictor expects boxes from dlib's own HOG detector, which frame the face differently from our
+training convention (the tight landmark box). To compare models and not box conventions, a `BoxCalibration`
+from landmark boxes to dlib's detector boxes is fitted on training faces (never the validation ones) and both
+sides then start from the same ground-truth landmark box, each mapped onto its own convention.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from facemark.contract import Box, BoxCalibration, box_from_landmarks, box_iou
+from facemark.data import FaceRecord
+from facemark.imageio import read_gray
+from facemark.metrics import nme_per_face, summarize
+
+PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
+
+
+def find_dlib_predictor() -> tuple[object, Path] | str:
+    """(dlib module, path of the 68-point model), or the reason why the peer row cannot run."""
+    try:
+        import dlib
+    except ImportError:
+        return "dlib not installed (pip install 'facemark[peer]')"
+    # Located by file, not by importing face_recognition_models: its __init__ needs pkg_resources, which
+    # recent setuptools no longer ships.
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or spec.origin is None:
+        return "face_recognition_models not installed (pip install 'facemark[peer]')"
+    path = Path(spec.origin).parent / "models" / PREDICTOR_FILE
+    if not path.is_file():
+        return f"{path}: dlib's 68-point model file is missing"
+    return dlib, path
+
+
+@dataclass
+class DlibPeer:
+    dlib: object
+    model_path: Path
+    calibration: BoxCalibration
+
+    def __post_init__(self) -> None:
+        self.predictor = self.dlib.shape_predictor(str(self.model_path))
+
+    def _rect(self, box: Box):
+        x, y, w, h = self.calibration.apply(box)
+        return self.dlib.rectangle(int(round(x)), int(round(y)), int(round(x + w)), int(round(y + h)))
+
+    def predict(self, gray: np.ndarray, box: Box) -> np.ndarray:
+        """68 x 2 points in image pixels for the face whose landmark-convention box is `box`."""
+        shape = self.predictor(gray, self._rect(box))
+        return np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
+
+
+def fit_dlib_calibration(dlib, records: Sequence[FaceRecord], limit: int = 30) -> BoxCalibration:
+    """Landmark box -> dlib HOG detector box, fitted on up to `limit` faces dlib's detector finds."""
+    detector = dlib.get_frontal_face_detector()
+    pairs: list[tuple[Box, Box]] = []
+    for record in records:
+        if len(pairs) >= limit:
+            break
+        target = box_from_landmarks(record.landmarks)
+        rects = detector(read_gray(record.image_path), 0)
+        boxes = [(r.left(), r.top(), r.width(), r.height()) for r in rects]
+        best = max(boxes, key=lambda b: box_iou(b, target), default=None)
+        if best is not None and box_iou(best, target) >= 0.3:
+            pairs.append((target, best))
+    if not pairs:
+        return BoxCalibration(detector="dlib-hog (no detections: identity)")
+    return BoxCalibration.fit([p[0] for p in pairs], [p[1] for p in pairs], detector="dlib-hog")
+
+
+def peer_nme(peer: DlibPeer, records: Sequence[FaceRecord]) -> dict:
+    """NME summary of dlib on `records`, starting from each face's ground-truth landmark box."""
+    errors = [float(nme_per_face(peer.predict(read_gray(r.image_path), box_from_landmarks(r.landmarks)),
+                                 r.landmarks)[0]) for r in records]
+    return summarize(np.asarray(errors))

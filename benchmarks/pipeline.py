@@ -1,0 +1,112 @@
+"""End-to-end rows: the whole runtime pipeline per image, broken down into its stages.
+
+Test images are composed from real face photos (the package's sample photos with their landmarks): faces
+are cut out with a margin, resized and placed on a blurred real photo, so OpenCV's Haar cascade finds real
+faces and the background has real texture without faces of its own.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from facemark.contract import box_from_landmarks
+from facemark.data import FaceRecord, load_records
+from facemark.imageio import read_image, write_image
+
+SAMPLES = Path(__file__).resolve().parents[1] / "facemark" / "assets" / "samples"
+SAMPLE_XML = SAMPLES / "landmarks.xml"
+STAGES = ("decode", "detect", "preprocess", "inference", "postprocess")
+
+
+@dataclass(frozen=True)
+class Scene:
+    name: str  # e.g. "640x480-1face"
+    path: Path
+    width: int
+    height: int
+    faces_placed: int
+
+
+def _face_tile(record: FaceRecord, side: int, margin: float = 2.0) -> np.ndarray:
+    """A square cut of `margin` x the landmark box around the face, resized to `side` pixels."""
+    image = read_image(record.image_path)
+    x, y, w, h = box_from_landmarks(record.landmarks)
+    half = margin * max(w, h) / 2
+    cx, cy = x + w / 2, y + h / 2
+    s = side / (2 * half)
+    matrix = np.array([[s, 0, -s * (cx - half)], [0, s, -s * (cy - half)]], dtype=np.float64)
+    return cv2.warpAffine(image, matrix, (side, side), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
+
+
+def _background(width: int, height: int) -> np.ndarray:
+    """A real photo stretched to the canvas and blurred so it holds no detectable face."""
+    photo = read_image(SAMPLES / "dogs.jpg")
+    canvas = cv2.resize(photo, (width, height), interpolation=cv2.INTER_LINEAR)
+    return cv2.GaussianBlur(canvas, (0, 0), sigmaX=max(width, height) / 80)
+
+
+def largest_sample_faces(count: int) -> list[FaceRecord]:
+    """The sample faces with the biggest landmark boxes (they upscale with the least blur)."""
+    records = load_records([SAMPLE_XML], warn=lambda _msg: None)
+    records.sort(key=lambda r: -max(box_from_landmarks(r.landmarks)[2:]))
+    return records[:count]
+
+
+def compose_scene(width: int, height: int, faces: int, out_dir: Path) -> Scene:
+    """One JPEG of `faces` real faces on a blurred real background (one face: centred; several: a grid)."""
+    canvas = _background(width, height)
+    records = largest_sample_faces(faces)
+    if faces == 1:
+        tile = int(height * 0.55)
+        positions = [((width - tile) // 2, (height - tile) // 2)]
+    else:
+        cols = int(np.ceil(np.sqrt(faces)))
+        rows = int(np.ceil(faces / cols))
+        tile = int(min(height * 0.9 / rows, width * 0.9 / cols))
+        x0, y0 = (width - cols * tile) // 2, (height - rows * tile) // 2
+        positions = [(x0 + (i % cols) * tile, y0 + (i // cols) * tile) for i in range(faces)]
+    for record, (px, py) in zip(records, positions, strict=False):
+        canvas[py : py + tile, px : px + tile] = _face_tile(record, tile)
+    name = f"{width}x{height}-{faces}face{'s' if faces > 1 else ''}"
+    path = out_dir / f"{name}.jpg"
+    write_image(path, canvas, jpeg_quality=90)
+    return Scene(name, path, width, height, min(faces, len(records)))
+
+
+DEFAULT_SCENES = ((640, 480, 1), (640, 480, 4), (1920, 1080, 1), (1920, 1080, 4))
+
+
+def time_pipeline(landmarker, scene: Scene, repeats: int, warmup: int = 1) -> dict:
+    """Median ms per stage over `repeats` runs of decode + `landmarker.detect_timed` on one scene."""
+    samples: dict[str, list[float]] = {stage: [] for stage in (*STAGES, "total")}
+    found = 0
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        image = read_image(scene.path)
+        decode_ms = (time.perf_counter() - t0) * 1000.0
+        faces, stages = landmarker.detect_timed(image)
+        total_ms = (time.perf_counter() - t0) * 1000.0
+        found = len(faces)
+        if i < warmup:
+            continue
+        samples["decode"].append(decode_ms)
+        for stage in STAGES[1:]:
+            samples[stage].append(float(stages.get(stage, float("nan"))))
+        samples["total"].append(total_ms)
+    medians = {f"{stage}_ms": float(np.median(v)) for stage, v in samples.items()}
+    return {
+        "scene": scene.name,
+        "width": scene.width,
+        "height": scene.height,
+        "faces_placed": scene.faces_placed,
+        "faces_found": found,
+        **medians,
+        "p90_total_ms": float(np.percentile(samples["total"], 90)),
+        "fps": 1000.0 / medians["total_ms"] if medians["total_ms"] > 0 else float("nan"),
+        "repeats": repeats,
+    }

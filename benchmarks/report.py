@@ -1,0 +1,181 @@
+"""Benchmark reports: report.md (the table a person reads first), report.json (every figure), chart.png.
+
+The JSON document: {"environment": {...}, "rows": [{"variant", "provider", "batch", "ms_per_face", "p90_ms",
+"speedup", "size_mb", "max_abs_err", "nme", ...}], "pipeline": [...], "peer": {...} | null, "limit": {...},
+"targets": [...], "notes": [...]}. Times are milliseconds per face (a batch's time divided by its size).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from facemark.fileio import write_text_atomic, write_with_atomic
+
+ROW_KEYS = ("variant", "provider", "batch", "ms_per_face", "p90_ms", "speedup", "size_mb", "max_abs_err", "nme")
+
+
+def _num(value: float | None, digits: int = 2, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def _cell(text: object) -> str:
+    """A Markdown table cell: pipes escaped, no line breaks (they would end the row)."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _nme_cell(row: dict) -> str:
+    return _num(100 * row["nme"], 2, " %") if row.get("nme") is not None else row.get("nme_note", "n/a")
+
+
+def _gate_cell(row: dict) -> str:
+    if row.get("gated") is None:
+        return "unverified" if row["variant"].startswith("ort-") else "-"
+    return "pass" if row["gated"] else "FAIL"
+
+
+def model_table(rows: list[dict]) -> str:
+    header = ["Variant", "Provider", "Batch", "ms/face (median)", "p90 ms", "p99 ms", "faces/s",
+              "Speed-up vs eager fp32", "Size MB", "Max abs err", "NME", "Gate"]
+    body = [[r["variant"], r["provider"], r["batch"], _num(r["ms_per_face"]), _num(r["p90_ms"]), _num(r["p99_ms"]),
+             _num(r["throughput"], 1), _num(r["speedup"], 2, "x"), _num(r["size_mb"], 1),
+             _num(r["max_abs_err"], 5) if r["max_abs_err"] is not None else "ref", _nme_cell(r), _gate_cell(r)]
+            for r in rows]
+    return markdown_table(header, body)
+
+
+def _calibration_text(peer: dict) -> str:
+    try:
+        c = json.loads(peer.get("calibration") or "{}")
+        return f"dx {c['dx']:+.3f}, dy {c['dy']:+.3f}, sw {c['sw']:.3f}, sh {c['sh']:.3f} from {c['samples']} faces"
+    except (ValueError, KeyError, TypeError):
+        return "identity"
+
+
+def pipeline_table(pipeline: list[dict]) -> str:
+    header = ["Image", "Faces found / placed", "decode ms", "detect ms", "preprocess ms", "inference ms",
+              "postprocess ms", "total ms (median)", "p90 ms", "fps"]
+    body = [[p["scene"], f"{p['faces_found']} / {p['faces_placed']}", _num(p["decode_ms"]), _num(p["detect_ms"]),
+             _num(p["preprocess_ms"]), _num(p["inference_ms"]), _num(p["postprocess_ms"]), _num(p["total_ms"]),
+             _num(p["p90_total_ms"]), _num(p["fps"], 1)] for p in pipeline]
+    return markdown_table(header, body)
+
+
+def render_markdown(report: dict) -> str:
+    env = report["environment"]
+    cpu = env.get("cpu", {})
+    gpu = ", ".join(env.get("gpu") or []) or "none"
+    out = ["# facemark benchmark", ""]
+    out += [f"Command: `{report.get('command', 'facemark bench')}`  ",
+            f"Machine: {cpu.get('model', '?')}, {cpu.get('logical_cores', '?')} logical cores, "
+            f"{env.get('threads', '?')} threads used; GPU: {gpu}  ",
+            f"Model: {report.get('model_label', '?')}; NME on {report.get('nme_source', 'n/a')}", ""]
+    out += ["## Model only (network time per face, interleaved in one run)", "", model_table(report["rows"]), ""]
+    peer = report.get("peer")
+    if peer:
+        out += ["## Peer: dlib 68-point shape predictor", ""]
+        if peer.get("skipped"):
+            out += [f"Skipped: {peer['skipped']}", ""]
+        else:
+            out += [markdown_table(
+                ["Peer", "ms/face (median)", "p90 ms", "NME", "Faces", "Best ONNX CPU variant vs dlib"],
+                [["dlib shape_predictor_68", _num(peer["ms_per_face"]), _num(peer["p90_ms"]),
+                  _num(100 * peer["nme"], 2, " %") if peer.get("nme") is not None else "n/a (no data)",
+                  peer.get("nme_faces", 0), _num(peer.get("ratio_vs_best"), 2, "x time")]]), "",
+                "dlib starts from the same ground-truth landmark boxes as our model, mapped onto its HOG "
+                "detector's box convention by a calibration fitted on faces outside the validation split "
+                f"({_calibration_text(peer)}).",
+                ""]
+    if report.get("pipeline"):
+        out += ["## End to end (decode + Haar detection + crops + inference + decoding, per image)", "",
+                pipeline_table(report["pipeline"]), ""]
+    limit = report.get("limit") or {}
+    if limit:
+        out += ["## Limit", "",
+                f"{_num(limit.get('gflops_per_face'), 2)} GFLOP per face (torch FlopCounterMode, "
+                f"{limit.get('image_size')} px); fastest variant {limit.get('fastest', '?')} at "
+                f"{_num(limit.get('ms_per_face'))} ms/face = {_num(limit.get('achieved_gflops'), 1)} GFLOP/s "
+                "(for int8 read it as GOP/s).", ""]
+    if report.get("targets"):
+        out += ["## Targets", "", markdown_table(["Target", "Measured", "Met"],
+                                                 [[t["target"], t["measured"], t["met"]] for t in report["targets"]]),
+                ""]
+    out += ["## Environment", "", markdown_table(["Item", "Value"], _environment_rows(env)), ""]
+    if report.get("notes"):
+        out += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
+    return "\n".join(out)
+
+
+def _environment_rows(env: dict) -> list[list[str]]:
+    cpu = env.get("cpu", {})
+    rows = [["CPU", cpu.get("model", "?")], ["CPU flags", " ".join(cpu.get("flags", [])) or "-"],
+            ["Logical cores / threads used", f"{cpu.get('logical_cores', '?')} / {env.get('threads', '?')}"],
+            ["GPU", ", ".join(env.get("gpu") or []) or "none"], ["OS", env.get("os", "?")]]
+    rows += [[f"{name} version", v] for name, v in env.get("versions", {}).items()]
+    rows.append(["ONNX Runtime providers", ", ".join(env.get("onnxruntime_providers", []))])
+    rows += [[f"sha256 {name}", f"`{digest[:16]}`"] for name, digest in env.get("model_sha256", {}).items()]
+    return rows
+
+
+_BAR_COLORS = {"torch": (120, 120, 120), "ort": (31, 119, 180), "dlib": (214, 39, 40)}
+
+
+def draw_chart(report: dict, path: str | os.PathLike) -> None:
+    """Horizontal bars: median ms per face of every row (and the peer), p90 as a tick; Pillow only."""
+    bars = [(f"{r['variant']} {r['provider']} b{r['batch']}", r["ms_per_face"], r["p90_ms"], r["variant"])
+            for r in report["rows"]]
+    peer = report.get("peer") or {}
+    if peer.get("ms_per_face") is not None:
+        bars.append(("dlib shape_predictor b1", peer["ms_per_face"], peer["p90_ms"], "dlib"))
+    label_w, bar_h, top, right, bottom = 230, 22, 40, 90, 30
+    width, height = 900, top + bottom + bar_h * max(len(bars), 1)
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 10), "Latency per face (median ms; tick = p90), lower is better", fill="black")
+    scale_max = max([b[2] for b in bars if b[2] is not None and math.isfinite(b[2])] or [1.0])
+    plot_w = width - label_w - right
+    for i, (label, median, p90, kind) in enumerate(bars):
+        y = top + i * bar_h
+        color = _BAR_COLORS["dlib" if kind == "dlib" else kind.split("-")[0]]
+        d.text((8, y + 5), label, fill="black")
+        length = plot_w * median / scale_max if median and math.isfinite(median) else 0
+        d.rectangle([label_w, y + 3, label_w + length, y + bar_h - 3], fill=color)
+        if p90 is not None and math.isfinite(p90):
+            px = label_w + plot_w * p90 / scale_max
+            d.line([px, y + 2, px, y + bar_h - 2], fill="black", width=2)
+        d.text((label_w + max(length, plot_w * (p90 or 0) / scale_max) + 6, y + 5), _num(median), fill="black")
+    d.line([label_w, top, label_w, height - bottom], fill="black")
+    write_with_atomic(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def _json_safe(value):
+    """NaN/inf are not JSON: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_reports(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """report.md, report.json and chart.png in `out_dir`, each written atomically; returns their paths."""
+    out = Path(out_dir)
+    paths = {"markdown": out / "report.md", "json": out / "report.json", "chart": out / "chart.png"}
+    write_text_atomic(paths["json"], json.dumps(_json_safe(report), indent=2) + "\n")
+    write_text_atomic(paths["markdown"], render_markdown(report))
+    draw_chart(report, paths["chart"])
+    return paths

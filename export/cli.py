@@ -1,0 +1,82 @@
+"""`facemark export`: parse, call facemark.export.exporter.export_model, print the parity report.
+
+Light at module level (typer + rich + core); torch and onnx are imported when the command runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from facemark.errors import ParityError
+
+console = Console()
+
+
+def default_output(checkpoint: Path, precision: str) -> Path:
+    """`runs/x/best.pt` -> `runs/x/best.onnx` (fp32), `best.fp16.onnx`, `best.int8.onnx`."""
+    suffix = ".onnx" if precision == "fp32" else f".{precision}.onnx"
+    return checkpoint.with_suffix(suffix)
+
+
+def export_command(
+    checkpoint: Path = typer.Argument(..., help="A facemark checkpoint (best.pt)."),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Model file (default: beside the checkpoint, e.g. best.int8.onnx)."),
+    opset: int = typer.Option(17, "--opset", help="Default-domain ONNX opset the file declares."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8"),
+    calib_data: list[Path] = typer.Option(
+        [], "--calib-data",
+        help="dlib XML or .pts folder; repeatable. Training split: int8 calibration and the Haar box "
+             "calibration; validation split: parity crops and the NME gate."),
+    batch: str = typer.Option("dynamic", "--batch", help="dynamic | N (a fixed batch size)."),
+    verify: bool = typer.Option(
+        True, "--verify/--no-verify", help="--no-verify skips parity (explicit opt-out)."),
+) -> None:
+    """Export a checkpoint to one self-contained ONNX file, verified against PyTorch and gated."""
+    from facemark.export.exporter import export_model, report_path
+
+    target = output or default_output(checkpoint, precision)
+    try:
+        result = export_model(checkpoint, target, opset=opset, precision=precision,
+                              calib_data=calib_data or None, batch=batch, verify=verify,
+                              progress=lambda msg: console.print(f"[dim]{msg}[/dim]", highlight=False))
+    except ParityError:
+        report = report_path(target)
+        if report.is_file():
+            print_report(json.loads(report.read_text(encoding="utf-8")))
+        raise
+    print_report(result.report)
+    console.print(f"{result.path} ({result.size_bytes / 1e6:.1f} MB); report {report_path(result.path)}")
+
+
+def print_report(report: dict) -> None:
+    """The parity table (one row per input set), the gates and the summary line."""
+    if not report.get("verified"):
+        console.print(f"[yellow]{report['summary']}[/yellow]")
+        return
+    size = report["crop_size"]
+    table = Table(title=f"{report['precision']} ONNX vs eager PyTorch fp32: abs error in normalised units, "
+                        f"px of the {size} px crop", box=box.SIMPLE_HEAD, pad_edge=False)
+    columns = ("set", "N", "max", "mean", "p99", "max rel", "max px", "p99 px", "NaN")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "set" else "right", overflow="fold")
+    for s in report["sets"]:  # median and p99 rel are in the JSON report
+        st = s["landmarks"]
+        errors = (f"{st[k]:.2g}" for k in ("max_abs", "mean_abs", "p99_abs", "max_rel"))
+        pixels = (f"{st['px'][k]:.3g}" for k in ("max_abs", "p99_abs"))
+        table.add_row(s["source"], str(s["batch"]), *errors, *pixels, str(st["nan"] + st["inf"]))
+    console.print(table)
+    gates = Table(title="gates", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("gate", "value", "limit", "unit", "result"):
+        gates.add_column(column)
+    for g in report["gates"]:
+        verdict = "[green]pass[/green]" if g["passed"] else "[red]FAIL[/red]"
+        gates.add_row(g["name"], f"{g['value']:.4g}", f"{g['limit']:.4g}", g["unit"], verdict)
+    console.print(gates)
+    console.print(report["summary"], style="green" if report["passed"] else "red", highlight=False)

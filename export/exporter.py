@@ -1,0 +1,293 @@
+"""`export_model`: checkpoint -> verified, self-describing ONNX model (fp32, fp16 or int8). One entry point.
+
+Steps: load the checkpoint; gather real face crops (the validation split of `calib_data`, else the bundled
+samples) through the runtime's preprocessing; export fp32 at the requested opset; convert to the precision;
+verify against eager PyTorch and gate (facemark.export.parity); embed the metadata; write atomically.
+
+Files: the model at `output` only when it passed (or `verify=False`); the parity report as JSON beside it
+(`model.onnx` -> `model.parity.json`) in every case, so that a failed export can be diagnosed. A failed gate
+raises ParityError and never touches `output` (a model already there from an earlier run is left as it was).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+import facemark
+from facemark import metadata as meta
+from facemark.contract import BoxCalibration, CropContract, box_from_landmarks
+from facemark.data import FaceRecord, load_records, split_records
+from facemark.errors import FacemarkError, ImageError, ParityError
+from facemark.evaluation import evaluate
+from facemark.export import parity
+from facemark.export.onnx_export import DEFAULT_OPSET, check_model, export_fp32, set_metadata
+from facemark.export.variants import CALIBRATION_FACES, to_fp16, to_int8
+from facemark.fileio import write_text_atomic, write_with_atomic
+from facemark.imageio import read_gray
+from facemark.scheme import SCHEME_NAME
+from facemark.train.checkpoint import file_sha256, load_model
+
+PRECISIONS = ("fp32", "fp16", "int8")
+REPORT_FORMAT = "facemark-parity/1"
+SAMPLES_XML = Path(facemark.__file__).parent / "assets" / "samples" / "landmarks.xml"
+INT8_ACTIVATIONS = "uint8"  # U8S8: 2x faster than S8S8 here, same error (variants.py)
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    report: dict  # the parity / accuracy report, also saved as JSON beside the model
+    passed: bool  # every gate passed (False when verification was skipped)
+    size_bytes: int
+
+
+def report_path(output: Path) -> Path:
+    """`model.onnx` -> `model.parity.json`."""
+    return output.with_suffix(".parity.json")
+
+
+def parse_batch(batch: str | int) -> int | None:
+    """"dynamic" -> None (dynamic batch axis), "N" / N -> a fixed batch of N."""
+    if isinstance(batch, str) and batch.strip().lower() == "dynamic":
+        return None
+    try:
+        value = int(batch)
+    except (TypeError, ValueError):
+        raise FacemarkError(f"batch {batch!r}: expected 'dynamic' or a positive integer") from None
+    if value < 1:
+        raise FacemarkError(f"batch {batch!r}: expected 'dynamic' or a positive integer")
+    return value
+
+
+def reference_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The parity reference: the checkpoint's network, eval mode, fp32.
+
+    Also the test seam: tests replace it to verify against a deliberately different network.
+    """
+    return model.float().eval()
+
+
+def export_model(checkpoint: Path, output: Path, *, opset: int = DEFAULT_OPSET, precision: str = "fp32",
+                 calib_data: list[Path] | None = None, batch: str | int = "dynamic", verify: bool = True,
+                 progress: Progress | None = None) -> ExportResult:
+    """Export `checkpoint` to `output`; raise ParityError (model not written) when a gate fails."""
+    say = progress or (lambda _msg: None)
+    checkpoint, output = Path(checkpoint), Path(output)
+    if precision not in PRECISIONS:
+        raise FacemarkError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    fixed_batch = parse_batch(batch)
+
+    say(f"loading {checkpoint}")
+    model, contract, doc = load_model(checkpoint)
+    train_records, val_records, calibration = _records(calib_data, doc.get("train") or {}, say)
+    parity_records = (val_records or train_records)[: parity.REAL_FACES]
+    real_crops = face_crops(parity_records, contract, say)
+
+    say(f"exporting fp32 ONNX, opset {opset}, batch {'dynamic' if fixed_batch is None else fixed_batch}")
+    fp32 = export_fp32(model, contract.size, opset, fixed_batch)
+    candidate, variant_info = _convert(fp32, precision, train_records, contract, fixed_batch, say)
+    check_model(candidate, opset, f"{precision} model")
+
+    report = {"format": REPORT_FORMAT, "checkpoint": str(checkpoint), "output": str(output),
+              "precision": precision, "opset": opset, "crop_size": contract.size,
+              "batch": "dynamic" if fixed_batch is None else fixed_batch, "verified": verify, **variant_info}
+    if verify:
+        say("verifying against eager PyTorch")
+        report.update(verify_model(candidate, fp32, reference_model(model), contract, precision, fixed_batch,
+                                   real_crops, val_records, say))
+        report["inputs"]["real_faces_from"] = "validation split of --calib-data" if val_records else (
+            "--calib-data (no validation faces)" if calib_data else f"bundled samples {SAMPLES_XML.name}")
+    report["summary"] = parity.summary_line(report)
+    passed = bool(verify and report["passed"])
+
+    source_sha = file_sha256(checkpoint)
+    set_metadata(candidate, _metadata(contract, doc, precision, source_sha, report, calibration))
+    data = candidate.SerializeToString()
+    report.update(source_sha256=source_sha, size_bytes=len(data), written=passed or not verify)
+    write_text_atomic(report_path(output), json.dumps(report, indent=2, default=_json_default) + "\n")
+    if verify and not passed:
+        raise ParityError(f"{output}: {report['summary']} (report: {report_path(output)})")
+    write_with_atomic(output, lambda tmp: tmp.write_bytes(data))
+    say(f"wrote {output} ({len(data) / 1e6:.1f} MB)")
+    return ExportResult(output, report, passed, len(data))
+
+
+# --- data --------------------------------------------------------------------------------------------------
+def _records(calib_data: Sequence[Path] | None, train_config: dict, say: Progress
+             ) -> tuple[list[FaceRecord], list[FaceRecord], BoxCalibration | None]:
+    """(training split, validation split, fitted detector calibration) of --calib-data, else the samples."""
+    if not calib_data:
+        return load_records([SAMPLES_XML], say), [], None
+    records = load_records([Path(p) for p in calib_data], say)
+    train, val = split_records(records, train_config.get("val_fraction", 0.1), train_config.get("seed", 0))
+    say(f"--calib-data: {len(records)} faces, {len(train)} for calibration, {len(val)} for validation")
+    from facemark.runtime.calibration import fit_calibration
+    from facemark.runtime.detector import HaarDetector
+
+    say(f"fitting the Haar detector's box calibration on {len(train)} faces")
+    calibration = fit_calibration(train, HaarDetector(), warn=say)
+    return train, val, calibration
+
+
+def face_crops(records: Sequence[FaceRecord], contract: CropContract, say: Progress) -> np.ndarray:
+    """Network inputs (N, 1, S, S) of the records' faces, cropped on their landmark boxes (the training
+    convention the detector calibration maps onto). Unreadable images are reported and skipped."""
+    crops = []
+    for record in records:
+        try:
+            gray = read_gray(record.image_path)
+        except ImageError as exc:
+            say(f"skipped: {exc}")
+            continue
+        tensor, _ = contract.prepare(gray, [box_from_landmarks(record.landmarks)])
+        crops.append(tensor)
+    if not crops:
+        return np.zeros((0, 1, contract.size, contract.size), np.float32)
+    return np.concatenate(crops)
+
+
+def spread(records: Sequence[FaceRecord], count: int) -> list[FaceRecord]:
+    """`count` records evenly spread over the list (subjects and sources vary along it)."""
+    if len(records) <= count:
+        return list(records)
+    return [records[i] for i in np.linspace(0, len(records) - 1, count).round().astype(int)]
+
+
+# --- variants ----------------------------------------------------------------------------------------------
+def _convert(fp32: onnx.ModelProto, precision: str, train_records: Sequence[FaceRecord],
+             contract: CropContract, batch: int | None, say: Progress) -> tuple[onnx.ModelProto, dict]:
+    if precision == "fp32":
+        return fp32, {}
+    if precision == "fp16":
+        say("converting to fp16 (fp32 input/output kept)")
+        return to_fp16(fp32), {"fp16": {"keep_io_types": True}}
+    crops = face_crops(spread(train_records, CALIBRATION_FACES), contract, say)
+    if len(crops) == 0:
+        raise FacemarkError("int8: no readable face to calibrate on; pass --calib-data with face images")
+    say(f"quantizing to int8 (static QDQ, per-channel, MinMax on {len(crops)} face crops)")
+    activations = "QUInt8" if INT8_ACTIVATIONS == "uint8" else "QInt8"
+    info = {"int8": {"format": "QDQ", "weights": "QInt8 per-channel", "activations": activations,
+                     "calibration": "MinMax", "calibration_faces": len(crops)}}
+    return to_int8(fp32, crops, batch, INT8_ACTIVATIONS), info
+
+
+# --- verification ------------------------------------------------------------------------------------------
+def verify_model(candidate: onnx.ModelProto, fp32: onnx.ModelProto, reference: torch.nn.Module,
+                 contract: CropContract, precision: str, batch: int | None, real_crops: np.ndarray,
+                 val_records: Sequence[FaceRecord], say: Progress) -> dict:
+    """Compare the candidate with eager PyTorch on real and random inputs; NME on validation faces."""
+    size = contract.size
+    session = parity.open_session(candidate.SerializeToString())
+    run_candidate = lambda x: session.run(None, {meta.INPUT_NAME: x})[0]  # noqa: E731
+    run_reference = _torch_runner(reference)
+    sets, outs, refs = [], [], []
+    for source, b, x in parity.input_sets(real_crops, size, batch):
+        ref = parity.run_batched(run_reference, x, b)
+        out = parity.run_batched(run_candidate, x, b)
+        stats = parity.error_stats(out, ref, size)
+        sets.append({"source": source, "batch": b, "samples": len(x), "landmarks": stats})
+        outs.append(out.reshape(-1))
+        refs.append(ref.reshape(-1))
+    overall = parity.error_stats(np.concatenate(outs), np.concatenate(refs), size)
+    nme = None
+    if val_records:
+        say(f"validation NME on {len(val_records)} faces")
+        nme = _validation_nme(session, fp32 if precision != "fp32" else None, contract, batch, val_records)
+    gates = parity.check_gate(precision, sets, size, nme)
+    gate = parity.GATES[precision]
+    return {
+        "reference": "eager PyTorch, eval mode, fp32, TF32 off",
+        "candidate": f"ONNX Runtime {session.get_providers()[0]}",
+        "inputs": {"real_faces": int(min(len(real_crops), parity.REAL_FACES)),
+                   "random_samples": parity.RANDOM_SAMPLES, "random_range": [-1.0, 1.0], "random_seed": 0},
+        "sets": sets, "overall": overall, "nme": nme, "gates": gates,
+        "gate": {"stat": gate.stat, "limit": gate.limit, "unit": gate.unit, "on": list(gate.sources),
+                 "nme_increase": gate.nme_increase},
+        "passed": all(g["passed"] for g in gates),
+    }
+
+
+def _torch_runner(model: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(x)).float().numpy()
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 reference wherever it runs
+    torch.backends.cudnn.allow_tf32 = False
+    return run
+
+
+def _validation_nme(session, fp32: onnx.ModelProto | None, contract: CropContract, batch: int | None,
+                    records: Sequence[FaceRecord]) -> dict:
+    candidate = evaluate(parity.OnnxPredictor(session, contract, batch), records, batch_size=16).summary()
+    baseline = candidate
+    if fp32 is not None:
+        fp32_predictor = parity.OnnxPredictor(parity.open_session(fp32.SerializeToString()), contract, batch)
+        baseline = evaluate(fp32_predictor, records, batch_size=16).summary()
+    return {"faces": candidate["faces"], "candidate": candidate["nme"], "fp32_onnx": baseline["nme"],
+            "candidate_median": candidate["nme_median"], "candidate_fr@0.08": candidate["fr@0.08"],
+            "unit": "fraction of the inter-ocular distance (0.01 = 1 NME point)"}
+
+
+# --- metadata ----------------------------------------------------------------------------------------------
+def _metadata(contract: CropContract, doc: dict, precision: str, source_sha: str, report: dict,
+              calibration: BoxCalibration | None) -> dict[str, str]:
+    train = doc.get("train") or {}
+    props = {
+        meta.FORMAT: meta.MODEL_FORMAT,
+        meta.CONTRACT: contract.to_json(),
+        meta.POINTS: SCHEME_NAME,
+        meta.ARCH: str(doc["model"]["arch"]),
+        meta.PRECISION: precision,
+        meta.TRAIN_DATA: meta.dumps(train.get("data")),
+        meta.VAL_NME: meta.dumps((doc.get("metrics") or {}).get("val_nme")),
+        meta.SOURCE_SHA256: source_sha,
+        meta.VERSIONS: meta.dumps(_versions()),
+        meta.EXPORTED_AT: datetime.now(UTC).isoformat(timespec="seconds"),
+        meta.PARITY: meta.dumps(_parity_summary(report)),
+    }
+    if calibration is not None:
+        props[meta.DETECTOR_CALIBRATION] = calibration.to_json()
+    return props
+
+
+def _parity_summary(report: dict) -> dict:
+    if not report.get("verified"):
+        return {"verified": False}
+    overall = report["overall"]
+    summary = {"verified": True, "passed": report["passed"], "reference": "torch fp32 eager",
+               "max_abs": overall["max_abs"], "p99_abs": overall["p99_abs"],
+               "max_px": overall["px"]["max_abs"],
+               "gates": {g["name"]: [round(g["value"], 6), g["limit"]] for g in report["gates"]}}
+    if report.get("nme"):
+        summary.update(val_faces=report["nme"]["faces"], val_nme=report["nme"]["candidate"],
+                       val_nme_fp32_onnx=report["nme"]["fp32_onnx"])
+    return summary
+
+
+def _versions() -> dict[str, str]:
+    import onnxruntime
+    import torchvision
+
+    return {"facemark": facemark.__version__, "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version(), "platform": sys.platform}
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,201 @@
+"""Numerical parity of an ONNX candidate against eager PyTorch (Polygraphy's approach) and accuracy gates.
+
+Reference: the checkpoint's network in eval mode, fp32, TF32 off. Candidate: the ONNX model in ONNX Runtime.
+Inputs: real face crops (the runtime's preprocessing on landmark boxes) and seeded uniform noise in [-1, 1],
+each at batch 1 and at a larger batch (the dynamic axis), or at the fixed batch of a static model.
+
+Errors per element of `landmarks`: abs = |cand - ref|, rel = abs / |ref| (inf where ref is 0, as Polygraphy);
+the minimum tolerances that would pass are the maxima (atol = max abs, rtol = max rel). Pixel figures are abs
+errors times the crop size (normalised units are fractions of the crop).
+
+Gates (`GATES`). Pixel limits are stated for a 224 px crop and scale with the crop size (they are fractions of
+the crop), so a 64 px test model and a 224 px trained one are held to the same geometry:
+- fp32: max abs <= 1e-4 normalised (0.022 px at 224) on every input set, and no NaN/Inf anywhere.
+- fp16: max abs <= 0.5 px at 224 on the real crops (measured: 0.20 px on random 224 px weights, 0.05 px on a
+  96 px 300-W model), and validation NME <= fp32 ONNX + 0.05 points when validation faces are given.
+- int8: p99 abs <= 8 px at 224 on the real crops (measured 4.4 px on random 224 px weights, 1.95 px at 96 px
+  on the 300-W model; only a broken quantization exceeds it), and validation NME <= fp32 ONNX + 0.2 points
+  when validation faces are given -- the accuracy gate that matters. Noise inputs are gated for fp32 only:
+  fp16/int8 errors on them are reported but not gated, since noise drives activations far outside what a face
+  produces (int8 is calibrated on faces). NaN/Inf fail every precision.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from facemark.contract import CropContract
+from facemark.metadata import INPUT_NAME
+
+REAL, RANDOM = "real", "random"
+PIXEL_GATE_CROP = 224  # pixel limits are stated for this crop size
+REAL_FACES = 16
+RANDOM_SAMPLES = 8
+LARGE_BATCH = 8
+
+
+@dataclass(frozen=True)
+class Gate:
+    stat: str  # key of the error statistics
+    limit: float
+    unit: str  # "normalised" | "px" (pixels of a 224 px crop, scaled to the model's crop size)
+    sources: tuple[str, ...]  # input sets the gate applies to
+    nme_increase: float | None = None  # allowed NME increase over fp32 ONNX (a fraction: 0.002 = 0.2 points)
+
+
+GATES: dict[str, Gate] = {
+    "fp32": Gate("max_abs", 1e-4, "normalised", (REAL, RANDOM)),
+    "fp16": Gate("max_abs", 0.5, "px", (REAL,), nme_increase=0.0005),
+    "int8": Gate("p99_abs", 8.0, "px", (REAL,), nme_increase=0.002),
+}
+
+
+# --- sessions ----------------------------------------------------------------------------------------------
+def open_session(model: str | os.PathLike | bytes, provider: str = "cpu", threads: int | None = None):
+    """A plain ONNX Runtime session (the only place export touches providers)."""
+    import onnxruntime as ort
+
+    providers = {"cpu": ["CPUExecutionProvider"],
+                 "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}[provider]
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, sess_options=options, providers=providers)
+
+
+class OnnxPredictor:
+    """`facemark.evaluation.CropPredictor` over an ONNX Runtime session."""
+
+    def __init__(self, session, contract: CropContract, batch: int | None = None) -> None:
+        self.session, self.contract, self.batch = session, contract, batch
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        if self.batch is None:
+            return self.session.run(None, {INPUT_NAME: x})[0]
+        return run_fixed_batch(lambda chunk: self.session.run(None, {INPUT_NAME: chunk})[0], x, self.batch)
+
+
+def run_fixed_batch(fn, x: np.ndarray, batch: int) -> np.ndarray:
+    """Run `fn` on chunks of exactly `batch` rows (the last one padded by repeating rows), then trim."""
+    outputs = []
+    for start in range(0, len(x), batch):
+        chunk = x[start : start + batch]
+        pad = batch - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+        outputs.append(fn(np.ascontiguousarray(chunk))[: batch - pad])
+    return np.concatenate(outputs)
+
+
+# --- inputs ------------------------------------------------------------------------------------------------
+def input_sets(real_crops: np.ndarray, size: int, batch: int | None, seed: int = 0
+               ) -> list[tuple[str, int, np.ndarray]]:
+    """(source, batch size, inputs) triples: real crops and seeded noise at batch 1 and a larger batch."""
+    rng = np.random.default_rng(seed)
+    noise = rng.uniform(-1.0, 1.0, (RANDOM_SAMPLES, 1, size, size)).astype(np.float32)
+    batches = (1, LARGE_BATCH) if batch is None else (batch,)
+    sets = []
+    for source, data in ((REAL, real_crops[:REAL_FACES]), (RANDOM, noise)):
+        if len(data) == 0:
+            continue
+        for b in batches:
+            sets.append((source, b, _pad_cyclic(data, math.ceil(len(data) / b) * b)))  # whole batches
+    return sets
+
+
+def _pad_cyclic(data: np.ndarray, count: int) -> np.ndarray:
+    return np.ascontiguousarray(data[np.arange(count) % len(data)], dtype=np.float32)
+
+
+def run_batched(fn, x: np.ndarray, batch: int) -> np.ndarray:
+    """Run `fn` on consecutive chunks of `batch` rows (the last one may be shorter for a dynamic model)."""
+    return np.concatenate([fn(np.ascontiguousarray(x[i : i + batch])) for i in range(0, len(x), batch)])
+
+
+# --- statistics --------------------------------------------------------------------------------------------
+def error_stats(candidate: np.ndarray, reference: np.ndarray, size: int) -> dict:
+    """Polygraphy-style comparison of one output; `size` converts normalised errors to crop pixels."""
+    cand = np.asarray(candidate, dtype=np.float64)
+    ref = np.asarray(reference, dtype=np.float64)
+    finite = np.isfinite(cand)
+    abs_err = np.abs(cand - ref)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel_err = np.where(ref != 0, abs_err / np.abs(ref), np.where(abs_err == 0, 0.0, np.inf))
+    abs_ok, rel_ok = abs_err[finite], rel_err[finite]
+    stats = {
+        "shape": list(cand.shape),
+        "nan": int(np.isnan(cand).sum()),
+        "inf": int(np.isinf(cand).sum()),
+        "reference_nan_inf": int((~np.isfinite(ref)).sum()),
+        **_summary(abs_ok, "abs"),
+        **_summary(rel_ok, "rel"),
+    }
+    stats["min_atol"] = stats["max_abs"]
+    stats["min_rtol"] = stats["max_rel"]
+    stats["px"] = {k: v * size for k, v in _summary(abs_ok, "abs").items()}
+    return stats
+
+
+def _summary(values: np.ndarray, suffix: str) -> dict[str, float]:
+    if values.size == 0:
+        return {f"{k}_{suffix}": math.nan for k in ("max", "mean", "median", "p99")}
+    return {
+        f"max_{suffix}": float(values.max()),
+        f"mean_{suffix}": float(values.mean()),
+        f"median_{suffix}": float(np.median(values)),
+        f"p99_{suffix}": float(np.percentile(values, 99)),
+    }
+
+
+def check_gate(precision: str, sets: Sequence[dict], size: int, nme: dict | None) -> list[dict]:
+    """Evaluate the precision's gates; each result names the measure, the limit and whether it passed."""
+    gate = GATES[precision]
+    results = []
+    gated = [s for s in sets if s["source"] in gate.sources]
+    limit = gate.limit * size / PIXEL_GATE_CROP if gate.unit == "px" else gate.limit
+    for s in gated:
+        stats = s["landmarks"]
+        value = stats[gate.stat] * (size if gate.unit == "px" else 1.0)
+        results.append({"name": f"{gate.stat} ({s['source']}, batch {s['batch']})", "value": value,
+                        "limit": limit, "unit": gate.unit,
+                        "passed": bool(value <= gate.limit) and stats["nan"] == 0 and stats["inf"] == 0})
+    if not gated:
+        results.append({"name": f"{gate.stat} on {'/'.join(gate.sources)} inputs", "value": math.nan,
+                        "limit": limit, "unit": gate.unit, "passed": False})
+    for s in sets:  # NaN/Inf fail every precision on every input set
+        if s["source"] not in gate.sources and (s["landmarks"]["nan"] or s["landmarks"]["inf"]):
+            bad = s["landmarks"]["nan"] + s["landmarks"]["inf"]
+            results.append({"name": f"NaN/Inf ({s['source']}, batch {s['batch']})", "value": bad, "limit": 0,
+                            "unit": "count", "passed": False})
+    if gate.nme_increase is not None and nme and nme.get("faces"):
+        increase = nme["candidate"] - nme["fp32_onnx"]
+        results.append({"name": "validation NME increase over fp32 ONNX", "value": increase,
+                        "limit": gate.nme_increase, "unit": "NME",
+                        "passed": bool(increase <= gate.nme_increase)})
+    return results
+
+
+def summary_line(report: dict) -> str:
+    """One line for the CLI, the metadata and ParityError."""
+    if not report.get("verified"):
+        return f"{report['precision']}: not verified (--no-verify)"
+    failed = [g for g in report["gates"] if not g["passed"]]
+    real = [s["landmarks"] for s in report["sets"] if s["source"] == REAL]
+    worst = max(real, key=lambda st: st["max_abs"]) if real else report["overall"]
+    text = (f"{report['precision']} vs eager PyTorch fp32 on {'face crops' if real else 'noise inputs'}: "
+            f"max abs {worst['max_abs']:.3g} ({worst['px']['max_abs']:.3g} px of the "
+            f"{report['crop_size']} px crop)")
+    if report.get("nme") and report["nme"].get("faces"):
+        n = report["nme"]
+        text += f", validation NME {100 * n['candidate']:.2f}% (fp32 ONNX {100 * n['fp32_onnx']:.2f}%)"
+    if failed:
+        reasons = "; ".join(f"{g['name']} = {g['value']:.4g} > {g['limit']:g} {g['unit']}" for g in failed)
+        return f"{text}: FAILED gate: {reasons}"
+    return f"{text}: passed"

@@ -1,0 +1,98 @@
+"""Smaller / faster variants of an fp32 ONNX model: fp16 (weights and math) and static int8 QDQ.
+
+fp16: onnxruntime's `convert_float_to_float16` with `keep_io_types=True`, so the interface stays float32
+[N,1,S,S] -> [N,68,2] and the runtime feeds every variant the same tensor.
+
+int8: `quant_pre_process` (symbolic shape inference + ORT graph optimisation, which folds what quantization
+should not see), then static `quantize_static` in QDQ format with per-channel int8 weights. Activations are
+QUInt8 (U8S8): measured on this 2-core AVX-512 VNNI EPYC with ORT 1.31 on one thread (ResNet18 at 96 px, batch
+1) U8S8 ran 4.4 ms against 8.7 ms for S8S8 (fp32: 10.8 ms), with the same error (p99 1.95 px of the crop, NME
++0.05 points on 60 300-W validation faces). Caveat: on x86 CPUs without VNNI, U8S8 can saturate; the parity
+gates run on the exporting machine's CPU, so export on the kind of CPU you deploy to, or pass
+`activation_type="int8"`. Calibration: MinMax over real face crops made by the runtime's own preprocessing
+(`CropContract.prepare` on landmark boxes) -- MinMax because the regression head needs the full range of the
+pooled features and the crops are few; the count is `CALIBRATION_FACES` (fewer when fewer are given).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from facemark.metadata import INPUT_NAME
+
+CALIBRATION_FACES = 128
+CALIBRATION_BATCH = 16
+
+
+def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    converted = OnnxModel(convert_float_to_float16(proto, keep_io_types=True))
+    converted.topological_sort()  # the converter appends the input/output Casts at the end of the graph
+    return converted.model
+
+
+class _CropReader:
+    """onnxruntime's CalibrationDataReader over a stack of network inputs (N, 1, S, S), in small batches."""
+
+    def __init__(self, crops: np.ndarray, batch: int | None) -> None:
+        self._crops = crops
+        self._batch = batch
+        self._iter: Iterator[dict[str, np.ndarray]] | None = None
+
+    def _batches(self) -> Iterator[dict[str, np.ndarray]]:
+        step = self._batch or CALIBRATION_BATCH
+        crops = self._crops
+        if self._batch:  # a fixed batch axis needs full batches: repeat faces to fill the last one
+            crops = crops[np.arange(-(-len(crops) // step) * step) % len(crops)]
+        for start in range(0, len(crops), step):
+            yield {INPUT_NAME: np.ascontiguousarray(crops[start : start + step], dtype=np.float32)}
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._iter is None:
+            self._iter = self._batches()
+        return next(self._iter, None)
+
+    def rewind(self) -> None:
+        self._iter = None
+
+
+def to_int8(proto: onnx.ModelProto, calibration_crops: np.ndarray, batch: int | None = None,
+            activation_type: str = "uint8") -> onnx.ModelProto:
+    """Static QDQ int8 model calibrated on `calibration_crops` (N, 1, S, S) float32 network inputs."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    reader_cls = type("CropCalibrationReader", (_CropReader, CalibrationDataReader), {})
+    activations = QuantType.QInt8 if activation_type == "int8" else QuantType.QUInt8
+    with tempfile.TemporaryDirectory(prefix="facemark-int8-") as tmp:
+        src, pre, out = Path(tmp, "fp32.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
+        onnx.save(proto, src)
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+        quantize_static(
+            str(pre), str(out), reader_cls(calibration_crops, batch),
+            quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
+            activation_type=activations, calibrate_method=CalibrationMethod.MinMax,
+        )
+        return drop_unused_opsets(onnx.load(out))
+
+
+def drop_unused_opsets(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """quant_pre_process's ORT optimisation declares every ORT domain; keep the default one and those used."""
+    used = {node.domain for node in proto.graph.node} | {"", "ai.onnx"}
+    kept = [entry for entry in proto.opset_import if entry.domain in used]
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept)
+    return proto

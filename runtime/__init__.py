@@ -1,0 +1,28 @@
+"""facemark.runtime: the torch-free pipeline (OpenCV Haar detector + ONNX Runtime landmark model).
+
+Names are imported on first use, so `facemark runtime --help` does not load onnxruntime.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "FaceLandmarker": "landmarker",
+    "Face": "landmarker",
+    "DEFAULT_MODEL_PATH": "landmarker",
+    "LandmarkModel": "session",
+    "available_providers": "session",
+    "resolve_providers": "session",
+    "HaarDetector": "detector",
+    "Detection": "detector",
+    "match_detection": "calibration",
+    "fit_calibration": "calibration",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"facemark.runtime.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'facemark.runtime' has no attribute {name!r}")

@@ -1,0 +1,245 @@
+"""ONNX Runtime sessions: provider selection and the landmark model (torch-free).
+
+Provider policy:
+- "auto" picks TensorRT > CUDA > CPU among the providers that actually load here. onnxruntime-gpu lists
+  CUDA/TensorRT in `get_available_providers()` even on a machine without a GPU or without the CUDA
+  libraries, and then silently runs on the CPU; so each GPU provider is probed once with a tiny built-in model
+  and counted only when the probe session really runs on it.
+- An explicit "cuda" / "tensorrt" that cannot run raises ProviderError, never a silent CPU fallback.
+- `onnxruntime.preload_dlls()` (onnxruntime >= 1.21) is called first, so the CUDA / cuDNN libraries of the
+  nvidia-* pip wheels are found without LD_LIBRARY_PATH.
+- TensorRT: fp16 on request, an engine cache directory (the first engine build takes minutes; the cache makes
+  the next start fast), and an explicit batch profile 1..max_batch at the model's crop size. CUDA takes over
+  any node TensorRT cannot run. CPU: the intra-op thread count is configurable.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from facemark.contract import CropContract
+from facemark.errors import ModelError, ProviderError
+from facemark.metadata import INPUT_NAME, OUTPUT_NAME, ModelInfo, parse_metadata
+from facemark.scheme import NUM_POINTS
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+PROVIDER_NAMES = {"cpu": CPU, "cuda": CUDA, "tensorrt": TENSORRT}
+PROVIDER_CHOICES = ("auto", *PROVIDER_NAMES)
+GPU_PRIORITY = (TENSORRT, CUDA)
+DEFAULT_MAX_BATCH = 32  # TensorRT profile upper bound; larger batches are run in chunks
+
+# A 69-byte ONNX model (Identity on float[1], opset 17) used only to probe whether a provider loads.
+_PROBE_MODEL = base64.b64decode(
+    "CAg6OwoQCgF4EgF5IghJZGVudGl0eRIFcHJvYmVaDwoBeBIKCggIARIECgIIAWIPCgF5EgoKCAgBEgQKAggBQgQKABAR"
+)
+
+
+@functools.cache
+def _preload_gpu_libraries() -> None:
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    with contextlib.suppress(Exception):  # no CUDA wheels installed: the probe then reports CPU only
+        preload()
+
+
+@contextlib.contextmanager
+def _quiet_onnxruntime():
+    """Silence ORT's own error lines and fallback banner while probing: a failed probe is an answer."""
+    ort.set_default_logger_severity(4)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        ort.set_default_logger_severity(2)
+
+
+@functools.cache
+def _provider_loads(provider: str) -> bool:
+    if provider == CPU:
+        return True
+    if provider not in ort.get_available_providers():
+        return False
+    _preload_gpu_libraries()
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        with _quiet_onnxruntime():
+            session = ort.InferenceSession(_PROBE_MODEL, options, providers=[provider])
+    except Exception:  # ORT raises assorted types for missing libraries or devices
+        return False
+    return provider in session.get_providers()
+
+
+def available_providers() -> list[str]:
+    """The execution providers that actually load on this machine, best first (CPU always last)."""
+    return [p for p in (*GPU_PRIORITY, CPU) if _provider_loads(p)]
+
+
+def provider_options(
+    provider: str,
+    image_size: int = 224,
+    trt_fp16: bool = False,
+    trt_cache_dir: str | os.PathLike | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+) -> dict[str, str]:
+    """ONNX Runtime options for one provider; only TensorRT takes any."""
+    if provider != TENSORRT:
+        return {}
+    shape = f"1x{image_size}x{image_size}"
+    options = {
+        "trt_fp16_enable": "True" if trt_fp16 else "False",
+        "trt_profile_min_shapes": f"{INPUT_NAME}:1x{shape}",
+        "trt_profile_opt_shapes": f"{INPUT_NAME}:{min(8, max_batch)}x{shape}",
+        "trt_profile_max_shapes": f"{INPUT_NAME}:{max_batch}x{shape}",
+    }
+    if trt_cache_dir is not None:
+        Path(trt_cache_dir).mkdir(parents=True, exist_ok=True)
+        options.update(trt_engine_cache_enable="True", trt_engine_cache_path=str(trt_cache_dir),
+                       trt_timing_cache_enable="True", trt_timing_cache_path=str(trt_cache_dir))
+    return options
+
+
+def resolve_providers(
+    requested: str,
+    image_size: int = 224,
+    trt_fp16: bool = False,
+    trt_cache_dir: str | os.PathLike | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+) -> list[str | tuple[str, dict[str, str]]]:
+    """The `providers=` list for an InferenceSession: the chosen provider first, then its fallbacks for nodes
+    it cannot run (TensorRT -> CUDA -> CPU). Raises ProviderError for an explicit provider that cannot run."""
+    key = requested.lower()
+    if key not in PROVIDER_CHOICES:
+        raise ProviderError(f"unknown provider {requested!r}; choose one of {', '.join(PROVIDER_CHOICES)}")
+    loadable = available_providers()
+    if key == "auto":
+        chosen = loadable[0]
+    else:
+        chosen = PROVIDER_NAMES[key]
+        if chosen not in loadable:
+            raise ProviderError(
+                f"provider {key!r} ({chosen}) cannot run here (loadable: {', '.join(loadable)}); check the GPU "
+                "driver and the CUDA/cuDNN/TensorRT libraries, or use --provider cpu / auto"
+            )
+    chain = [p for p in (TENSORRT, CUDA, CPU) if p in loadable]
+    chain = chain[chain.index(chosen):]
+    return [
+        (p, provider_options(p, image_size, trt_fp16, trt_cache_dir, max_batch)) if p == TENSORRT else p
+        for p in chain
+    ]
+
+
+def _provider_name(entry: str | tuple[str, dict]) -> str:
+    return entry if isinstance(entry, str) else entry[0]
+
+
+class LandmarkModel:
+    """A facemark ONNX model on ONNX Runtime: normalised crops (N, 1, S, S) -> normalised points (N, 68, 2).
+
+    Implements facemark.evaluation's CropPredictor (`.contract`, `.predict`).
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | bytes,
+        provider: str = "auto",
+        threads: int | None = None,
+        trt_fp16: bool = False,
+        trt_cache_dir: str | os.PathLike | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> None:
+        self.path: Path | None = None if isinstance(model, bytes) else Path(model)
+        source = "<model bytes>" if self.path is None else str(self.path)
+        data = model if isinstance(model, bytes) else _read_model_file(self.path)
+        self.max_batch = max_batch
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        if threads is not None:
+            if threads < 1:
+                raise ProviderError(f"threads must be >= 1 (got {threads})")
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        # The crop size is needed for the TensorRT profile before the session exists: read the metadata first
+        # from a CPU session only when TensorRT is in play (it is cheap next to an engine build).
+        probe_size = 224
+        providers = resolve_providers(provider, probe_size, trt_fp16, trt_cache_dir, max_batch)
+        if any(_provider_name(p) == TENSORRT for p in providers):
+            probe_size = _contract_of(data, source).size
+            providers = resolve_providers(provider, probe_size, trt_fp16, trt_cache_dir, max_batch)
+        self.session = _create_session(data, options, providers, source)
+        self.info: ModelInfo = parse_metadata(self.session.get_modelmeta().custom_metadata_map, source)
+        self.contract: CropContract = self.info.contract
+        self.providers: list[str] = self.session.get_providers()
+        wanted = _provider_name(providers[0])
+        if wanted not in self.providers:  # ORT fell back although the probe said the provider loads
+            raise ProviderError(f"{source}: {wanted} failed to start (the session runs on {self.providers})")
+        self._input_dtype = _check_io(self.session, self.contract, source)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Normalised crops (N, 1, S, S) float32 -> normalised landmarks (N, 68, 2) float32."""
+        x = np.asarray(batch)
+        size = self.contract.size
+        if x.ndim != 4 or x.shape[1:] != (1, size, size):
+            raise ValueError(f"expected a batch of shape (N, 1, {size}, {size}), got {x.shape}")
+        if len(x) == 0:
+            return np.zeros((0, NUM_POINTS, 2), np.float32)
+        x = np.ascontiguousarray(x, dtype=self._input_dtype)
+        outputs = [
+            self.session.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + self.max_batch]})[0]
+            for i in range(0, len(x), self.max_batch)
+        ]
+        return np.concatenate(outputs).astype(np.float32, copy=False)
+
+    def __repr__(self) -> str:
+        return f"LandmarkModel({self.path or '<bytes>'}, providers={self.providers}, size={self.contract.size})"
+
+
+def _read_model_file(path: Path) -> bytes:
+    if not path.is_file():
+        raise ModelError(f"{path}: no such model file")
+    data = path.read_bytes()
+    if not data:
+        raise ModelError(f"{path}: empty model file")
+    return data
+
+
+def _create_session(data: bytes, options: ort.SessionOptions, providers: list, source: str) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(data, options, providers=providers)
+    except Exception as exc:  # ORT raises InvalidProtobuf, Fail, InvalidGraph ... for a bad file
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise ModelError(f"{source}: not a loadable ONNX model ({first_line[:200]})") from None
+
+
+def _contract_of(data: bytes, source: str) -> CropContract:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = _create_session(data, options, [CPU], source)
+    return parse_metadata(session.get_modelmeta().custom_metadata_map, source).contract
+
+
+def _check_io(session: ort.InferenceSession, contract: CropContract, source: str) -> type:
+    """Check the model's input/output against its contract; return the input dtype (fp16 models take fp16)."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name for o in session.get_outputs()}
+    if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
+        raise ModelError(f"{source}: expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}, found "
+                         f"{sorted(inputs)} -> {sorted(outputs)}")
+    shape = inputs[INPUT_NAME].shape
+    expected = (1, contract.size, contract.size)
+    if len(shape) != 4 or any(isinstance(d, int) and d != e for d, e in zip(shape[1:], expected, strict=True)):
+        raise ModelError(f"{source}: input shape {shape} does not match the contract's "
+                         f"[N, 1, {contract.size}, {contract.size}]")
+    return np.float16 if inputs[INPUT_NAME].type == "tensor(float16)" else np.float32

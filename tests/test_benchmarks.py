@@ -1,0 +1,229 @@
+"""The benchmark harness on a tiny model: rows present, ratios from the same run, reports well formed.
+
+Speed itself is never asserted (it is what the benchmark measures, not a property of the code).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+from facemark.benchmarks.report import ROW_KEYS, markdown_table, render_markdown, write_reports  # noqa: E402
+from facemark.benchmarks.timing import TimingStats, measure_interleaved  # noqa: E402
+
+SAMPLES_XML = Path(__file__).resolve().parents[1] / "facemark" / "assets" / "samples" / "landmarks.xml"
+BATCHES = (1, 2)
+EXPECTED_VARIANTS = {("torch-fp32", "torch-cpu"), ("torch-bf16", "torch-cpu"), ("ort-fp32", "cpu"),
+                     ("ort-fp16", "cpu"), ("ort-int8", "cpu")}
+
+
+@pytest.fixture(scope="module")
+def bench(tiny_checkpoint, tmp_path_factory) -> tuple[dict, Path]:
+    from facemark.benchmarks.harness import BenchConfig, run_benchmark
+
+    out = tmp_path_factory.mktemp("bench")
+    cfg = BenchConfig(out=out, checkpoint=tiny_checkpoint, data=[SAMPLES_XML], batch_sizes=BATCHES, quick=True,
+                      threads=1, providers=["cpu"], repeats=3, scenes=((640, 480, 1),), pipeline_repeats=1,
+                      command="facemark bench --test")
+    report = run_benchmark(cfg)
+    write_reports(report, out)
+    return report, out
+
+
+def test_every_variant_has_a_row_per_batch_size(bench):
+    report, _ = bench
+    present = {(r["variant"], r["provider"], r["batch"]) for r in report["rows"]}
+    assert present == {(v, p, b) for v, p in EXPECTED_VARIANTS for b in BATCHES}
+
+
+def test_speedups_are_ratios_of_medians_from_the_same_run(bench):
+    report, _ = bench
+    for batch in BATCHES:
+        rows = [r for r in report["rows"] if r["batch"] == batch]
+        reference = next(r for r in rows if r["variant"] == "torch-fp32")
+        assert reference["speedup"] == pytest.approx(1.0)
+        assert reference["max_abs_err"] is None  # the reference itself
+        for row in rows:
+            assert row["ms_per_face"] == pytest.approx(row["batch_median_ms"] / batch)
+            assert row["speedup"] == pytest.approx(reference["batch_median_ms"] / row["batch_median_ms"])
+            assert row["p90_ms"] >= row["ms_per_face"] > 0
+            assert row["throughput"] == pytest.approx(1000.0 / row["ms_per_face"])
+
+
+def test_parity_size_and_accuracy_are_filled(bench):
+    report, _ = bench
+    by_variant = {r["variant"]: r for r in report["rows"] if r["batch"] == 1}
+    assert by_variant["ort-fp32"]["max_abs_err"] < 1e-4  # same network, same inputs
+    assert by_variant["ort-int8"]["size_mb"] < by_variant["ort-fp32"]["size_mb"] / 2
+    for row in report["rows"]:
+        assert row["nme"] is not None and 0 < row["nme"] < 10  # random weights: large but finite
+    ort = [r for r in report["rows"] if r["variant"].startswith("ort-")]
+    assert all(r["gated"] is None for r in ort)  # --quick exports without verification...
+    assert "| unverified |" in render_markdown(report)  # ...and the table says so
+
+
+def test_json_report_schema(bench):
+    _, out = bench
+
+    def refuse_nan(token: str):
+        raise AssertionError(f"non-standard JSON constant {token}")
+
+    doc = json.loads((out / "report.json").read_text(), parse_constant=refuse_nan)
+    assert {"environment", "rows", "pipeline", "peer", "limit", "targets"} <= doc.keys()
+    env = doc["environment"]
+    assert {"cpu", "gpu", "threads", "versions", "onnxruntime_providers", "model_sha256"} <= env.keys()
+    assert {"torch", "onnxruntime", "opencv"} <= env["versions"].keys()
+    assert len(env["model_sha256"]) == 4  # checkpoint + three ONNX models
+    for row in doc["rows"]:
+        assert set(ROW_KEYS) <= row.keys()
+        assert isinstance(row["batch"], int) and isinstance(row["ms_per_face"], float)
+    assert doc["limit"]["flops_per_face"] > 1e8  # ResNet18 at 64 px: ~0.28 GFLOP
+    assert math.isclose(doc["limit"]["achieved_gflops"],
+                        doc["limit"]["gflops_per_face"] / (doc["limit"]["ms_per_face"] / 1000), rel_tol=1e-9)
+
+
+def test_pipeline_rows_find_the_composed_faces(bench):
+    report, _ = bench
+    (row,) = report["pipeline"]
+    assert row["scene"] == "640x480-1face" and row["faces_found"] == row["faces_placed"] == 1
+    stages = ("decode_ms", "detect_ms", "preprocess_ms", "inference_ms", "postprocess_ms")
+    assert sum(row[s] for s in stages) <= row["total_ms"] * 1.05 + 0.5
+    assert row["fps"] == pytest.approx(1000.0 / row["total_ms"])
+
+
+def test_peer_row_or_reason(bench):
+    report, _ = bench
+    peer = report["peer"]
+    if peer.get("skipped"):
+        assert "dlib" in peer["skipped"] or "face_recognition_models" in peer["skipped"]
+        return
+    assert peer["ms_per_face"] > 0 and peer["nme_faces"] > 0
+    best = next(r for r in report["rows"] if r["variant"] == peer["compared_with"] and r["batch"] == 1)
+    assert peer["ratio_vs_best"] == pytest.approx(best["ms_per_face"] / peer["ms_per_face"])
+
+
+def _tables(markdown: str) -> list[list[str]]:
+    tables, current = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def _columns(line: str) -> int:
+    assert line.startswith("|") and line.endswith("|"), line
+    return len(line.replace("\\|", "").split("|")) - 2
+
+
+def test_markdown_tables_are_well_formed(bench):
+    _, out = bench
+    markdown = (out / "report.md").read_text()
+    assert markdown.startswith("# facemark benchmark")
+    tables = _tables(markdown)
+    assert len(tables) >= 5  # model, peer, pipeline, targets, environment
+    for table in tables:
+        width = _columns(table[0])
+        assert all(_columns(line) == width for line in table), table
+        assert set(table[1].replace("|", "")) <= {"-", ":"}
+    model_table = tables[0]
+    assert len(model_table) == 2 + len(EXPECTED_VARIANTS) * len(BATCHES)
+
+
+def test_markdown_cells_escape_pipes_and_newlines():
+    table = markdown_table(["a", "b"], [["x|y", "two\nlines"]])
+    assert table.splitlines()[2] == "| x\\|y | two lines |"
+    assert all(_columns(line) == 2 for line in table.splitlines())
+
+
+def test_chart_is_a_png_with_a_bar_per_row(bench):
+    from PIL import Image
+
+    report, out = bench
+    with Image.open(out / "chart.png") as img:
+        assert img.format == "PNG"
+        bars = len(report["rows"]) + (0 if report["peer"].get("skipped") else 1)
+        assert img.height >= 22 * bars
+
+
+def test_interleaved_timing_rotates_order_and_takes_medians():
+    calls: list[str] = []
+    ticks = iter(range(10_000))
+    durations = {"a": [5, 1, 3], "b": [2, 2, 8]}
+
+    def clock() -> float:  # each call's duration is scripted: start tick, then start + duration
+        return float(next(ticks))
+
+    def make(name: str):
+        def call() -> None:
+            calls.append(name)
+            if len(calls) > 2:  # after the warm-up round, advance the fake clock by the scripted duration
+                for _ in range(durations[name][0] - 1):
+                    next(ticks)
+                durations[name].pop(0)
+        return call
+
+    stats = measure_interleaved({"a": make("a"), "b": make("b")}, repeats=3, warmup=1, clock=clock)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then rotating start
+    assert stats["a"].median_ms == pytest.approx(3000.0) and stats["a"].repeats == 3
+    assert stats["b"].median_ms == pytest.approx(2000.0)
+
+
+def test_timing_stats_percentiles():
+    stats = TimingStats.from_samples(list(range(1, 101)))
+    assert stats.median_ms == pytest.approx(50.5)
+    assert stats.p90_ms == pytest.approx(90.1)
+    assert stats.min_ms == 1 and stats.repeats == 100
+    with pytest.raises(ValueError):
+        TimingStats.from_samples([])
+
+
+def test_targets_are_read_not_asserted():
+    from facemark.benchmarks.harness import read_targets
+
+    rows = [{"variant": "ort-int8", "provider": "cpu", "batch": 1, "gated": True, "speedup": 5.0, "ms_per_face": 9.0},
+            {"variant": "ort-fp32", "provider": "cpu", "batch": 1, "gated": True, "speedup": 2.0, "ms_per_face": 20.0}]
+    pipeline = [{"width": 640, "faces_placed": 1, "fps": 12.0, "total_ms": 83.3}]
+    peer = {"ms_per_face": 3.0, "ratio_vs_best": 3.0}
+    targets = read_targets(rows, pipeline, peer)
+    assert [t["met"] for t in targets] == ["yes", "no", "no"]
+    assert "ort-int8" in targets[0]["measured"]
+    rows[0]["gated"] = False  # a failed gate never counts; unverified rows count only when nothing was verified
+    assert "ort-fp32:" in read_targets(rows, [], None)[0]["measured"]
+    for row in rows:
+        row["gated"] = None
+    assert "ort-int8 (unverified)" in read_targets(rows, [], None)[0]["measured"]
+
+
+def test_report_renders_without_optional_sections():
+    report = {"environment": {}, "rows": [], "pipeline": [], "peer": {"skipped": "dlib not installed"},
+              "limit": {}, "targets": [], "notes": ["n"]}
+    text = render_markdown(report)
+    assert "Skipped: dlib not installed" in text and "## End to end" not in text
+
+
+def test_cli_rejects_bad_batch_sizes(tmp_path, capsys):
+    from facemark.cli import run
+
+    assert run(["bench", "--batch-sizes", "1,zero", "--out", str(tmp_path)]) == 2
+    assert "--batch-sizes" in capsys.readouterr().err
+
+
+def test_train_throughput_measures_fp32_and_reports_data_wait(tmp_path):
+    from facemark.benchmarks.train_throughput import main
+
+    out = tmp_path / "throughput.json"
+    assert main(["--data", str(SAMPLES_XML), "--image-size", "32", "--batch-size", "4", "--steps", "2",
+                 "--warmup", "1", "--threads", "1", "--device", "cpu", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results[0]["mode"] == "fp32" and results[0]["steps"] == 2
+    for r in results:
+        assert r["images_per_s"] > 0 and 0 <= r["data_wait_share"] < 1

@@ -1,0 +1,164 @@
+"""Training stage: augmentation geometry (landmarks follow pixels), losses, checkpoints, a tiny real run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import cv2
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import SAMPLES  # noqa: E402
+
+from facemark.cli import run  # noqa: E402
+from facemark.contract import CropContract, apply_affine  # noqa: E402
+from facemark.data import FaceRecord  # noqa: E402
+from facemark.scheme import FLIP_PERMUTATION  # noqa: E402
+from facemark.train.checkpoint import load_checkpoint, load_model  # noqa: E402
+from facemark.train.dataset import AugmentConfig, AugmentedFaces, FaceCache, augment_matrix  # noqa: E402
+from facemark.train.loop import Callbacks, TrainConfig, landmark_loss, train  # noqa: E402
+
+SAMPLES_XML = str(SAMPLES / "landmarks.xml")
+
+
+def spot_record(tmp_path, spot_index: int = 36) -> FaceRecord:
+    """A synthetic face: landmarks on a ring, one bright spot painted exactly at landmark `spot_index`."""
+    angles = np.linspace(0, 2 * math.pi, 68, endpoint=False)
+    points = np.stack([200 + 60 * np.cos(angles), 180 + 80 * np.sin(angles)], axis=1).astype(np.float32)
+    points[36], points[45] = (150, 150), (250, 150)  # outer eye corners: image-left and image-right
+    image = np.zeros((400, 400), np.uint8)
+    cv2.circle(image, (int(points[spot_index][0]), int(points[spot_index][1])), 5, 255, -1)
+    path = tmp_path / "spot.png"
+    cv2.imwrite(str(path), image)
+    return FaceRecord(path, points, key="spot.png#0")
+
+
+def bright_centroid(crop: np.ndarray) -> np.ndarray:
+    m = cv2.moments((crop > 0.5).astype(np.float32))
+    return np.array([m["m10"] / m["m00"], m["m01"] / m["m00"]])
+
+
+@pytest.mark.parametrize("augment", [
+    AugmentConfig(rotate_deg=25, zoom=0, shift=0, flip=False, brightness=0, contrast=0, gamma=0, blur_p=0,
+                  noise_p=0, occlude_p=0),
+    AugmentConfig(rotate_deg=0, zoom=0.15, shift=0.1, flip=True, brightness=0, contrast=0, gamma=0, blur_p=0,
+                  noise_p=0, occlude_p=0),
+])
+def test_landmarks_follow_the_pixels_under_augmentation(tmp_path, augment):
+    record = spot_record(tmp_path, spot_index=36)
+    contract = CropContract(size=96)
+    dataset = AugmentedFaces(FaceCache([record], contract), contract, augment)
+    torch.manual_seed(0)
+    flips = 0
+    for _ in range(12):
+        image, target = dataset[0]
+        crop = image[0].numpy()
+        points = (target.numpy() + 0.5) * contract.size
+        # The spot was painted at point 36. Unflipped it stays there; flipped, the mirror moves it to the image's
+        # right and the permutation relabels that position 45 (FLIP_PERMUTATION[45] == 36).
+        spot = bright_centroid(crop)
+        d36, d45 = (np.abs(spot - points[i]).max() for i in (36, FLIP_PERMUTATION[36]))
+        assert min(d36, d45) < 1.0
+        flips += d45 < d36
+        assert points[36, 0] < points[45, 0]  # the subject's right eye stays on the image's left
+    if augment.flip:
+        assert 0 < flips < 12
+
+
+def test_rotation_sign_matches_the_matrix():
+    rng = np.random.default_rng(0)
+    aug = AugmentConfig(rotate_deg=30, zoom=0, shift=0, flip=False)
+    m, _ = augment_matrix(rng, 100, 64, aug)
+    right, down = apply_affine(m, np.array([[60.0, 49.5], [49.5, 60.0]])) - (64 - 1) / 2
+    # image y points down: a positive angle turns +x towards +y; either way x and y turn the same way
+    assert np.sign(right[1]) == np.sign(-down[0]) != 0
+
+
+def test_losses_are_zero_at_the_target_and_positive_elsewhere():
+    target = torch.zeros(2, 68, 2)
+    for name in ("l1", "mse", "wing"):
+        assert landmark_loss(name, target, target, 224).item() == 0
+        assert landmark_loss(name, target + 0.01, target, 224).item() > 0
+    with pytest.raises(ValueError):
+        landmark_loss("nope", target, target, 224)
+
+
+def tiny_config(tmp_path, **overrides) -> TrainConfig:
+    base = dict(data=[SAMPLES_XML], val_data=[SAMPLES_XML], out=str(tmp_path / "run"), epochs=2, batch_size=8,
+                image_size=64, lr=2e-3, schedule="constant", max_images=8, workers=0,
+                augment=AugmentConfig.none().__dict__)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def test_tiny_run_overfits_a_few_faces(tmp_path):
+    """8 real faces, no augmentation, validated on themselves: the error must fall far below the start."""
+    torch.manual_seed(0)
+    result = train(tiny_config(tmp_path, epochs=30))
+    first, best = result.history[0].val_nme, result.best_val_nme
+    assert best < 0.5 * first, (first, best)
+    assert result.history[-1].train_loss < 0.3 * result.history[0].train_loss
+    doc = torch.load(result.best_path, weights_only=True)  # plain types only
+    assert doc["format"] == "facemark-checkpoint/1"
+    assert doc["model"] == {"arch": "resnet18", "in_channels": 1, "num_points": 68, "image_size": 64}
+    assert doc["contract"]["size"] == 64 and doc["metrics"]["val_nme"] == pytest.approx(best)
+    assert doc["train"]["data"] == [SAMPLES_XML] and doc["train"]["seed"] == 0
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 30 and {"val_nme", "data_wait_share", "images_per_s"} <= json.loads(lines[0]).keys()
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_interrupt_saves_last_and_resume_continues(tmp_path):
+    calls = {"n": 0}
+
+    def stop_after_one_step() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 1 and calls["n"] % 2 == 0  # let epoch 1 finish (1 step), stop in epoch 2
+
+    cfg = tiny_config(tmp_path, epochs=3)
+    first = train(cfg, stop_requested=stop_after_one_step)
+    assert first.interrupted and len(first.history) == 1
+    state = load_checkpoint(first.last_path)["state"]
+    assert state["next_epoch"] == 1 and "optimizer" in state and "scheduler" in state
+    resumed = train(cfg, resume=first.last_path)
+    assert [h.epoch for h in resumed.history] == [1, 2, 3]
+    model, contract, _ = load_model(resumed.best_path)
+    assert contract.size == 64 and not model.training
+
+
+class Recorder(Callbacks):
+    def __init__(self):
+        self.epochs, self.messages = [], []
+
+    def on_message(self, text):
+        self.messages.append(text)
+
+    def on_epoch_end(self, stats):
+        self.epochs.append(stats)
+
+
+def test_split_is_reported_and_callbacks_fire(tmp_path):
+    rec = Recorder()
+    train(tiny_config(tmp_path, val_data=[], max_images=None, epochs=1, batch_size=16), rec)
+    assert any("validation" in m and "seeded split" in m for m in rec.messages)
+    assert len(rec.epochs) == 1 and 0 <= rec.epochs[0].data_wait_share <= 1
+
+
+def test_train_and_evaluate_cli(tmp_path):
+    out = tmp_path / "cli"
+    code = run(["train", "--data", SAMPLES_XML, "--val-data", SAMPLES_XML, "--out", str(out), "--epochs", "1",
+                "--image-size", "64", "--batch-size", "8", "--max-images", "8", "--workers", "0"])
+    assert code == 0 and (out / "best.pt").is_file() and (out / "last.pt").is_file()
+    report = tmp_path / "eval.json"
+    code = run(["evaluate", "--model", str(out / "best.pt"), "--data", SAMPLES_XML, "--json", str(report),
+                "--csv", str(tmp_path / "faces.csv"), "--plot", str(tmp_path / "ced.png")])
+    assert code == 0
+    doc = json.loads(report.read_text())
+    assert {"nme", "nme_median", "fr@0.08", "auc@0.08", "faces", "model", "data"} <= doc.keys()
+    assert doc["faces"] == 25 and 0 < doc["nme"] < 10
+    assert len((tmp_path / "faces.csv").read_text().splitlines()) == 26
+    assert cv2.imread(str(tmp_path / "ced.png")) is not None
+    assert run(["evaluate", "--model", str(tmp_path / "missing.pt"), "--data", SAMPLES_XML]) == 2
