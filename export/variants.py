@@ -9,9 +9,11 @@ QUInt8 (U8S8): measured on this 2-core AVX-512 VNNI EPYC with ORT 1.31 on one th
 1) U8S8 ran 4.4 ms against 8.7 ms for S8S8 (fp32: 10.8 ms), with the same error (p99 1.95 px of the crop, NME
 +0.05 points on 60 300-W validation faces). Caveat: on x86 CPUs without VNNI, U8S8 can saturate; the parity
 gates run on the exporting machine's CPU, so export on the kind of CPU you deploy to, or pass
-`activation_type="int8"`. Calibration: MinMax over real face crops made by the runtime's own preprocessing
-(`CropContract.prepare` on landmark boxes) -- MinMax because the regression head needs the full range of the
-pooled features and the crops are few; the count is `CALIBRATION_FACES` (fewer when fewer are given).
+`activation_type="int8"`. Calibration: the 99.9th percentile of each activation's histogram over real face
+crops made by the runtime's own preprocessing (`CropContract.prepare` on landmark boxes), `CALIBRATION_FACES`
+of them (fewer when fewer are given). Measured on the trained 160 px model (300-W validation split, fp32 ONNX
+5.54 % NME): MinMax 6.24 %, Entropy 6.23 %, percentile 99.999 6.06 %, 99.99 5.80 %, 99.9 5.60 %, 99.5 5.98 %;
+keeping the final Gemm in fp32 changed nothing (6.23 %), so the whole graph is quantized.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import onnx
 
 from facemark.metadata import INPUT_NAME
 
-CALIBRATION_FACES = 128
+CALIBRATION_FACES = 256
+CALIBRATION_METHOD = "Percentile 99.9"
+CALIBRATION_PERCENTILE = 99.9
 CALIBRATION_BATCH = 16
 
 
@@ -49,8 +53,9 @@ class _CropReader:
     def _batches(self) -> Iterator[dict[str, np.ndarray]]:
         step = self._batch or CALIBRATION_BATCH
         crops = self._crops
-        if self._batch:  # a fixed batch axis needs full batches: repeat faces to fill the last one
-            crops = crops[np.arange(-(-len(crops) // step) * step) % len(crops)]
+        # Full batches only: a fixed batch axis needs them, and ORT's histogram calibrators stack the batches
+        # (np.asarray) so a short last one breaks them. Repeat faces to fill the last batch.
+        crops = crops[np.arange(-(-len(crops) // step) * step) % len(crops)]
         for start in range(0, len(crops), step):
             yield {INPUT_NAME: np.ascontiguousarray(crops[start : start + step], dtype=np.float32)}
 
@@ -84,7 +89,8 @@ def to_int8(proto: onnx.ModelProto, calibration_crops: np.ndarray, batch: int | 
         quantize_static(
             str(pre), str(out), reader_cls(calibration_crops, batch),
             quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
-            activation_type=activations, calibrate_method=CalibrationMethod.MinMax,
+            activation_type=activations, calibrate_method=CalibrationMethod.Percentile,
+            extra_options={"CalibPercentile": CALIBRATION_PERCENTILE},
         )
         return drop_unused_opsets(onnx.load(out))
 

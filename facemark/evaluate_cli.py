@@ -12,8 +12,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from facemark.contract import BoxCalibration, box_from_landmarks
-from facemark.data import FaceRecord, load_records, split_records
+from facemark.data import load_records, split_records
 from facemark.errors import DataError
 
 console = Console()
@@ -31,22 +30,6 @@ def _load_predictor(model: Path, provider: str):
     metrics = p.checkpoint.get("metrics", {})
     return p, None, {"path": str(model), "arch": p.checkpoint["model"]["arch"], "precision": "fp32 (eager)",
                      "val_nme": metrics.get("val_nme")}
-
-
-def haar_box_source(calibration: BoxCalibration | None, min_iou: float = 0.3):
-    """Detector box of the record's face (best IoU with its landmark box), mapped by `calibration`."""
-    from facemark.runtime.calibration import match_detection
-    from facemark.runtime.detector import HaarDetector
-
-    detector = HaarDetector()
-
-    def source(gray, record: FaceRecord):
-        hit = match_detection(detector.detect(gray), box_from_landmarks(record.landmarks), min_iou)
-        if hit is None:
-            return None
-        return calibration.apply(hit.box) if calibration else hit.box
-
-    return source, detector.name
 
 
 def evaluate_command(
@@ -82,8 +65,12 @@ def evaluate_command(
     if boxes == "gt":
         source, box_label = ground_truth_box, "landmark boxes"
     elif boxes == "haar":
-        source, detector_name = haar_box_source(calibration if calibrated else None)
-        box_label = f"{detector_name}, {'calibrated' if calibrated and calibration else 'uncalibrated'}"
+        from facemark.runtime.calibration import haar_box_source
+        from facemark.runtime.detector import HaarDetector
+
+        detector = HaarDetector()
+        source = haar_box_source(detector, calibration if calibrated else None)
+        box_label = f"{detector.name}, {'calibrated' if calibrated and calibration else 'uncalibrated'}"
     else:
         raise DataError(f"--boxes {boxes!r}: expected gt or haar")
     with Progress(console=console, transient=True) as progress:

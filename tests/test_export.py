@@ -123,7 +123,7 @@ def test_parity_report_per_precision(exported, precision):
     else:  # a real conversion leaves a measurable, bounded error
         assert 1e-5 < real_max < 0.1
     if precision == "int8":
-        assert report["int8"]["calibration_faces"] == 25 and report["int8"]["calibration"] == "MinMax"
+        assert report["int8"]["calibration_faces"] == 25 and report["int8"]["calibration"] == "Percentile 99.9"
 
 
 def test_error_stats_are_polygraphy_style():
