@@ -24,7 +24,7 @@ from facemark.imageio import read_gray, read_image
 from facemark.runtime import session
 from facemark.runtime.calibration import detect_records, fit_calibration, haar_box_source, match_detection
 from facemark.runtime.detector import Detection, HaarDetector
-from facemark.runtime.landmarker import DEFAULT_MODEL_PATH, Face, FaceLandmarker, as_gray
+from facemark.runtime.landmarker import Face, FaceLandmarker, as_gray
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_XML = SAMPLES / "landmarks.xml"
@@ -152,9 +152,10 @@ def test_model_without_facemark_metadata_is_refused(tmp_path):
         session.LandmarkModel(plain)
 
 
-def test_missing_default_model_says_how_to_pass_one():
-    if DEFAULT_MODEL_PATH.is_file():
-        pytest.skip("the default model is installed")
+def test_missing_default_model_says_how_to_pass_one(monkeypatch, tmp_path):
+    from facemark.runtime import landmarker as landmarker_module
+
+    monkeypatch.setattr(landmarker_module, "DEFAULT_MODEL_PATH", tmp_path / "absent.onnx")
     with pytest.raises(ModelError, match="default model is not installed"):
         FaceLandmarker()
 
