@@ -9,7 +9,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade "pip>=24" "setuptools>=68" wheel
+	$(PIP) install --upgrade "pip>=24" "setuptools>=77" wheel
 
 # Runtime only (no torch): what `pip install facemark` gives a deploy machine.
 $(VENV)/.stamp-runtime: pyproject.toml | $(BIN)/python

@@ -49,7 +49,9 @@ def _preload_gpu_libraries() -> None:
     preload = getattr(ort, "preload_dlls", None)
     if preload is None:
         return
-    with contextlib.suppress(Exception):  # no CUDA wheels installed: the probe then reports CPU only
+    # No CUDA wheels installed: the probe then reports CPU only. preload_dlls print()s each library it
+    # cannot find; on a CPU machine that is expected, not news for the user.
+    with contextlib.suppress(Exception), contextlib.redirect_stdout(io.StringIO()):
         preload()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -70,6 +71,8 @@ def train_command(
             signal.signal(s, handler)
     if not result.history:
         raise typer.Exit(130 if result.interrupted else 0)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports (and wrote the files)
+        return
     best = min(result.history, key=lambda h: h.val_nme)
     console.print(f"best validation NME {100 * best.val_nme:.2f}% (median {100 * best.val_nme_median:.2f}%) at "
                   f"epoch {best.epoch}; {result.best_path}")
