@@ -76,6 +76,8 @@ def evaluate_command(
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("evaluating", total=len(records))
         result = evaluate(predictor, records, source, batch_size, lambda n: progress.advance(task, n))
+    for line in result.unreadable:
+        console.print(f"[yellow]skipped:[/yellow] {line}", highlight=False)
     meta = {"model": model_meta, "data": [str(p) for p in data], "split": split, "boxes": box_label}
     doc = write_reports(result, meta, json_path, csv_path, plot_path, label=model.name)
     console.print(

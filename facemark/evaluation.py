@@ -18,6 +18,7 @@ import numpy as np
 
 from facemark.contract import Box, CropContract, box_from_landmarks
 from facemark.data import FaceRecord
+from facemark.errors import ImageError
 from facemark.fileio import write_text_atomic
 from facemark.imageio import read_gray
 from facemark.metrics import DEFAULT_THRESHOLD, nme_per_face, summarize
@@ -46,11 +47,14 @@ class Evaluation:
     errors: list[float] = field(default_factory=list)  # NME per evaluated face
     predictions: list[np.ndarray] = field(default_factory=list, repr=False)
     missed: list[str] = field(default_factory=list)  # keys whose face the box source did not find
+    unreadable: list[str] = field(default_factory=list)  # one line per image that could not be read
     total: int = 0
 
     def summary(self, threshold: float = DEFAULT_THRESHOLD) -> dict:
         s = summarize(np.asarray(self.errors), threshold)
-        s["detection_rate"] = (self.total - len(self.missed)) / self.total if self.total else float("nan")
+        readable = self.total - len(self.unreadable)
+        s["detection_rate"] = (readable - len(self.missed)) / readable if readable else float("nan")
+        s["unreadable"] = len(self.unreadable)
         return s
 
     def to_csv(self) -> str:
@@ -90,7 +94,13 @@ def evaluate(
         pending.clear()
 
     for record in records:
-        gray = read_gray(record.image_path)
+        try:
+            gray = read_gray(record.image_path)
+        except ImageError as exc:  # reported and skipped: the rest of the evaluation goes on
+            result.unreadable.append(str(exc))
+            if progress:
+                progress(1)
+            continue
         box = box_source(gray, record)
         if box is None:
             result.missed.append(record.key)

@@ -283,3 +283,23 @@ def test_evaluation_of_a_perfect_predictor_is_zero():
     summary = result.summary()
     assert summary["faces"] == 6 and summary["nme"] < 1e-6 and summary["detection_rate"] == 1.0
     assert json.loads(json.dumps(summary))  # JSON-able
+
+
+def test_evaluation_skips_unreadable_images_with_one_line_each(tmp_path):
+    records = sample_records()[:3]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    records.append(FaceRecord(broken, records[0].landmarks, key="broken.jpg#0"))
+    contract = CropContract(size=32)
+
+    class Centre:
+        def __init__(self):
+            self.contract = contract
+
+        def predict(self, batch):
+            return np.zeros((len(batch), 68, 2), np.float32)
+
+    result = evaluate(Centre(), records)
+    summary = result.summary()
+    assert summary["faces"] == 3 and summary["unreadable"] == 1 and summary["detection_rate"] == 1.0
+    assert len(result.unreadable) == 1 and "broken.jpg" in result.unreadable[0]
