@@ -52,9 +52,21 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:
-    if image.ndim == 2:
-        return image
-    return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    """BGR / BGRA / gray arrays, uint8 or 16-bit, -> 2-D uint8 gray (what the detector and crops use)."""
+    a = np.asarray(image)
+    if a.dtype == np.uint16:
+        a = (a >> 8).astype(np.uint8)
+    if a.dtype != np.uint8:
+        raise ImageError(f"expected a uint8 (or uint16) image array, got {a.dtype}")
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim == 2:
+        return a
+    if a.ndim == 3 and a.shape[2] == 3:
+        return cv2.cvtColor(a, cv2.COLOR_BGR2GRAY)
+    if a.ndim == 3 and a.shape[2] == 4:
+        return cv2.cvtColor(a, cv2.COLOR_BGRA2GRAY)
+    raise ImageError(f"expected an image of shape (H, W), (H, W, 3) or (H, W, 4), got {a.shape}")
 
 
 def read_gray(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from facemark.contract import Box, BoxCalibration
-from facemark.errors import ImageError, ModelError
+from facemark.errors import ModelError
+from facemark.imageio import to_gray
 from facemark.runtime.detector import HaarDetector
 from facemark.runtime.session import DEFAULT_MAX_BATCH, LandmarkModel
 
@@ -41,24 +41,6 @@ class Face:
             "score": None if self.score is None else round(float(self.score), 4),
             "detector_box": None if self.detector_box is None else [round(float(v), 2) for v in self.detector_box],
         }
-
-
-def as_gray(image: np.ndarray) -> np.ndarray:
-    """BGR / BGRA / gray arrays, uint8 or 16-bit, -> 2-D uint8 gray (what the detector and crops use)."""
-    a = np.asarray(image)
-    if a.dtype == np.uint16:
-        a = (a >> 8).astype(np.uint8)
-    if a.dtype != np.uint8:
-        raise ImageError(f"expected a uint8 (or uint16) image array, got {a.dtype}")
-    if a.ndim == 3 and a.shape[2] == 1:
-        a = a[:, :, 0]
-    if a.ndim == 2:
-        return a
-    if a.ndim == 3 and a.shape[2] == 3:
-        return cv2.cvtColor(a, cv2.COLOR_BGR2GRAY)
-    if a.ndim == 3 and a.shape[2] == 4:
-        return cv2.cvtColor(a, cv2.COLOR_BGRA2GRAY)
-    raise ImageError(f"expected an image of shape (H, W), (H, W, 3) or (H, W, 4), got {a.shape}")
 
 
 def resolve_model_path(model_path: str | os.PathLike | bytes | None) -> str | os.PathLike | bytes:
@@ -117,7 +99,7 @@ class FaceLandmarker:
     def detect_timed(self, image: np.ndarray) -> tuple[list[Face], dict[str, float]]:
         """`detect` plus the milliseconds of each step: detect, preprocess, inference, postprocess."""
         t0 = time.perf_counter()
-        gray = as_gray(image)
+        gray = to_gray(image)
         detections = self.detector.detect(gray)
         if self.max_faces is not None:
             detections = detections[: self.max_faces]
@@ -130,7 +112,7 @@ class FaceLandmarker:
     def landmarks_for_boxes(self, image: np.ndarray, boxes: Sequence[Box]) -> list[Face]:
         """Landmarks for given boxes in the training convention (no detector, no calibration): video tracking
         (box_from_landmarks of the previous frame) and evaluation with ground-truth boxes."""
-        gray = as_gray(image)
+        gray = to_gray(image)
         boxes = [tuple(float(v) for v in b) for b in boxes]
         return self._landmarks(gray, boxes, [None] * len(boxes), [None] * len(boxes))[0]
 

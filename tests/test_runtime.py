@@ -20,11 +20,11 @@ from facemark import metadata as md
 from facemark.contract import BoxCalibration, CropContract, box_from_landmarks
 from facemark.data import FaceRecord, load_records
 from facemark.errors import ImageError, ModelError, ProviderError
-from facemark.imageio import read_gray, read_image
+from facemark.imageio import read_gray, read_image, to_gray
 from facemark.runtime import session
 from facemark.runtime.calibration import detect_records, fit_calibration, haar_box_source, match_detection
 from facemark.runtime.detector import Detection, HaarDetector
-from facemark.runtime.landmarker import Face, FaceLandmarker, as_gray
+from facemark.runtime.landmarker import Face, FaceLandmarker
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_XML = SAMPLES / "landmarks.xml"
@@ -302,7 +302,7 @@ def test_landmarks_decode_through_the_contract(landmarker):
     image = read_image(SAMPLES / "2008_002470.jpg")
     box = (274.0, 181.0, 52.0, 53.0)
     [face] = landmarker.landmarks_for_boxes(image, [box])
-    batch, [matrix] = landmarker.contract.prepare(as_gray(image), [box])
+    batch, [matrix] = landmarker.contract.prepare(to_gray(image), [box])
     expected = landmarker.contract.decode_points(landmarker.model.predict(batch)[0], matrix)
     np.testing.assert_allclose(face.landmarks, expected, atol=1e-3)
     assert face.box == box and face.score is None
