@@ -22,7 +22,7 @@ from facemark.contract import CropContract
 from facemark.data import load_records
 from facemark.fileio import write_text_atomic
 from facemark.train.dataset import AugmentConfig, AugmentedFaces, FaceCache
-from facemark.train.loop import autocast_dtype, landmark_loss, resolve_device
+from facemark.train.loop import autocast_dtype, resolve_device, train_step
 from facemark.train.model import LandmarkNet
 
 
@@ -43,10 +43,10 @@ def measure_training(dataset: AugmentedFaces, image_size: int, batch_size: int, 
                      seed: int = 0) -> ThroughputResult:
     """Train a fresh LandmarkNet for `warmup + steps` steps; time only the last `steps`."""
     torch.manual_seed(seed)
-    model = LandmarkNet(image_size=image_size).to(device).train()
-    if amp_dtype is not None:
-        model = model.to(memory_format=torch.channels_last)
+    # Exactly the training loop's model and step (channels_last in every mode, so the ratio is autocast's).
+    model = LandmarkNet(image_size=image_size).to(device).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
                         persistent_workers=workers > 0)
     step_ms, wait_s, total_s, done = [], 0.0, 0.0, 0
@@ -59,14 +59,7 @@ def measure_training(dataset: AugmentedFaces, image_size: int, batch_size: int, 
             except StopIteration:
                 break
             t1 = time.perf_counter()
-            images = images.to(device, non_blocking=True)
-            if amp_dtype is not None:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = landmark_loss("l1", model(images).float(), targets.to(device), image_size)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            train_step(model, optimizer, scaler, images, targets, "l1", amp_dtype, device)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t2 = time.perf_counter()

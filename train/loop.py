@@ -174,6 +174,22 @@ def _build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epo
     raise ValueError(f"unknown schedule {cfg.schedule!r} (onecycle, cosine, constant)")
 
 
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               x: torch.Tensor, y: torch.Tensor, loss_name: str, amp_dtype: torch.dtype | None,
+               device: torch.device) -> torch.Tensor:
+    """One optimisation step (channels_last input, autocast when `amp_dtype`); returns the loss."""
+    x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    y = y.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        pred = model(x)
+    loss = landmark_loss(loss_name, pred.float(), y, x.shape[-1])
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss
+
+
 @torch.inference_mode()
 def validate(model: nn.Module, inputs: np.ndarray, targets: np.ndarray, device: torch.device,
              batch_size: int = 64) -> np.ndarray:
@@ -277,15 +293,7 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
         t_ready = time.perf_counter()
         for step, (x, y) in enumerate(loader):
             wait += time.perf_counter() - t_ready
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            y = y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                pred = train_model(x)
-            loss = landmark_loss(cfg.loss, pred.float(), y, cfg.image_size)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss = train_step(train_model, optimizer, scaler, x, y, cfg.loss, amp_dtype, device)
             scheduler.step()
             loss_sum += loss.item() * len(x)
             seen += len(x)
