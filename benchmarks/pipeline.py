@@ -20,7 +20,7 @@ from facemark.imageio import read_image, write_image
 
 SAMPLES = Path(__file__).resolve().parents[1] / "facemark" / "assets" / "samples"
 SAMPLE_XML = SAMPLES / "landmarks.xml"
-STAGES = ("decode", "detect", "preprocess", "inference", "postprocess")
+STAGES = ("decode", "detect", "landmarks")  # landmarks: crops + model + decode, every refinement pass
 
 
 @dataclass(frozen=True)

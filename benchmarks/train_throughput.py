@@ -55,11 +55,11 @@ def measure_training(dataset: AugmentedFaces, image_size: int, batch_size: int, 
         while done < warmup + steps:
             t0 = time.perf_counter()
             try:
-                images, targets = next(it)
+                batch = next(it)
             except StopIteration:
                 break
             t1 = time.perf_counter()
-            train_step(model, optimizer, scaler, images, targets, "l1", amp_dtype, device)
+            train_step(model, optimizer, scaler, batch, "l1", amp_dtype, device)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t2 = time.perf_counter()

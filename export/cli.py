@@ -30,6 +30,10 @@ def export_command(
         None, "--output", "-o", help="Model file (default: beside the checkpoint, e.g. best.int8.onnx)."),
     opset: int = typer.Option(17, "--opset", help="Default-domain ONNX opset the file declares."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8"),
+    int8_activations: str = typer.Option(
+        "int8", "--int8-activations",
+        help="int8 | uint8. uint8 (U8S8) is faster on CPUs with VNNI but saturates on AVX2-only CPUs; int8 "
+             "(S8S8) is right everywhere."),
     calib_data: list[Path] = typer.Option(
         [], "--calib-data",
         help="dlib XML or .pts folder; repeatable. Training split: int8 calibration and the Haar box "
@@ -45,6 +49,7 @@ def export_command(
     try:
         result = export_model(checkpoint, target, opset=opset, precision=precision,
                               calib_data=calib_data or None, batch=batch, verify=verify,
+                              int8_activations=int8_activations,
                               progress=lambda msg: console.print(f"[dim]{msg}[/dim]", highlight=False))
     except ParityError:
         report = report_path(target)

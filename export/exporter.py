@@ -32,7 +32,7 @@ from facemark.evaluation import evaluate
 from facemark.export import parity
 from facemark.export.onnx_export import DEFAULT_OPSET, check_model, export_fp32, set_metadata
 from facemark.export.variants import CALIBRATION_FACES, CALIBRATION_METHOD, to_fp16, to_int8
-from facemark.fileio import write_text_atomic, write_with_atomic
+from facemark.fileio import check_writable, write_text_atomic, write_with_atomic
 from facemark.imageio import read_gray
 from facemark.scheme import SCHEME_NAME
 from facemark.train.checkpoint import file_sha256, load_model
@@ -42,7 +42,10 @@ REPORT_FORMAT = "facemark-parity/1"
 SAMPLES_XML = Path(facemark.__file__).parent / "assets" / "samples" / "landmarks.xml"
 # A median of a few hundred matched boxes is stable to ~0.002 of the box size; all 1807 cost minutes of Haar.
 CALIBRATION_FIT_FACES = 500
-INT8_ACTIVATIONS = "uint8"  # U8S8: 2x faster than S8S8 here, same error (variants.py)
+# S8S8 by default: U8S8 saturates on x86 CPUs without VNNI (AVX2 only) -- measured here on an AMD EPYC
+# without AVX-512/VNNI, the previous shipped U8S8 model scored 7.13 % NME instead of its 4.62 % (variants.py).
+INT8_ACTIVATION_CHOICES = ("int8", "uint8")
+DEFAULT_INT8_ACTIVATIONS = "int8"
 
 Progress = Callable[[str], None]
 
@@ -83,13 +86,16 @@ def reference_model(model: torch.nn.Module) -> torch.nn.Module:
 
 def export_model(checkpoint: Path, output: Path, *, opset: int = DEFAULT_OPSET, precision: str = "fp32",
                  calib_data: list[Path] | None = None, batch: str | int = "dynamic", verify: bool = True,
-                 progress: Progress | None = None) -> ExportResult:
+                 progress: Progress | None = None, int8_activations: str = DEFAULT_INT8_ACTIVATIONS
+                 ) -> ExportResult:
     """Export `checkpoint` to `output`; raise ParityError (model not written) when a gate fails."""
     say = progress or (lambda _msg: None)
     checkpoint, output = Path(checkpoint), Path(output)
     if precision not in PRECISIONS:
         raise FacemarkError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     fixed_batch = parse_batch(batch)
+    check_writable(output, "exported model")  # before minutes of work, and before any report is written
+    check_writable(report_path(output), "parity report")
 
     say(f"loading {checkpoint}")
     model, contract, doc = load_model(checkpoint)
@@ -99,7 +105,10 @@ def export_model(checkpoint: Path, output: Path, *, opset: int = DEFAULT_OPSET, 
 
     say(f"exporting fp32 ONNX, opset {opset}, batch {'dynamic' if fixed_batch is None else fixed_batch}")
     fp32 = export_fp32(model, contract.size, opset, fixed_batch)
-    candidate, variant_info = _convert(fp32, precision, train_records, contract, fixed_batch, say)
+    if int8_activations not in INT8_ACTIVATION_CHOICES:
+        raise FacemarkError(f"int8 activations {int8_activations!r}: choose one of {INT8_ACTIVATION_CHOICES}")
+    candidate, variant_info = _convert(fp32, precision, train_records, contract, fixed_batch, say,
+                                       int8_activations)
     check_model(candidate, opset, f"{precision} model")
 
     report = {"format": REPORT_FORMAT, "checkpoint": str(checkpoint), "output": str(output),
@@ -170,7 +179,8 @@ def spread(records: Sequence[FaceRecord], count: int) -> list[FaceRecord]:
 
 # --- variants ----------------------------------------------------------------------------------------------
 def _convert(fp32: onnx.ModelProto, precision: str, train_records: Sequence[FaceRecord],
-             contract: CropContract, batch: int | None, say: Progress) -> tuple[onnx.ModelProto, dict]:
+             contract: CropContract, batch: int | None, say: Progress,
+             int8_activations: str = DEFAULT_INT8_ACTIVATIONS) -> tuple[onnx.ModelProto, dict]:
     if precision == "fp32":
         return fp32, {}
     if precision == "fp16":
@@ -180,10 +190,10 @@ def _convert(fp32: onnx.ModelProto, precision: str, train_records: Sequence[Face
     if len(crops) == 0:
         raise FacemarkError("int8: no readable face to calibrate on; pass --calib-data with face images")
     say(f"quantizing to int8 (static QDQ, per-channel, {CALIBRATION_METHOD} on {len(crops)} face crops)")
-    activations = "QUInt8" if INT8_ACTIVATIONS == "uint8" else "QInt8"
+    activations = "QUInt8" if int8_activations == "uint8" else "QInt8"
     info = {"int8": {"format": "QDQ", "weights": "QInt8 per-channel", "activations": activations,
                      "calibration": CALIBRATION_METHOD, "calibration_faces": len(crops)}}
-    return to_int8(fp32, crops, batch, INT8_ACTIVATIONS), info
+    return to_int8(fp32, crops, batch, int8_activations), info
 
 
 # --- verification ------------------------------------------------------------------------------------------
@@ -193,16 +203,18 @@ def verify_model(candidate: onnx.ModelProto, fp32: onnx.ModelProto, reference: t
     """Compare the candidate with eager PyTorch on real and random inputs; NME on validation faces."""
     size = contract.size
     session = parity.open_session(candidate.SerializeToString())
-    run_candidate = lambda x: session.run(None, {meta.INPUT_NAME: x})[0]  # noqa: E731
+    names = [o.name for o in session.get_outputs()]
+    run_candidate = lambda x: dict(zip(names, session.run(None, {meta.INPUT_NAME: x}), strict=True))  # noqa: E731
     run_reference = _torch_runner(reference)
     sets, outs, refs = [], [], []
     for source, b, x in parity.input_sets(real_crops, size, batch):
         ref = parity.run_batched(run_reference, x, b)
         out = parity.run_batched(run_candidate, x, b)
-        stats = parity.error_stats(out, ref, size)
-        sets.append({"source": source, "batch": b, "samples": len(x), "landmarks": stats})
-        outs.append(out.reshape(-1))
-        refs.append(ref.reshape(-1))
+        stats = parity.error_stats(out[meta.OUTPUT_NAME], ref[meta.OUTPUT_NAME], size)
+        scores = {name: parity.error_stats(out[name], ref[name], 1) for name in names[1:] if name in ref}
+        sets.append({"source": source, "batch": b, "samples": len(x), "landmarks": stats, "scores": scores})
+        outs.append(out[meta.OUTPUT_NAME].reshape(-1))
+        refs.append(ref[meta.OUTPUT_NAME].reshape(-1))
     overall = parity.error_stats(np.concatenate(outs), np.concatenate(refs), size)
     nme = None
     if val_records:
@@ -222,10 +234,14 @@ def verify_model(candidate: onnx.ModelProto, fp32: onnx.ModelProto, reference: t
     }
 
 
-def _torch_runner(model: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
-    def run(x: np.ndarray) -> np.ndarray:
+def _torch_runner(model: torch.nn.Module) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """Eager outputs by ONNX name: every output of a LandmarkNet, `landmarks` only of a plain module."""
+
+    def run(x: np.ndarray) -> dict[str, np.ndarray]:
         with torch.no_grad():
-            return model(torch.from_numpy(x)).float().numpy()
+            t = torch.from_numpy(x)
+            out = model.outputs(t) if hasattr(model, "outputs") else {meta.OUTPUT_NAME: model(t)}
+            return {name: value.float().numpy() for name, value in out.items()}
 
     torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 reference wherever it runs
     torch.backends.cudnn.allow_tf32 = False
@@ -253,6 +269,7 @@ def _metadata(contract: CropContract, doc: dict, precision: str, source_sha: str
         meta.CONTRACT: contract.to_json(),
         meta.POINTS: SCHEME_NAME,
         meta.ARCH: str(doc["model"]["arch"]),
+        meta.HEAD: str(doc["model"].get("head", "regression")),
         meta.PRECISION: precision,
         meta.TRAIN_DATA: meta.dumps(train.get("data")),
         meta.VAL_NME: meta.dumps((doc.get("metrics") or {}).get("val_nme")),

@@ -20,47 +20,58 @@ import onnx
 import torch
 
 from facemark.errors import ModelError
-from facemark.metadata import INPUT_NAME, OUTPUT_NAME
+from facemark.metadata import FACE_SCORE, INPUT_NAME, LANDMARK_SCORES, OUTPUT_NAME
 from facemark.scheme import NUM_POINTS
+from facemark.train.model import ExportGraph
 
 DEFAULT_OPSET = 17
 BATCH_DIM = "batch"
 MAX_PROTOBUF_BYTES = 2**31 - 1  # one self-contained file: no external-data sidecar possible above this
 
 
+# Every output the graph may have (GUIDE section 4), with its shape after the batch axis.
+OUTPUT_SHAPES: dict[str, tuple[int, ...]] = {OUTPUT_NAME: (NUM_POINTS, 2), LANDMARK_SCORES: (NUM_POINTS,),
+                                             FACE_SCORE: ()}
+
+
 def export_fp32(model: torch.nn.Module, size: int, opset: int = DEFAULT_OPSET,
                 batch: int | None = None) -> onnx.ModelProto:
-    """Trace `model` (eval mode) to an ONNX model: input `image` [N,1,S,S], output `landmarks` [N,68,2].
+    """Trace `model` (eval mode) to an ONNX model: input `image` [N,1,S,S], outputs `landmarks` [N,68,2] and,
+    for heads that have them, `landmark_scores` [N,68] and `face_score` [N] (LandmarkNet.output_names).
 
     `batch=None` gives a dynamic batch axis; an int fixes it.
     """
     model = model.eval()
+    names = list(getattr(model, "output_names", [OUTPUT_NAME]))
+    graph = ExportGraph(model) if hasattr(model, "output_names") else model
     example = torch.zeros(batch or 1, 1, size, size, dtype=torch.float32)
-    dynamic_axes = {INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}} if batch is None else None
+    dynamic_axes = {name: {0: BATCH_DIM} for name in (INPUT_NAME, *names)} if batch is None else None
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        torch.onnx.export(model, (example,), buffer, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the decode's shape arithmetic is constant
+        torch.onnx.export(graph, (example,), buffer, input_names=[INPUT_NAME], output_names=names,
                           opset_version=opset, dynamic_axes=dynamic_axes, do_constant_folding=True,
                           dynamo=False)
     proto = onnx.load_from_string(buffer.getvalue())
-    _fix_output_shape(proto, batch)
+    _fix_output_shapes(proto, batch)
     check_model(proto, opset, "exported model")
     return proto
 
 
-def _fix_output_shape(proto: onnx.ModelProto, batch: int | None) -> None:
-    """The tracer names the reshaped output dims symbolically; declare the real [N, 68, 2]."""
-    dims = proto.graph.output[0].type.tensor_type.shape.dim
-    for dim, value in zip(dims[1:], (NUM_POINTS, 2), strict=True):
-        dim.Clear()
-        dim.dim_value = value
-    dims[0].Clear()
-    if batch is None:
-        dims[0].dim_param = BATCH_DIM
-    else:
-        dims[0].dim_value = batch
+def _fix_output_shapes(proto: onnx.ModelProto, batch: int | None) -> None:
+    """The tracer names derived output dims symbolically; declare the real ones ([N, 68, 2], [N, 68], [N])."""
+    for output in proto.graph.output:
+        shape = output.type.tensor_type.shape
+        del shape.dim[:]
+        first = shape.dim.add()
+        if batch is None:
+            first.dim_param = BATCH_DIM
+        else:
+            first.dim_value = batch
+        for value in OUTPUT_SHAPES[output.name]:
+            shape.dim.add().dim_value = value
 
 
 def default_opset(proto: onnx.ModelProto) -> int | None:

@@ -30,9 +30,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from facemark.contract import CropContract
-from facemark.metadata import INPUT_NAME
+from facemark.metadata import FACE_SCORE, INPUT_NAME
 
 REAL, RANDOM = "real", "random"
+SCORE_FP32_LIMIT = 1e-4  # landmark_scores / face_score, fp32 vs eager
+SCORE_REDUCED_LIMIT = 0.05  # face_score of fp16 / int8 on real faces
 PIXEL_GATE_CROP = 224  # pixel limits are stated for this crop size
 REAL_FACES = 16
 RANDOM_SAMPLES = 8
@@ -114,9 +116,13 @@ def _pad_cyclic(data: np.ndarray, count: int) -> np.ndarray:
     return np.ascontiguousarray(data[np.arange(count) % len(data)], dtype=np.float32)
 
 
-def run_batched(fn, x: np.ndarray, batch: int) -> np.ndarray:
-    """Run `fn` on consecutive chunks of `batch` rows (the last one may be shorter for a dynamic model)."""
-    return np.concatenate([fn(np.ascontiguousarray(x[i : i + batch])) for i in range(0, len(x), batch)])
+def run_batched(fn, x: np.ndarray, batch: int):
+    """Run `fn` on consecutive chunks of `batch` rows (the last one may be shorter for a dynamic model);
+    `fn` returns an array or a dict of arrays by output name (concatenated per name)."""
+    parts = [fn(np.ascontiguousarray(x[i : i + batch])) for i in range(0, len(x), batch)]
+    if isinstance(parts[0], dict):
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    return np.concatenate(parts)
 
 
 # --- statistics --------------------------------------------------------------------------------------------
@@ -174,11 +180,34 @@ def check_gate(precision: str, sets: Sequence[dict], size: int, nme: dict | None
             bad = s["landmarks"]["nan"] + s["landmarks"]["inf"]
             results.append({"name": f"NaN/Inf ({s['source']}, batch {s['batch']})", "value": bad, "limit": 0,
                             "unit": "count", "passed": False})
+    results += _score_gates(precision, sets)
     if gate.nme_increase is not None and nme and nme.get("faces"):
         increase = nme["candidate"] - nme["fp32_onnx"]
         results.append({"name": "validation NME increase over fp32 ONNX", "value": increase,
                         "limit": gate.nme_increase, "unit": "NME",
                         "passed": bool(increase <= gate.nme_increase)})
+    return results
+
+
+def _score_gates(precision: str, sets: Sequence[dict]) -> list[dict]:
+    """The score outputs (in [0, 1]): fp32 within SCORE_FP32_LIMIT everywhere; fp16/int8 `face_score` within
+    SCORE_REDUCED_LIMIT on real faces (a threshold is applied to it); no NaN/Inf anywhere."""
+    results = []
+    for s in sets:
+        for name, stats in (s.get("scores") or {}).items():
+            where = f"{name} ({s['source']}, batch {s['batch']})"
+            if stats["nan"] or stats["inf"]:
+                results.append({"name": f"NaN/Inf {where}", "value": stats["nan"] + stats["inf"], "limit": 0,
+                                "unit": "count", "passed": False})
+                continue
+            if precision == "fp32":
+                limit = SCORE_FP32_LIMIT
+            elif name == FACE_SCORE and s["source"] == REAL:
+                limit = SCORE_REDUCED_LIMIT
+            else:
+                continue
+            results.append({"name": f"max_abs {where}", "value": stats["max_abs"], "limit": limit,
+                            "unit": "score", "passed": bool(stats["max_abs"] <= limit)})
     return results
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from facemark.contract import Box
-from facemark.errors import DataError
-from facemark.imageio import IMAGE_SUFFIXES
+from facemark.contract import Box, box_from_landmarks
+from facemark.errors import DataError, ImageError
+from facemark.imageio import IMAGE_SUFFIXES, probe_size
 from facemark.scheme import NUM_POINTS
 
 Warn = Callable[[str], None]
@@ -72,7 +72,8 @@ def _image_beside(pts: Path) -> Path | None:
 
 
 def read_pts_folder(folder: str | os.PathLike, warn: Warn) -> list[FaceRecord]:
-    """All .pts files below `folder` with the image of the same stem beside them."""
+    """All .pts files below `folder` with the image of the same stem beside them. A file without an image,
+    malformed, or with points far outside its image is reported through `warn` and skipped."""
     root = Path(folder)
     records: list[FaceRecord] = []
     for pts in sorted(root.rglob("*.pts")):
@@ -80,8 +81,30 @@ def read_pts_folder(folder: str | os.PathLike, warn: Warn) -> list[FaceRecord]:
         if image is None:
             warn(f"{pts}: no image beside it (tried {', '.join(IMAGE_SUFFIXES)}); skipped")
             continue
-        records.append(FaceRecord(image, read_pts(pts), key=f"{image.name}#0"))
+        try:
+            points = read_pts(pts)
+            check_inside_image(points, image, str(pts))
+        except (DataError, ImageError) as exc:
+            warn(f"{exc}; skipped")
+            continue
+        records.append(FaceRecord(image, points, key=f"{image.name}#0"))
     return records
+
+
+# Annotations may run a little past the border (300-W's contours do, by < 1 px); half an image is a bug.
+MAX_OUTSIDE_SHARE = 0.5
+
+
+def check_inside_image(points: np.ndarray, image: Path, where: str) -> None:
+    """Raise DataError when a point lies more than MAX_OUTSIDE_SHARE of the image size outside it."""
+    width, height = probe_size(image)
+    lo = -MAX_OUTSIDE_SHARE * np.array([width, height])
+    hi = (1 + MAX_OUTSIDE_SHARE) * np.array([width, height])
+    bad = ~((points >= lo) & (points <= hi)).all(axis=1)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DataError(f"{where}: point {i} at ({points[i, 0]:.4g}, {points[i, 1]:.4g}) lies far outside the "
+                        f"{width}x{height} image {image.name}")
 
 
 def read_dlib_xml(path: str | os.PathLike, warn: Warn) -> list[FaceRecord]:
@@ -106,7 +129,10 @@ def read_dlib_xml(path: str | os.PathLike, warn: Warn) -> list[FaceRecord]:
         for index, box_el in enumerate(image_el.iter("box")):
             if box_el.get("ignore", "0") not in ("0", "", "false"):
                 continue
-            records.append(_dlib_box_record(p, image_path, file_attr, index, box_el))
+            try:
+                records.append(_dlib_box_record(p, image_path, file_attr, index, box_el))
+            except (DataError, ImageError) as exc:
+                warn(f"{exc}; skipped")
     return records
 
 
@@ -120,6 +146,9 @@ def _dlib_box_record(xml: Path, image_path: Path, file_attr: str, index: int, bo
     if len(parts) != NUM_POINTS or sorted(parts) != list(range(NUM_POINTS)):
         raise DataError(f"{where}: {len(parts)} landmark parts, expected {NUM_POINTS} named 0..{NUM_POINTS - 1}")
     points = np.array([parts[i] for i in range(NUM_POINTS)], dtype=np.float32)  # dlib parts are 0-based
+    if not np.isfinite(points).all():
+        raise DataError(f"{where}: non-finite landmark coordinate")
+    check_inside_image(points, image_path, where)
     return FaceRecord(image_path, points, key=f"{Path(file_attr).name}#{index}", source_box=box)
 
 
@@ -160,3 +189,51 @@ def split_records(
     train = [r for r in records if not is_validation(r.key, val_fraction, seed)]
     val = [r for r in records if is_validation(r.key, val_fraction, seed)]
     return train, val
+
+
+def other_faces(records: Sequence[FaceRecord]) -> list[list[Box]]:
+    """For each record, the landmark boxes of the other annotated faces of the same photo, in its image's pixels.
+
+    Faces annotated in the same image file (dlib XML) share its pixels. 300-W gives each face of a photo its
+    own image file (`photo_1.jpg`, `photo_2.jpg`); the pack in ../shared/data cropped each file differently and
+    lists the crops in `manifest.tsv` (crop origin and scale in the source photo), which maps one file's
+    points into its sibling's pixels. Sibling files without a manifest entry are left out (unknown frame).
+    """
+    frames = _manifest_frames(records)
+    groups: dict[tuple[Path, str], list[int]] = {}
+    for i, record in enumerate(records):
+        stem = record.image_path.stem
+        head, _, tail = stem.rpartition("_")
+        photo = head if head and tail.isdigit() and len(tail) <= 2 else stem
+        groups.setdefault((record.image_path.parent, photo), []).append(i)
+    result: list[list[Box]] = [[] for _ in records]
+    for members in groups.values():
+        for i in members:
+            for j in members:
+                if i == j:
+                    continue
+                points = records[j].landmarks.astype(np.float64)
+                if records[i].image_path != records[j].image_path:
+                    fi, fj = frames.get(records[i].image_path), frames.get(records[j].image_path)
+                    if fi is None or fj is None:
+                        continue
+                    points = (points / fj[2] + fj[:2] - fi[:2]) * fi[2]  # j's crop -> source photo -> i's crop
+                result[i].append(box_from_landmarks(points))
+    return result
+
+
+def _manifest_frames(records: Sequence[FaceRecord]) -> dict[Path, np.ndarray]:
+    """image path -> (crop_left, crop_top, scale) from the data pack's manifest.tsv, where there is one."""
+    frames: dict[Path, np.ndarray] = {}
+    roots = {p for r in records for p in r.image_path.parents if (p / "manifest.tsv").is_file()}
+    for root in roots:
+        lines = (root / "manifest.tsv").read_text(encoding="utf-8").splitlines()
+        header = lines[0].split("\t")
+        col = {name: header.index(name) for name in ("file", "crop_left", "crop_top", "crop_right", "out_w")}
+        for line in lines[1:]:
+            f = line.split("\t")
+            if len(f) < len(header):
+                continue
+            scale = float(f[col["out_w"]]) / (float(f[col["crop_right"]]) - float(f[col["crop_left"]]))
+            frames[root / f[col["file"]]] = np.array([float(f[col["crop_left"]]), float(f[col["crop_top"]]), scale])
+    return frames

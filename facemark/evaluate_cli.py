@@ -35,13 +35,19 @@ def _load_predictor(model: Path, provider: str):
 def evaluate_command(
     model: Path = typer.Option(..., "--model", help="Checkpoint (.pt) or exported model (.onnx)."),
     data: list[Path] = typer.Option(..., "--data", help="dlib XML file or folder of .pts files; repeatable."),
-    split: str = typer.Option("all", "--split", help="all | val | train: the deterministic split of --data."),
+    split: str = typer.Option("val", "--split", help="val | train | all: the deterministic split of --data."),
     val_fraction: float = typer.Option(0.1, "--val-fraction"),
     seed: int = typer.Option(0, "--seed", help="Split seed (training's default: 0)."),
-    boxes: str = typer.Option("gt", "--boxes", help="gt: landmark boxes | haar: Haar detector boxes."),
+    boxes: str = typer.Option("gt", "--boxes", help="gt: landmark boxes | haar: Haar detector boxes | pipeline: "
+                              "the whole runtime (FaceLandmarker.detect, presence threshold, false faces on "
+                              "face-free background crops; .onnx only)."),
+    refine: int = typer.Option(0, "--refine", min=0, help="Extra passes re-cropped on the predicted landmarks."),
+    tta: str = typer.Option("none", "--tta", help="none | flip"),
+    min_score: float = typer.Option(0.5, "--min-score", min=0.0, max=1.0,
+                                    help="--boxes pipeline: presence threshold (0 keeps every detection)."),
     calibrated: bool = typer.Option(True, "--calibrated/--uncalibrated",
                                     help="With --boxes haar: apply the model's detector calibration."),
-    provider: str = typer.Option("cpu", "--provider", help="ONNX Runtime provider for .onnx models."),
+    provider: str = typer.Option("auto", "--provider", help="ONNX Runtime provider for .onnx models."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the summary as JSON."),
     csv_path: Path | None = typer.Option(None, "--csv", help="Write per-face errors as CSV."),
     plot_path: Path | None = typer.Option(None, "--plot", help="Write the CED curve as PNG."),
@@ -61,7 +67,12 @@ def evaluate_command(
         records = {"val": val_part, "train": train_part}.get(split)
         if records is None:
             raise DataError(f"--split {split!r}: expected all, val or train")
+    if tta not in ("none", "flip"):
+        raise DataError(f"--tta {tta!r}: expected none or flip")
     predictor, calibration, model_meta = _load_predictor(model, provider)
+    if boxes == "pipeline":
+        _evaluate_pipeline(model, provider, records, refine, tta == "flip", min_score, json_path)
+        return
     if boxes == "gt":
         source, box_label = ground_truth_box, "landmark boxes"
     elif boxes == "haar":
@@ -75,14 +86,49 @@ def evaluate_command(
         raise DataError(f"--boxes {boxes!r}: expected gt or haar")
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("evaluating", total=len(records))
-        result = evaluate(predictor, records, source, batch_size, lambda n: progress.advance(task, n))
+        result = evaluate(predictor, records, source, batch_size, lambda n: progress.advance(task, n),
+                          refine=refine, flip=tta == "flip")
     for line in result.unreadable:
         console.print(f"[yellow]skipped:[/yellow] {line}", highlight=False)
-    meta = {"model": model_meta, "data": [str(p) for p in data], "split": split, "boxes": box_label}
+    meta = {"model": model_meta, "data": [str(p) for p in data], "split": split, "boxes": box_label,
+            "refine": refine, "tta": tta}
     doc = write_reports(result, meta, json_path, csv_path, plot_path, label=model.name)
     console.print(
         f"{doc['faces']} faces ({box_label}; detection rate {100 * doc['detection_rate']:.1f}%): "
         f"NME {100 * doc['nme']:.2f}% (median {100 * doc['nme_median']:.2f}%), "
         f"FR@0.08 {100 * doc['fr@0.08']:.2f}%, AUC@0.08 {doc['auc@0.08']:.4f}",
+        highlight=False,
+    )
+
+
+def _evaluate_pipeline(model: Path, provider: str, records, refine: int, flip: bool, min_score: float,
+                       json_path: Path | None) -> None:
+    """`--boxes pipeline`: the runtime end to end (facemark.runtime.evaluation)."""
+    import json
+
+    from rich.progress import Progress
+
+    from facemark.fileio import write_text_atomic
+    from facemark.runtime.evaluation import evaluate_pipeline
+    from facemark.runtime.landmarker import FaceLandmarker
+
+    if model.suffix != ".onnx":
+        raise DataError("--boxes pipeline runs the deployed runtime: pass an exported .onnx model")
+    landmarker = FaceLandmarker(model, provider=provider, refine=refine, flip=flip, min_score=min_score or None)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("pipeline", total=len(records))
+        result = evaluate_pipeline(landmarker, records, lambda n: progress.advance(task, n))
+    for line in result.unreadable:
+        console.print(f"[yellow]skipped:[/yellow] {line}", highlight=False)
+    doc = result.summary(landmarker.min_score)
+    doc.update(model=str(model), refine=refine, tta="flip" if flip else "none", detector=landmarker.detector.config())
+    if json_path:
+        write_text_atomic(json_path, json.dumps(doc, indent=2) + "\n")
+    auc = "n/a (no presence head)" if doc["presence_auc"] is None else f"{doc['presence_auc']:.4f}"
+    console.print(
+        f"{doc['annotated_faces']} faces: detection rate {100 * doc['detection_rate']:.1f}%, NME "
+        f"{100 * doc['nme']:.2f}% (median {100 * doc['nme_median']:.2f}%, FR@0.08 {100 * doc['fr@0.08']:.2f}%); "
+        f"{doc['false_faces']} false faces on {doc['background_crops']} face-free crops "
+        f"({doc['false_faces_per_crop']:.3f} per crop); presence AUC {auc}",
         highlight=False,
     )

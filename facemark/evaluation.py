@@ -12,25 +12,16 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 
-from facemark.contract import Box, CropContract, box_from_landmarks
+from facemark.contract import Box, box_from_landmarks
 from facemark.data import FaceRecord
 from facemark.errors import ImageError
 from facemark.fileio import write_text_atomic
 from facemark.imageio import read_gray
+from facemark.inference import CropPredictor, predict_faces
 from facemark.metrics import DEFAULT_THRESHOLD, nme_per_face, summarize
-
-
-class CropPredictor(Protocol):
-    """Normalised crops (N, 1, S, S) float32 -> normalised landmarks (N, 68, 2)."""
-
-    contract: CropContract
-
-    def predict(self, batch: np.ndarray) -> np.ndarray: ...
-
 
 # Finds the box of `record`'s face in its grayscale image; None when the face is not found.
 BoxSource = Callable[[np.ndarray, FaceRecord], Box | None]
@@ -46,6 +37,7 @@ class Evaluation:
     images: list[str] = field(default_factory=list)
     errors: list[float] = field(default_factory=list)  # NME per evaluated face
     predictions: list[np.ndarray] = field(default_factory=list, repr=False)
+    face_scores: list[float] = field(default_factory=list)  # presence score per evaluated face, if any
     missed: list[str] = field(default_factory=list)  # keys whose face the box source did not find
     unreadable: list[str] = field(default_factory=list)  # one line per image that could not be read
     total: int = 0
@@ -74,23 +66,25 @@ def evaluate(
     box_source: BoxSource = ground_truth_box,
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
+    refine: int = 0,
+    flip: bool = False,
 ) -> Evaluation:
-    """Predict every record's face through the deployed preprocessing and measure NME."""
-    contract = predictor.contract
+    """Predict every record's face through the deployed preprocessing (facemark.inference: the runtime's
+    refinement passes and test-time flip) and measure NME."""
     result = Evaluation(total=len(records))
-    pending: list[tuple[FaceRecord, np.ndarray, np.ndarray]] = []
+    pending: list[tuple[FaceRecord, np.ndarray, Box]] = []
 
     def flush() -> None:
         if not pending:
             return
-        batch = np.concatenate([p[1] for p in pending])
-        outputs = predictor.predict(batch)
-        for (record, _, matrix), out in zip(pending, outputs, strict=True):
-            pred = contract.decode_points(out, matrix)
+        faces = predict_faces(predictor, [(gray, box) for _, gray, box in pending], refine, flip)
+        for (record, _, _), face in zip(pending, faces, strict=True):
             result.keys.append(record.key)
             result.images.append(str(record.image_path))
-            result.errors.append(float(nme_per_face(pred, record.landmarks)[0]))
-            result.predictions.append(pred.astype(np.float32))
+            result.errors.append(float(nme_per_face(face.landmarks, record.landmarks)[0]))
+            result.predictions.append(face.landmarks.astype(np.float32))
+            if face.face_score is not None:
+                result.face_scores.append(face.face_score)
         pending.clear()
 
     for record in records:
@@ -105,8 +99,7 @@ def evaluate(
         if box is None:
             result.missed.append(record.key)
         else:
-            tensor, matrices = contract.prepare(gray, [box])
-            pending.append((record, tensor, matrices[0]))
+            pending.append((record, gray, box))
             if len(pending) >= batch_size:
                 flush()
         if progress:

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+from facemark.errors import FacemarkError
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None):
@@ -45,3 +47,17 @@ def write_with_atomic(path: str | os.PathLike, writer: Callable[[Path], None]) -
     """Call `writer(tmp_path)` and rename the result onto `path` only if it returns."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def check_writable(path: str | os.PathLike, what: str) -> None:
+    """Raise FacemarkError (one line) when `path` cannot be written, before any image is processed."""
+    target = Path(path)
+    if target.is_dir():
+        raise FacemarkError(f"{target}: {what} is a folder, expected a file path")
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FacemarkError(f"{target}: cannot create the folder for the {what} ({exc.strerror})") from None
+    if not os.access(parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise FacemarkError(f"{target}: the {what} is not writable here (permission denied)")

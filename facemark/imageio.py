@@ -12,7 +12,8 @@ from PIL import Image, UnidentifiedImageError
 from facemark.errors import ImageError
 from facemark.fileio import write_with_atomic
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+# The one list of readable extensions (any case): file mode, folder scanning and .pts image lookup use it.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm", ".pbm", ".gif")
 # 8K x 8K: anything bigger is refused before decoding, so a hostile file cannot exhaust memory.
 DEFAULT_MAX_PIXELS = 64_000_000
 
@@ -47,13 +48,34 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     data = np.fromfile(p, dtype=np.uint8)
     image = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if image is None or image.size == 0:
+        image = _decode_with_pillow(p)  # formats this OpenCV build lacks (GIF, some PNM variants)
+    if image is None or image.size == 0:
         raise ImageError(f"{p}: corrupt or unsupported image data")
     return image
 
 
+def _decode_with_pillow(path: Path) -> np.ndarray | None:
+    """First frame, EXIF-rotated, as 8-bit BGR; None when Pillow cannot decode it either."""
+    from PIL import ImageOps
+
+    try:
+        with Image.open(path) as im:
+            rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return None
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+
+
 def to_gray(image: np.ndarray) -> np.ndarray:
     """BGR / BGRA / gray arrays, uint8 or 16-bit, -> 2-D uint8 gray (what the detector and crops use)."""
-    a = np.asarray(image)
+    if image is None:
+        raise ImageError("expected an image array, got None: did cv2.imread fail to read the file?")
+    if not isinstance(image, np.ndarray):
+        raise ImageError(f"expected a numpy image array (H, W[, C]) in BGR order, got {type(image).__name__}; "
+                         "read files with facemark.imageio.read_image or cv2.imread")
+    a = image
+    if a.size == 0:
+        raise ImageError(f"expected a non-empty image, got an array of shape {a.shape}")
     if a.dtype == np.uint16:
         a = (a >> 8).astype(np.uint8)
     if a.dtype != np.uint8:

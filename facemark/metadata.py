@@ -17,6 +17,7 @@ FORMAT = PREFIX + "format"
 CONTRACT = PREFIX + "contract"  # JSON of CropContract
 POINTS = PREFIX + "points"  # "ibug68"
 ARCH = PREFIX + "arch"
+HEAD = PREFIX + "head"  # regression | pip
 PRECISION = PREFIX + "precision"  # fp32 | fp16 | int8
 TRAIN_DATA = PREFIX + "train_data"
 VAL_NME = PREFIX + "val_nme"
@@ -26,11 +27,13 @@ EXPORTED_AT = PREFIX + "exported_at"
 PARITY = PREFIX + "parity"  # JSON summary
 DETECTOR_CALIBRATION = PREFIX + "detector_calibration"  # JSON of BoxCalibration
 
-ALL_KEYS = (FORMAT, CONTRACT, POINTS, ARCH, PRECISION, TRAIN_DATA, VAL_NME, SOURCE_SHA256, VERSIONS,
+ALL_KEYS = (FORMAT, CONTRACT, POINTS, ARCH, HEAD, PRECISION, TRAIN_DATA, VAL_NME, SOURCE_SHA256, VERSIONS,
             EXPORTED_AT, PARITY, DETECTOR_CALIBRATION)
 
 INPUT_NAME = "image"
-OUTPUT_NAME = "landmarks"
+OUTPUT_NAME = "landmarks"  # always the first output, [N, 68, 2]
+LANDMARK_SCORES = "landmark_scores"  # optional, [N, 68] in [0, 1]: per-point confidence (pip head)
+FACE_SCORE = "face_score"  # optional, [N] in [0, 1]: face presence
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class ModelInfo:
 
     def summary(self) -> dict:
         """The small JSON-able description used in reports and the runtime's JSON output."""
-        keep = (ARCH, PRECISION, POINTS, VAL_NME, SOURCE_SHA256, EXPORTED_AT, TRAIN_DATA)
+        keep = (ARCH, HEAD, PRECISION, POINTS, VAL_NME, SOURCE_SHA256, EXPORTED_AT, TRAIN_DATA)
         return {k.removeprefix(PREFIX): self.raw[k] for k in keep if k in self.raw}
 
 

@@ -5,7 +5,7 @@ Only typer, rich and facemark core are imported here; onnxruntime and the pipeli
 
 from __future__ import annotations
 
-import json
+import signal
 import sys
 from pathlib import Path
 
@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from facemark.runtime import detector as haar
+from facemark.runtime.defaults import DEFAULT_MIN_SCORE, DEFAULT_REFINE
 
 app = typer.Typer(
     help="Run a facemark ONNX model on photos or video (ONNX Runtime + OpenCV Haar; no torch).",
@@ -35,11 +36,21 @@ def _detector(scale_factor: float, min_neighbors: int, min_face: float, max_side
 
 
 def _landmarker(model: Path | None, provider: str, threads: int | None, detector, trt_fp16: bool,
-                trt_cache: Path | None, max_faces: int | None = None):
+                trt_cache: Path | None, max_faces: int | None = None, refine: int = 0, tta: str = "none",
+                min_score: float | None = None):
     from facemark.runtime.landmarker import FaceLandmarker
 
+    if tta not in ("none", "flip"):
+        raise typer.BadParameter(f"--tta must be none or flip (got {tta!r})")
     return FaceLandmarker(model, provider=provider, detector=detector, threads=threads, trt_fp16=trt_fp16,
-                          trt_cache_dir=trt_cache, max_faces=max_faces)
+                          trt_cache_dir=trt_cache, max_faces=max_faces, refine=refine, flip=tta == "flip",
+                          min_score=min_score or None)
+
+
+REFINE_HELP = ("Extra passes re-cropped on the previous pass's landmarks (the training box); default measured "
+               "in docs/MODEL.md.")
+TTA_HELP = "Test-time augmentation: none | flip (mirror each crop and average; about 2x the model time)."
+MIN_SCORE_HELP = "Drop faces whose presence score (0-1, models with a presence head) is below this; 0 keeps all."
 
 
 @app.command("predict")
@@ -60,51 +71,116 @@ def predict_command(
                                    help="Smallest face, as a fraction of the shorter side (the speed knob)."),
     max_side: int = typer.Option(haar.DEFAULT_MAX_SIDE, "--max-side",
                                  help="Detect on a copy downscaled to this longer side (0 = off)."),
-    min_score: float | None = typer.Option(None, "--min-score", help="Drop Haar boxes below this level weight."),
+    min_detector_score: float | None = typer.Option(
+        None, "--min-detector-score", help="Drop Haar boxes below this cascade level weight (not a probability)."),
+    min_score: float = typer.Option(DEFAULT_MIN_SCORE, "--min-score", min=0.0, max=1.0, help=MIN_SCORE_HELP),
+    refine: int = typer.Option(DEFAULT_REFINE, "--refine", min=0, help=REFINE_HELP),
+    tta: str = typer.Option("none", "--tta", help=TTA_HELP),
     cascade: str | None = typer.Option(None, "--cascade", help="Cascade file or OpenCV cascade name (default "
                                        f"{haar.DEFAULT_CASCADE}; the tutorial's: {haar.TUTORIAL_CASCADE})."),
     max_faces: int | None = typer.Option(None, "--max-faces", min=1, help="Keep the N most confident faces."),
+    jsonl: Path | None = typer.Option(None, "--jsonl", help="Stream one JSON line per input (the images[] entry), "
+                                      "flushed as each input is done."),
+    resume: bool = typer.Option(False, "--resume", help="With --jsonl: skip inputs that already have a complete "
+                                "line there and append the rest."),
     trt_fp16: bool = typer.Option(False, "--trt-fp16", help="TensorRT: build an fp16 engine."),
     trt_cache: Path | None = typer.Option(None, "--trt-cache", help="TensorRT: engine cache folder."),
 ) -> None:
-    """Landmarks for every face in photos: annotated images (--out) and one JSON document (--json)."""
+    """Landmarks for every face in photos: annotated images (--out), one JSON document (--json), JSON lines
+    streamed per image (--jsonl, resumable with --resume)."""
     if draw not in ("points", "contours", "none"):
         raise typer.BadParameter(f"--draw must be points, contours or none (got {draw!r})")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from facemark.fileio import write_text_atomic
-    from facemark.runtime.predict import build_document, collect_inputs, predict_files
+    from facemark.fileio import check_writable, write_text_atomic
+    from facemark.runtime.predict import (
+        JsonlWriter,
+        build_document,
+        collect_inputs,
+        dumps,
+        predict_files,
+        read_jsonl_entries,
+    )
 
-    detector = _detector(scale_factor, min_neighbors, min_face, max_side, min_score, cascade)
-    landmarker = _landmarker(model, provider, threads, detector, trt_fp16, trt_cache, max_faces)
+    if resume and jsonl is None:
+        raise typer.BadParameter("--resume needs --jsonl FILE (the lines it continues)")
+    for path, what in ((json_path, "--json document"), (jsonl, "--jsonl file")):
+        if path is not None:
+            check_writable(path, what)  # before any image is processed
+    detector = _detector(scale_factor, min_neighbors, min_face, max_side, min_detector_score, cascade)
+    landmarker = _landmarker(model, provider, threads, detector, trt_fp16, trt_cache, max_faces, refine, tta,
+                             min_score)
     files, failures = collect_inputs(inputs)
     for failure in failures:
         console.print(f"[red]error:[/red] {failure.error}")
+    earlier = read_jsonl_entries(jsonl) if resume and jsonl is not None else {}
+    todo = [f for f in files if str(f) not in earlier]
+    if earlier:
+        console.print(f"--resume: {len(files) - len(todo)} of {len(files)} inputs already in {jsonl}")
+    writer = JsonlWriter(jsonl, append=resume) if jsonl is not None else None
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=console, transient=True, disable=len(files) < 2)
+                        console=console, transient=True, disable=len(todo) < 2)
+    stop = _StopFlag()
+    try:
+        with progress, stop:
+            task = progress.add_task("landmarks", total=len(todo))
 
-    with progress:
-        task = progress.add_task("landmarks", total=len(files))
+            def report(result) -> None:
+                if result.error:
+                    progress.console.print(f"[red]error:[/red] {result.error}")
+                if writer is not None:
+                    writer.write(result)
+                progress.advance(task)
 
-        def report(result) -> None:
-            if result.error:
-                progress.console.print(f"[red]error:[/red] {result.error}")
-            progress.advance(task)
-
-        results = predict_files(landmarker, files, out, draw, on_result=report)  # type: ignore[arg-type]
-    everything = failures + results
-    document = build_document(landmarker, everything)
-    text = json.dumps(document, indent=1) + "\n"
+            results = predict_files(landmarker, todo, out, draw, on_result=report,  # type: ignore[arg-type]
+                                    stop_requested=stop.requested)
+    finally:
+        if writer is not None:
+            writer.close()
+    by_path = {str(r.path): r for r in results}
+    ordered = [by_path.get(str(f)) or earlier.get(str(f)) for f in files]
+    everything = failures + [r for r in ordered if r is not None]
+    document = build_document(landmarker, everything, complete=stop.signal is None)
+    text = dumps(document, indent=1) + "\n"
     if json_path is not None:
         write_text_atomic(json_path, text)
-    elif out is None:
+    elif out is None and jsonl is None:
         sys.stdout.write(text)
-    _print_summary(everything, landmarker.providers, out, json_path)
-    if any(r.error for r in everything):
+    _print_summary(failures + results, landmarker.providers, out, json_path, jsonl)
+    if stop.signal is not None:
+        console.print(f"[yellow]interrupted ({stop.signal.name}): {len(results)} of {len(todo)} images done"
+                      + (f"; continue with --resume --jsonl {jsonl}" if jsonl else "") + "[/yellow]")
+        raise typer.Exit(code=128 + stop.signal.value)
+    if any((r.error if not isinstance(r, dict) else r.get("error")) for r in everything):
         raise typer.Exit(code=1)  # exit code 1 whichever way the root CLI runs typer
 
 
-def _print_summary(results, providers: list[str], out: Path | None, json_path: Path | None) -> None:
+class _StopFlag:
+    """SIGINT/SIGTERM while predicting: finish the current image, then stop and write what is done."""
+
+    def __init__(self) -> None:
+        self.signal: signal.Signals | None = None
+        self._old: dict = {}
+
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signal is not None:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum)
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def _print_summary(results, providers: list[str], out: Path | None, json_path: Path | None,
+                   jsonl: Path | None = None) -> None:
     ok = [r for r in results if not r.error]
     failed = len(results) - len(ok)
     faces = sum(len(r.faces) for r in ok)
@@ -116,6 +192,8 @@ def _print_summary(results, providers: list[str], out: Path | None, json_path: P
         console.print(f"annotated images: {out}")
     if json_path is not None:
         console.print(f"JSON: {json_path}")
+    if jsonl is not None:
+        console.print(f"JSON lines: {jsonl}")
 
 
 @app.command("video")
@@ -131,6 +209,9 @@ def video_command(
     draw: str = typer.Option("points", "--draw", help="points | contours | none"),
     min_face: float = typer.Option(haar.DEFAULT_MIN_FACE_FRACTION, "--min-face",
                                    help="Smallest face, as a fraction of the shorter side."),
+    min_score: float = typer.Option(DEFAULT_MIN_SCORE, "--min-score", min=0.0, max=1.0,
+                                    help=MIN_SCORE_HELP + " A track below it is dropped at once."),
+    refine: int = typer.Option(DEFAULT_REFINE, "--refine", min=0, help=REFINE_HELP + " (detected frames)"),
     max_frames: int | None = typer.Option(None, "--max-frames", min=1, help="Stop after N frames."),
 ) -> None:
     """Per-frame landmarks of a video or camera: JSON lines and an annotated video; prints frames, faces, fps."""
@@ -139,10 +220,21 @@ def video_command(
     from facemark.runtime.video import run_video
 
     detector = _detector(haar.DEFAULT_SCALE_FACTOR, haar.DEFAULT_MIN_NEIGHBORS, min_face, haar.DEFAULT_MAX_SIDE, None)
-    landmarker = _landmarker(model, provider, threads, detector, False, None)
-    summary = run_video(source, landmarker, out=out, jsonl=jsonl, detect_every=detect_every, smooth=smooth,
-                        draw=draw, max_frames=max_frames)  # type: ignore[arg-type]
-    console.print(f"[green]{summary.frames} frames, {summary.faces} faces, {summary.fps:.1f} fps[/green] "
-                  f"(Haar on {summary.detections} frames, {summary.losses} tracks lost) on {landmarker.providers[0]}")
+    landmarker = _landmarker(model, provider, threads, detector, False, None, refine=refine, min_score=min_score)
+    stop = _StopFlag()
+    with stop:
+        summary = run_video(source, landmarker, out=out, jsonl=jsonl, detect_every=detect_every, smooth=smooth,
+                            draw=draw, max_frames=max_frames, stop_requested=stop.requested,  # type: ignore[arg-type]
+                            on_skip=lambda i: console.print(f"[yellow]frame {i}: cannot be decoded; skipped[/yellow]"))
+    color = "yellow" if summary.skipped or summary.interrupted else "green"
+    console.print(f"[{color}]{summary.frames} frames, {summary.faces} faces, {summary.fps:.1f} fps, "
+                  f"{summary.skipped} skipped[/{color}] (Haar on {summary.detections} frames, {summary.losses} tracks "
+                  f"lost) on {landmarker.providers[0]}")
     for path in summary.outputs:
         console.print(f"written: {path}")
+    if summary.interrupted:
+        console.print("[yellow]interrupted: the frames so far were written[/yellow]")
+        if stop.signal is not None:
+            raise typer.Exit(code=128 + stop.signal.value)
+    if summary.skipped:
+        raise typer.Exit(code=1)

@@ -10,6 +10,7 @@ face-like, and `min_score` drops weak boxes, which are most of the false positiv
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,8 +73,11 @@ class HaarDetector:
         self.max_side = max_side
         self.min_score = min_score
         self.cascade_path = _cascade_path(cascade)
-        self._cascade = _load_cascade(self.cascade_path)
-        self._window = self._cascade.getOriginalWindowSize()  # (24, 24) for the frontal-face cascade
+        # OpenCV's CascadeClassifier is not re-entrant (concurrent detectMultiScale calls on one object corrupt
+        # each other's scale tables): one classifier per thread, loaded on first use in that thread.
+        self._local = threading.local()
+        self._local.cascade = _load_cascade(self.cascade_path)  # fail fast on a bad file, in the caller's thread
+        self._window = self._local.cascade.getOriginalWindowSize()  # (24, 24) for the frontal-face cascade
 
     @property
     def name(self) -> str:
@@ -100,7 +104,7 @@ class HaarDetector:
             small = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
         side = round(self.min_face_fraction * min(small.shape))
         min_size = (max(self._window[0], side), max(self._window[1], side))
-        rects, _levels, weights = self._cascade.detectMultiScale3(
+        rects, _levels, weights = self._cascade().detectMultiScale3(
             small,
             scaleFactor=self.scale_factor,
             minNeighbors=self.min_neighbors,
@@ -115,6 +119,12 @@ class HaarDetector:
         if self.min_score is not None:
             detections = [d for d in detections if d.score >= self.min_score]
         return sorted(detections, key=lambda d: d.score, reverse=True)
+
+    def _cascade(self) -> cv2.CascadeClassifier:
+        cascade = getattr(self._local, "cascade", None)
+        if cascade is None:
+            cascade = self._local.cascade = _load_cascade(self.cascade_path)
+        return cascade
 
     def __repr__(self) -> str:
         knobs = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")

@@ -1,7 +1,9 @@
 """`FaceLandmarker`: one object, one call, numpy in and out (dlib's style), torch-free.
 
-detect(image): Haar boxes -> the model's detector calibration (identity when the model has none) ->
-CropContract.prepare (all faces of the image in one batch) -> ONE model call -> decode to image pixels.
+detect(image): Haar boxes -> the model's detector calibration (identity when the model has none) -> crops of
+all faces of the image in one batch -> the model (facemark.inference: `refine` extra passes on the landmark
+box of the previous pass, optional test-time flip) -> image pixels -> faces whose presence score is below
+`min_score` dropped (models with a presence head).
 """
 
 from __future__ import annotations
@@ -18,29 +20,53 @@ import numpy as np
 from facemark.contract import Box, BoxCalibration
 from facemark.errors import ModelError
 from facemark.imageio import to_gray
-from facemark.runtime.detector import HaarDetector
+from facemark.inference import predict_faces
+from facemark.runtime.defaults import DEFAULT_MIN_SCORE, DEFAULT_REFINE
+from facemark.runtime.detector import Detection, HaarDetector
 from facemark.runtime.session import DEFAULT_MAX_BATCH, LandmarkModel
 
 DEFAULT_MODEL_NAME = "facemark-68.onnx"
 DEFAULT_MODEL_PATH = Path(str(resources.files("facemark") / "assets" / DEFAULT_MODEL_NAME))
 IDENTITY = BoxCalibration()
-TIMING_KEYS = ("detect", "preprocess", "inference", "postprocess")
+TIMING_KEYS = ("detect", "landmarks")
+
 
 
 @dataclass
 class Face:
-    box: Box  # the box the crop was made from (calibrated detector box, or the box given)
+    box: Box  # the box the (last) crop was made from: the calibrated detector box, or the box given, refined
     landmarks: np.ndarray = field(repr=False)  # (68, 2) float32, image pixels
-    score: float | None = None  # detector level weight; None for boxes not from the detector
+    score: float | None = None  # face presence in [0, 1] (models with a presence head; else None)
+    detector_score: float | None = None  # the Haar cascade's level weight (not a probability); None if no detector
     detector_box: Box | None = None  # the raw detector box, before calibration
+    landmark_scores: np.ndarray | None = field(default=None, repr=False)  # (68,) in [0, 1] (pip head)
 
     def to_json(self) -> dict:
         return {
-            "box": [round(float(v), 2) for v in self.box],
-            "landmarks": np.round(self.landmarks.astype(np.float64), 2).tolist(),
-            "score": None if self.score is None else round(float(self.score), 4),
-            "detector_box": None if self.detector_box is None else [round(float(v), 2) for v in self.detector_box],
+            "box": _rounded(self.box, 2),
+            "landmarks": _rounded(self.landmarks, 2),
+            "score": _rounded(self.score, 4),
+            "detector_score": _rounded(self.detector_score, 4),
+            "detector_box": _rounded(self.detector_box, 2),
+            "landmark_scores": _rounded(self.landmark_scores, 3),
         }
+
+
+@dataclass
+class Detections:
+    faces: list[Face]
+    times: dict[str, float]  # milliseconds: detect, landmarks
+    problems: list[str]  # one line each, e.g. faces dropped for non-finite model output
+
+
+def _rounded(value, digits: int):
+    """JSON-safe rounding of a number / sequence / array (None stays None; JSON never holds NaN)."""
+    if value is None:
+        return None
+    array = np.asarray(value, dtype=np.float64)
+    if not np.isfinite(array).all():
+        raise ValueError("non-finite value in a face record")
+    return np.round(array, digits).tolist()
 
 
 def resolve_model_path(model_path: str | os.PathLike | bytes | None) -> str | os.PathLike | bytes:
@@ -71,14 +97,23 @@ class FaceLandmarker:
         max_batch: int = DEFAULT_MAX_BATCH,
         calibration: BoxCalibration | None = None,
         max_faces: int | None = None,
+        refine: int = DEFAULT_REFINE,
+        flip: bool = False,
+        min_score: float | None = DEFAULT_MIN_SCORE,
     ) -> None:
         """calibration: overrides the model's embedded detector calibration. max_faces: keep only the most
-        confident detections (None = all)."""
+        confident detections (None = all). refine: extra passes re-cropped on the previous pass's landmarks
+        (facemark.inference). flip: test-time flip. min_score: drop detections whose face presence score is
+        below it (models with a presence head; None or 0 keeps every detection)."""
         self.model = LandmarkModel(resolve_model_path(model_path), provider=provider, threads=threads,
                                    trt_fp16=trt_fp16, trt_cache_dir=trt_cache_dir, max_batch=max_batch)
         self.detector = detector if detector is not None else HaarDetector()
         self.calibration = calibration or self.model.info.calibration or IDENTITY
         self.max_faces = max_faces
+        if refine < 0:
+            raise ValueError(f"refine must be >= 0 (got {refine})")
+        self.refine, self.flip = refine, flip
+        self.min_score = min_score if self.model.has_face_score else None
 
     @property
     def contract(self):
@@ -97,39 +132,54 @@ class FaceLandmarker:
         return self.detect_timed(image)[0]
 
     def detect_timed(self, image: np.ndarray) -> tuple[list[Face], dict[str, float]]:
-        """`detect` plus the milliseconds of each step: detect, preprocess, inference, postprocess."""
+        """`detect` plus the milliseconds of each step: detect, landmarks (every pass, all faces batched)."""
+        result = self.detect_full(image)
+        return result.faces, result.times
+
+    def detect_full(self, image: np.ndarray) -> Detections:
+        """`detect` with step times and problems (faces dropped because the model returned non-finite values).
+
+        Thread-safe: one FaceLandmarker may serve many threads (per-thread Haar classifiers, one shared ONNX
+        Runtime session, no state changed by a call)."""
         t0 = time.perf_counter()
         gray = to_gray(image)
         detections = self.detector.detect(gray)
-        if self.max_faces is not None:
+        if self.max_faces is not None and self.min_score is None:
             detections = detections[: self.max_faces]
         t1 = time.perf_counter()
         boxes = [self.calibration.apply(d.box) for d in detections]
-        faces, times = self._landmarks(gray, boxes, [d.score for d in detections], [d.box for d in detections])
-        times["detect"] = (t1 - t0) * 1000.0
-        return faces, {k: times[k] for k in TIMING_KEYS}
-
-    def landmarks_for_boxes(self, image: np.ndarray, boxes: Sequence[Box]) -> list[Face]:
-        """Landmarks for given boxes in the training convention (no detector, no calibration): video tracking
-        (box_from_landmarks of the previous frame) and evaluation with ground-truth boxes."""
-        gray = to_gray(image)
-        boxes = [tuple(float(v) for v in b) for b in boxes]
-        return self._landmarks(gray, boxes, [None] * len(boxes), [None] * len(boxes))[0]
-
-    def _landmarks(self, gray: np.ndarray, boxes: list[Box], scores: list, detector_boxes: list
-                   ) -> tuple[list[Face], dict[str, float]]:
-        t0 = time.perf_counter()
-        batch, matrices = self.contract.prepare(gray, boxes)
-        t1 = time.perf_counter()
-        outputs = self.model.predict(batch)  # every face of the image in one call
+        faces, problems = self._landmarks(gray, boxes, self.refine, detections)
+        if self.min_score is not None:
+            faces = [f for f in faces if f.score is not None and f.score >= self.min_score]
+            if self.max_faces is not None:
+                faces = faces[: self.max_faces]
         t2 = time.perf_counter()
-        faces = [
-            Face(box=box, landmarks=self.contract.decode_points(out, m).astype(np.float32), score=score,
-                 detector_box=raw)
-            for box, out, m, score, raw in zip(boxes, outputs, matrices, scores, detector_boxes, strict=True)
-        ]
-        t3 = time.perf_counter()
-        return faces, {"preprocess": (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3, "postprocess": (t3 - t2) * 1e3}
+        return Detections(faces, {"detect": (t1 - t0) * 1e3, "landmarks": (t2 - t1) * 1e3}, problems)
+
+    def landmarks_for_boxes(self, image: np.ndarray, boxes: Sequence[Box], refine: int = 0) -> list[Face]:
+        """Landmarks for given boxes in the training convention (no detector, no calibration, no score
+        threshold): video tracking (box_from_landmarks of the previous frame) and evaluation with
+        ground-truth boxes. `refine` extra passes (default 0: these boxes are landmark boxes already)."""
+        gray = to_gray(image)
+        return self._landmarks(gray, [tuple(float(v) for v in b) for b in boxes], refine, None)[0]
+
+    def _landmarks(self, gray: np.ndarray, boxes: list[Box], refine: int,
+                   detections: Sequence[Detection] | None) -> tuple[list[Face], list[str]]:
+        predictions = predict_faces(self.model, [(gray, b) for b in boxes], refine, self.flip)
+        faces, dropped = [], 0
+        for i, p in enumerate(predictions):
+            values = [p.landmarks, p.landmark_scores, p.face_score]
+            if not all(np.isfinite(np.asarray(v, dtype=np.float64)).all() for v in values if v is not None):
+                dropped += 1
+                continue
+            detection = detections[i] if detections is not None else None
+            faces.append(Face(box=p.box, landmarks=p.landmarks.astype(np.float32), score=p.face_score,
+                              detector_score=detection.score if detection else None,
+                              detector_box=detection.box if detection else None,
+                              landmark_scores=p.landmark_scores))
+        problems = [f"{dropped} face(s) dropped: the model returned non-finite values (NaN/Inf) for them"] \
+            if dropped else []
+        return faces, problems
 
     def __repr__(self) -> str:
         return f"FaceLandmarker(model={self.model!r}, detector={self.detector!r})"

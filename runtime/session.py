@@ -27,7 +27,7 @@ import onnxruntime as ort
 
 from facemark.contract import CropContract
 from facemark.errors import ModelError, ProviderError
-from facemark.metadata import INPUT_NAME, OUTPUT_NAME, ModelInfo, parse_metadata
+from facemark.metadata import FACE_SCORE, INPUT_NAME, LANDMARK_SCORES, OUTPUT_NAME, ModelInfo, parse_metadata
 from facemark.scheme import NUM_POINTS
 
 CPU = "CPUExecutionProvider"
@@ -187,22 +187,36 @@ class LandmarkModel:
         wanted = _provider_name(providers[0])
         if wanted not in self.providers:  # ORT fell back although the probe said the provider loads
             raise ProviderError(f"{source}: {wanted} failed to start (the session runs on {self.providers})")
-        self._input_dtype = _check_io(self.session, self.contract, source)
+        self._input_dtype, self._outputs = _check_io(self.session, self.contract, source)
+
+    @property
+    def output_names(self) -> list[str]:
+        """The model's outputs: `landmarks`, then `landmark_scores` / `face_score` where the head has them."""
+        return list(self._outputs)
+
+    @property
+    def has_face_score(self) -> bool:
+        return FACE_SCORE in self._outputs
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Normalised crops (N, 1, S, S) float32 -> normalised landmarks (N, 68, 2) float32."""
+        return self.predict_outputs(batch, [OUTPUT_NAME])[OUTPUT_NAME]
+
+    def predict_outputs(self, batch: np.ndarray, names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Every output (or `names`) by name, float32: landmarks (N, 68, 2), landmark_scores (N, 68) and
+        face_score (N,) where the model has them."""
         x = np.asarray(batch)
         size = self.contract.size
         if x.ndim != 4 or x.shape[1:] != (1, size, size):
             raise ValueError(f"expected a batch of shape (N, 1, {size}, {size}), got {x.shape}")
+        names = list(names or self._outputs)
         if len(x) == 0:
-            return np.zeros((0, NUM_POINTS, 2), np.float32)
+            return {n: np.zeros((0, *self._outputs[n]), np.float32) for n in names}
         x = np.ascontiguousarray(x, dtype=self._input_dtype)
-        outputs = [
-            self.session.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + self.max_batch]})[0]
-            for i in range(0, len(x), self.max_batch)
-        ]
-        return np.concatenate(outputs).astype(np.float32, copy=False)
+        parts = [self.session.run(names, {INPUT_NAME: x[i : i + self.max_batch]})
+                 for i in range(0, len(x), self.max_batch)]
+        return {n: np.concatenate([p[k] for p in parts]).astype(np.float32, copy=False)
+                for k, n in enumerate(names)}
 
     def __repr__(self) -> str:
         return f"LandmarkModel({self.path or '<bytes>'}, providers={self.providers}, size={self.contract.size})"
@@ -221,8 +235,9 @@ def _create_session(data: bytes, options: ort.SessionOptions, providers: list, s
     try:
         return ort.InferenceSession(data, options, providers=providers)
     except Exception as exc:  # ORT raises InvalidProtobuf, Fail, InvalidGraph ... for a bad file
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise ModelError(f"{source}: not a loadable ONNX model ({first_line[:200]})") from None
+        # The whole message on one line: the cause ("max supported IR version: 13") is often at its end.
+        detail = " ".join(str(exc).split()) or exc.__class__.__name__
+        raise ModelError(f"{source}: not a loadable ONNX model ({detail})") from None
 
 
 def _contract_of(data: bytes, source: str) -> CropContract:
@@ -232,10 +247,12 @@ def _contract_of(data: bytes, source: str) -> CropContract:
     return parse_metadata(session.get_modelmeta().custom_metadata_map, source).contract
 
 
-def _check_io(session: ort.InferenceSession, contract: CropContract, source: str) -> type:
-    """Check the model's input/output against its contract; return the input dtype (fp16 models take fp16)."""
+def _check_io(session: ort.InferenceSession, contract: CropContract, source: str
+              ) -> tuple[type, dict[str, tuple[int, ...]]]:
+    """Check the model's input/outputs against its contract and GUIDE section 4; return the input dtype (fp16
+    models take fp16) and the known outputs with their shapes after the batch axis."""
     inputs = {i.name: i for i in session.get_inputs()}
-    outputs = {o.name for o in session.get_outputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
     if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
         raise ModelError(f"{source}: expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}, found "
                          f"{sorted(inputs)} -> {sorted(outputs)}")
@@ -244,4 +261,15 @@ def _check_io(session: ort.InferenceSession, contract: CropContract, source: str
     if len(shape) != 4 or any(isinstance(d, int) and d != e for d, e in zip(shape[1:], expected, strict=True)):
         raise ModelError(f"{source}: input shape {shape} does not match the contract's "
                          f"[N, 1, {contract.size}, {contract.size}]")
-    return np.float16 if inputs[INPUT_NAME].type == "tensor(float16)" else np.float32
+    known = {OUTPUT_NAME: (NUM_POINTS, 2), LANDMARK_SCORES: (NUM_POINTS,), FACE_SCORE: ()}
+    found: dict[str, tuple[int, ...]] = {}
+    for name, tail in known.items():
+        if name not in outputs:
+            continue
+        dims = outputs[name].shape
+        if len(dims) != 1 + len(tail) or any(not isinstance(d, int) or d != e
+                                             for d, e in zip(dims[1:], tail, strict=True)):
+            want = ", ".join(["N", *map(str, tail)])
+            raise ModelError(f"{source}: output {name!r} has shape {dims}, expected [{want}]")
+        found[name] = tail
+    return (np.float16 if inputs[INPUT_NAME].type == "tensor(float16)" else np.float32), found

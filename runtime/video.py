@@ -78,7 +78,8 @@ class Track:
     landmarks: np.ndarray  # raw (unsmoothed) points of the last frame
     face_size: float
     filter: OneEuroFilter | None
-    score: float | None = None
+    score: float | None = None  # face presence of the last frame (models with a presence head)
+    landmark_scores: np.ndarray | None = None
 
 
 @dataclass
@@ -138,11 +139,13 @@ class FaceTracker:
         faces = self.landmarker.landmarks_for_boxes(frame, boxes)
         height, width = frame.shape[:2]
         followed = []
+        threshold = self.landmarker.min_score
         for track, previous, face in zip(self.tracks, boxes, faces, strict=True):
-            if self._lost(previous, box_from_landmarks(face.landmarks), width, height):
-                self.losses += 1
+            gone = threshold is not None and (face.score is None or face.score < threshold)
+            if gone or self._lost(previous, box_from_landmarks(face.landmarks), width, height):
+                self.losses += 1  # no face there any more (scene cut, occlusion): detect again on this frame
                 return None
-            followed.append(Track(face.landmarks, track.face_size, track.filter, track.score))
+            followed.append(Track(face.landmarks, track.face_size, track.filter, face.score, face.landmark_scores))
         return followed
 
     def _lost(self, previous: Box, current: Box, width: int, height: int) -> bool:
@@ -164,7 +167,8 @@ class FaceTracker:
             keep = previous is not None and box_iou(box_from_landmarks(previous.landmarks), box) >= 0.3
             size = max(box[2], box[3], 1.0)
             filt = previous.filter if keep else self._new_filter()
-            new_tracks.append(Track(face.landmarks, previous.face_size if keep else size, filt, face.score))
+            new_tracks.append(Track(face.landmarks, previous.face_size if keep else size, filt, face.score,
+                                    face.landmark_scores))
         self.tracks = new_tracks
 
     def _new_filter(self) -> OneEuroFilter | None:
@@ -178,7 +182,8 @@ class FaceTracker:
         if track.filter is not None:
             points = track.filter(points / track.face_size, t) * track.face_size
         points = points.astype(np.float32)
-        return Face(box=box_from_landmarks(points), landmarks=points, score=track.score)
+        return Face(box=box_from_landmarks(points), landmarks=points, score=track.score,
+                    landmark_scores=track.landmark_scores)
 
 
 def _inside_fraction(box: Box, width: int, height: int) -> float:
@@ -204,17 +209,36 @@ def open_capture(source: str | int) -> tuple[cv2.VideoCapture, bool]:
     return capture, is_camera
 
 
-def read_frames(source: str | int, max_frames: int | None = None) -> Iterator[tuple[int, float, np.ndarray]]:
-    """(index, time in seconds, BGR frame) for each frame of a file or camera."""
+# A run of this many unreadable frames in a row ends the stream (a broken file, an unplugged camera).
+MAX_BAD_FRAMES_IN_A_ROW = 25
+
+
+def read_frames(source: str | int, max_frames: int | None = None,
+                on_skip: Callable[[int], None] | None = None,
+                max_bad_in_a_row: int = MAX_BAD_FRAMES_IN_A_ROW) -> Iterator[tuple[int, float, np.ndarray]]:
+    """(index, time in seconds, BGR frame) for each frame of a file or camera.
+
+    A frame that cannot be decoded is skipped (`on_skip(index)`) and reading goes on: a file until its frame
+    count, a camera until `max_bad_in_a_row` failures in a row. Indices count skipped frames too, so they
+    stay the positions in the file."""
     capture, is_camera = open_capture(source)
     fps = capture.get(cv2.CAP_PROP_FPS) or 30.0
+    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if not is_camera else 0
     start = time.monotonic()
-    index = 0
+    index, bad_run = 0, 0
     try:
         while max_frames is None or index < max_frames:
             ok, frame = capture.read()
-            if not ok:
-                break
+            if not ok or frame is None:
+                more = is_camera or index < total - 1
+                if not more or bad_run + 1 >= max_bad_in_a_row:
+                    break
+                bad_run += 1
+                if on_skip:
+                    on_skip(index)
+                index += 1
+                continue
+            bad_run = 0
             yield index, (time.monotonic() - start) if is_camera else index / fps, frame
             index += 1
     finally:
@@ -226,7 +250,8 @@ class VideoSummary:
     frames: int = 0
     faces: int = 0  # face instances over all frames
     detections: int = 0  # frames on which Haar ran
-    losses: int = 0
+    losses: int = 0  # tracks dropped: implausible landmark box or presence below the threshold
+    skipped: int = 0  # frames that could not be decoded (skipped; the rest went on)
     seconds: float = 0.0
     interrupted: bool = False
     outputs: list[str] = field(default_factory=list)
@@ -246,8 +271,14 @@ def run_video(
     draw: DrawMode = "points",
     max_frames: int | None = None,
     on_frame: Callable[[FrameResult], None] | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
+    on_skip: Callable[[int], None] | None = None,
 ) -> VideoSummary:
-    """Landmarks for every frame; JSON lines and an annotated video (mp4v), each written atomically."""
+    """Landmarks for every frame; JSON lines and an annotated video (mp4v), each written atomically.
+
+    Undecodable frames are skipped and counted (`on_skip(index)`). When `stop_requested()` turns true (the
+    CLI's SIGINT/SIGTERM) or on KeyboardInterrupt, the frames so far are finalised into a playable video and a
+    complete JSONL, and the summary says `interrupted`."""
     tracker = FaceTracker(landmarker, detect_every=detect_every, smooth=smooth)
     summary = VideoSummary()
     capture_fps = 30.0 if is_camera_source(source) else _probe_fps(source)
@@ -259,12 +290,20 @@ def run_video(
         tmp_video = stack.enter_context(atomic_path(out)) if out is not None else None
         start = time.perf_counter()
         try:  # Ctrl-C ends a camera session like the end of a file: the outputs so far are kept
-            for index, t, frame in read_frames(source, max_frames):
+            def skipped(index: int) -> None:
+                summary.skipped += 1
+                if on_skip:
+                    on_skip(index)
+
+            for index, t, frame in read_frames(source, max_frames, skipped):
+                if stop_requested():
+                    summary.interrupted = True
+                    break
                 result = tracker.process(frame, index, t)
                 summary.frames += 1
                 summary.faces += len(result.faces)
                 if lines is not None:
-                    lines.write(json.dumps(result.to_json()) + "\n")
+                    lines.write(json.dumps(result.to_json(), allow_nan=False) + "\n")
                 if tmp_video is not None:
                     if writer is None:
                         writer = _open_writer(tmp_video, capture_fps, frame.shape[1], frame.shape[0], out)

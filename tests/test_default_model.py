@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SAMPLES
+from conftest import DLIB_EXAMPLES, SAMPLES, requires_dlib_examples
 
 from facemark.cli import run
 from facemark.contract import box_from_landmarks, box_iou
@@ -76,3 +77,53 @@ def test_predict_cli_works_without_a_model_argument(tmp_path):
     assert len(faces["2009_004587.jpg"]) >= 1 and faces["dogs.jpg"] == []
     assert len(faces["2009_004587.jpg"][0]["landmarks"]) == 68
     assert (tmp_path / "img" / "2009_004587.jpg").is_file()
+
+
+# --- presence score (issue 11) --------------------------------------------------------------------------------
+def test_shipped_model_carries_landmark_and_face_scores():
+    model = LandmarkModel(DEFAULT_MODEL_PATH, provider="cpu")
+    assert model.output_names == ["landmarks", "landmark_scores", "face_score"]
+    assert model.info.raw.get("facemark.head") == "pip"
+
+
+@requires_dlib_examples
+def test_predict_on_dlib_dogs_reports_no_face_and_every_score_is_a_probability(tmp_path):
+    out = tmp_path / "landmarks.json"
+    photos = sorted(DLIB_EXAMPLES.glob("*.jpg"))
+    assert run(["runtime", "predict", *map(str, photos), "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    by_name = {Path(img["path"]).name: img["faces"] for img in doc["images"]}
+    assert by_name["dogs.jpg"] == []
+    scores = [face["score"] for faces in by_name.values() for face in faces]
+    assert len(scores) >= 10 and all(0.0 <= s <= 1.0 for s in scores)
+
+
+def scene_cut_clip(path: Path, cut: int, frames: int) -> Path:
+    """A face photo (with sensor noise) for `cut` frames, then a face-free picture until `frames`."""
+    import cv2
+
+    size = (480, 360)
+    face = cv2.resize(read_image(SAMPLES / "2008_002470.jpg"), size)
+    free = cv2.resize(read_image(SAMPLES / "dogs.jpg"), size)
+    rng = np.random.default_rng(0)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25.0, size)
+    for i in range(frames):
+        base = face if i < cut else free
+        writer.write(np.clip(base + rng.normal(0, 3, base.shape), 0, 255).astype(np.uint8))
+    writer.release()
+    return path
+
+
+def test_video_drops_the_track_at_a_cut_to_a_face_free_scene(tmp_path, landmarker):
+    from facemark.runtime.video import run_video
+
+    cut = 20
+    clip = scene_cut_clip(tmp_path / "cut.mp4", cut, 40)
+    jsonl = tmp_path / "frames.jsonl"
+    summary = run_video(str(clip), landmarker, jsonl=jsonl, detect_every=10)
+    frames = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert all(frame["faces"] for frame in frames[:cut]), "the face is tracked before the cut"
+    late = [frame["frame"] for frame in frames[cut + 2:] if frame["faces"]]
+    assert late == [], f"faces reported after the cut at frames {late}"
+    assert summary.losses >= 1
+    assert all(0 <= face["score"] <= 1 for frame in frames for face in frame["faces"])

@@ -279,20 +279,25 @@ def test_haar_box_source_drives_evaluation_with_and_without_calibration(landmark
 
 
 # --- FaceLandmarker --------------------------------------------------------------------------------------------
-def test_landmarker_detects_sample_faces_in_one_batched_call(landmarker, monkeypatch):
+@pytest.mark.parametrize("refine", [0, 2])
+def test_landmarker_detects_sample_faces_in_one_batched_call_per_pass(tiny_onnx, refine, monkeypatch):
+    landmarker = FaceLandmarker(tiny_onnx, provider="cpu", threads=1, refine=refine)
     image = read_image(SAMPLES / "2009_004587.jpg")
     calls = []
-    original = landmarker.model.predict
-    monkeypatch.setattr(landmarker.model, "predict", lambda batch: calls.append(len(batch)) or original(batch))
+    original = landmarker.model.predict_outputs
+    monkeypatch.setattr(landmarker.model, "predict_outputs",
+                        lambda batch, *a: calls.append(len(batch)) or original(batch, *a))
     faces, times = landmarker.detect_timed(image)
     assert len(faces) >= 2, "this sample holds several faces"
-    assert calls == [len(faces)]
-    assert set(times) == {"detect", "preprocess", "inference", "postprocess"}
+    assert calls == [len(faces)] * (refine + 1)
+    assert set(times) == {"detect", "landmarks"}
     assert all(v >= 0 for v in times.values())
     for face in faces:
         assert isinstance(face, Face) and face.landmarks.shape == (68, 2) and face.landmarks.dtype == np.float32
-        assert face.score is not None and face.detector_box is not None
-        assert face.box == landmarker.calibration.apply(face.detector_box)
+        assert face.detector_score is not None and face.detector_box is not None
+        assert face.score is None, "a model without a presence head has no face score"
+        if refine == 0:
+            assert face.box == landmarker.calibration.apply(face.detector_box)
         doc = json.loads(json.dumps(face.to_json()))
         assert len(doc["box"]) == 4 and len(doc["landmarks"]) == 68
 
@@ -331,7 +336,7 @@ def test_no_face_is_an_empty_list(landmarker):
 def test_model_calibration_is_applied_to_detector_boxes(tiny_checkpoint, tmp_path):
     calibration = BoxCalibration(dx=0.0, dy=0.1, sw=0.8, sh=0.9, detector="opencv-haar", samples=10)
     path = export_tiny_onnx(tiny_checkpoint, tmp_path / "calibrated.onnx", calibration)
-    landmarker = FaceLandmarker(path, provider="cpu", threads=1)
+    landmarker = FaceLandmarker(path, provider="cpu", threads=1, refine=0)
     assert landmarker.calibration == calibration
     face = landmarker.detect(read_image(SAMPLES / "2009_004587.jpg"))[0]
     np.testing.assert_allclose(face.box, calibration.apply(face.detector_box))

@@ -32,7 +32,7 @@ def predict(tmp_path: Path, model: Path, *args: str) -> tuple[int, dict]:
 
 
 def check_schema(doc: dict) -> None:
-    assert set(doc) == {"model", "detector", "images"}
+    assert set(doc) == {"model", "detector", "complete", "images"}
     assert {"path", "providers", "precision", "points"} <= set(doc["model"])
     assert doc["model"]["providers"][0] == "CPUExecutionProvider"
     for image in doc["images"]:
@@ -42,7 +42,7 @@ def check_schema(doc: dict) -> None:
         else:
             assert image["faces"] == [] and image["path"] in image["error"]
         for face in image["faces"]:
-            assert set(face) == {"box", "landmarks", "score", "detector_box"}
+            assert set(face) == {"box", "landmarks", "score", "detector_score", "detector_box", "landmark_scores"}
             assert len(face["box"]) == 4 and len(face["landmarks"]) == 68
             assert all(len(p) == 2 and all(isinstance(v, float) for v in p) for p in face["landmarks"])
 

@@ -173,3 +173,46 @@ def test_video_cli_and_bad_sources(tmp_path, tiny_onnx, capsys):
     junk.write_bytes(b"not a video" * 100)
     assert run(["runtime", "video", str(junk), "--model", str(tiny_onnx), "--jsonl", str(tmp_path / "j.jsonl")]) == 2
     assert not (tmp_path / "j.jsonl").exists()
+
+
+def corrupt_mjpg_clip(path: Path, frames: list[np.ndarray], bad: range) -> Path:
+    """An MJPG AVI whose frames in `bad` have their JPEG data overwritten (the container stays intact)."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, CLIP_SIZE)
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    data = bytearray(path.read_bytes())
+    starts = [i for i in range(len(data) - 3) if data[i:i + 3] == b"\xff\xd8\xff"]
+    assert len(starts) >= len(frames)
+    for k in bad:
+        begin = starts[k] + 2
+        data[begin:begin + 600] = b"\x00" * 600  # SOI kept, headers and entropy data destroyed
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_video_goes_on_past_corrupt_frames_counts_them_and_exits_1(tmp_path, tiny_onnx, capsys):
+    clip = corrupt_mjpg_clip(tmp_path / "broken.avi", still_face_frames(100), range(34, 38))
+    jsonl = tmp_path / "frames.jsonl"
+    code = run(["runtime", "video", str(clip), "--model", str(tiny_onnx), "--provider", "cpu", "--jsonl",
+                str(jsonl), "--detect-every", "10"])
+    err = capsys.readouterr().err
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert code == 1 and "skipped" in err
+    assert len(lines) >= 90 and lines[-1]["frame"] == 99
+    assert 34 not in [line["frame"] for line in lines]
+
+
+def test_video_stop_request_finalises_a_playable_video_and_a_complete_jsonl(tmp_path, tiny_onnx):
+    clip = write_clip(tmp_path / "clip.mp4", still_face_frames(30))
+    landmarker = FaceLandmarker(tiny_onnx, provider="cpu", threads=1)
+    out, jsonl = tmp_path / "out" / "annotated.mp4", tmp_path / "out" / "frames.jsonl"
+    seen = []
+    summary = run_video(str(clip), landmarker, out=out, jsonl=jsonl, on_frame=seen.append,
+                        stop_requested=lambda: len(seen) >= 10)
+    assert summary.interrupted and summary.frames == 10
+    assert [json.loads(x)["frame"] for x in jsonl.read_text().splitlines()] == list(range(10))
+    capture = cv2.VideoCapture(str(out))
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 10 and capture.read()[0]
+    capture.release()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["annotated.mp4", "frames.jsonl"]

@@ -54,7 +54,8 @@ def test_landmarks_follow_the_pixels_under_augmentation(tmp_path, augment):
     torch.manual_seed(0)
     flips = 0
     for _ in range(12):
-        image, target = dataset[0]
+        image, target, is_face = dataset[0]
+        assert is_face.item() == 1.0
         crop = image[0].numpy()
         points = (target.numpy() + 0.5) * contract.size
         # The spot was painted at point 36. Unflipped it stays there; flipped, the mirror moves it to the image's
@@ -103,7 +104,8 @@ def test_tiny_run_overfits_a_few_faces(tmp_path):
     assert result.history[-1].train_loss < 0.3 * result.history[0].train_loss
     doc = torch.load(result.best_path, weights_only=True)  # plain types only
     assert doc["format"] == "facemark-checkpoint/1"
-    assert doc["model"] == {"arch": "resnet18", "in_channels": 1, "num_points": 68, "image_size": 64}
+    assert doc["model"] == {"arch": "resnet18", "in_channels": 1, "num_points": 68, "image_size": 64,
+                            "head": "regression", "presence": False}
     assert doc["contract"]["size"] == 64 and doc["metrics"]["val_nme"] == pytest.approx(best)
     assert doc["train"]["data"] == [SAMPLES_XML] and doc["train"]["seed"] == 0
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -140,6 +142,19 @@ class Recorder(Callbacks):
         self.epochs.append(stats)
 
 
+def test_pip_head_with_presence_overfits_a_few_faces_and_scores_faces_above_background(tmp_path):
+    """The pip codec's loss trains the network (landmarks decoded in the model) and the presence head learns
+    to tell the faces from face-free crops of the same photos."""
+    torch.manual_seed(0)
+    result = train(tiny_config(tmp_path, epochs=30, head="pip", presence=True, negatives_per_face=0.5))
+    first, best = result.history[0].val_nme, result.best_val_nme
+    assert best < 0.5 * first, (first, best)
+    assert result.history[-1].val_presence_auc is not None and result.history[-1].val_presence_auc > 0.8
+    doc = torch.load(result.best_path, weights_only=True)
+    assert doc["model"]["head"] == "pip" and doc["model"]["presence"] is True
+    assert len(doc["model"]["neighbors"]) == 68 and all(len(n) == 10 for n in doc["model"]["neighbors"])
+
+
 def test_split_is_reported_and_callbacks_fire(tmp_path):
     rec = Recorder()
     train(tiny_config(tmp_path, val_data=[], max_images=None, epochs=1, batch_size=16), rec)
@@ -153,7 +168,8 @@ def test_train_and_evaluate_cli(tmp_path):
                 "--image-size", "64", "--batch-size", "8", "--max-images", "8", "--workers", "0"])
     assert code == 0 and (out / "best.pt").is_file() and (out / "last.pt").is_file()
     report = tmp_path / "eval.json"
-    code = run(["evaluate", "--model", str(out / "best.pt"), "--data", SAMPLES_XML, "--json", str(report),
+    code = run(["evaluate", "--model", str(out / "best.pt"), "--data", SAMPLES_XML, "--split", "all",
+                "--json", str(report),
                 "--csv", str(tmp_path / "faces.csv"), "--plot", str(tmp_path / "ced.png")])
     assert code == 0
     doc = json.loads(report.read_text())
@@ -162,3 +178,83 @@ def test_train_and_evaluate_cli(tmp_path):
     assert len((tmp_path / "faces.csv").read_text().splitlines()) == 26
     assert cv2.imread(str(tmp_path / "ced.png")) is not None
     assert run(["evaluate", "--model", str(tmp_path / "missing.pt"), "--data", SAMPLES_XML]) == 2
+
+
+# --- a train that never hangs, resumes exactly, never overwrites (issue 12) -----------------------------------
+def test_bad_choice_is_refused_before_any_data_is_read(tmp_path, capsys):
+    code = run(["train", "--data", str(tmp_path / "missing"), "--loss", "foo", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--loss" in err and "missing" not in err
+    with pytest.raises(Exception, match="--optimizer 'sgd'"):
+        train(tiny_config(tmp_path, optimizer="sgd", data=[str(tmp_path / "missing")]))
+
+
+def test_an_exception_in_a_step_ends_the_run_and_its_loader_workers(tmp_path, monkeypatch):
+    import multiprocessing
+    import time
+
+    import facemark.train.loop as loop
+
+    def boom(*_args, **_kwargs):
+        raise RuntimeError("boom in the step")
+
+    monkeypatch.setattr(loop, "compute_loss", boom)
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match="boom"):
+        train(tiny_config(tmp_path, workers=1, epochs=3))
+    assert time.perf_counter() - t0 < 120
+    deadline = time.time() + 10
+    while multiprocessing.active_children() and time.time() < deadline:
+        time.sleep(0.1)
+    assert not multiprocessing.active_children()
+
+
+def test_interrupted_run_resumes_at_the_exact_scheduler_step_and_ends(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=3, batch_size=2, max_images=16, schedule="onecycle")
+    steps = {"n": 0}
+
+    def stop_in_epoch_two() -> bool:
+        steps["n"] += 1
+        return steps["n"] == 8 + 3  # 8 steps per epoch: stop after the third step of epoch 2
+
+    first = train(cfg, stop_requested=stop_in_epoch_two)
+    assert first.interrupted and len(first.history) == 1
+    resumed = train(TrainConfig(data=[]), resume=first.last_path)
+    assert not resumed.interrupted and [h.epoch for h in resumed.history] == [1, 2, 3]
+    state = load_checkpoint(resumed.last_path)["state"]
+    assert state["scheduler"]["last_epoch"] == 3 * 8 == state["scheduler"]["total_steps"]
+
+
+def test_resume_stays_in_its_folder_extends_epochs_and_refuses_contradictions(tmp_path, monkeypatch, capsys):
+    from facemark.errors import DataError
+
+    run_dir = tmp_path / "work"
+    run_dir.mkdir()
+    monkeypatch.chdir(run_dir)
+    cfg = tiny_config(tmp_path, epochs=1, out="runs/a", data=[SAMPLES_XML], val_data=[SAMPLES_XML])
+    first = train(cfg)
+    best = first.best_path.resolve()
+    last = (run_dir / "runs" / "a" / "last.pt").resolve()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    longer = train(TrainConfig(data=[], epochs=2), resume=last, explicit={"epochs"})
+    assert longer.last_path.resolve() == last and [h.epoch for h in longer.history] == [1, 2]
+    assert not (elsewhere / "runs").exists()
+    with pytest.raises(DataError, match="--image-size"):
+        train(TrainConfig(data=[], image_size=96), resume=last, explicit={"image_size"})
+    with pytest.raises(DataError, match="no training state"):
+        train(TrainConfig(data=[]), resume=best)
+    capsys.readouterr()
+    assert run(["train", "--resume", str(last), "--batch-size", "4"]) == 2  # given on the command line: checked
+    assert "contradicts" in capsys.readouterr().err
+
+
+def test_a_new_run_never_overwrites_an_existing_run_folder(tmp_path):
+    first = train(tiny_config(tmp_path, epochs=1))
+    second = train(tiny_config(tmp_path, epochs=1))
+    assert first.best_path.parent.name == "run" and second.best_path.parent.name == "run-2"
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+    reused = train(tiny_config(tmp_path, epochs=1), exist_ok=True)
+    assert reused.best_path.parent.name == "run"
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1

@@ -39,7 +39,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         doc = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
-        raise ModelError(f"{p}: not a readable checkpoint ({exc.__class__.__name__}: {exc})") from None
+        # torch's message suggests weights_only=False: arbitrary code execution for an untrusted file. Never
+        # relayed; facemark checkpoints hold plain types only (GUIDE section 3).
+        kind = "holds objects other than tensors and plain types" if "weights_only" in str(exc) else "is damaged"
+        raise ModelError(f"{p}: not a facemark checkpoint: it {kind} ({exc.__class__.__name__}); facemark only "
+                         "loads plain-type checkpoints written by `facemark train`") from None
     if not isinstance(doc, dict) or doc.get("format") != CHECKPOINT_FORMAT:
         found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
         raise ModelError(f"{p}: not a facemark checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r})")
@@ -49,10 +53,16 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 def load_model(path: str | os.PathLike) -> tuple[LandmarkNet, CropContract, dict]:
     """The network in eval mode on CPU, its contract, and the whole checkpoint dict."""
     doc = load_checkpoint(path)
-    model = build_model(doc["model"])
-    model.load_state_dict(doc["state_dict"])
+    try:
+        model = build_model(doc["model"])
+        model.load_state_dict(doc["state_dict"])
+        contract = CropContract.from_dict(doc["contract"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise ModelError(f"{path}: the checkpoint's network cannot be rebuilt here ({exc.__class__.__name__}: "
+                         f"{detail})") from None
     model.eval()
-    return model, CropContract.from_dict(doc["contract"]), doc
+    return model, contract, doc
 
 
 def file_sha256(path: str | os.PathLike) -> str:

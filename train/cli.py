@@ -17,42 +17,75 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from facemark.errors import FacemarkError
+from facemark.train.options import Device, Head, Loss, Optimizer, Schedule
+
 console = Console()
 
 
+# typer parameter name -> TrainConfig field, for the options a resumed run compares with its saved settings.
+CONFIG_FIELDS = {"data": "data", "val_data": "val_data", "out": "out", "epochs": "epochs",
+                 "batch_size": "batch_size", "image_size": "image_size", "loss": "loss", "head": "head",
+                 "pip_stride": "pip_stride", "presence": "presence", "lr": "lr", "optimizer": "optimizer",
+                 "schedule": "schedule", "device": "device", "amp": "amp", "max_images": "max_images",
+                 "seed": "seed", "workers": "workers"}
+
+
 def train_command(
-    data: list[Path] = typer.Option(..., "--data", help="dlib XML file or folder of .pts files; repeatable."),
+    ctx: typer.Context,
+    data: list[Path] = typer.Option(None, "--data", help="dlib XML file or folder of .pts files; repeatable "
+                                    "(required unless --resume)."),
     val_data: list[Path] = typer.Option([], "--val-data", help="Validation data (default: seeded 10% split)."),
-    out: Path = typer.Option(Path("runs/train"), "--out", help="Run folder: best.pt, last.pt, metrics.jsonl."),
-    epochs: int = typer.Option(60, "--epochs"),
-    batch_size: int = typer.Option(64, "--batch-size"),
-    image_size: int = typer.Option(224, "--image-size", help="Crop side in pixels."),
-    loss: str = typer.Option("l1", "--loss", help="l1 | mse | wing"),
+    out: Path = typer.Option(Path("runs/train"), "--out", help="Run folder: best.pt, last.pt, metrics.jsonl "
+                             "(a folder holding a run already gets the next free name, runs/train-2, ...)."),
+    exist_ok: bool = typer.Option(False, "--exist-ok", help="Reuse --out even when it holds a run."),
+    epochs: int = typer.Option(55, "--epochs", min=1, help="With --resume: a larger value extends the schedule."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    image_size: int = typer.Option(128, "--image-size", min=16, help="Crop side in pixels."),
+    loss: Loss = typer.Option("l1", "--loss", help="Landmark loss (pip: the offsets' loss)."),
+    head: Head = typer.Option("pip", "--head", help="pip: score maps + offsets, decoded in the graph; "
+                              "regression: the tutorial's fc."),
+    pip_stride: int = typer.Option(16, "--pip-stride", help="pip feature stride: 16 (FPN step) | 32 (layer4)"),
+    presence: bool = typer.Option(True, "--presence/--no-presence",
+                                  help="Train a face-presence score on face-free crops of the training photos."),
     lr: float = typer.Option(3e-4, "--lr", help="Peak learning rate."),
-    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | adam (the tutorial: adam, 1e-4)."),
-    schedule: str = typer.Option("onecycle", "--schedule", help="onecycle | cosine | constant"),
-    rotate: float = typer.Option(15.0, "--rotate", help="Rotation jitter in degrees (the tutorial: 10)."),
+    optimizer: Optimizer = typer.Option("adamw", "--optimizer", help="The tutorial: adam, 1e-4."),
+    schedule: Schedule = typer.Option("onecycle", "--schedule"),
+    rotate: float = typer.Option(30.0, "--rotate", help="Rotation jitter in degrees (the tutorial: 10, PIPNet 30)."),
     flip: bool = typer.Option(True, "--flip/--no-flip", help="Horizontal flip with the point permutation."),
     zoom: float = typer.Option(0.1, "--zoom", help="Box scale jitter (share of the side)."),
     shift: float = typer.Option(0.08, "--shift", help="Box shift jitter (share of the side)."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    detector_boxes: float = typer.Option(
+        0.5, "--detector-boxes",
+        help="Share of face crops jittered like calibrated Haar boxes (centre sigma 0.10/0.046 of the box side, "
+             "log-scale sigma 0.09: measured by `python -m facemark.benchmarks.box_noise`)."),
+    device: Device = typer.Option("auto", "--device"),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="CUDA autocast; CPU bf16 autocast where supported."),
-    resume: Path | None = typer.Option(None, "--resume", help="Continue from a last.pt."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue a run from its last.pt, in its own folder "
+                                       "with its saved settings."),
     max_images: int | None = typer.Option(None, "--max-images", help="Use at most N training faces."),
     seed: int = typer.Option(0, "--seed"),
     workers: int = typer.Option(1, "--workers", help="Data loader processes."),
 ) -> None:
-    """Train the ResNet18 landmark regressor; keeps best.pt (by validation NME) and last.pt."""
+    """Train the ResNet18 landmark network (PIP or regression head, presence score); keeps best.pt (by
+    validation NME) and last.pt."""
     from dataclasses import asdict
 
-    from facemark.train.dataset import AugmentConfig
+    if not data and resume is None:
+        raise typer.BadParameter("--data is required (unless --resume continues a run)", param_hint="--data")
+    explicit = {CONFIG_FIELDS[name] for name in CONFIG_FIELDS
+                if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}
+
+    from facemark.train.dataset import HAAR_LOG_SCALE, HAAR_SHIFT_X, HAAR_SHIFT_Y, AugmentConfig
     from facemark.train.loop import TrainConfig, train
 
-    aug = AugmentConfig(rotate_deg=rotate, flip=flip, zoom=zoom, shift=shift)
+    aug = AugmentConfig(rotate_deg=rotate, flip=flip, zoom=zoom, shift=shift, det_p=detector_boxes,
+                        det_shift_x=HAAR_SHIFT_X, det_shift_y=HAAR_SHIFT_Y, det_log_scale=HAAR_LOG_SCALE)
     cfg = TrainConfig(
-        data=[str(p) for p in data], val_data=[str(p) for p in val_data], out=str(out), epochs=epochs,
-        batch_size=batch_size, image_size=image_size, loss=loss, lr=lr, optimizer=optimizer, schedule=schedule,
-        device=device, amp=amp, max_images=max_images, seed=seed, workers=workers, augment=asdict(aug),
+        data=[str(p) for p in data or []], val_data=[str(p) for p in val_data], out=str(out), epochs=epochs,
+        batch_size=batch_size, image_size=image_size, loss=loss.value, head=head.value, pip_stride=pip_stride,
+        presence=presence, lr=lr, optimizer=optimizer.value, schedule=schedule.value,
+        device=device.value, amp=amp, max_images=max_images, seed=seed, workers=workers, augment=asdict(aug),
     )
     stop = {"requested": False}
 
@@ -65,7 +98,13 @@ def train_command(
     old = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with _ProgressCallbacks() as callbacks:
-            result = train(cfg, callbacks, resume=resume, stop_requested=lambda: stop["requested"])
+            result = train(cfg, callbacks, resume=resume, stop_requested=lambda: stop["requested"],
+                           explicit=explicit, exist_ok=exist_ok)
+    except FacemarkError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- any failure: one line, exit 2, loader workers already stopped
+        detail = " ".join(str(exc).split())[:500]
+        raise FacemarkError(f"training failed: {exc.__class__.__name__}: {detail}") from exc
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
@@ -115,9 +154,10 @@ class _ProgressCallbacks:
 
     def on_epoch_end(self, stats) -> None:
         mark = " *" if stats.best else ""
+        auc = "" if stats.val_presence_auc is None else f"  presence AUC {stats.val_presence_auc:.4f}"
         self.progress.console.print(
             f"epoch {stats.epoch:3d}  loss {stats.train_loss:.4f}  val NME {100 * stats.val_nme:.2f}% "
-            f"(median {100 * stats.val_nme_median:.2f}%)  lr {stats.lr:.2e}  {stats.images_per_s:.0f} img/s  "
+            f"(median {100 * stats.val_nme_median:.2f}%){auc}  lr {stats.lr:.2e}  {stats.images_per_s:.0f} img/s  "
             f"data wait {100 * stats.data_wait_share:.0f}%  {stats.seconds:.0f}s{mark}",
             highlight=False,
         )

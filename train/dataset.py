@@ -20,21 +20,34 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from facemark.contract import CropContract, apply_affine, box_from_landmarks
-from facemark.data import FaceRecord
+from facemark.contract import Box, CropContract, apply_affine, box_from_landmarks, box_iou
+from facemark.data import FaceRecord, other_faces
 from facemark.imageio import read_gray
 from facemark.scheme import FLIP_PERMUTATION
 
-# Room for the largest augmentation: 15 deg rotation (x1.22), 10 % zoom out and 8 % shift fit inside 1.6.
+# Room for the largest augmentation: 30 deg rotation (x1.37) with 10 % zoom out fits inside 1.6; the rarer
+# larger detector-like zooms and shifts see the contract's constant border there, as they would at the image edge.
 CACHE_MARGIN = 1.6
+
+
+# Calibrated Haar box vs landmark box on 533 training faces (`python -m facemark.benchmarks.box_noise --data
+# ../shared/data/300w`): robust sigma of the centre error in box sides (x, y) and of log(side ratio).
+HAAR_SHIFT_X, HAAR_SHIFT_Y, HAAR_LOG_SCALE = 0.10, 0.046, 0.09
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    rotate_deg: float = 15.0  # uniform in [-r, r]; the tutorial uses 10
+    rotate_deg: float = 15.0  # uniform in [-r, r]; the tutorial uses 10, PIPNet 30
     zoom: float = 0.1  # crop side x uniform [1 - z, 1 + z]: robustness to detector box size
     shift: float = 0.08  # crop centre moves by up to this share of the side
     flip: bool = True
+    # Detector-like boxes: with probability det_p the box is jittered like a calibrated Haar box instead
+    # (normal centre error in units of the landmark box side, log-normal side ratio), measured with
+    # `python -m facemark.benchmarks.box_noise` (README, docs/MODEL.md). 0 = off.
+    det_p: float = 0.0
+    det_shift_x: float = 0.0
+    det_shift_y: float = 0.0
+    det_log_scale: float = 0.0
     brightness: float = 0.25  # the tutorial's brightness/contrast jitter
     contrast: float = 0.25
     gamma: float = 0.3  # log-uniform gamma in [1/(1+g), 1+g]
@@ -44,7 +57,8 @@ class AugmentConfig:
 
     @classmethod
     def none(cls) -> AugmentConfig:
-        return cls(0.0, 0.0, 0.0, False, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        return cls(rotate_deg=0.0, zoom=0.0, shift=0.0, flip=False, brightness=0.0, contrast=0.0, gamma=0.0,
+                   blur_p=0.0, noise_p=0.0, occlude_p=0.0)
 
 
 class FaceCache:
@@ -71,11 +85,19 @@ class FaceCache:
         return len(self.crops)
 
 
-def augment_matrix(rng: np.random.Generator, cache_side: int, size: int, aug: AugmentConfig) -> tuple[np.ndarray, bool]:
-    """Cache -> crop affine of one random rotation/zoom/shift (+flip). Identity augmentation = nominal crop."""
+def augment_matrix(rng: np.random.Generator, cache_side: int, size: int, aug: AugmentConfig,
+                   crop_scale: float = 1.25) -> tuple[np.ndarray, bool]:
+    """Cache -> crop affine of one random rotation/zoom/shift (+flip). Identity augmentation = nominal crop.
+
+    `crop_scale` (the contract's crop side / box side) converts detector-like errors, measured in box sides,
+    into shares of the crop."""
     angle = math.radians(rng.uniform(-aug.rotate_deg, aug.rotate_deg)) if aug.rotate_deg else 0.0
-    zoom = rng.uniform(1 - aug.zoom, 1 + aug.zoom) if aug.zoom else 1.0
-    shift = rng.uniform(-aug.shift, aug.shift, size=2) * size if aug.shift else np.zeros(2)
+    if aug.det_p and rng.random() < aug.det_p:
+        zoom = math.exp(rng.normal(0.0, aug.det_log_scale))
+        shift = rng.normal(0.0, [aug.det_shift_x, aug.det_shift_y]) / crop_scale * size
+    else:
+        zoom = rng.uniform(1 - aug.zoom, 1 + aug.zoom) if aug.zoom else 1.0
+        shift = rng.uniform(-aug.shift, aug.shift, size=2) * size if aug.shift else np.zeros(2)
     flip = bool(aug.flip and rng.random() < 0.5)
     k = size * CACHE_MARGIN / cache_side / zoom  # cache pixels -> crop pixels
     c, s = math.cos(angle) * k, math.sin(angle) * k
@@ -109,17 +131,79 @@ def photometric(crop: np.ndarray, rng: np.random.Generator, aug: AugmentConfig) 
     return np.clip(x, 0, 255)
 
 
-class AugmentedFaces(Dataset):
-    """(input 1 x S x S float32 in [-1, 1], target 68 x 2 normalised) pairs from a FaceCache."""
+class NegativeSource:
+    """Face-free crops for the presence head, cut on the fly from the training photos.
 
-    def __init__(self, cache: FaceCache, contract: CropContract, aug: AugmentConfig) -> None:
+    Half are the annotated face's neighbourhood -- boxes of 0.5-2x the face's size shifted until they overlap
+    it (and every other annotated face of the photo) by IoU < `max_iou` and do not hold a whole face at a
+    smaller scale: foreheads, shirts, half faces, the things a tracker drifts onto; half are boxes anywhere in
+    the photo. Photos are kept whole in memory as
+    grayscale (about 0.3 GB for 300-W's training split).
+    """
+
+    def __init__(self, records: Sequence[FaceRecord], contract: CropContract, max_iou: float = 0.3) -> None:
+        self.contract, self.max_iou = contract, max_iou
+        self.images: list[np.ndarray] = []
+        self.boxes: list[list[Box]] = []  # every known face of the photo, the annotated one first
+        others = other_faces(records)
+        for record, extra in zip(records, others, strict=True):
+            self.images.append(read_gray(record.image_path))
+            self.boxes.append([box_from_landmarks(record.landmarks), *extra])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def sample_box(self, index: int, rng: np.random.Generator) -> Box:
+        """A square box overlapping no known face of photo `index` by IoU >= max_iou."""
+        gray, faces = self.images[index], self.boxes[index]
+        h, w = gray.shape[:2]
+        fx, fy, fw, fh = faces[0]
+        face_side = max(fw, fh, 8.0)
+        near = rng.random() < 0.5
+        for _ in range(50):
+            if near:
+                side = face_side * math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
+                cx = fx + fw / 2 + rng.uniform(-1.5, 1.5) * face_side
+                cy = fy + fh / 2 + rng.uniform(-1.5, 1.5) * face_side
+            else:
+                side = min(h, w) * rng.uniform(0.1, 0.8)
+                cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+            box = (cx - side / 2, cy - side / 2, side, side)
+            if all(box_iou(box, f) < self.max_iou and not _holds_whole_face(box, f) for f in faces):
+                return box
+        return (0.0, 0.0, 16.0, 16.0)  # a corner: every photo here has one away from the face
+
+    def crop(self, index: int, rng: np.random.Generator) -> np.ndarray:
+        box = self.sample_box(index, rng)
+        return self.contract.warp(self.images[index], self.contract.crop_matrix(box))
+
+
+def _holds_whole_face(box: Box, face: Box) -> bool:
+    """A box around the whole face, only too large (a smaller face, not a non-face): never a negative."""
+    x, y, side, _ = box
+    fx, fy, fw, fh = face
+    cx, cy = fx + fw / 2, fy + fh / 2
+    return x <= cx <= x + side and y <= cy <= y + side and side >= 0.5 * max(fw, fh)
+
+
+class AugmentedFaces(Dataset):
+    """(input 1 x S x S float32 in [-1, 1], target 68 x 2 normalised, is_face 0/1) from a FaceCache.
+
+    With a NegativeSource, `negatives_per_face` extra items per epoch are face-free crops (target zeros,
+    is_face 0) for the presence head; the landmark loss ignores them.
+    """
+
+    def __init__(self, cache: FaceCache, contract: CropContract, aug: AugmentConfig,
+                 negatives: NegativeSource | None = None, negatives_per_face: float = 0.0) -> None:
         self.cache, self.contract, self.aug = cache, contract, aug
+        self.negatives = negatives
+        self.num_negatives = int(round(len(cache) * negatives_per_face)) if negatives is not None else 0
         self._rng: np.random.Generator | None = None
         self._rng_pid = -1
         self._flip = np.asarray(FLIP_PERMUTATION)
 
     def __len__(self) -> int:
-        return len(self.cache)
+        return len(self.cache) + self.num_negatives
 
     def _generator(self) -> np.random.Generator:
         # One stream per process, seeded from torch's per-worker seed: reproducible under a fixed --seed.
@@ -128,19 +212,37 @@ class AugmentedFaces(Dataset):
             self._rng_pid = os.getpid()
         return self._rng
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rng = self._generator()
         size = self.contract.size
-        m, flipped = augment_matrix(rng, self.cache.side, size, self.aug)
+        if index >= len(self.cache):
+            crop = self.negatives.crop(int(rng.integers(len(self.negatives))), rng)
+            if self.aug.flip and rng.random() < 0.5:
+                crop = crop[:, ::-1]
+            return self._tensor(crop, rng), torch.zeros(68, 2), torch.tensor(0.0)
+        m, flipped = augment_matrix(rng, self.cache.side, size, self.aug, self.contract.scale)
         crop = cv2.warpAffine(self.cache.crops[index], m, (size, size), flags=cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_CONSTANT, borderValue=self.contract.border_value)
         points = apply_affine(m, self.cache.points[index])
         if flipped:
             points = points[self._flip]
-        pixels = photometric(crop, rng, self.aug)
-        image = (pixels / 255.0 - self.contract.mean) / self.contract.std
         target = points / size - 0.5
-        return torch.from_numpy(image[None].astype(np.float32)), torch.from_numpy(target.astype(np.float32))
+        return self._tensor(crop, rng), torch.from_numpy(target.astype(np.float32)), torch.tensor(1.0)
+
+    def _tensor(self, crop: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        pixels = photometric(np.ascontiguousarray(crop), rng, self.aug)
+        image = (pixels / 255.0 - self.contract.mean) / self.contract.std
+        return torch.from_numpy(image[None].astype(np.float32))
+
+
+def validation_negatives(records: Sequence[FaceRecord], contract: CropContract, seed: int = 0) -> np.ndarray:
+    """Deterministic face-free network inputs (one per validation photo) for the presence head's AUC."""
+    source = NegativeSource(records, contract)
+    rng = np.random.default_rng(seed)
+    crops = [source.crop(i, rng) for i in range(len(source))]
+    if not crops:
+        return np.zeros((0, 1, contract.size, contract.size), np.float32)
+    return contract.normalize(np.stack(crops))
 
 
 def validation_tensors(records: Sequence[FaceRecord], contract: CropContract,

@@ -7,29 +7,42 @@ Library code: progress goes to a callback, interruption is a flag; the CLI owns 
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import os
 import random
 import signal
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from facemark.contract import CropContract
+from facemark.contract import CropContract, box_from_landmarks
 from facemark.data import FaceRecord, load_records, split_records
 from facemark.errors import DataError
-from facemark.metrics import nme_per_face
+from facemark.metrics import nme_per_face, roc_auc
 from facemark.train.checkpoint import load_checkpoint, save_checkpoint
-from facemark.train.dataset import AugmentConfig, AugmentedFaces, FaceCache, validation_tensors
-from facemark.train.model import LandmarkNet
+from facemark.train.codecs import nearest_neighbors, point_loss
+from facemark.train.dataset import (
+    AugmentConfig,
+    AugmentedFaces,
+    FaceCache,
+    NegativeSource,
+    validation_negatives,
+    validation_tensors,
+)
+from facemark.train.model import LandmarkNet, build_model
+from facemark.train.options import DEVICES, HEADS, LOSSES, OPTIMIZERS, PIP_STRIDES, SCHEDULES
 
 
 @dataclass
@@ -37,11 +50,18 @@ class TrainConfig:
     data: list[str]
     val_data: list[str] = field(default_factory=list)  # empty: the deterministic split of `data`
     out: str = "runs/train"
+    cwd: str = ""  # the folder relative --data / --out paths were given in (resolved against it on --resume)
     epochs: int = 60
     batch_size: int = 64
     image_size: int = 224
     crop_scale: float = 1.25
-    loss: str = "l1"  # l1 | mse | wing
+    loss: str = "l1"  # l1 | mse | wing (the offsets' loss for the pip head)
+    head: str = "regression"  # regression | pip (older checkpoints have no key: regression)
+    pip_stride: int = 16
+    pip_neighbors: int = 10
+    presence: bool = False  # face-presence head, trained on face-free crops of the training photos
+    negatives_per_face: float = 0.2
+    presence_weight: float = 1.0
     optimizer: str = "adamw"  # adamw | adam
     lr: float = 3e-4
     weight_decay: float = 1e-4
@@ -59,6 +79,20 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    def validate(self) -> None:
+        """Every choice and number checked before any data is read: one DataError naming the option."""
+        for name, value, allowed in (("loss", self.loss, LOSSES), ("optimizer", self.optimizer, OPTIMIZERS),
+                                     ("schedule", self.schedule, SCHEDULES), ("head", self.head, HEADS),
+                                     ("pip-stride", self.pip_stride, PIP_STRIDES)):
+            if value not in allowed:
+                raise DataError(f"--{name} {value!r}: choose one of {', '.join(map(str, allowed))}")
+        if self.device.split(":")[0] not in DEVICES:
+            raise DataError(f"--device {self.device!r}: choose one of {', '.join(DEVICES)} (or cuda:N)")
+        if self.epochs < 1 or self.batch_size < 1 or self.image_size < 16:
+            raise DataError("--epochs and --batch-size must be >= 1 and --image-size >= 16")
+        if self.head == "pip" and self.image_size % self.pip_stride:
+            raise DataError(f"--image-size {self.image_size} must be a multiple of the pip stride {self.pip_stride}")
+
 
 @dataclass
 class EpochStats:
@@ -71,6 +105,7 @@ class EpochStats:
     data_wait_share: float
     seconds: float
     best: bool
+    val_presence_auc: float | None = None  # face crops vs face-free crops of the validation photos
 
 
 @dataclass
@@ -120,23 +155,102 @@ def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
 
 
 def landmark_loss(name: str, pred: torch.Tensor, target: torch.Tensor, size: int) -> torch.Tensor:
-    if name == "l1":
-        return (pred - target).abs().mean()
-    if name == "mse":
-        return ((pred - target) ** 2).mean()
-    if name == "wing":  # Feng et al. 2018, in crop pixels: w=10, eps=2
-        x = (pred - target).abs() * size
-        w, eps = 10.0, 2.0
-        c = w - w * math.log1p(w / eps)
-        return torch.where(x < w, w * torch.log1p(x / eps), x - c).mean() / size
-    raise ValueError(f"unknown loss {name!r} (l1, mse, wing)")
+    """Mean landmark loss of direct predictions (normalised units); Wing works in crop pixels of `size`."""
+    return point_loss(name, pred, target, size).mean()
+
+
+def unwrap(model: nn.Module) -> LandmarkNet:
+    return model.module if hasattr(model, "module") else model
+
+
+def compute_loss(net: LandmarkNet, raw: dict[str, torch.Tensor], target: torch.Tensor, is_face: torch.Tensor | None,
+                 loss_name: str, size: int, presence_weight: float = 1.0) -> torch.Tensor:
+    """The head codec's landmark loss on face samples, plus the presence BCE on all samples when present."""
+    mask = is_face > 0.5 if is_face is not None else None
+    loss = net.codec.loss(raw, target, loss_name, size, mask)
+    if "face_logit" in raw and is_face is not None:
+        loss = loss + presence_weight * F.binary_cross_entropy_with_logits(raw["face_logit"].float(), is_face)
+    return loss
 
 
 def _ignore_signals_in_worker(_worker_id: int) -> None:
     # Ctrl-C reaches the whole process group: loader workers must not die of it, the main process stops
-    # cleanly at a step boundary and saves last.pt.
+    # cleanly at a step boundary and saves last.pt. But a worker must never outlive its parent (killed, or
+    # crashed): Linux delivers SIGKILL to it when the parent dies.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def _shutdown_loader(loader: DataLoader) -> None:
+    """Stop persistent loader workers now (an exception would otherwise leave them for interpreter exit)."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    loader._iterator = None
+
+
+def resolve_resume(resume: str | os.PathLike, requested: TrainConfig | None, explicit: set[str]
+                   ) -> tuple[dict, TrainConfig]:
+    """The checkpoint to resume and the config to continue with.
+
+    The run continues in the checkpoint's own folder with its saved settings; relative data paths resolve
+    against the folder they were given in. A larger `epochs` among `explicit` options extends the schedule;
+    any other explicit option that contradicts the saved run is refused with one line."""
+    path = Path(resume)
+    doc = load_checkpoint(path)
+    if "state" not in doc:
+        raise DataError(f"{path}: holds no training state (optimizer, scheduler); resume from the run's last.pt")
+    saved = TrainConfig.from_dict(doc["train"])
+    base = Path(saved.cwd) if saved.cwd else Path.cwd()
+    saved.data = [str(p if Path(p).is_absolute() else base / p) for p in saved.data]
+    saved.val_data = [str(p if Path(p).is_absolute() else base / p) for p in saved.val_data]
+    saved.out = str(path.resolve().parent)
+    if requested is not None:
+        for name in sorted(explicit - {"epochs", "device", "workers", "out"}):
+            mine, theirs = getattr(requested, name), getattr(saved, name)
+            if name in ("data", "val_data"):
+                mine = [str(Path(p).resolve()) for p in mine]
+                theirs = [str(Path(p).resolve()) for p in theirs]
+            if mine != theirs:
+                raise DataError(f"--resume {path}: --{name.replace('_', '-')} {mine!r} contradicts the saved run "
+                                f"({theirs!r}); drop the option or start a new run")
+        if "out" in explicit and Path(requested.out).resolve() != Path(saved.out):
+            raise DataError(f"--resume {path}: the run continues in its own folder {saved.out}, not --out "
+                            f"{requested.out}")
+        if "epochs" in explicit:
+            done = doc["state"]["next_epoch"]
+            if requested.epochs < saved.epochs:
+                raise DataError(f"--resume {path}: --epochs {requested.epochs} is below the run's {saved.epochs}; "
+                                "a schedule can be extended, not shortened")
+            saved.epochs = max(requested.epochs, done)
+        saved.device, saved.workers = requested.device, requested.workers
+    return doc, saved
+
+
+def next_free_folder(out: str | os.PathLike) -> Path:
+    """`out` when it holds no run yet, else the first free `out-2`, `out-3`, ..."""
+    path = Path(out)
+    if not _holds_run(path):
+        return path
+    k = 2
+    while _holds_run(path.with_name(f"{path.name}-{k}")):
+        k += 1
+    return path.with_name(f"{path.name}-{k}")
+
+
+def _holds_run(path: Path) -> bool:
+    return path.is_dir() and any((path / n).exists() for n in ("best.pt", "last.pt", "metrics.jsonl"))
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -175,14 +289,16 @@ def _build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epo
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               x: torch.Tensor, y: torch.Tensor, loss_name: str, amp_dtype: torch.dtype | None,
-               device: torch.device) -> torch.Tensor:
-    """One optimisation step (channels_last input, autocast when `amp_dtype`); returns the loss."""
-    x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-    y = y.to(device, non_blocking=True)
+               batch: Sequence[torch.Tensor], loss_name: str, amp_dtype: torch.dtype | None,
+               device: torch.device, presence_weight: float = 1.0) -> torch.Tensor:
+    """One optimisation step on (x, y) or (x, y, is_face) (channels_last input, autocast when `amp_dtype`);
+    returns the loss."""
+    x = batch[0].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    y = batch[1].to(device, non_blocking=True)
+    is_face = batch[2].to(device, non_blocking=True) if len(batch) > 2 else None
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        pred = model(x)
-    loss = landmark_loss(loss_name, pred.float(), y, x.shape[-1])
+        raw = model(x, raw=True)  # through the DDP wrapper when distributed: it syncs the gradients
+    loss = compute_loss(unwrap(model), raw, y, is_face, loss_name, x.shape[-1], presence_weight)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -191,25 +307,61 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
 
 
 @torch.inference_mode()
-def validate(model: nn.Module, inputs: np.ndarray, targets: np.ndarray, device: torch.device,
-             batch_size: int = 64) -> np.ndarray:
-    """NME per validation face in fp32 (crop space: the crop is a similarity, NME is unchanged)."""
+def predict_outputs(model: LandmarkNet, inputs: np.ndarray, device: torch.device, batch_size: int = 64
+                    ) -> dict[str, np.ndarray]:
+    """Every decoded output of `model` (eval mode, fp32) for network inputs (N, 1, S, S)."""
     model.eval()
-    preds = []
+    parts: dict[str, list[np.ndarray]] = {}
     for i in range(0, len(inputs), batch_size):
         x = torch.from_numpy(inputs[i:i + batch_size]).to(device).contiguous(memory_format=torch.channels_last)
-        preds.append(model(x).float().cpu().numpy())
+        for name, value in model.outputs(x).items():
+            parts.setdefault(name, []).append(value.float().cpu().numpy())
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def validate(model: LandmarkNet, inputs: np.ndarray, targets: np.ndarray, device: torch.device,
+             batch_size: int = 64) -> np.ndarray:
+    """NME per validation face in fp32 (crop space: the crop is a similarity, NME is unchanged)."""
+    preds = predict_outputs(model, inputs, device, batch_size)["landmarks"]
     size = inputs.shape[-1]
-    return nme_per_face((np.concatenate(preds) + 0.5) * size, (targets + 0.5) * size)
+    return nme_per_face((preds + 0.5) * size, (targets + 0.5) * size)
+
+
+def presence_auc(model: LandmarkNet, faces: np.ndarray, negatives: np.ndarray, device: torch.device) -> float | None:
+    """ROC AUC of the face score between validation faces and face-free crops; None without a presence head."""
+    if not model.config.get("presence") or len(negatives) == 0:
+        return None
+    pos = predict_outputs(model, faces, device)["face_score"]
+    neg = predict_outputs(model, negatives, device)["face_score"]
+    return roc_auc(pos, neg)
+
+
+def mean_shape_neighbors(records: Sequence[FaceRecord], contract: CropContract, k: int) -> list[list[int]]:
+    """PIP's neighbour lists: the k nearest points of each point in the training faces' mean shape."""
+    shapes = [contract.encode_points(r.landmarks, contract.crop_matrix(box_from_landmarks(r.landmarks)))
+              for r in records]
+    return nearest_neighbors(np.mean(shapes, axis=0), k)
 
 
 def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os.PathLike | None = None,
-          stop_requested: Callable[[], bool] = lambda: False) -> TrainResult:
-    """Train per `cfg` (or continue `resume`'s run); returns paths and per-epoch statistics."""
+          stop_requested: Callable[[], bool] = lambda: False, explicit: set[str] | None = None,
+          exist_ok: bool = False) -> TrainResult:
+    """Train per `cfg` (or continue `resume`'s run in its own folder); returns paths and per-epoch statistics.
+
+    `explicit`: the options the user gave (the rest are defaults), checked against a resumed run. A new run
+    never reuses a folder that holds a run unless `exist_ok`: it takes the next free name (runs/train-2)."""
     cb = callbacks or Callbacks()
-    resumed = load_checkpoint(resume) if resume else None
-    if resumed is not None:
-        cfg = TrainConfig.from_dict({**resumed["train"], "device": cfg.device, "workers": cfg.workers})
+    cfg.validate()
+    resumed = None
+    if resume:
+        resumed, cfg = resolve_resume(resume, cfg, explicit or set())
+    else:
+        cfg.cwd = cfg.cwd or str(Path.cwd())
+        if not exist_ok and _dist_info()[0] == 0:
+            free = next_free_folder(cfg.out)
+            if str(free) != str(Path(cfg.out)):
+                cb.on_message(f"{cfg.out} holds a run already: writing {free} (--exist-ok reuses a folder)")
+            cfg.out = str(free)
     rank, local_rank, world = _dist_info()
     distributed = world > 1
     if distributed:
@@ -226,6 +378,8 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    if resumed is None and exist_ok:
+        (out / "metrics.jsonl").unlink(missing_ok=True)  # a reused folder starts a fresh history
     contract = CropContract(size=cfg.image_size, scale=cfg.crop_scale)
     train_records, val_records = load_split(cfg, log)
     log(f"faces: {len(train_records)} train, {len(val_records)} validation "
@@ -240,7 +394,13 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
 
     cache = FaceCache(train_records, contract, progress=tick if is_main else None)
     val_inputs, val_targets = validation_tensors(val_records, contract, progress=tick if is_main else None)
-    dataset = AugmentedFaces(cache, contract, AugmentConfig(**cfg.augment))
+    negatives, val_negatives = None, np.zeros((0, 1, contract.size, contract.size), np.float32)
+    if cfg.presence:
+        negatives = NegativeSource(train_records, contract)
+        val_negatives = validation_negatives(val_records, contract, cfg.seed)
+        log(f"presence head: {cfg.negatives_per_face:g} face-free crop(s) per face per epoch, "
+            f"{len(val_negatives)} for validation")
+    dataset = AugmentedFaces(cache, contract, AugmentConfig(**cfg.augment), negatives, cfg.negatives_per_face)
     sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=cfg.seed) if distributed else None
     loader = DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
@@ -249,7 +409,13 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
         prefetch_factor=4 if cfg.workers > 0 else None, worker_init_fn=_ignore_signals_in_worker,
     )
 
-    model = LandmarkNet(image_size=cfg.image_size).to(device).to(memory_format=torch.channels_last)
+    if resumed is not None:
+        model = build_model(resumed["model"])
+    else:
+        neighbors = mean_shape_neighbors(train_records, contract, cfg.pip_neighbors) if cfg.head == "pip" else None
+        model = LandmarkNet(image_size=cfg.image_size, head=cfg.head, pip_stride=cfg.pip_stride,
+                            neighbors=neighbors, presence=cfg.presence)
+    model = model.to(device).to(memory_format=torch.channels_last)
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay if cfg.optimizer == "adamw" else 0)
     scheduler = _build_scheduler(cfg, optimizer, len(loader))
@@ -260,7 +426,11 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
         model.load_state_dict(resumed["state_dict"])
         state = resumed["state"]
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        saved_steps = state["scheduler"]["last_epoch"]
+        if state["scheduler"].get("total_steps", cfg.epochs * len(loader)) == cfg.epochs * len(loader):
+            scheduler.load_state_dict(state["scheduler"])
+        # else: --epochs extended the run: the new schedule (built above for cfg.epochs) at the saved step
+        scheduler.last_epoch, scheduler._step_count = saved_steps, saved_steps + 1
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         start_epoch, best_nme = state["next_epoch"], state["best_val_nme"]
@@ -274,56 +444,65 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
     metrics_path = out / "metrics.jsonl"
     train_dict = {**asdict(cfg), "train_faces": len(train_records), "val_faces": len(val_records)}
 
-    def save_last(next_epoch: int) -> None:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    def save_last(next_epoch: int, scheduler_state: dict | None = None) -> None:
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler_state or scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "rng": _rng_state(), "next_epoch": next_epoch,
                  "best_val_nme": best_nme, "history": [asdict(h) for h in history]}
         metrics = asdict(history[-1]) if history else {"epoch": next_epoch}
         save_checkpoint(last_path, model, contract, train_dict, metrics, state)
 
     interrupted = False
-    for epoch in range(start_epoch, cfg.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        train_model.train()
-        cb.on_epoch_start(epoch, cfg.epochs, len(loader)) if is_main else None
-        t0 = time.perf_counter()
-        wait = 0.0
-        loss_sum, seen = 0.0, 0
-        t_ready = time.perf_counter()
-        for step, (x, y) in enumerate(loader):
-            wait += time.perf_counter() - t_ready
-            loss = train_step(train_model, optimizer, scaler, x, y, cfg.loss, amp_dtype, device)
-            scheduler.step()
-            loss_sum += loss.item() * len(x)
-            seen += len(x)
-            if is_main:
-                cb.on_step(step + 1, loss.item(), seen * world / (time.perf_counter() - t0))
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            train_model.train()
+            cb.on_epoch_start(epoch, cfg.epochs, len(loader)) if is_main else None
+            # An interrupted epoch runs again from its start on --resume: keep the schedule's state of that start.
+            scheduler_at_start = copy.deepcopy(scheduler.state_dict())
+            t0 = time.perf_counter()
+            wait = 0.0
+            loss_sum, seen = 0.0, 0
             t_ready = time.perf_counter()
-            if stop_requested():
-                interrupted = True
+            for step, batch in enumerate(loader):
+                x = batch[0]
+                wait += time.perf_counter() - t_ready
+                loss = train_step(train_model, optimizer, scaler, batch, cfg.loss, amp_dtype, device,
+                                  cfg.presence_weight)
+                scheduler.step()
+                loss_sum += loss.item() * len(x)
+                seen += len(x)
+                if is_main:
+                    cb.on_step(step + 1, loss.item(), seen * world / (time.perf_counter() - t0))
+                t_ready = time.perf_counter()
+                if stop_requested():
+                    interrupted = True
+                    break
+            if interrupted:
+                if is_main:
+                    save_last(epoch, scheduler_at_start)  # the interrupted epoch runs again on --resume
+                    log(f"interrupted: saved {last_path}; continue with --resume {last_path}")
                 break
-        if interrupted:
+            seconds = time.perf_counter() - t0
+            errors = validate(model, val_inputs, val_targets, device)
+            val_nme = float(errors.mean())
+            auc = presence_auc(model, val_inputs, val_negatives, device)
+            is_best = val_nme < best_nme
+            best_nme = min(best_nme, val_nme)
+            stats = EpochStats(epoch + 1, loss_sum / max(seen, 1), val_nme, float(np.median(errors)),
+                               optimizer.param_groups[0]["lr"], seen * world / seconds, wait / seconds, seconds,
+                               is_best, auc)
+            history.append(stats)
             if is_main:
-                save_last(epoch)  # the interrupted epoch runs again on --resume
-                log(f"interrupted: saved {last_path}; continue with --resume {last_path}")
-            break
-        seconds = time.perf_counter() - t0
-        errors = validate(model, val_inputs, val_targets, device)
-        val_nme = float(errors.mean())
-        is_best = val_nme < best_nme
-        best_nme = min(best_nme, val_nme)
-        stats = EpochStats(epoch + 1, loss_sum / max(seen, 1), val_nme, float(np.median(errors)),
-                           optimizer.param_groups[0]["lr"], seen * world / seconds, wait / seconds, seconds, is_best)
-        history.append(stats)
-        if is_main:
-            metrics = asdict(stats)
-            if is_best:
-                save_checkpoint(best_path, model, contract, train_dict, metrics)
-            save_last(epoch + 1)
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(metrics) + "\n")
-            cb.on_epoch_end(stats)
+                metrics = asdict(stats)
+                if is_best:
+                    save_checkpoint(best_path, model, contract, train_dict, metrics)
+                save_last(epoch + 1)
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                cb.on_epoch_end(stats)
+    finally:
+        _shutdown_loader(loader)  # also when a step raised: no loader worker is left behind
     if distributed:
         dist.destroy_process_group()
     return TrainResult(best_path, last_path, best_nme, history, len(train_records), len(val_records), interrupted)

@@ -1,4 +1,4 @@
-"""Eager PyTorch predictor with the `CropPredictor` interface of facemark.evaluation."""
+"""Eager PyTorch predictor with the `CropPredictor` interface of facemark.inference."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ class TorchPredictor:
         self.model.to(self.device)
 
     @torch.inference_mode()
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def predict_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output of the network by ONNX name (landmarks, and landmark_scores / face_score if any)."""
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
-        return self.model(x).float().cpu().numpy()
+        return {name: value.float().cpu().numpy() for name, value in self.model.outputs(x).items()}
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return self.predict_outputs(batch)["landmarks"]
