@@ -99,7 +99,8 @@ def export_model(checkpoint: Path, output: Path, *, opset: int = DEFAULT_OPSET, 
 
     say(f"loading {checkpoint}")
     model, contract, doc = load_model(checkpoint)
-    train_records, val_records, calibration = _records(calib_data, doc.get("train") or {}, say)
+    presence = bool(doc["model"].get("presence"))
+    train_records, val_records, calibration = _records(calib_data, doc.get("train") or {}, say, presence)
     parity_records = (val_records or train_records)[: parity.REAL_FACES]
     real_crops = face_crops(parity_records, contract, say)
 
@@ -136,7 +137,7 @@ def export_model(checkpoint: Path, output: Path, *, opset: int = DEFAULT_OPSET, 
 
 
 # --- data --------------------------------------------------------------------------------------------------
-def _records(calib_data: Sequence[Path] | None, train_config: dict, say: Progress
+def _records(calib_data: Sequence[Path] | None, train_config: dict, say: Progress, presence: bool = False
              ) -> tuple[list[FaceRecord], list[FaceRecord], BoxCalibration | None]:
     """(training split, validation split, fitted detector calibration) of --calib-data, else the samples."""
     if not calib_data:
@@ -145,11 +146,12 @@ def _records(calib_data: Sequence[Path] | None, train_config: dict, say: Progres
     train, val = split_records(records, train_config.get("val_fraction", 0.1), train_config.get("seed", 0))
     say(f"--calib-data: {len(records)} faces, {len(train)} for calibration, {len(val)} for validation")
     from facemark.runtime.calibration import fit_calibration
-    from facemark.runtime.detector import HaarDetector
+    from facemark.runtime.detector import HaarDetector, default_detector_options
 
     fit_on = spread(train, CALIBRATION_FIT_FACES)
     say(f"fitting the Haar detector's box calibration on {len(fit_on)} training faces")
-    calibration = fit_calibration(fit_on, HaarDetector(), warn=say)
+    # The detector the runtime will run for this model (a permissive cascade when it scores presence).
+    calibration = fit_calibration(fit_on, HaarDetector(**default_detector_options(presence)), warn=say)
     return train, val, calibration
 
 

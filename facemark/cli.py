@@ -14,18 +14,29 @@ from rich.console import Console
 
 from facemark.errors import FacemarkError
 
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
     name="facemark",
     help="68-point face landmarks: train, export to ONNX, run torch-free, benchmark.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings=HELP_OPTIONS,
 )
 err_console = Console(stderr=True)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from facemark import __version__
+
+        print(f"facemark {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(version: bool = typer.Option(False, "--version", "-V", callback=_print_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
     """68-point face landmarks: train, export to ONNX, run torch-free, benchmark."""
 
 

@@ -77,9 +77,11 @@ def evaluate_command(
         source, box_label = ground_truth_box, "landmark boxes"
     elif boxes == "haar":
         from facemark.runtime.calibration import haar_box_source
-        from facemark.runtime.detector import HaarDetector
+        from facemark.runtime.detector import HaarDetector, default_detector_options
 
-        detector = HaarDetector()
+        presence = bool(getattr(predictor, "has_face_score", False)
+                        or getattr(predictor, "checkpoint", {}).get("model", {}).get("presence"))
+        detector = HaarDetector(**default_detector_options(presence))  # what the runtime runs for this model
         source = haar_box_source(detector, calibration if calibrated else None)
         box_label = f"{detector.name}, {'calibrated' if calibrated and calibration else 'uncalibrated'}"
     else:

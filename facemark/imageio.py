@@ -91,6 +91,33 @@ def to_gray(image: np.ndarray) -> np.ndarray:
     raise ImageError(f"expected an image of shape (H, W), (H, W, 3) or (H, W, 4), got {a.shape}")
 
 
+COLOR_ORDERS = ("bgr", "rgb", "gray")
+
+
+def image_to_gray(image, color: str = "bgr") -> np.ndarray:
+    """What `FaceLandmarker.detect` accepts -> 2-D uint8 gray.
+
+    - a numpy array in `color` order: "bgr" (cv2.imread's, the default), "rgb" (PIL, matplotlib, imageio) or
+      "gray"; 16-bit and BGRA/RGBA arrays are converted;
+    - a PIL image: converted by its own mode (EXIF orientation is the caller's: PIL does not apply it);
+    - a str or Path: read from disk with `read_image` (EXIF orientation honoured).
+    """
+    if color not in COLOR_ORDERS:
+        raise ImageError(f"color {color!r}: expected one of {', '.join(COLOR_ORDERS)}")
+    if isinstance(image, (str, os.PathLike)):
+        return read_gray(image)
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("L"))
+    if color == "rgb" and isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] in (3, 4):
+        a = (image >> 8).astype(np.uint8) if image.dtype == np.uint16 else image
+        code = cv2.COLOR_RGB2GRAY if image.shape[2] == 3 else cv2.COLOR_RGBA2GRAY
+        if a.dtype == np.uint8:
+            return cv2.cvtColor(a, code)
+    if color == "gray" and isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] != 1:
+        raise ImageError(f"color='gray' expects an (H, W) or (H, W, 1) array, got shape {image.shape}")
+    return to_gray(image)
+
+
 def read_gray(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     return to_gray(read_image(path, max_pixels))
 

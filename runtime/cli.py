@@ -19,6 +19,7 @@ app = typer.Typer(
     help="Run a facemark ONNX model on photos or video (ONNX Runtime + OpenCV Haar; no torch).",
     no_args_is_help=True,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -26,25 +27,27 @@ PROVIDER_HELP = "Execution provider: auto (TensorRT > CUDA > CPU, whichever load
 MODEL_HELP = "facemark ONNX model (default: the model shipped in facemark/assets)."
 
 
-def _detector(scale_factor: float, min_neighbors: int, min_face: float, max_side: int, min_score: float | None,
-              cascade: str | None = None):
-    try:
-        return haar.HaarDetector(scale_factor=scale_factor, min_neighbors=min_neighbors, min_face_fraction=min_face,
-                                 max_side=max_side or None, min_score=min_score, cascade=cascade)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+def _detector_options(scale_factor: float | None, min_neighbors: int | None, min_face: float, max_side: int,
+                      min_score: float | None, cascade: str | None = None) -> dict:
+    """The detector knobs given on the command line; unset ones take the model-dependent defaults."""
+    options = {"min_face_fraction": min_face, "max_side": max_side or None, "min_score": min_score,
+               "cascade": cascade, "scale_factor": scale_factor, "min_neighbors": min_neighbors}
+    return {k: v for k, v in options.items() if v is not None or k == "max_side"}
 
 
-def _landmarker(model: Path | None, provider: str, threads: int | None, detector, trt_fp16: bool,
+def _landmarker(model: Path | None, provider: str, threads: int | None, detector_options: dict, trt_fp16: bool,
                 trt_cache: Path | None, max_faces: int | None = None, refine: int = 0, tta: str = "none",
                 min_score: float | None = None):
     from facemark.runtime.landmarker import FaceLandmarker
 
     if tta not in ("none", "flip"):
         raise typer.BadParameter(f"--tta must be none or flip (got {tta!r})")
-    return FaceLandmarker(model, provider=provider, detector=detector, threads=threads, trt_fp16=trt_fp16,
-                          trt_cache_dir=trt_cache, max_faces=max_faces, refine=refine, flip=tta == "flip",
-                          min_score=min_score or None)
+    try:
+        return FaceLandmarker(model, provider=provider, threads=threads, trt_fp16=trt_fp16, trt_cache_dir=trt_cache,
+                              max_faces=max_faces, refine=refine, flip=tta == "flip", min_score=min_score or None,
+                              detector_options=detector_options)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 REFINE_HELP = ("Extra passes re-cropped on the previous pass's landmarks (the training box); default measured "
@@ -63,10 +66,13 @@ def predict_command(
     provider: str = typer.Option("auto", "--provider", "-p", help=PROVIDER_HELP),
     draw: str = typer.Option("points", "--draw", help="points | contours | none"),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for the model."),
-    scale_factor: float = typer.Option(haar.DEFAULT_SCALE_FACTOR, "--scale-factor",
-                                       help="Haar pyramid step (bigger = faster, fewer faces)."),
-    min_neighbors: int = typer.Option(haar.DEFAULT_MIN_NEIGHBORS, "--min-neighbors",
-                                      help="Haar neighbours (bigger = fewer false boxes)."),
+    scale_factor: float | None = typer.Option(
+        None, "--scale-factor", help=f"Haar pyramid step (bigger = faster, fewer faces); default "
+        f"{haar.PRESENCE_SCALE_FACTOR} with a presence model, else {haar.DEFAULT_SCALE_FACTOR}."),
+    min_neighbors: int | None = typer.Option(
+        None, "--min-neighbors", help=f"Haar neighbours (bigger = fewer false boxes); default "
+        f"{haar.PRESENCE_MIN_NEIGHBORS} with a presence model (it rejects false boxes), else "
+        f"{haar.DEFAULT_MIN_NEIGHBORS}."),
     min_face: float = typer.Option(haar.DEFAULT_MIN_FACE_FRACTION, "--min-face",
                                    help="Smallest face, as a fraction of the shorter side (the speed knob)."),
     max_side: int = typer.Option(haar.DEFAULT_MAX_SIDE, "--max-side",
@@ -107,7 +113,7 @@ def predict_command(
     for path, what in ((json_path, "--json document"), (jsonl, "--jsonl file")):
         if path is not None:
             check_writable(path, what)  # before any image is processed
-    detector = _detector(scale_factor, min_neighbors, min_face, max_side, min_detector_score, cascade)
+    detector = _detector_options(scale_factor, min_neighbors, min_face, max_side, min_detector_score, cascade)
     landmarker = _landmarker(model, provider, threads, detector, trt_fp16, trt_cache, max_faces, refine, tta,
                              min_score)
     files, failures = collect_inputs(inputs)
@@ -219,7 +225,7 @@ def video_command(
         raise typer.BadParameter(f"--draw must be points, contours or none (got {draw!r})")
     from facemark.runtime.video import run_video
 
-    detector = _detector(haar.DEFAULT_SCALE_FACTOR, haar.DEFAULT_MIN_NEIGHBORS, min_face, haar.DEFAULT_MAX_SIDE, None)
+    detector = _detector_options(None, None, min_face, haar.DEFAULT_MAX_SIDE, None)
     landmarker = _landmarker(model, provider, threads, detector, False, None, refine=refine, min_score=min_score)
     stop = _StopFlag()
     with stop:

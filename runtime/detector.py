@@ -25,7 +25,11 @@ from facemark.errors import ModelError
 DEFAULT_CASCADE = "haarcascade_frontalface_alt2.xml"
 TUTORIAL_CASCADE = "haarcascade_frontalface_default.xml"
 DEFAULT_SCALE_FACTOR = 1.1
-DEFAULT_MIN_NEIGHBORS = 4
+DEFAULT_MIN_NEIGHBORS = 4  # for models without a presence score: nothing downstream rejects a false box
+# With a presence score the model rejects false boxes, so the cascade can be permissive (more faces found):
+# measured with `python -m facemark.benchmarks.detector_sweep` (docs/MODEL.md, "Detector and presence").
+PRESENCE_SCALE_FACTOR = 1.1
+PRESENCE_MIN_NEIGHBORS = 1
 DEFAULT_MIN_FACE_FRACTION = 0.08
 DEFAULT_MAX_SIDE = 640
 
@@ -34,6 +38,13 @@ DEFAULT_MAX_SIDE = 640
 class Detection:
     box: Box  # x, y, w, h in the pixels of the image given to `detect`
     score: float  # the cascade's level weight (higher = more confident)
+
+
+def default_detector_options(has_presence_score: bool) -> dict:
+    """The detector knobs FaceLandmarker uses unless told otherwise, by whether the model scores presence."""
+    if has_presence_score:
+        return {"scale_factor": PRESENCE_SCALE_FACTOR, "min_neighbors": PRESENCE_MIN_NEIGHBORS}
+    return {"scale_factor": DEFAULT_SCALE_FACTOR, "min_neighbors": DEFAULT_MIN_NEIGHBORS}
 
 
 def default_cascade_path(name: str = DEFAULT_CASCADE) -> Path:

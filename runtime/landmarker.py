@@ -19,10 +19,10 @@ import numpy as np
 
 from facemark.contract import Box, BoxCalibration
 from facemark.errors import ModelError
-from facemark.imageio import to_gray
+from facemark.imageio import image_to_gray, to_gray
 from facemark.inference import predict_faces
 from facemark.runtime.defaults import DEFAULT_MIN_SCORE, DEFAULT_REFINE
-from facemark.runtime.detector import Detection, HaarDetector
+from facemark.runtime.detector import Detection, HaarDetector, default_detector_options
 from facemark.runtime.session import DEFAULT_MAX_BATCH, LandmarkModel
 
 DEFAULT_MODEL_NAME = "facemark-68.onnx"
@@ -100,14 +100,20 @@ class FaceLandmarker:
         refine: int = DEFAULT_REFINE,
         flip: bool = False,
         min_score: float | None = DEFAULT_MIN_SCORE,
+        detector_options: dict | None = None,
     ) -> None:
         """calibration: overrides the model's embedded detector calibration. max_faces: keep only the most
         confident detections (None = all). refine: extra passes re-cropped on the previous pass's landmarks
         (facemark.inference). flip: test-time flip. min_score: drop detections whose face presence score is
-        below it (models with a presence head; None or 0 keeps every detection)."""
+        below it (models with a presence head; None or 0 keeps every detection). detector: a ready detector;
+        else a HaarDetector with `detector_options` over the defaults for this model (a permissive cascade when
+        the model scores presence: runtime.detector.default_detector_options)."""
         self.model = LandmarkModel(resolve_model_path(model_path), provider=provider, threads=threads,
                                    trt_fp16=trt_fp16, trt_cache_dir=trt_cache_dir, max_batch=max_batch)
-        self.detector = detector if detector is not None else HaarDetector()
+        if detector is None:
+            options = {**default_detector_options(self.model.has_face_score), **(detector_options or {})}
+            detector = HaarDetector(**options)
+        self.detector = detector
         self.calibration = calibration or self.model.info.calibration or IDENTITY
         self.max_faces = max_faces
         if refine < 0:
@@ -127,22 +133,25 @@ class FaceLandmarker:
     def providers(self) -> list[str]:
         return self.model.providers
 
-    def detect(self, image: np.ndarray) -> list[Face]:
-        """All faces of one image (BGR or gray), most confident first; [] when there is none."""
-        return self.detect_timed(image)[0]
+    def detect(self, image, color: str = "bgr") -> list[Face]:
+        """All faces of one image, most confident first; [] when there is none.
 
-    def detect_timed(self, image: np.ndarray) -> tuple[list[Face], dict[str, float]]:
+        `image`: a numpy array in `color` order ("bgr" as cv2.imread gives, "rgb", "gray"), a PIL image, or a
+        file path (facemark.imageio.image_to_gray)."""
+        return self.detect_timed(image, color)[0]
+
+    def detect_timed(self, image, color: str = "bgr") -> tuple[list[Face], dict[str, float]]:
         """`detect` plus the milliseconds of each step: detect, landmarks (every pass, all faces batched)."""
-        result = self.detect_full(image)
+        result = self.detect_full(image, color)
         return result.faces, result.times
 
-    def detect_full(self, image: np.ndarray) -> Detections:
+    def detect_full(self, image, color: str = "bgr") -> Detections:
         """`detect` with step times and problems (faces dropped because the model returned non-finite values).
 
         Thread-safe: one FaceLandmarker may serve many threads (per-thread Haar classifiers, one shared ONNX
         Runtime session, no state changed by a call)."""
         t0 = time.perf_counter()
-        gray = to_gray(image)
+        gray = image_to_gray(image, color)
         detections = self.detector.detect(gray)
         if self.max_faces is not None and self.min_score is None:
             detections = detections[: self.max_faces]
