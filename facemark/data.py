@@ -118,6 +118,7 @@ def read_dlib_xml(path: str | os.PathLike, warn: Warn) -> list[FaceRecord]:
     if images is None:
         raise DataError(f"{p}: no <images> element")
     records: list[FaceRecord] = []
+    without_parts = 0
     for image_el in images.iter("image"):
         file_attr = image_el.get("file")
         if not file_attr:
@@ -129,10 +130,15 @@ def read_dlib_xml(path: str | os.PathLike, warn: Warn) -> list[FaceRecord]:
         for index, box_el in enumerate(image_el.iter("box")):
             if box_el.get("ignore", "0") not in ("0", "", "false"):
                 continue
+            if box_el.find("part") is None:
+                without_parts += 1
             try:
                 records.append(_dlib_box_record(p, image_path, file_attr, index, box_el))
             except (DataError, ImageError) as exc:
                 warn(f"{exc}; skipped")
+    if not records and without_parts:
+        raise DataError(f"{p}: none of its {without_parts} boxes has 68 landmark parts (a detector-box file such as "
+                        "dlib's training.xml, not a landmark file?)")
     return records
 
 

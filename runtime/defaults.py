@@ -6,4 +6,4 @@ A light module (no onnxruntime) so the CLI can show them in --help.
 # Extra passes re-cropped on the previous pass's landmarks (facemark.inference).
 DEFAULT_REFINE = 1
 # Faces whose presence score is below this are dropped (models with a presence head).
-DEFAULT_MIN_SCORE = 0.5
+DEFAULT_MIN_SCORE = 0.93

@@ -117,7 +117,8 @@ class FaceTracker:
         self.tracks: list[Track] = []
         self._since_detection = 0
         self.detections = 0  # frames on which Haar ran
-        self.losses = 0  # tracks dropped as lost
+        self.losses = 0  # tracks that ended: lost while followed, or not found again by a detection
+        self._counted: set[int] = set()  # tracks already counted as lost on this frame
 
     def process(self, frame: np.ndarray, index: int, t: float) -> FrameResult:
         due = not self.tracks or self._since_detection >= self.detect_every
@@ -144,6 +145,7 @@ class FaceTracker:
             gone = threshold is not None and (face.score is None or face.score < threshold)
             if gone or self._lost(previous, box_from_landmarks(face.landmarks), width, height):
                 self.losses += 1  # no face there any more (scene cut, occlusion): detect again on this frame
+                self._counted.add(id(track))
                 return None
             followed.append(Track(face.landmarks, track.face_size, track.filter, face.score, face.landmark_scores))
         return followed
@@ -160,6 +162,11 @@ class FaceTracker:
         """Run the detector; keep the filter of a track the new face overlaps, so smoothing is continuous."""
         self.detections += 1
         faces = self.landmarker.detect(frame)
+        new_boxes = [box_from_landmarks(f.landmarks) for f in faces]
+        # A track no new face overlaps has ended (the face left, or a cut): it counts as lost.
+        self.losses += sum(1 for tr in self.tracks if id(tr) not in self._counted
+                           and all(box_iou(box_from_landmarks(tr.landmarks), b) < 0.3 for b in new_boxes))
+        self._counted.clear()
         new_tracks = []
         for face in faces:
             box = box_from_landmarks(face.landmarks)

@@ -160,7 +160,7 @@ def test_pts_folder_reports_missing_images_and_converts_modes(tmp_path):
 
 def test_dlib_xml_skips_ignored_boxes_and_resolves_relative_paths(tmp_path):
     (tmp_path / "img").mkdir()
-    cv2.imwrite(str(tmp_path / "img" / "face.jpg"), np.zeros((50, 50, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "img" / "face.jpg"), np.zeros((150, 150, 3), np.uint8))
     parts = "".join(f"<part name='{i:02d}' x='{i}' y='{2 * i}'/>" for i in range(68))
     xml = (f"<dataset><images><image file='img/face.jpg'>"
            f"<box top='1' left='2' width='30' height='30'>{parts}</box>"
@@ -177,12 +177,14 @@ def test_dlib_xml_skips_ignored_boxes_and_resolves_relative_paths(tmp_path):
     assert len(warnings) == 1 and "missing.jpg" in warnings[0]
 
 
-def test_dlib_xml_without_parts_is_an_error(tmp_path):
+def test_dlib_xml_of_boxes_without_parts_is_an_error(tmp_path):
     cv2.imwrite(str(tmp_path / "a.jpg"), np.zeros((10, 10, 3), np.uint8))
     (tmp_path / "boxes.xml").write_text("<dataset><images><image file='a.jpg'>"
                                         "<box top='1' left='1' width='5' height='5'/></image></images></dataset>")
-    with pytest.raises(DataError, match="0 landmark parts, expected 68"):
-        read_dlib_xml(tmp_path / "boxes.xml", lambda _: None)
+    warnings: list[str] = []
+    with pytest.raises(DataError, match="none of its 1 boxes has 68 landmark parts"):
+        read_dlib_xml(tmp_path / "boxes.xml", warnings.append)
+    assert len(warnings) == 1 and "0 landmark parts, expected 68" in warnings[0]
 
 
 def test_split_is_deterministic_and_stable_when_files_are_added():

@@ -117,8 +117,8 @@ def scene_cut_clip(path: Path, cut: int, frames: int) -> Path:
 def test_video_drops_the_track_at_a_cut_to_a_face_free_scene(tmp_path, landmarker):
     from facemark.runtime.video import run_video
 
-    cut = 20
-    clip = scene_cut_clip(tmp_path / "cut.mp4", cut, 40)
+    cut = 25  # between two scheduled detections (every 10 frames): the presence score must end the track
+    clip = scene_cut_clip(tmp_path / "cut.mp4", cut, 45)
     jsonl = tmp_path / "frames.jsonl"
     summary = run_video(str(clip), landmarker, jsonl=jsonl, detect_every=10)
     frames = [json.loads(line) for line in jsonl.read_text().splitlines()]
