@@ -258,3 +258,16 @@ def test_a_new_run_never_overwrites_an_existing_run_folder(tmp_path):
     reused = train(tiny_config(tmp_path, epochs=1), exist_ok=True)
     assert reused.best_path.parent.name == "run"
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_failing_train_command_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    import facemark.train.loop as loop
+
+    def boom(*_args, **_kwargs):
+        raise RuntimeError("boom in the step")
+
+    monkeypatch.setattr(loop, "compute_loss", boom)
+    code = run(["train", "--data", SAMPLES_XML, "--val-data", SAMPLES_XML, "--out", str(tmp_path / "r"),
+                "--epochs", "1", "--image-size", "64", "--batch-size", "8", "--max-images", "8", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "training failed: RuntimeError: boom in the step" in err and "Traceback" not in err
