@@ -43,8 +43,9 @@ def evaluate_command(
                               "face-free background crops; .onnx only)."),
     refine: int = typer.Option(0, "--refine", min=0, help="Extra passes re-cropped on the predicted landmarks."),
     tta: str = typer.Option("none", "--tta", help="none | flip"),
-    min_score: float = typer.Option(0.5, "--min-score", min=0.0, max=1.0,
-                                    help="--boxes pipeline: presence threshold (0 keeps every detection)."),
+    min_score: float | None = typer.Option(None, "--min-score", min=0.0, max=1.0,
+                                           help="--boxes pipeline: presence threshold (0 keeps every detection; "
+                                                "default: the runtime's)."),
     calibrated: bool = typer.Option(True, "--calibrated/--uncalibrated",
                                     help="With --boxes haar: apply the model's detector calibration."),
     provider: str = typer.Option("auto", "--provider", help="ONNX Runtime provider for .onnx models."),
@@ -103,7 +104,7 @@ def evaluate_command(
     )
 
 
-def _evaluate_pipeline(model: Path, provider: str, records, refine: int, flip: bool, min_score: float,
+def _evaluate_pipeline(model: Path, provider: str, records, refine: int, flip: bool, min_score: float | None,
                        json_path: Path | None) -> None:
     """`--boxes pipeline`: the runtime end to end (facemark.runtime.evaluation)."""
     import json
@@ -111,9 +112,11 @@ def _evaluate_pipeline(model: Path, provider: str, records, refine: int, flip: b
     from rich.progress import Progress
 
     from facemark.fileio import write_text_atomic
+    from facemark.runtime.defaults import DEFAULT_MIN_SCORE
     from facemark.runtime.evaluation import evaluate_pipeline
     from facemark.runtime.landmarker import FaceLandmarker
 
+    min_score = DEFAULT_MIN_SCORE if min_score is None else min_score
     if model.suffix != ".onnx":
         raise DataError("--boxes pipeline runs the deployed runtime: pass an exported .onnx model")
     landmarker = FaceLandmarker(model, provider=provider, refine=refine, flip=flip, min_score=min_score or None)
