@@ -1,6 +1,6 @@
 """Training throughput: images per second with fp32 vs bf16 autocast (CPU) or fp16/bf16 (CUDA), and the share
 of each step spent waiting for data -- the training loop's own pieces (FaceCache, AugmentedFaces, LandmarkNet,
-landmark_loss, AdamW), measured step by step after a warm-up.
+the head's loss, AdamW), measured step by step after a warm-up.
 
     python -m facemark.benchmarks.train_throughput --data ../shared/data/300w --image-size 160 --steps 20
 """

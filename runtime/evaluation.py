@@ -13,6 +13,7 @@ ROC AUC is measured between matched true faces and those false faces.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -34,7 +35,7 @@ BACKGROUND_MARGIN = 0.15  # keep this share of the face size clear around every 
 @dataclass
 class PipelineEvaluation:
     errors: list[float] = field(default_factory=list)  # NME of each found face
-    true_scores: list[float] = field(default_factory=list)  # presence score of each found face
+    true_scores: list[float | None] = field(default_factory=list)  # presence of each found face (None: no head)
     false_scores: list[float | None] = field(default_factory=list)  # one per false face (None: no presence head)
     faces: int = 0  # annotated faces evaluated (readable photos)
     background_crops: int = 0
@@ -42,11 +43,11 @@ class PipelineEvaluation:
 
     def summary(self, min_score: float | None = None, threshold: float = DEFAULT_THRESHOLD) -> dict:
         """Detection rate, NME of found faces and false faces per background crop at a presence threshold."""
-        keep_true = [s is None or min_score is None or s >= min_score for s in self._padded(self.true_scores)]
-        errors = np.asarray([e for e, k in zip(self.errors, keep_true, strict=True) if k])
-        false = sum(1 for s in self.false_scores if min_score is None or s is None or s >= min_score)
+        errors = np.asarray([e for e, s in zip(self.errors, self.true_scores, strict=True) if _kept(s, min_score)])
+        false = sum(1 for s in self.false_scores if _kept(s, min_score))
+        positives = [s for s in self.true_scores if s is not None]
         negatives = [s for s in self.false_scores if s is not None]
-        scored = bool(self.true_scores) and bool(negatives)
+        scored = bool(positives) and bool(negatives)
         return {
             **summarize(errors, threshold),
             "annotated_faces": self.faces,
@@ -54,12 +55,15 @@ class PipelineEvaluation:
             "background_crops": self.background_crops,
             "false_faces": false,
             "false_faces_per_crop": false / self.background_crops if self.background_crops else float("nan"),
-            "presence_auc": roc_auc(self.true_scores, negatives) if scored else None,
+            "presence_auc": roc_auc(positives, negatives) if scored else None,
             "min_score": min_score,
         }
 
-    def _padded(self, scores: list[float]) -> list[float | None]:
-        return list(scores) if len(scores) == len(self.errors) else [None] * len(self.errors)
+
+
+def _kept(score: float | None, min_score: float | None) -> bool:
+    """A face survives the presence threshold (always, without a threshold or a presence head)."""
+    return min_score is None or score is None or score >= min_score
 
 
 def background_boxes(width: int, height: int, faces: Sequence[Box]) -> list[tuple[int, int, int, int]]:
@@ -96,8 +100,7 @@ def evaluate_pipeline(landmarker: FaceLandmarker, records: Sequence[FaceRecord],
         matched = _match(faces, target)
         if matched is not None:
             result.errors.append(float(nme_per_face(matched.landmarks, record.landmarks)[0]))
-            if matched.score is not None:
-                result.true_scores.append(matched.score)
+            result.true_scores.append(matched.score)
         height, width = image.shape[:2]
         for x, y, w, h in background_boxes(width, height, [target, *others]):
             result.background_crops += 1
@@ -123,7 +126,7 @@ def with_settings(landmarker: FaceLandmarker, **changes) -> FaceLandmarker:
     unknown = set(changes) - {"refine", "flip", "min_score", "detector", "calibration"}
     if unknown:
         raise TypeError(f"cannot change {sorted(unknown)}")
-    copy = object.__new__(FaceLandmarker)
-    copy.__dict__.update(landmarker.__dict__)
-    copy.__dict__.update(changes)
-    return copy
+    clone = copy.copy(landmarker)
+    for name, value in changes.items():
+        setattr(clone, name, value)
+    return clone

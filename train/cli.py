@@ -23,12 +23,9 @@ from facemark.train.options import Device, Head, Loss, Optimizer, Schedule
 console = Console()
 
 
-# typer parameter name -> TrainConfig field, for the options a resumed run compares with its saved settings.
-CONFIG_FIELDS = {"data": "data", "val_data": "val_data", "out": "out", "epochs": "epochs",
-                 "batch_size": "batch_size", "image_size": "image_size", "loss": "loss", "head": "head",
-                 "pip_stride": "pip_stride", "presence": "presence", "lr": "lr", "optimizer": "optimizer",
-                 "schedule": "schedule", "device": "device", "amp": "amp", "max_images": "max_images",
-                 "seed": "seed", "workers": "workers"}
+# Options that are TrainConfig fields of the same name: a resumed run compares those given with its saved ones.
+CONFIG_FIELDS = ("data", "val_data", "out", "epochs", "batch_size", "image_size", "loss", "head", "pip_stride",
+                 "presence", "lr", "optimizer", "schedule", "device", "amp", "max_images", "seed", "workers")
 
 
 def train_command(
@@ -73,7 +70,7 @@ def train_command(
 
     if not data and resume is None:
         raise typer.BadParameter("--data is required (unless --resume continues a run)", param_hint="--data")
-    explicit = {CONFIG_FIELDS[name] for name in CONFIG_FIELDS
+    explicit = {name for name in CONFIG_FIELDS
                 if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}
 
     from facemark.train.dataset import HAAR_LOG_SCALE, HAAR_SHIFT_X, HAAR_SHIFT_Y, AugmentConfig

@@ -102,39 +102,39 @@ class PipCodec:
              mask: torch.Tensor | None = None) -> torch.Tensor:
         """Score-map BCE (x10) + `loss_name` on the own and neighbour offsets in grid units (PIPNet's terms)."""
         enc = self.encode(target)
-        n, p, gh, gw = raw["scores"].shape
         scores = raw["scores"].float().flatten(2)  # (N, P, G*G)
-        onehot = F.one_hot(enc["index"], gh * gw).to(scores.dtype)
+        onehot = F.one_hot(enc["index"], scores.shape[-1]).to(scores.dtype)
         score_loss = F.binary_cross_entropy_with_logits(scores, onehot, reduction="none")
-        at = enc["index"][..., None]  # (N, P, 1): the cell that holds the point
-        ox = raw["offset_x"].float().flatten(2).gather(2, at)[..., 0]
-        oy = raw["offset_y"].float().flatten(2).gather(2, at)[..., 0]
-        own = torch.stack([ox, oy], dim=-1)
-        at_nb = at[:, :, None, :].expand(n, p, self.k, 1)
-        nx = raw["neighbor_x"].float().flatten(2).view(n, p, self.k, -1).gather(3, at_nb)[..., 0]
-        ny = raw["neighbor_y"].float().flatten(2).view(n, p, self.k, -1).gather(3, at_nb)[..., 0]
-        nb = torch.stack([nx, ny], dim=-1)
+        own, nb = self._offsets_at(raw, enc["index"])  # at the cell that holds the point
+        own, nb = own.float(), nb.float()
         # point_loss works in normalised units (Wing needs the crop size); x G brings it back to grid units.
         own_loss = point_loss(loss_name, own / self.grid, enc["offset"] / self.grid, size)
         nb_loss = point_loss(loss_name, nb / self.grid, enc["neighbors"] / self.grid, size)
         return (PIP_SCORE_WEIGHT * masked_mean(score_loss, mask)
                 + self.grid * (masked_mean(own_loss, mask) + masked_mean(nb_loss, mask)))
 
-    # --- decoding (torch ops only: it runs inside the exported graph) -------------------------------------
-    def decode(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        scores = raw["scores"]
-        _, p, gh, gw = scores.shape  # the batch stays symbolic (-1) for the dynamic ONNX axis
-        best, index = scores.flatten(2).max(dim=2)  # (N, P)
-        cy = torch.div(index, gw, rounding_mode="floor")
-        cx = index - cy * gw
-        cell = torch.stack([cx, cy], dim=-1).to(scores.dtype)  # (N, P, 2)
+    def _offsets_at(self, raw: dict[str, torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Own offsets (N, P, 2) and neighbour offsets (N, P, K, 2) read at one cell per point (`index`, (N, P):
+        the true cell for the loss, the best one for decoding). Shapes stay symbolic in the batch (-1)."""
+        p, cells = raw["scores"].shape[1], raw["scores"].shape[2] * raw["scores"].shape[3]
         at = index[..., None]
         own = torch.stack([raw["offset_x"].flatten(2).gather(2, at)[..., 0],
                            raw["offset_y"].flatten(2).gather(2, at)[..., 0]], dim=-1)
         at_nb = at[:, :, None, :].expand(-1, -1, self.k, -1)
-        nb = torch.stack([raw["neighbor_x"].flatten(2).view(-1, p, self.k, gh * gw).gather(3, at_nb)[..., 0],
-                          raw["neighbor_y"].flatten(2).view(-1, p, self.k, gh * gw).gather(3, at_nb)[..., 0]],
-                         dim=-1)  # (N, P, K, 2)
+        nb = torch.stack([raw["neighbor_x"].flatten(2).view(-1, p, self.k, cells).gather(3, at_nb)[..., 0],
+                          raw["neighbor_y"].flatten(2).view(-1, p, self.k, cells).gather(3, at_nb)[..., 0]],
+                         dim=-1)
+        return own, nb
+
+    # --- decoding (torch ops only: it runs inside the exported graph) -------------------------------------
+    def decode(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        scores = raw["scores"]
+        _, p, _, gw = scores.shape  # the batch stays symbolic (-1) for the dynamic ONNX axis
+        best, index = scores.flatten(2).max(dim=2)  # (N, P)
+        cy = torch.div(index, gw, rounding_mode="floor")
+        cx = index - cy * gw
+        cell = torch.stack([cx, cy], dim=-1).to(scores.dtype)  # (N, P, 2)
+        own, nb = self._offsets_at(raw, index)
         votes_from = (cell[:, :, None, :] + nb).reshape(-1, p * self.k, 2)
         votes = self.votes.to(scores.device, scores.dtype)
         summed = torch.matmul(votes, votes_from)  # (N, P, 2)

@@ -32,7 +32,7 @@ from facemark.data import FaceRecord, load_records, split_records
 from facemark.errors import DataError
 from facemark.metrics import nme_per_face, roc_auc
 from facemark.train.checkpoint import load_checkpoint, save_checkpoint
-from facemark.train.codecs import nearest_neighbors, point_loss
+from facemark.train.codecs import nearest_neighbors
 from facemark.train.dataset import (
     AugmentConfig,
     AugmentedFaces,
@@ -152,11 +152,6 @@ def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_bf16() else None
-
-
-def landmark_loss(name: str, pred: torch.Tensor, target: torch.Tensor, size: int) -> torch.Tensor:
-    """Mean landmark loss of direct predictions (normalised units); Wing works in crop pixels of `size`."""
-    return point_loss(name, pred, target, size).mean()
 
 
 def unwrap(model: nn.Module) -> LandmarkNet:
