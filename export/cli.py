@@ -29,11 +29,13 @@ def export_command(
     output: Path | None = typer.Option(
         None, "--output", "-o", help="Model file (default: beside the checkpoint, e.g. best.int8.onnx)."),
     opset: int = typer.Option(17, "--opset", help="Default-domain ONNX opset the file declares."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8"),
+    precision: str = typer.Option(
+        "fp32", "--precision", help="fp32 | fp16 | fp16w (fp16 weights, fp32 math: half the size at fp32 speed "
+        "on CPUs) | int8"),
     int8_activations: str = typer.Option(
         "int8", "--int8-activations",
-        help="int8 | uint8. uint8 (U8S8) is faster on CPUs with VNNI but saturates on AVX2-only CPUs; int8 "
-             "(S8S8) is right everywhere."),
+        help="int8 | uint8 | uint8-7bit. uint8 (U8S8) is fastest on CPUs with VNNI but saturates on AVX2-only "
+             "CPUs; uint8-7bit (7-bit weights) cannot saturate; int8 (S8S8) is right everywhere."),
     calib_data: list[Path] = typer.Option(
         [], "--calib-data",
         help="dlib XML or .pts folder; repeatable. Training split: int8 calibration and the Haar box "

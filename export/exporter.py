@@ -31,20 +31,21 @@ from facemark.errors import FacemarkError, ImageError, ParityError
 from facemark.evaluation import evaluate
 from facemark.export import parity
 from facemark.export.onnx_export import DEFAULT_OPSET, check_model, export_fp32, set_metadata
-from facemark.export.variants import CALIBRATION_FACES, CALIBRATION_METHOD, to_fp16, to_int8
+from facemark.export.variants import CALIBRATION_FACES, CALIBRATION_METHOD, to_fp16, to_fp16_weights, to_int8
 from facemark.fileio import check_writable, write_text_atomic, write_with_atomic
 from facemark.imageio import read_gray
 from facemark.scheme import SCHEME_NAME
 from facemark.train.checkpoint import file_sha256, load_model
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "fp16w", "int8")
 REPORT_FORMAT = "facemark-parity/1"
 SAMPLES_XML = Path(facemark.__file__).parent / "assets" / "samples" / "landmarks.xml"
 # A median of a few hundred matched boxes is stable to ~0.002 of the box size; all 1807 cost minutes of Haar.
 CALIBRATION_FIT_FACES = 500
 # S8S8 by default: U8S8 saturates on x86 CPUs without VNNI (AVX2 only) -- measured here on an AMD EPYC
 # without AVX-512/VNNI, the previous shipped U8S8 model scored 7.13 % NME instead of its 4.62 % (variants.py).
-INT8_ACTIVATION_CHOICES = ("int8", "uint8")
+# uint8-7bit: U8S8 with 7-bit weights, which cannot saturate there (variants.to_int8).
+INT8_ACTIVATION_CHOICES = ("int8", "uint8", "uint8-7bit")
 DEFAULT_INT8_ACTIVATIONS = "int8"
 
 Progress = Callable[[str], None]
@@ -188,12 +189,16 @@ def _convert(fp32: onnx.ModelProto, precision: str, train_records: Sequence[Face
     if precision == "fp16":
         say("converting to fp16 (fp32 input/output kept)")
         return to_fp16(fp32), {"fp16": {"keep_io_types": True}}
+    if precision == "fp16w":
+        say("storing the weights as fp16 (fp32 arithmetic: ONNX Runtime folds the Casts at load)")
+        return to_fp16_weights(fp32), {"fp16w": {"weights": "fp16", "math": "fp32"}}
     crops = face_crops(spread(train_records, CALIBRATION_FACES), contract, say)
     if len(crops) == 0:
         raise FacemarkError("int8: no readable face to calibrate on; pass --calib-data with face images")
     say(f"quantizing to int8 (static QDQ, per-channel, {CALIBRATION_METHOD} on {len(crops)} face crops)")
-    activations = "QUInt8" if int8_activations == "uint8" else "QInt8"
-    info = {"int8": {"format": "QDQ", "weights": "QInt8 per-channel", "activations": activations,
+    activations = "QInt8" if int8_activations == "int8" else "QUInt8"
+    weights = "QInt8 per-channel" + (", 7-bit range" if int8_activations == "uint8-7bit" else "")
+    info = {"int8": {"format": "QDQ", "weights": weights, "activations": activations,
                      "calibration": CALIBRATION_METHOD, "calibration_faces": len(crops)}}
     return to_int8(fp32, crops, batch, int8_activations), info
 

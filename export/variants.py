@@ -1,4 +1,9 @@
-"""Smaller / faster variants of an fp32 ONNX model: fp16 (weights and math) and static int8 QDQ.
+"""Smaller / faster variants of an fp32 ONNX model: fp16 (weights and math), fp16w (fp16 weights, fp32 math)
+and static int8 QDQ.
+
+fp16w: every float initializer stored as fp16 behind a Cast to fp32. ONNX Runtime folds the Casts when the
+session loads, so the file is half the size of fp32 and the arithmetic is fp32 -- the variant for x86 CPUs,
+whose ONNX Runtime kernels have no fast fp16 path (there fp16 math runs slower than fp32).
 
 fp16: onnxruntime's `convert_float_to_float16` with `keep_io_types=True`, so the interface stays float32
 [N,1,S,S] -> [N,68,2] and the runtime feeds every variant the same tensor.
@@ -39,6 +44,30 @@ FP32_HEAD_MODULES = ("score_head", "offset_head", "neighbor_head")  # LandmarkNe
 FP32_STEM_NODES = ("/conv1/Conv", "/maxpool/MaxPool")
 
 
+FP16_WEIGHTS_MIN_ELEMENTS = 64  # smaller tensors (shapes, biases of tiny layers) stay fp32: no size to save
+
+
+def to_fp16_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """fp16 storage of the float weights, each followed by a Cast back to fp32 (folded by ORT at load)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    graph = model.graph
+    casts = []
+    for index, init in enumerate(list(graph.initializer)):
+        if init.data_type != TensorProto.FLOAT or np.prod(init.dims) < FP16_WEIGHTS_MIN_ELEMENTS:
+            continue
+        half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), f"{init.name}__fp16")
+        graph.initializer[index].CopyFrom(half)
+        casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT,
+                                      name=f"{init.name}__to_fp32"))
+    nodes = casts + list(graph.node)  # Casts first: the graph stays topologically sorted
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
+
+
 def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
@@ -76,7 +105,11 @@ class _CropReader:
 
 def to_int8(proto: onnx.ModelProto, calibration_crops: np.ndarray, batch: int | None = None,
             activation_type: str = "uint8") -> onnx.ModelProto:
-    """Static QDQ int8 model calibrated on `calibration_crops` (N, 1, S, S) float32 network inputs."""
+    """Static QDQ int8 model calibrated on `calibration_crops` (N, 1, S, S) float32 network inputs.
+
+    activation_type: "int8" (S8S8), "uint8" (U8S8) or "uint8-7bit" (U8S8 with 7-bit weights, ORT's
+    reduce_range: the u8 x s8 pair sums of AVX2 kernels without VNNI cannot saturate, so U8S8's fast kernels
+    stay exact on those CPUs)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -101,6 +134,7 @@ def to_int8(proto: onnx.ModelProto, calibration_crops: np.ndarray, batch: int | 
             str(pre), str(out), reader_cls(calibration_crops, batch),
             quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
             activation_type=activations, calibrate_method=CalibrationMethod.Percentile,
+            reduce_range=activation_type == "uint8-7bit",
             nodes_to_exclude=fp32_nodes(onnx.load(pre)),
             extra_options={"CalibPercentile": CALIBRATION_PERCENTILE},
         )

@@ -89,6 +89,9 @@ def predict_command(
                                       "flushed as each input is done."),
     resume: bool = typer.Option(False, "--resume", help="With --jsonl: skip inputs that already have a complete "
                                 "line there and append the rest."),
+    workers: int | None = typer.Option(
+        None, "--workers", min=1, help="Threads decoding, detecting and writing while the model runs batched over "
+        "several images (default: one per core); 1 = one image after another."),
     trt_fp16: bool = typer.Option(False, "--trt-fp16", help="TensorRT: build an fp16 engine."),
     trt_cache: Path | None = typer.Option(None, "--trt-cache", help="TensorRT: engine cache folder."),
 ) -> None:
@@ -139,7 +142,7 @@ def predict_command(
                 progress.advance(task)
 
             results = predict_files(landmarker, todo, out, draw, on_result=report,  # type: ignore[arg-type]
-                                    stop_requested=stop.requested)
+                                    stop_requested=stop.requested, workers=workers)
     finally:
         if writer is not None:
             writer.close()

@@ -1,8 +1,10 @@
 """Face detection with OpenCV's frontal-face Haar cascade (shipped with OpenCV 4 in `cv2.data`).
 
 Haar is the slow and noisy part of the pipeline (tens to hundreds of ms per photo, next to a few ms for the
-landmark model), so the detector works on a downscaled copy of large images (`max_side`; boxes are mapped
-back) and ignores faces smaller than `min_face_fraction` of the image's shorter side. Each box carries the
+landmark model), so the detector ignores faces smaller than `min_face_fraction` of the image's shorter side
+and works on a downscaled copy (boxes are mapped back): small enough that the smallest face wanted spans
+`min_face_windows` cascade windows (a 38 px face needs no 640x480 copy when the cascade looks at 20x20), and
+never longer than `max_side`. Each box carries the
 cascade's level weight as `score` (from `detectMultiScale3(..., outputRejectLevels=True)`): higher is more
 face-like, and `min_score` drops weak boxes, which are most of the false positives.
 """
@@ -32,6 +34,7 @@ PRESENCE_SCALE_FACTOR = 1.1
 PRESENCE_MIN_NEIGHBORS = 1
 DEFAULT_MIN_FACE_FRACTION = 0.08
 DEFAULT_MAX_SIDE = 640
+DEFAULT_MIN_FACE_WINDOWS: float | None = None  # set by measurement below
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,9 @@ class HaarDetector:
     min_face_fraction: smallest face searched, as a fraction of the image's shorter side (0 = the cascade's
         own 24 px window). The main speed knob: most of Haar's time goes to the smallest scales.
     max_side: images whose longer side exceeds it are searched on a downscaled copy (None = never).
+    min_face_windows: search a copy downscaled until the smallest face wanted (min_face_fraction of the
+        shorter side) spans this many cascade windows (None = no such downscale). The cascade's cost grows
+        with the copy's pixels; boxes found on a smaller copy are coarser, which the refinement pass repairs.
     min_score: drop boxes whose level weight is below it (None = keep all).
     """
 
@@ -71,6 +77,7 @@ class HaarDetector:
         max_side: int | None = DEFAULT_MAX_SIDE,
         cascade: str | os.PathLike | None = None,
         min_score: float | None = None,
+        min_face_windows: float | None = DEFAULT_MIN_FACE_WINDOWS,
     ) -> None:
         if scale_factor <= 1.0:
             raise ValueError(f"scale_factor must be > 1 (got {scale_factor})")
@@ -78,11 +85,14 @@ class HaarDetector:
             raise ValueError(f"min_face_fraction must be in [0, 1) (got {min_face_fraction})")
         if max_side is not None and max_side < 64:
             raise ValueError(f"max_side must be >= 64 or None (got {max_side})")
+        if min_face_windows is not None and min_face_windows < 1.0:
+            raise ValueError(f"min_face_windows must be >= 1 or None (got {min_face_windows})")
         self.scale_factor = scale_factor
         self.min_neighbors = min_neighbors
         self.min_face_fraction = min_face_fraction
         self.max_side = max_side
         self.min_score = min_score
+        self.min_face_windows = min_face_windows
         self.cascade_path = _cascade_path(cascade)
         # OpenCV's CascadeClassifier is not re-entrant (concurrent detectMultiScale calls on one object corrupt
         # each other's scale tables): one classifier per thread, loaded on first use in that thread.
@@ -98,7 +108,7 @@ class HaarDetector:
     def config(self) -> dict:
         return {"name": self.name, "scale_factor": self.scale_factor, "min_neighbors": self.min_neighbors,
                 "min_face_fraction": self.min_face_fraction, "max_side": self.max_side,
-                "min_score": self.min_score}
+                "min_face_windows": self.min_face_windows, "min_score": self.min_score}
 
     def detect(self, gray: np.ndarray) -> list[Detection]:
         """Faces in a grayscale uint8 image, most confident first."""
@@ -107,10 +117,9 @@ class HaarDetector:
         height, width = gray.shape
         if min(height, width) < self._window[0]:
             return []
-        factor = 1.0
+        factor = self.copy_factor(width, height)
         small = gray
-        if self.max_side is not None and max(height, width) > self.max_side:
-            factor = self.max_side / max(height, width)
+        if factor < 1.0:
             size = (max(1, round(width * factor)), max(1, round(height * factor)))
             small = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
         side = round(self.min_face_fraction * min(small.shape))
@@ -130,6 +139,18 @@ class HaarDetector:
         if self.min_score is not None:
             detections = [d for d in detections if d.score >= self.min_score]
         return sorted(detections, key=lambda d: d.score, reverse=True)
+
+    def copy_factor(self, width: int, height: int) -> float:
+        """Scale of the detection copy (<= 1): max_side and min_face_windows, whichever shrinks more."""
+        factor = 1.0
+        if self.max_side is not None and max(height, width) > self.max_side:
+            factor = self.max_side / max(height, width)
+        smallest_face = self.min_face_fraction * min(height, width)
+        if self.min_face_windows is not None and smallest_face > 0:
+            # Never below the cascade window itself: the copy must still hold a face of the window's size.
+            wanted = max(self.min_face_windows * self._window[0] / smallest_face, self._window[0] / min(height, width))
+            factor = min(factor, wanted)
+        return factor
 
     def _cascade(self) -> cv2.CascadeClassifier:
         cascade = getattr(self._local, "cascade", None)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -29,6 +30,7 @@ DEFAULT_MODEL_NAME = "facemark-68.onnx"
 DEFAULT_MODEL_PATH = Path(str(resources.files("facemark") / "assets" / DEFAULT_MODEL_NAME))
 IDENTITY = BoxCalibration()
 TIMING_KEYS = ("detect", "landmarks")
+MAX_DEFAULT_WORKERS = 8
 
 
 
@@ -50,6 +52,20 @@ class Face:
             "detector_box": _rounded(self.detector_box, 2),
             "landmark_scores": _rounded(self.landmark_scores, 3),
         }
+
+
+@dataclass(frozen=True)
+class Found:
+    """An image after detection, before the landmark model (FaceLandmarker.find)."""
+
+    gray: np.ndarray
+    detections: list[Detection]
+    detect_ms: float
+
+
+def default_workers() -> int:
+    """Threads for decoding and Haar when processing many images: one per core (measured in docs/MODEL.md)."""
+    return max(1, min(os.cpu_count() or 1, MAX_DEFAULT_WORKERS))
 
 
 @dataclass
@@ -150,45 +166,82 @@ class FaceLandmarker:
 
         Thread-safe: one FaceLandmarker may serve many threads (per-thread Haar classifiers, one shared ONNX
         Runtime session, no state changed by a call)."""
+        return self.landmarks_for_found([self.find(image, color)])[0]
+
+    def detect_many(self, images: Iterable, color: str = "bgr", workers: int | None = None) -> list[Detections]:
+        """`detect_full` of several images, in input order and equal to one-by-one calls: conversion and Haar
+        run on `workers` threads (OpenCV releases the GIL; default: the core count), the landmark model once
+        per pass for the faces of all images together (batches of up to the model's max_batch).
+
+        An image that cannot be converted raises, as `detect` does; facemark.runtime.predict.predict_files
+        reports bad files one by one instead."""
+        items = list(images)
+        if not items:
+            return []
+        count = max(1, min(workers or default_workers(), len(items)))
+        if count == 1:
+            found = [self.find(item, color) for item in items]
+        else:
+            with ThreadPoolExecutor(count, thread_name_prefix="facemark-detect") as pool:
+                found = list(pool.map(lambda item: self.find(item, color), items))
+        return self.landmarks_for_found(found)
+
+    def find(self, image, color: str = "bgr") -> Found:
+        """The first half of `detect_full`: the grayscale image and its Haar detections (no model call)."""
         t0 = time.perf_counter()
         gray = image_to_gray(image, color)
         detections = self.detector.detect(gray)
         if self.max_faces is not None and self.min_score is None:
             detections = detections[: self.max_faces]
-        t1 = time.perf_counter()
-        boxes = [self.calibration.apply(d.box) for d in detections]
-        faces, problems = self._landmarks(gray, boxes, self.refine, detections)
-        if self.min_score is not None:
-            faces = [f for f in faces if f.score is not None and f.score >= self.min_score]
-            if self.max_faces is not None:
-                faces = faces[: self.max_faces]
-        t2 = time.perf_counter()
-        return Detections(faces, {"detect": (t1 - t0) * 1e3, "landmarks": (t2 - t1) * 1e3}, problems)
+        return Found(gray, detections, (time.perf_counter() - t0) * 1e3)
+
+    def landmarks_for_found(self, found: Sequence[Found]) -> list[Detections]:
+        """The second half of `detect_full` for several images at once: calibrated boxes -> one batched model
+        call per pass over every face -> per image, faces above min_score. The landmark time is shared among
+        the images by their number of faces."""
+        t0 = time.perf_counter()
+        entries = [(f.gray, self.calibration.apply(d.box), d) for f in found for d in f.detections]
+        predicted = self._faces(entries, self.refine)
+        seconds = time.perf_counter() - t0
+        results, start = [], 0
+        for f in found:
+            mine = predicted[start : start + len(f.detections)]
+            start += len(f.detections)
+            faces = [face for face in mine if face is not None]
+            dropped = len(mine) - len(faces)
+            if self.min_score is not None:
+                faces = [face for face in faces if face.score is not None and face.score >= self.min_score]
+                if self.max_faces is not None:
+                    faces = faces[: self.max_faces]
+            share = len(mine) / len(entries) if entries else 0.0
+            problems = [f"{dropped} face(s) dropped: the model returned non-finite values (NaN/Inf) for them"] \
+                if dropped else []
+            results.append(Detections(faces, {"detect": f.detect_ms, "landmarks": seconds * 1e3 * share}, problems))
+        return results
 
     def landmarks_for_boxes(self, image: np.ndarray, boxes: Sequence[Box], refine: int = 0) -> list[Face]:
         """Landmarks for given boxes in the training convention (no detector, no calibration, no score
         threshold): video tracking (box_from_landmarks of the previous frame) and evaluation with
         ground-truth boxes. `refine` extra passes (default 0: these boxes are landmark boxes already)."""
         gray = to_gray(image)
-        return self._landmarks(gray, [tuple(float(v) for v in b) for b in boxes], refine, None)[0]
+        faces = self._faces([(gray, tuple(float(v) for v in b), None) for b in boxes], refine)
+        return [face for face in faces if face is not None]
 
-    def _landmarks(self, gray: np.ndarray, boxes: list[Box], refine: int,
-                   detections: Sequence[Detection] | None) -> tuple[list[Face], list[str]]:
-        predictions = predict_faces(self.model, [(gray, b) for b in boxes], refine, self.flip)
-        faces, dropped = [], 0
-        for i, p in enumerate(predictions):
+    def _faces(self, entries: Sequence[tuple[np.ndarray, Box, Detection | None]], refine: int
+               ) -> list[Face | None]:
+        """One Face per (image, box, detection) entry, None where the model returned non-finite values."""
+        predictions = predict_faces(self.model, [(gray, box) for gray, box, _ in entries], refine, self.flip)
+        faces: list[Face | None] = []
+        for (_, _, detection), p in zip(entries, predictions, strict=True):
             values = [p.landmarks, p.landmark_scores, p.face_score]
             if not all(np.isfinite(np.asarray(v, dtype=np.float64)).all() for v in values if v is not None):
-                dropped += 1
+                faces.append(None)
                 continue
-            detection = detections[i] if detections is not None else None
             faces.append(Face(box=p.box, landmarks=p.landmarks.astype(np.float32), score=p.face_score,
                               detector_score=detection.score if detection else None,
                               detector_box=detection.box if detection else None,
                               landmark_scores=p.landmark_scores))
-        problems = [f"{dropped} face(s) dropped: the model returned non-finite values (NaN/Inf) for them"] \
-            if dropped else []
-        return faces, problems
+        return faces
 
     def __repr__(self) -> str:
         return f"FaceLandmarker(model={self.model!r}, detector={self.detector!r})"

@@ -26,7 +26,9 @@ import glob
 import json
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,10 +38,11 @@ from imutils.paths import list_files
 from facemark.drawing import DrawMode, draw_face
 from facemark.errors import FacemarkError
 from facemark.imageio import IMAGE_SUFFIXES, read_image, write_image
-from facemark.runtime.landmarker import Face, FaceLandmarker
+from facemark.runtime.landmarker import Detections, Face, FaceLandmarker, Found, default_workers
 
 WRITABLE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 GLOB_CHARS = set("*?[")
+PIPELINE_GROUP = 8  # files whose faces share one landmark-model call in a pipelined run
 
 
 @dataclass
@@ -100,16 +103,40 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], lis
 
 def predict_image(landmarker: FaceLandmarker, path: Path) -> tuple[ImageResult, np.ndarray | None]:
     """One file -> its result (with the error message when it cannot be read) and the decoded image."""
+    loaded = _load_and_find(landmarker, path)
+    if loaded.found is None:
+        return loaded.result, None
+    return _with_landmarks(loaded, landmarker.landmarks_for_found([loaded.found])[0]), loaded.image
+
+
+@dataclass
+class _Loaded:
+    """A file after decoding and Haar (or its error), waiting for the landmark model."""
+
+    result: ImageResult
+    image: np.ndarray | None = None
+    found: Found | None = None
+    started: float = 0.0
+    seconds: float = 0.0  # decode + detect
+
+
+def _load_and_find(landmarker: FaceLandmarker, path: Path) -> _Loaded:
     start = time.perf_counter()
     try:
         image = read_image(path)
     except FacemarkError as exc:
-        return ImageResult(str(path), error=str(exc)), None
-    found = landmarker.detect_full(image)
-    result = ImageResult(str(path), image.shape[1], image.shape[0], found.faces,
-                         error=f"{path}: " + "; ".join(found.problems) if found.problems else None,
-                         ms=(time.perf_counter() - start) * 1000.0)
-    return result, image
+        return _Loaded(ImageResult(str(path), error=str(exc)))
+    found = landmarker.find(image)
+    return _Loaded(ImageResult(str(path), image.shape[1], image.shape[0]), image, found, start,
+                   time.perf_counter() - start)
+
+
+def _with_landmarks(loaded: _Loaded, found: Detections) -> ImageResult:
+    result = loaded.result
+    result.faces = found.faces
+    result.error = f"{result.path}: " + "; ".join(found.problems) if found.problems else None
+    result.ms = loaded.seconds * 1000.0 + found.times["landmarks"]
+    return result
 
 
 def annotated_name(path: Path, taken: set[str]) -> str:
@@ -122,6 +149,18 @@ def annotated_name(path: Path, taken: set[str]) -> str:
     return name
 
 
+def _write_annotated(result: ImageResult, image: np.ndarray, target: Path, draw: DrawMode) -> ImageResult:
+    canvas = image.copy()
+    for face in result.faces:
+        draw_face(canvas, face.landmarks, face.box, draw)
+    try:
+        write_image(target, canvas)
+        result.output = str(target)
+    except (FacemarkError, OSError) as exc:
+        result.error = f"{target}: cannot write the annotated image ({exc})"
+    return result
+
+
 def predict_files(
     landmarker: FaceLandmarker,
     files: Sequence[Path],
@@ -129,28 +168,71 @@ def predict_files(
     draw: DrawMode = "points",
     on_result: Callable[[ImageResult], None] | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
+    workers: int | None = None,
 ) -> list[ImageResult]:
-    """Predict every file in order; a bad file becomes an error result and the batch goes on. Stops before
-    the next file once `stop_requested()` is true (the results so far are returned)."""
+    """Predict every file; results (and `on_result` calls) in input order. A bad file becomes an error result
+    and the batch goes on. Stops before the next file once `stop_requested()` is true (the results so far
+    are returned).
+
+    workers: 1 processes one file after another; more (default: one per core) pipelines the run: decoding,
+    Haar and writing annotated images of the next files run on that many threads while the landmark model
+    runs once per pass over the faces of a group of files. The landmarks equal one-by-one processing."""
+    count = workers or default_workers()
     taken: set[str] = set()
-    results = []
-    for path in files:
-        if stop_requested():
-            break
-        result, image = predict_image(landmarker, path)
-        if image is not None and out_dir is not None:
-            canvas = image.copy()
-            for face in result.faces:
-                draw_face(canvas, face.landmarks, face.box, draw)
-            target = Path(out_dir) / annotated_name(path, taken)
-            try:
-                write_image(target, canvas)
-                result.output = str(target)
-            except (FacemarkError, OSError) as exc:
-                result.error = f"{target}: cannot write the annotated image ({exc})"
+    results: list[ImageResult] = []
+
+    def finish(loaded: _Loaded, found: Detections | None, pool: ThreadPoolExecutor | None) -> Future | ImageResult:
+        result = loaded.result if found is None else _with_landmarks(loaded, found)
+        if loaded.image is None or out_dir is None:
+            return result
+        target = Path(out_dir) / annotated_name(Path(result.path), taken)
+        if pool is None:
+            return _write_annotated(result, loaded.image, target, draw)
+        return pool.submit(_write_annotated, result, loaded.image, target, draw)
+
+    def deliver(result: ImageResult) -> None:
         results.append(result)
         if on_result:
             on_result(result)
+
+    if count <= 1:
+        for path in files:
+            if stop_requested():
+                break
+            loaded = _load_and_find(landmarker, path)
+            found = landmarker.landmarks_for_found([loaded.found])[0] if loaded.found is not None else None
+            deliver(finish(loaded, found, None))  # type: ignore[arg-type]
+        return results
+
+    group = max(count, PIPELINE_GROUP)
+    with ThreadPoolExecutor(count, thread_name_prefix="facemark-predict") as pool:
+        queued: deque[Future] = deque()
+        upcoming = iter(files)
+
+        def refill() -> None:  # keep the workers two groups ahead of the model
+            while len(queued) < 2 * group and not stop_requested():
+                path = next(upcoming, None)
+                if path is None:
+                    return
+                queued.append(pool.submit(_load_and_find, landmarker, path))
+
+        refill()
+        writing: list[Future | ImageResult] = []  # the previous group, its pictures being written
+        while queued:
+            loaded = [queued.popleft().result() for _ in range(min(group, len(queued)))]
+            refill()
+            ready = [item for item in loaded if item.found is not None]
+            found = dict(zip(map(id, ready), landmarker.landmarks_for_found([i.found for i in ready]), strict=True))
+            finished = [finish(item, found.get(id(item)), pool) for item in loaded]
+            for item in writing:
+                deliver(item.result() if isinstance(item, Future) else item)
+            writing = finished
+            if stop_requested():
+                for future in queued:
+                    future.cancel()
+                break
+        for item in writing:
+            deliver(item.result() if isinstance(item, Future) else item)
     return results
 
 

@@ -368,3 +368,108 @@ def test_runtime_imports_and_cli_help_without_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert "TORCH-FREE" in done.stdout and "predict" in done.stdout and "video" in done.stdout
+
+
+# --- throughput: many images at once -------------------------------------------------------------------------
+def _sample_paths() -> list[Path]:
+    return sorted(SAMPLES.glob("*.jpg"))  # five photos with faces and dogs.jpg (no face)
+
+
+def _same_faces(a: list[Face], b: list[Face], atol: float = 0.05) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(x.landmarks, y.landmarks, atol=atol)
+        np.testing.assert_allclose(x.box, y.box, atol=atol)
+        assert x.detector_box == y.detector_box
+
+
+@pytest.mark.parametrize("refine", [0, 1])
+def test_detect_many_equals_one_by_one_with_one_model_call_per_pass(tiny_onnx, refine, monkeypatch):
+    landmarker = FaceLandmarker(tiny_onnx, provider="cpu", threads=1, refine=refine)
+    images = [read_image(p) for p in _sample_paths()]
+    alone = [landmarker.detect_full(image) for image in images]
+    calls = []
+    original = landmarker.model.predict_outputs
+    monkeypatch.setattr(landmarker.model, "predict_outputs",
+                        lambda batch, *a: calls.append(len(batch)) or original(batch, *a))
+    together = landmarker.detect_many(images, workers=3)
+    assert len(together) == len(images)
+    total = sum(len(r.faces) for r in alone)
+    assert total >= 6 and any(not r.faces for r in alone), "samples: several faces, and dogs.jpg without one"
+    assert calls == [total] * (refine + 1), "one batched model call per pass over every image's faces"
+    for one, many in zip(alone, together, strict=True):
+        _same_faces(one.faces, many.faces)
+        assert set(many.times) == {"detect", "landmarks"} and all(v >= 0 for v in many.times.values())
+    assert landmarker.detect_many([]) == []
+
+
+def test_detect_many_takes_paths_and_pil_images_like_detect(landmarker):
+    from PIL import Image
+
+    path = _sample_paths()[0]
+    reference = landmarker.detect(read_image(path))
+    from_path, from_pil = landmarker.detect_many([path, Image.open(path)], workers=2)
+    _same_faces(from_path.faces, reference)
+    _same_faces(from_pil.faces, reference)
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_pipelined_folder_run_keeps_order_and_equals_one_by_one_and_survives_a_bad_file(
+        landmarker, tmp_path, workers):
+    from facemark.runtime.predict import predict_files
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    samples = _sample_paths()
+    files = samples[:3] + [broken] + samples[3:] + samples[:2]  # the bad file in the middle, some twice
+    sequential = predict_files(landmarker, files, workers=1)
+    seen: list[str] = []
+    pipelined = predict_files(landmarker, files, tmp_path / "out", workers=workers,
+                              on_result=lambda r: seen.append(r.path))
+    assert [r.path for r in pipelined] == [str(f) for f in files] == seen
+    for one, many in zip(sequential, pipelined, strict=True):
+        assert (one.error is None) == (many.error is None)
+        _same_faces(one.faces, many.faces)
+        assert (one.width, one.height) == (many.width, many.height)
+    [bad] = [r for r in pipelined if r.error]
+    assert bad.path == str(broken) and str(broken) in bad.error and not bad.faces
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len(written) == len(files) - 1, "one annotated picture per readable file, none for the bad one"
+    assert all(r.output for r in pipelined if not r.error)
+
+
+def test_pipelined_run_stops_between_groups_with_a_prefix_in_order(landmarker):
+    from facemark.runtime.predict import predict_files
+
+    files = _sample_paths() * 5  # 30 files: several groups
+    done: list[str] = []
+    results = predict_files(landmarker, files, workers=2, on_result=lambda r: done.append(r.path),
+                            stop_requested=lambda: len(done) >= 1)
+    assert 1 <= len(results) < len(files)
+    assert [r.path for r in results] == [str(f) for f in files[: len(results)]]
+
+
+def test_haar_copy_follows_the_smallest_face_wanted():
+    detector = HaarDetector(min_face_fraction=0.1, min_face_windows=1.5, max_side=None)
+    window = detector._window[0]
+    assert detector.copy_factor(640, 480) == pytest.approx(1.5 * window / 48)
+    assert detector.copy_factor(1920, 1080) == pytest.approx(1.5 * window / 108)
+    assert detector.copy_factor(64, 48) == 1.0, "never upscaled"
+    assert HaarDetector(min_face_fraction=0.1, max_side=None).copy_factor(1920, 1080) == 1.0
+    assert HaarDetector(min_face_fraction=0.0, min_face_windows=1.5, max_side=None).copy_factor(640, 480) == 1.0
+    assert HaarDetector(min_face_fraction=0.1, min_face_windows=4, max_side=800).copy_factor(1920, 1080) == \
+        pytest.approx(800 / 1920), "max_side shrinks more here"
+    with pytest.raises(ValueError, match="min_face_windows"):
+        HaarDetector(min_face_windows=0.5)
+
+
+def test_haar_on_a_smaller_copy_finds_the_same_faces_in_image_pixels():
+    gray = read_gray(SAMPLES / "2009_004587.jpg")
+    big = cv2.resize(gray, None, fx=3, fy=3, interpolation=cv2.INTER_CUBIC)
+    full = HaarDetector(max_side=None, min_face_fraction=0.1).detect(big)
+    cheap = HaarDetector(max_side=None, min_face_fraction=0.1, min_face_windows=1.5)
+    assert cheap.copy_factor(big.shape[1], big.shape[0]) < 0.5
+    small = cheap.detect(big)
+    assert small and len(small) == len(full)
+    for a, b in zip(sorted(d.box for d in full), sorted(d.box for d in small), strict=True):
+        np.testing.assert_allclose(b, a, atol=0.15 * a[2])
