@@ -1,16 +1,24 @@
 """Detector configurations: recall on validation faces against false faces on face-free background, and time.
 
     python -m facemark.benchmarks.detector_sweep --data ../shared/data/300w [--model M.onnx] [--json out.json]
+    python -m facemark.benchmarks.detector_sweep --data ../shared/data/300w --model M.onnx \
+        --grid --scales 1.1,1.2 --windows none,1.5,2 [--neighbors 1]
 
 Without --model: the Haar cascade alone (recall = a detection with IoU >= 0.3 to the landmark box; every box
 on a face-free background strip of the same photos is a false face). With --model: the whole pipeline per
 configuration (facemark.runtime.evaluation: presence score, refinement, NME), at several presence thresholds.
 Only validation faces are used (the deterministic split), the split the defaults are tuned on.
+
+--grid: the cascade of the model's defaults (alt2) at every scale step x detection-copy size
+(HaarDetector.min_face_windows; "none" = the full image up to max_side), each row also timed on the
+composed 640x480 and 1920x1080 one-face scenes of facemark.benchmarks.pipeline (Haar alone and the whole
+pipeline, median ms) -- the speed/recall trade-off behind the detector defaults.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,12 +63,61 @@ def detector_only(records, detector: HaarDetector) -> dict:
             "false_faces_per_crop": false / max(crops, 1), "detect_ms_median": float(np.median(ms))}
 
 
+SPEED_SCENES = ((640, 480, 1), (1920, 1080, 1))
+
+
+def time_scenes(detector: HaarDetector, landmarker, repeats: int, folder: Path) -> dict:
+    """Median ms of Haar alone and of the whole pipeline (decode excluded) on the composed scenes."""
+    from facemark.benchmarks.pipeline import compose_scene
+    from facemark.imageio import read_image
+    from facemark.runtime.evaluation import with_settings
+
+    timed = with_settings(landmarker, detector=detector) if landmarker is not None else None
+    row = {}
+    for width, height, faces in SPEED_SCENES:
+        scene = compose_scene(width, height, faces, folder)
+        image = read_image(scene.path)
+        gray = read_gray(scene.path)
+        haar, whole, found = [], [], 0
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            detector.detect(gray)
+            t1 = time.perf_counter()
+            if timed is not None:
+                found = len(timed.detect(image))
+            t2 = time.perf_counter()
+            if i:  # the first run warms up
+                haar.append((t1 - t0) * 1e3)
+                whole.append((t2 - t1) * 1e3)
+        row[f"haar_ms_{width}x{height}"] = float(np.median(haar))
+        if timed is not None:
+            row[f"pipeline_ms_{width}x{height}"] = float(np.median(whole))
+            row[f"faces_found_{width}x{height}"] = found
+    return row
+
+
+def grid(scales: str, windows: str, neighbors: int, cascade: str) -> list[dict]:
+    """Detector settings for --grid: every scale step x copy size."""
+    return [{"cascade": cascade, "scale_factor": float(s), "min_neighbors": neighbors,
+             "min_face_windows": None if w.strip().lower() == "none" else float(w)}
+            for s in scales.split(",") for w in windows.split(",")]
+
+
 def main(data: list[Path] = typer.Option(..., "--data"), model: Path | None = typer.Option(None, "--model"),
          refine: int = typer.Option(1, "--refine"), json_path: Path | None = typer.Option(None, "--json"),
-         configs: str = typer.Option("", "--configs", help="Comma-separated indices into CONFIGS (default all).")
+         configs: str = typer.Option("", "--configs", help="Comma-separated indices into CONFIGS (default all)."),
+         use_grid: bool = typer.Option(False, "--grid", help="Scale steps x copy sizes, timed on scenes."),
+         scales: str = typer.Option("1.1,1.15,1.2", "--scales"),
+         windows: str = typer.Option("none,1.25,1.5,2", "--windows"),
+         neighbors: int = typer.Option(1, "--neighbors"),
+         repeats: int = typer.Option(15, "--repeats", help="Timed runs per scene (--grid)."),
          ) -> None:
     train, val = split_records(load_records(data, lambda _m: None), 0.1, 0)
-    chosen = [CONFIGS[int(i)] for i in configs.split(",")] if configs else list(CONFIGS)
+    if use_grid:
+        chosen = grid(scales, windows, neighbors, "haarcascade_frontalface_alt2.xml")
+    else:
+        chosen = [{"cascade": c, "scale_factor": s, "min_neighbors": n}
+                  for c, s, n in ([CONFIGS[int(i)] for i in configs.split(",")] if configs else CONFIGS)]
     rows = []
     landmarker = None
     if model is not None:
@@ -68,9 +125,12 @@ def main(data: list[Path] = typer.Option(..., "--data"), model: Path | None = ty
         from facemark.runtime.landmarker import FaceLandmarker
 
         landmarker = FaceLandmarker(model, provider="cpu", refine=refine)
-    for cascade, scale, neighbors in chosen:
-        detector = HaarDetector(scale_factor=scale, min_neighbors=neighbors, cascade=cascade)
-        row = {"cascade": cascade, "scale_factor": scale, "min_neighbors": neighbors}
+    scenes = Path(tempfile.mkdtemp(prefix="facemark-sweep-"))
+    for options in chosen:
+        detector = HaarDetector(**options)
+        row = dict(options)
+        if use_grid:
+            row.update(time_scenes(detector, landmarker, repeats, scenes))
         if landmarker is None:
             row.update(detector_only(val, detector))
         else:

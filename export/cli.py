@@ -13,6 +13,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from facemark.choices import Int8Activations, Precision
 from facemark.errors import ParityError
 
 console = Console()
@@ -29,12 +30,12 @@ def export_command(
     output: Path | None = typer.Option(
         None, "--output", "-o", help="Model file (default: beside the checkpoint, e.g. best.int8.onnx)."),
     opset: int = typer.Option(17, "--opset", help="Default-domain ONNX opset the file declares."),
-    precision: str = typer.Option(
+    precision: Precision = typer.Option(
         "fp32", "--precision", help="fp32 | fp16 | fp16w (fp16 weights, fp32 math: half the size at fp32 speed "
-        "on CPUs) | int8"),
-    int8_activations: str = typer.Option(
+        "on CPUs) or int8."),
+    int8_activations: Int8Activations = typer.Option(
         "int8", "--int8-activations",
-        help="int8 | uint8 | uint8-7bit. uint8 (U8S8) is fastest on CPUs with VNNI but saturates on AVX2-only "
+        help="uint8 (U8S8) is fastest on CPUs with VNNI but saturates on AVX2-only "
              "CPUs; uint8-7bit (7-bit weights) cannot saturate; int8 (S8S8) is right everywhere."),
     calib_data: list[Path] = typer.Option(
         [], "--calib-data",
@@ -47,6 +48,7 @@ def export_command(
     """Export a checkpoint to one self-contained ONNX file, verified against PyTorch and gated."""
     from facemark.export.exporter import export_model, report_path
 
+    precision, int8_activations = precision.value, int8_activations.value
     target = output or default_output(checkpoint, precision)
     try:
         result = export_model(checkpoint, target, opset=opset, precision=precision,

@@ -25,6 +25,7 @@ import torch
 
 import facemark
 from facemark import metadata as meta
+from facemark.choices import INT8_ACTIVATIONS, PRECISIONS
 from facemark.contract import BoxCalibration, CropContract, box_from_landmarks
 from facemark.data import FaceRecord, load_records, split_records
 from facemark.errors import FacemarkError, ImageError, ParityError
@@ -37,7 +38,6 @@ from facemark.imageio import read_gray
 from facemark.scheme import SCHEME_NAME
 from facemark.train.checkpoint import file_sha256, load_model
 
-PRECISIONS = ("fp32", "fp16", "fp16w", "int8")
 REPORT_FORMAT = "facemark-parity/1"
 SAMPLES_XML = Path(facemark.__file__).parent / "assets" / "samples" / "landmarks.xml"
 # A median of a few hundred matched boxes is stable to ~0.002 of the box size; all 1807 cost minutes of Haar.
@@ -45,7 +45,7 @@ CALIBRATION_FIT_FACES = 500
 # S8S8 by default: U8S8 saturates on x86 CPUs without VNNI (AVX2 only) -- measured here on an AMD EPYC
 # without AVX-512/VNNI, the previous shipped U8S8 model scored 7.13 % NME instead of its 4.62 % (variants.py).
 # uint8-7bit: U8S8 with 7-bit weights, which cannot saturate there (variants.to_int8).
-INT8_ACTIVATION_CHOICES = ("int8", "uint8", "uint8-7bit")
+INT8_ACTIVATION_CHOICES = INT8_ACTIVATIONS
 DEFAULT_INT8_ACTIVATIONS = "int8"
 
 Progress = Callable[[str], None]

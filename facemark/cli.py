@@ -12,7 +12,9 @@ from collections.abc import Sequence
 import typer
 from rich.console import Console
 
+from facemark.choices import choice_enum
 from facemark.errors import FacemarkError
+from facemark.runtime.schema import SCHEMA_NAMES
 
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
@@ -53,6 +55,19 @@ def _register() -> None:
     app.command("export")(export_cli.export_command)
     app.add_typer(runtime_cli.app, name="runtime")
     app.command("bench")(bench_cli.bench_command)
+    app.command("schema")(schema_command)
+
+
+SchemaName = choice_enum("SchemaName", SCHEMA_NAMES)
+
+
+def schema_command(name: SchemaName = typer.Argument("predict", help="predict (the JSON document), "
+                                                     "image (a predict --jsonl line) or video (a video --jsonl line)."
+                                                     )) -> None:
+    """Print the JSON Schema of facemark's JSON output."""
+    from facemark.runtime.schema import schema_text
+
+    sys.stdout.write(schema_text(name.value))
 
 
 _register()

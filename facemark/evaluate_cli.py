@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from facemark.choices import EvalBoxes, EvalSplit, Provider, Tta
 from facemark.data import load_records, split_records
 from facemark.errors import DataError
 
@@ -35,20 +36,20 @@ def _load_predictor(model: Path, provider: str):
 def evaluate_command(
     model: Path = typer.Option(..., "--model", help="Checkpoint (.pt) or exported model (.onnx)."),
     data: list[Path] = typer.Option(..., "--data", help="dlib XML file or folder of .pts files; repeatable."),
-    split: str = typer.Option("val", "--split", help="val | train | all: the deterministic split of --data."),
+    split: EvalSplit = typer.Option("val", "--split", help="The deterministic split of --data."),
     val_fraction: float = typer.Option(0.1, "--val-fraction"),
     seed: int = typer.Option(0, "--seed", help="Split seed (training's default: 0)."),
-    boxes: str = typer.Option("gt", "--boxes", help="gt: landmark boxes | haar: Haar detector boxes | pipeline: "
+    boxes: EvalBoxes = typer.Option("gt", "--boxes", help="gt: landmark boxes | haar: Haar detector boxes | pipeline: "
                               "the whole runtime (FaceLandmarker.detect, presence threshold, false faces on "
                               "face-free background crops; .onnx only)."),
     refine: int = typer.Option(0, "--refine", min=0, help="Extra passes re-cropped on the predicted landmarks."),
-    tta: str = typer.Option("none", "--tta", help="none | flip"),
+    tta: Tta = typer.Option("none", "--tta", help="Test-time flip (mirror each crop and average)."),
     min_score: float | None = typer.Option(None, "--min-score", min=0.0, max=1.0,
                                            help="--boxes pipeline: presence threshold (0 keeps every detection; "
                                                 "default: the runtime's)."),
     calibrated: bool = typer.Option(True, "--calibrated/--uncalibrated",
                                     help="With --boxes haar: apply the model's detector calibration."),
-    provider: str = typer.Option("auto", "--provider", help="ONNX Runtime provider for .onnx models."),
+    provider: Provider = typer.Option("auto", "--provider", help="ONNX Runtime provider for .onnx models."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the summary as JSON."),
     csv_path: Path | None = typer.Option(None, "--csv", help="Write per-face errors as CSV."),
     plot_path: Path | None = typer.Option(None, "--plot", help="Write the CED curve as PNG."),
@@ -63,13 +64,10 @@ def evaluate_command(
     records = load_records(data, warnings.append)
     for w in warnings:
         console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+    split, boxes, tta, provider = split.value, boxes.value, tta.value, provider.value
     if split != "all":
         train_part, val_part = split_records(records, val_fraction, seed)
-        records = {"val": val_part, "train": train_part}.get(split)
-        if records is None:
-            raise DataError(f"--split {split!r}: expected all, val or train")
-    if tta not in ("none", "flip"):
-        raise DataError(f"--tta {tta!r}: expected none or flip")
+        records = {"val": val_part, "train": train_part}[split]
     predictor, calibration, model_meta = _load_predictor(model, provider)
     if boxes == "pipeline":
         _evaluate_pipeline(model, provider, records, refine, tta == "flip", min_score, json_path)
@@ -85,8 +83,6 @@ def evaluate_command(
         detector = HaarDetector(**default_detector_options(presence))  # what the runtime runs for this model
         source = haar_box_source(detector, calibration if calibrated else None)
         box_label = f"{detector.name}, {'calibrated' if calibrated and calibration else 'uncalibrated'}"
-    else:
-        raise DataError(f"--boxes {boxes!r}: expected gt or haar")
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("evaluating", total=len(records))
         result = evaluate(predictor, records, source, batch_size, lambda n: progress.advance(task, n),

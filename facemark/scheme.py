@@ -65,3 +65,17 @@ def interocular_distance(points: np.ndarray) -> np.ndarray:
     """Distance between the outer eye corners of `points` (..., 68, 2)."""
     a, b = OUTER_EYE_CORNERS
     return np.linalg.norm(points[..., a, :] - points[..., b, :], axis=-1)
+
+
+def five_points(points: np.ndarray) -> np.ndarray:
+    """The five points of face-recognition alignment (InsightFace / ArcFace order) from 68 points (..., 68, 2):
+    the subject's right eye centre, left eye centre, nose tip, right and left mouth corners (image left first)."""
+    right_eye = points[..., GROUPS["right_eye"], :].mean(axis=-2)
+    left_eye = points[..., GROUPS["left_eye"], :].mean(axis=-2)
+    return np.stack([right_eye, left_eye, points[..., NOSE_TIP, :], points[..., MOUTH_CORNERS[0], :],
+                     points[..., MOUTH_CORNERS[1], :]], axis=-2)
+
+
+NOSE_TIP = 30
+CHIN = 8
+MOUTH_CORNERS: tuple[int, int] = (48, 54)  # the subject's right (image left), left

@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from facemark.choices import AlignTemplate, DrawChoice, Provider, Tta
 from facemark.runtime import detector as haar
 from facemark.runtime.defaults import DEFAULT_MIN_SCORE, DEFAULT_REFINE
 
@@ -35,16 +36,15 @@ def _detector_options(scale_factor: float | None, min_neighbors: int | None, min
     return {k: v for k, v in options.items() if v is not None or k == "max_side"}
 
 
-def _landmarker(model: Path | None, provider: str, threads: int | None, detector_options: dict, trt_fp16: bool,
-                trt_cache: Path | None, max_faces: int | None = None, refine: int = 0, tta: str = "none",
-                min_score: float | None = None):
+def _landmarker(model: Path | None, provider: Provider, threads: int | None, detector_options: dict,
+                trt_fp16: bool, trt_cache: Path | None, max_faces: int | None = None, refine: int = 0,
+                tta: Tta = Tta.none, min_score: float | None = None):
     from facemark.runtime.landmarker import FaceLandmarker
 
-    if tta not in ("none", "flip"):
-        raise typer.BadParameter(f"--tta must be none or flip (got {tta!r})")
     try:
-        return FaceLandmarker(model, provider=provider, threads=threads, trt_fp16=trt_fp16, trt_cache_dir=trt_cache,
-                              max_faces=max_faces, refine=refine, flip=tta == "flip", min_score=min_score or None,
+        return FaceLandmarker(model, provider=provider.value, threads=threads, trt_fp16=trt_fp16,
+                              trt_cache_dir=trt_cache, max_faces=max_faces, refine=refine, flip=tta == Tta.flip,
+                              min_score=min_score or None,
                               detector_options=detector_options)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -56,6 +56,17 @@ TTA_HELP = "Test-time augmentation: none | flip (mirror each crop and average; a
 MIN_SCORE_HELP = "Drop faces whose presence score (0-1, models with a presence head) is below this; 0 keeps all."
 
 
+SCALE_FACTOR_HELP = (f"Haar pyramid step (bigger = faster, fewer faces); default {haar.PRESENCE_SCALE_FACTOR} with "
+                     f"a presence model, else {haar.DEFAULT_SCALE_FACTOR}.")
+MIN_NEIGHBORS_HELP = (f"Haar neighbours (bigger = fewer false boxes); default {haar.PRESENCE_MIN_NEIGHBORS} with a "
+                      f"presence model (it rejects false boxes), else {haar.DEFAULT_MIN_NEIGHBORS}.")
+MIN_FACE_HELP = "Smallest face, as a fraction of the shorter side (the speed knob)."
+MAX_SIDE_HELP = "Detect on a copy downscaled to this longer side at most (0 = off)."
+CASCADE_HELP = (f"Cascade file or OpenCV cascade name (default {haar.DEFAULT_CASCADE}; the tutorial's: "
+                f"{haar.TUTORIAL_CASCADE}).")
+MAX_FACES_HELP = "Keep the N most confident faces."
+
+
 @app.command("predict")
 def predict_command(
     inputs: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or globs."),
@@ -63,32 +74,33 @@ def predict_command(
     out: Path | None = typer.Option(None, "--out", "-o", help="Folder for the annotated images."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the JSON document here "
                                           "(default: stdout when --out is not given either)."),
-    provider: str = typer.Option("auto", "--provider", "-p", help=PROVIDER_HELP),
-    draw: str = typer.Option("points", "--draw", help="points | contours | none"),
+    provider: Provider = typer.Option("auto", "--provider", "-p", help=PROVIDER_HELP),
+    draw: DrawChoice = typer.Option("points", "--draw", help="How --out pictures show the landmarks."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for the model."),
-    scale_factor: float | None = typer.Option(
-        None, "--scale-factor", help=f"Haar pyramid step (bigger = faster, fewer faces); default "
-        f"{haar.PRESENCE_SCALE_FACTOR} with a presence model, else {haar.DEFAULT_SCALE_FACTOR}."),
-    min_neighbors: int | None = typer.Option(
-        None, "--min-neighbors", help=f"Haar neighbours (bigger = fewer false boxes); default "
-        f"{haar.PRESENCE_MIN_NEIGHBORS} with a presence model (it rejects false boxes), else "
-        f"{haar.DEFAULT_MIN_NEIGHBORS}."),
-    min_face: float = typer.Option(haar.DEFAULT_MIN_FACE_FRACTION, "--min-face",
-                                   help="Smallest face, as a fraction of the shorter side (the speed knob)."),
-    max_side: int = typer.Option(haar.DEFAULT_MAX_SIDE, "--max-side",
-                                 help="Detect on a copy downscaled to this longer side (0 = off)."),
+    scale_factor: float | None = typer.Option(None, "--scale-factor", help=SCALE_FACTOR_HELP),
+    min_neighbors: int | None = typer.Option(None, "--min-neighbors", help=MIN_NEIGHBORS_HELP),
+    min_face: float = typer.Option(haar.DEFAULT_MIN_FACE_FRACTION, "--min-face", help=MIN_FACE_HELP),
+    max_side: int = typer.Option(haar.DEFAULT_MAX_SIDE, "--max-side", help=MAX_SIDE_HELP),
     min_detector_score: float | None = typer.Option(
         None, "--min-detector-score", help="Drop Haar boxes below this cascade level weight (not a probability)."),
     min_score: float = typer.Option(DEFAULT_MIN_SCORE, "--min-score", min=0.0, max=1.0, help=MIN_SCORE_HELP),
     refine: int = typer.Option(DEFAULT_REFINE, "--refine", min=0, help=REFINE_HELP),
-    tta: str = typer.Option("none", "--tta", help=TTA_HELP),
-    cascade: str | None = typer.Option(None, "--cascade", help="Cascade file or OpenCV cascade name (default "
-                                       f"{haar.DEFAULT_CASCADE}; the tutorial's: {haar.TUTORIAL_CASCADE})."),
-    max_faces: int | None = typer.Option(None, "--max-faces", min=1, help="Keep the N most confident faces."),
+    tta: Tta = typer.Option("none", "--tta", help=TTA_HELP),
+    cascade: str | None = typer.Option(None, "--cascade", help=CASCADE_HELP),
+    max_faces: int | None = typer.Option(None, "--max-faces", min=1, help=MAX_FACES_HELP),
     jsonl: Path | None = typer.Option(None, "--jsonl", help="Stream one JSON line per input (the images[] entry), "
                                       "flushed as each input is done."),
     resume: bool = typer.Option(False, "--resume", help="With --jsonl: skip inputs that already have a complete "
                                 "line there and append the rest."),
+    aligned: Path | None = typer.Option(None, "--aligned", help="Folder for each face's similarity-aligned chip "
+                                        "(PNG, NAME-faceI.png; dlib get_face_chips / InsightFace norm_crop)."),
+    aligned_size: int = typer.Option(112, "--aligned-size", min=8, help="Side of the aligned chips in pixels."),
+    aligned_template: AlignTemplate = typer.Option("arcface", "--aligned-template",
+                                                   help="arcface: the five-point ArcFace layout; eyes: eye centres."),
+    pose: bool = typer.Option(False, "--pose", help="Add each face's head pose (yaw, pitch, roll in degrees) to the "
+                              "JSON, JSONL and CSV."),
+    csv_path: Path | None = typer.Option(None, "--csv", help="Write one CSV row per face: path, face, box, score, "
+                                         "x0,y0 .. x67,y67 (and yaw, pitch, roll with --pose)."),
     workers: int | None = typer.Option(
         None, "--workers", min=1, help="Threads decoding, detecting and writing while the model runs batched over "
         "several images (default: one per core); 1 = one image after another."),
@@ -96,24 +108,24 @@ def predict_command(
     trt_cache: Path | None = typer.Option(None, "--trt-cache", help="TensorRT: engine cache folder."),
 ) -> None:
     """Landmarks for every face in photos: annotated images (--out), one JSON document (--json), JSON lines
-    streamed per image (--jsonl, resumable with --resume)."""
-    if draw not in ("points", "contours", "none"):
-        raise typer.BadParameter(f"--draw must be points, contours or none (got {draw!r})")
+    streamed per image (--jsonl, resumable with --resume), CSV (--csv), aligned face chips (--aligned)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from facemark.fileio import check_writable, write_text_atomic
     from facemark.runtime.predict import (
+        ChipOptions,
         JsonlWriter,
         build_document,
         collect_inputs,
         dumps,
         predict_files,
         read_jsonl_entries,
+        write_csv,
     )
 
     if resume and jsonl is None:
         raise typer.BadParameter("--resume needs --jsonl FILE (the lines it continues)")
-    for path, what in ((json_path, "--json document"), (jsonl, "--jsonl file")):
+    for path, what in ((json_path, "--json document"), (jsonl, "--jsonl file"), (csv_path, "--csv file")):
         if path is not None:
             check_writable(path, what)  # before any image is processed
     detector = _detector_options(scale_factor, min_neighbors, min_face, max_side, min_detector_score, cascade)
@@ -141,8 +153,9 @@ def predict_command(
                     writer.write(result)
                 progress.advance(task)
 
-            results = predict_files(landmarker, todo, out, draw, on_result=report,  # type: ignore[arg-type]
-                                    stop_requested=stop.requested, workers=workers)
+            chips = ChipOptions(aligned, aligned_size, aligned_template.value) if aligned else None
+            results = predict_files(landmarker, todo, out, draw.value, on_result=report,  # type: ignore[arg-type]
+                                    stop_requested=stop.requested, workers=workers, chips=chips, pose=pose)
     finally:
         if writer is not None:
             writer.close()
@@ -153,9 +166,11 @@ def predict_command(
     text = dumps(document, indent=1) + "\n"
     if json_path is not None:
         write_text_atomic(json_path, text)
-    elif out is None and jsonl is None:
+    elif out is None and jsonl is None and csv_path is None and aligned is None:
         sys.stdout.write(text)
-    _print_summary(failures + results, landmarker.providers, out, json_path, jsonl)
+    if csv_path is not None:
+        write_csv(csv_path, results, pose)
+    _print_summary(failures + results, landmarker.providers, out, json_path, jsonl, csv_path, aligned)
     if stop.signal is not None:
         console.print(f"[yellow]interrupted ({stop.signal.name}): {len(results)} of {len(todo)} images done"
                       + (f"; continue with --resume --jsonl {jsonl}" if jsonl else "") + "[/yellow]")
@@ -189,7 +204,7 @@ class _StopFlag:
 
 
 def _print_summary(results, providers: list[str], out: Path | None, json_path: Path | None,
-                   jsonl: Path | None = None) -> None:
+                   jsonl: Path | None = None, csv_path: Path | None = None, aligned: Path | None = None) -> None:
     ok = [r for r in results if not r.error]
     failed = len(results) - len(ok)
     faces = sum(len(r.faces) for r in ok)
@@ -203,37 +218,52 @@ def _print_summary(results, providers: list[str], out: Path | None, json_path: P
         console.print(f"JSON: {json_path}")
     if jsonl is not None:
         console.print(f"JSON lines: {jsonl}")
+    if csv_path is not None:
+        console.print(f"CSV: {csv_path}")
+    if aligned is not None:
+        console.print(f"aligned faces: {aligned} ({sum(len(r.chips) for r in ok)} chips)")
 
 
 @app.command("video")
 def video_command(
     source: str = typer.Argument(..., help="A video file, or a camera index such as 0."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Annotated video (.mp4, mp4v codec)."),
-    jsonl: Path | None = typer.Option(None, "--jsonl", help="Per-frame landmarks as JSON lines."),
+    jsonl: Path | None = typer.Option(None, "--jsonl", help="Per-frame landmarks as JSON lines (with neither "
+                                      "--out nor --jsonl: JSON lines on stdout)."),
     smooth: bool = typer.Option(True, "--smooth/--no-smooth", help="One-Euro smoothing of the points."),
     detect_every: int = typer.Option(10, "--detect-every", min=1, help="Run Haar every N frames (and on loss)."),
     model: Path | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    provider: str = typer.Option("auto", "--provider", "-p", help=PROVIDER_HELP),
+    provider: Provider = typer.Option("auto", "--provider", "-p", help=PROVIDER_HELP),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for the model."),
-    draw: str = typer.Option("points", "--draw", help="points | contours | none"),
-    min_face: float = typer.Option(haar.DEFAULT_MIN_FACE_FRACTION, "--min-face",
-                                   help="Smallest face, as a fraction of the shorter side."),
+    draw: DrawChoice = typer.Option("points", "--draw", help="How --out shows the landmarks."),
+    scale_factor: float | None = typer.Option(None, "--scale-factor", help=SCALE_FACTOR_HELP),
+    min_neighbors: int | None = typer.Option(None, "--min-neighbors", help=MIN_NEIGHBORS_HELP),
+    min_face: float = typer.Option(haar.DEFAULT_MIN_FACE_FRACTION, "--min-face", help=MIN_FACE_HELP),
+    max_side: int = typer.Option(haar.DEFAULT_MAX_SIDE, "--max-side", help=MAX_SIDE_HELP),
+    cascade: str | None = typer.Option(None, "--cascade", help=CASCADE_HELP),
+    max_faces: int | None = typer.Option(None, "--max-faces", min=1, help=MAX_FACES_HELP),
     min_score: float = typer.Option(DEFAULT_MIN_SCORE, "--min-score", min=0.0, max=1.0,
                                     help=MIN_SCORE_HELP + " A track below it is dropped at once."),
     refine: int = typer.Option(DEFAULT_REFINE, "--refine", min=0, help=REFINE_HELP + " (detected frames)"),
     max_frames: int | None = typer.Option(None, "--max-frames", min=1, help="Stop after N frames."),
 ) -> None:
     """Per-frame landmarks of a video or camera: JSON lines and an annotated video; prints frames, faces, fps."""
-    if draw not in ("points", "contours", "none"):
-        raise typer.BadParameter(f"--draw must be points, contours or none (got {draw!r})")
+    from facemark.runtime.predict import dumps
     from facemark.runtime.video import run_video
 
-    detector = _detector_options(None, None, min_face, haar.DEFAULT_MAX_SIDE, None)
-    landmarker = _landmarker(model, provider, threads, detector, False, None, refine=refine, min_score=min_score)
+    detector = _detector_options(scale_factor, min_neighbors, min_face, max_side, None, cascade)
+    landmarker = _landmarker(model, provider, threads, detector, False, None, max_faces=max_faces, refine=refine,
+                             min_score=min_score)
+
+    def to_stdout(frame) -> None:  # nothing asked to be saved: stream the frames as JSON lines
+        sys.stdout.write(dumps(frame.to_json()) + "\n")
+        sys.stdout.flush()
+
     stop = _StopFlag()
     with stop:
         summary = run_video(source, landmarker, out=out, jsonl=jsonl, detect_every=detect_every, smooth=smooth,
-                            draw=draw, max_frames=max_frames, stop_requested=stop.requested,  # type: ignore[arg-type]
+                            on_frame=to_stdout if out is None and jsonl is None else None,
+                            draw=draw.value, max_frames=max_frames, stop_requested=stop.requested,  # type: ignore[arg-type]
                             on_skip=lambda i: console.print(f"[yellow]frame {i}: cannot be decoded; skipped[/yellow]"))
     color = "yellow" if summary.skipped or summary.interrupted else "green"
     console.print(f"[{color}]{summary.frames} frames, {summary.faces} faces, {summary.fps:.1f} fps, "

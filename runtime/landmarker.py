@@ -20,6 +20,7 @@ import numpy as np
 
 from facemark.contract import Box, BoxCalibration
 from facemark.errors import ModelError
+from facemark.geometry import ARCFACE_SIZE, Pose, Template, aligned_chip, head_pose
 from facemark.imageio import image_to_gray, to_gray
 from facemark.inference import predict_faces
 from facemark.runtime.defaults import DEFAULT_MIN_SCORE, DEFAULT_REFINE
@@ -42,8 +43,23 @@ class Face:
     detector_score: float | None = None  # the Haar cascade's level weight (not a probability); None if no detector
     detector_box: Box | None = None  # the raw detector box, before calibration
     landmark_scores: np.ndarray | None = field(default=None, repr=False)  # (68,) in [0, 1] (pip head)
+    image_size: tuple[int, int] | None = None  # (width, height) of the image the face was found in
 
-    def to_json(self) -> dict:
+    @property
+    def pose(self) -> Pose:
+        """Head pose (yaw, pitch, roll in degrees) from the landmarks: facemark.geometry.head_pose, with the
+        camera of the image the face was found in."""
+        if self.image_size is None:
+            raise ValueError("Face.pose needs the image size (faces from FaceLandmarker carry it)")
+        return head_pose(self.landmarks, self.image_size)
+
+    def aligned(self, image: np.ndarray, size: int = ARCFACE_SIZE, template: Template = "arcface") -> np.ndarray:
+        """The similarity-aligned `size` x `size` chip of this face from `image` (the array it was found in,
+        any channels): dlib's get_face_chips / InsightFace's norm_crop (facemark.geometry)."""
+        return aligned_chip(image, self.landmarks, size, template)
+
+    def to_json(self, pose: bool = False) -> dict:
+        extra = {"pose": self.pose.to_json()} if pose else {}
         return {
             "box": _rounded(self.box, 2),
             "landmarks": _rounded(self.landmarks, 2),
@@ -51,6 +67,7 @@ class Face:
             "detector_score": _rounded(self.detector_score, 4),
             "detector_box": _rounded(self.detector_box, 2),
             "landmark_scores": _rounded(self.landmark_scores, 3),
+            **extra,
         }
 
 
@@ -232,7 +249,7 @@ class FaceLandmarker:
         """One Face per (image, box, detection) entry, None where the model returned non-finite values."""
         predictions = predict_faces(self.model, [(gray, box) for gray, box, _ in entries], refine, self.flip)
         faces: list[Face | None] = []
-        for (_, _, detection), p in zip(entries, predictions, strict=True):
+        for (gray, _, detection), p in zip(entries, predictions, strict=True):
             values = [p.landmarks, p.landmark_scores, p.face_score]
             if not all(np.isfinite(np.asarray(v, dtype=np.float64)).all() for v in values if v is not None):
                 faces.append(None)
@@ -240,7 +257,7 @@ class FaceLandmarker:
             faces.append(Face(box=p.box, landmarks=p.landmarks.astype(np.float32), score=p.face_score,
                               detector_score=detection.score if detection else None,
                               detector_box=detection.box if detection else None,
-                              landmark_scores=p.landmark_scores))
+                              landmark_scores=p.landmark_scores, image_size=(gray.shape[1], gray.shape[0])))
         return faces
 
     def __repr__(self) -> str:

@@ -1,6 +1,6 @@
 """Batch prediction over image files: input listing, per-file results, annotated pictures, JSON and JSONL.
 
-JSON schema (one document per run):
+JSON document (one per run; the JSON Schema, the one source of truth, is facemark.runtime.schema: `facemark schema`):
 {"model": {...ModelInfo.summary(), "path": str | null, "providers": [str]},
  "detector": {...HaarDetector.config()},
  "complete": bool,  (false when the run was interrupted: the images finished so far)
@@ -22,7 +22,9 @@ drops a truncated last one and processes only the inputs without a line.
 
 from __future__ import annotations
 
+import csv
 import glob
+import io
 import json
 import os
 import time
@@ -37,8 +39,11 @@ from imutils.paths import list_files
 
 from facemark.drawing import DrawMode, draw_face
 from facemark.errors import FacemarkError
+from facemark.fileio import write_text_atomic
+from facemark.geometry import ARCFACE_SIZE, Template
 from facemark.imageio import IMAGE_SUFFIXES, read_image, write_image
 from facemark.runtime.landmarker import Detections, Face, FaceLandmarker, Found, default_workers
+from facemark.scheme import NUM_POINTS
 
 WRITABLE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 GLOB_CHARS = set("*?[")
@@ -54,10 +59,21 @@ class ImageResult:
     error: str | None = None
     ms: float = 0.0
     output: str | None = None  # the annotated picture, when written
+    with_pose: bool = False  # faces carry "pose" in JSON (--pose)
+    chips: list[str] = field(default_factory=list)  # aligned face chips written (--aligned)
 
     def to_json(self) -> dict:
         return {"path": self.path, "width": self.width, "height": self.height,
-                "faces": [f.to_json() for f in self.faces], "error": self.error}
+                "faces": [f.to_json(self.with_pose) for f in self.faces], "error": self.error}
+
+
+@dataclass(frozen=True)
+class ChipOptions:
+    """--aligned: one similarity-aligned chip per face (facemark.geometry), PNG, in `folder`."""
+
+    folder: Path
+    size: int = ARCFACE_SIZE
+    template: Template = "arcface"
 
 
 def find_images(folder: str) -> list[str]:
@@ -149,15 +165,26 @@ def annotated_name(path: Path, taken: set[str]) -> str:
     return name
 
 
-def _write_annotated(result: ImageResult, image: np.ndarray, target: Path, draw: DrawMode) -> ImageResult:
-    canvas = image.copy()
-    for face in result.faces:
-        draw_face(canvas, face.landmarks, face.box, draw)
-    try:
-        write_image(target, canvas)
-        result.output = str(target)
-    except (FacemarkError, OSError) as exc:
-        result.error = f"{target}: cannot write the annotated image ({exc})"
+def _write_outputs(result: ImageResult, image: np.ndarray, target: Path | None, draw: DrawMode,
+                   chips: ChipOptions | None, chip_stem: str) -> ImageResult:
+    """The annotated picture (`target`) and the aligned chips of one image; a failed write is its error."""
+    if target is not None:
+        canvas = image.copy()
+        for face in result.faces:
+            draw_face(canvas, face.landmarks, face.box, draw)
+        try:
+            write_image(target, canvas)
+            result.output = str(target)
+        except (FacemarkError, OSError) as exc:
+            result.error = f"{target}: cannot write the annotated image ({exc})"
+    if chips is not None:
+        for index, face in enumerate(result.faces):
+            chip_path = chips.folder / f"{chip_stem}-face{index}.png"
+            try:
+                write_image(chip_path, face.aligned(image, chips.size, chips.template))
+                result.chips.append(str(chip_path))
+            except (FacemarkError, OSError) as exc:
+                result.error = f"{chip_path}: cannot write the aligned face ({exc})"
     return result
 
 
@@ -169,6 +196,8 @@ def predict_files(
     on_result: Callable[[ImageResult], None] | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
     workers: int | None = None,
+    chips: ChipOptions | None = None,
+    pose: bool = False,
 ) -> list[ImageResult]:
     """Predict every file; results (and `on_result` calls) in input order. A bad file becomes an error result
     and the batch goes on. Stops before the next file once `stop_requested()` is true (the results so far
@@ -176,19 +205,21 @@ def predict_files(
 
     workers: 1 processes one file after another; more (default: one per core) pipelines the run: decoding,
     Haar and writing annotated images of the next files run on that many threads while the landmark model
-    runs once per pass over the faces of a group of files. The landmarks equal one-by-one processing."""
+    runs once per pass over the faces of a group of files. The landmarks equal one-by-one processing.
+    chips: also write each face's aligned chip. pose: the results' JSON carries each face's head pose."""
     count = workers or default_workers()
     taken: set[str] = set()
     results: list[ImageResult] = []
 
     def finish(loaded: _Loaded, found: Detections | None, pool: ThreadPoolExecutor | None) -> Future | ImageResult:
         result = loaded.result if found is None else _with_landmarks(loaded, found)
-        if loaded.image is None or out_dir is None:
+        result.with_pose = pose
+        if loaded.image is None or (out_dir is None and chips is None):
             return result
-        target = Path(out_dir) / annotated_name(Path(result.path), taken)
-        if pool is None:
-            return _write_annotated(result, loaded.image, target, draw)
-        return pool.submit(_write_annotated, result, loaded.image, target, draw)
+        name = annotated_name(Path(result.path), taken)  # unique within the run: also names the chips
+        target = None if out_dir is None else Path(out_dir) / name
+        job = (result, loaded.image, target, draw, chips, Path(name).stem)
+        return _write_outputs(*job) if pool is None else pool.submit(_write_outputs, *job)
 
     def deliver(result: ImageResult) -> None:
         results.append(result)
@@ -244,6 +275,36 @@ def build_document(landmarker: FaceLandmarker, results: Sequence[ImageResult | d
              "providers": list(landmarker.providers)}
     images = [r if isinstance(r, dict) else r.to_json() for r in results]
     return {"model": model, "detector": landmarker.detector.config(), "complete": complete, "images": images}
+
+
+def csv_header(pose: bool) -> list[str]:
+    """Columns of --csv: one row per face."""
+    points = [f"{axis}{i}" for i in range(NUM_POINTS) for axis in ("x", "y")]
+    return ["path", "face", "box_x", "box_y", "box_w", "box_h", "score", *points,
+            *(("yaw", "pitch", "roll") if pose else ())]
+
+
+def csv_rows(results: Sequence[ImageResult], pose: bool) -> list[list]:
+    """One row per face of every result (images without a face or with an error have no row)."""
+    rows = []
+    for result in results:
+        for index, face in enumerate(result.faces):
+            row = [result.path, index, *(round(float(v), 2) for v in face.box),
+                   "" if face.score is None else round(face.score, 4),
+                   *(round(float(v), 2) for v in np.asarray(face.landmarks).reshape(-1))]
+            if pose:
+                row += [round(v, 2) for v in face.pose]
+            rows.append(row)
+    return rows
+
+
+def write_csv(path: str | os.PathLike, results: Sequence[ImageResult], pose: bool = False) -> None:
+    """--csv: the faces of `results` as CSV, written atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(csv_header(pose))
+    writer.writerows(csv_rows(results, pose))
+    write_text_atomic(path, buffer.getvalue())
 
 
 def dumps(document: dict, indent: int | None = None) -> str:

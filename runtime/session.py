@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from facemark.choices import PROVIDERS
 from facemark.contract import CropContract
 from facemark.errors import ModelError, ProviderError
 from facemark.metadata import FACE_SCORE, INPUT_NAME, LANDMARK_SCORES, OUTPUT_NAME, ModelInfo, parse_metadata
@@ -34,7 +35,7 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 PROVIDER_NAMES = {"cpu": CPU, "cuda": CUDA, "tensorrt": TENSORRT}
-PROVIDER_CHOICES = ("auto", *PROVIDER_NAMES)
+PROVIDER_CHOICES = PROVIDERS
 GPU_PRIORITY = (TENSORRT, CUDA)
 DEFAULT_MAX_BATCH = 32  # TensorRT profile upper bound; larger batches are run in chunks
 

@@ -3,7 +3,7 @@ codecs and loop validate against the same tuples."""
 
 from __future__ import annotations
 
-from enum import Enum
+from facemark.choices import choice_enum
 
 LOSSES = ("l1", "mse", "wing")
 OPTIMIZERS = ("adamw", "adam")
@@ -11,11 +11,6 @@ SCHEDULES = ("onecycle", "cosine", "constant")
 HEADS = ("pip", "regression")
 DEVICES = ("auto", "cpu", "cuda")
 PIP_STRIDES = (16, 32)
-
-
-def choice_enum(name: str, values: tuple[str, ...]) -> type[Enum]:
-    """A str Enum for typer: choices listed in --help and checked before the command runs."""
-    return Enum(name, {v: v for v in values}, type=str)
 
 
 Loss = choice_enum("Loss", LOSSES)

@@ -1,0 +1,106 @@
+"""JSON Schema (draft 2020-12) of what `facemark runtime predict` and `runtime video` write: the one source of
+truth for the output format (`facemark schema` prints it; tests validate real outputs against it).
+
+- "predict": the JSON document of `runtime predict` (--json, or stdout);
+- "image": one `images[]` entry = one line of `runtime predict --jsonl`;
+- "video": one line of `runtime video --jsonl` (one frame).
+Coordinates are 0-based image pixels (pixel centres at integers); JSON never holds NaN.
+"""
+
+from __future__ import annotations
+
+import json
+
+from facemark.scheme import NUM_POINTS
+
+SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+SCHEMA_NAMES = ("predict", "image", "video")
+
+_NUMBER = {"type": "number"}
+_BOX = {"type": "array", "items": _NUMBER, "minItems": 4, "maxItems": 4,
+        "description": "x, y, width, height in image pixels"}
+_UNIT = {"type": "number", "minimum": 0, "maximum": 1}
+
+
+def _nullable(schema: dict) -> dict:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+FACE = {
+    "type": "object",
+    "required": ["box", "landmarks", "score", "detector_score", "detector_box", "landmark_scores"],
+    "additionalProperties": False,
+    "properties": {
+        "box": {**_BOX, "description": "the box the last crop was made from (calibrated detector box, refined)"},
+        "landmarks": {"type": "array", "minItems": NUM_POINTS, "maxItems": NUM_POINTS,
+                      "items": {"type": "array", "items": _NUMBER, "minItems": 2, "maxItems": 2},
+                      "description": "the iBUG 68 points, (x, y) in image pixels"},
+        "score": {**_nullable(_UNIT), "description": "face presence in [0, 1] (models with a presence head)"},
+        "detector_score": {**_nullable(_NUMBER), "description": "the Haar cascade's level weight"},
+        "detector_box": {**_nullable(_BOX), "description": "the raw Haar box, before calibration"},
+        "landmark_scores": {**_nullable({"type": "array", "items": _UNIT, "minItems": NUM_POINTS,
+                                         "maxItems": NUM_POINTS}),
+                            "description": "per-point confidence (pip head)"},
+        "pose": {"type": "object", "required": ["yaw", "pitch", "roll"], "additionalProperties": False,
+                 "properties": {k: _NUMBER for k in ("yaw", "pitch", "roll")},
+                 "description": "head pose in degrees (--pose): facemark.geometry.head_pose"},
+    },
+}
+
+IMAGE = {
+    "type": "object",
+    "required": ["path", "width", "height", "faces", "error"],
+    "additionalProperties": False,
+    "properties": {
+        "path": {"type": "string"},
+        "width": _nullable({"type": "integer", "minimum": 1}),
+        "height": _nullable({"type": "integer", "minimum": 1}),
+        "faces": {"type": "array", "items": {"$ref": "#/$defs/face"}},
+        "error": {**_nullable({"type": "string"}), "description": "one line naming the file and the problem"},
+    },
+}
+
+PREDICT = {
+    "type": "object",
+    "required": ["model", "detector", "complete", "images"],
+    "additionalProperties": False,
+    "properties": {
+        "model": {"type": "object", "required": ["path", "providers"],
+                  "properties": {"path": _nullable({"type": "string"}),
+                                 "providers": {"type": "array", "items": {"type": "string"}}},
+                  "description": "the model's facemark metadata summary, its file and the active providers"},
+        "detector": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}},
+                     "description": "HaarDetector.config()"},
+        "complete": {"type": "boolean", "description": "false when the run was interrupted"},
+        "images": {"type": "array", "items": {"$ref": "#/$defs/image"}},
+    },
+}
+
+VIDEO = {
+    "type": "object",
+    "required": ["frame", "time", "detected", "faces"],
+    "additionalProperties": False,
+    "properties": {
+        "frame": {"type": "integer", "minimum": 0},
+        "time": {"type": "number", "minimum": 0, "description": "seconds from the start of the stream"},
+        "detected": {"type": "boolean", "description": "Haar ran on this frame (else the faces were tracked)"},
+        "faces": {"type": "array", "items": {"$ref": "#/$defs/face"}},
+    },
+}
+
+_ROOTS = {"predict": PREDICT, "image": IMAGE, "video": VIDEO}
+_TITLES = {"predict": "facemark runtime predict: JSON document",
+           "image": "facemark runtime predict: one images[] entry (a --jsonl line)",
+           "video": "facemark runtime video: one frame (a --jsonl line)"}
+
+
+def schema(name: str) -> dict:
+    """The self-contained JSON Schema of one output: "predict", "image" or "video"."""
+    if name not in _ROOTS:
+        raise ValueError(f"schema {name!r}: choose one of {', '.join(SCHEMA_NAMES)}")
+    return {"$schema": SCHEMA_DIALECT, "$id": f"urn:facemark:schema:{name}", "title": _TITLES[name],
+            **_ROOTS[name], "$defs": {"face": FACE, "image": IMAGE}}
+
+
+def schema_text(name: str) -> str:
+    return json.dumps(schema(name), indent=2) + "\n"
