@@ -16,7 +16,7 @@ from rich.table import Table
 from facemark.choices import Int8Activations, Precision
 from facemark.errors import ParityError
 
-console = Console()
+console = Console(soft_wrap=True)
 
 
 def default_output(checkpoint: Path, precision: str) -> Path:
@@ -39,8 +39,10 @@ def export_command(
              "CPUs; uint8-7bit (7-bit weights) cannot saturate; int8 (S8S8) is right everywhere."),
     calib_data: list[Path] = typer.Option(
         [], "--calib-data",
-        help="dlib XML or .pts folder; repeatable. Training split: int8 calibration and the Haar box "
-             "calibration; validation split: parity crops and the NME gate."),
+        help="dlib XML or .pts folder; repeatable (default: the data the checkpoint was trained on, when "
+             "reachable). Training split: int8 calibration and the Haar box calibration; validation split: parity "
+             "crops and the NME gate."),
+    verbose: bool = typer.Option(False, "--verbose", help="List every data warning (default: one line per kind)."),
     batch: str = typer.Option("dynamic", "--batch", help="dynamic | N (a fixed batch size)."),
     verify: bool = typer.Option(
         True, "--verify/--no-verify", help="--no-verify skips parity (explicit opt-out)."),
@@ -53,7 +55,7 @@ def export_command(
     try:
         result = export_model(checkpoint, target, opset=opset, precision=precision,
                               calib_data=calib_data or None, batch=batch, verify=verify,
-                              int8_activations=int8_activations,
+                              int8_activations=int8_activations, verbose=verbose,
                               progress=lambda msg: console.print(f"[dim]{msg}[/dim]", highlight=False))
     except ParityError:
         report = report_path(target)

@@ -24,6 +24,7 @@ keeping the final Gemm in fp32 changed nothing (6.23 %), so the whole graph is q
 from __future__ import annotations
 
 import contextlib
+import io
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,14 +131,16 @@ def to_int8(proto: onnx.ModelProto, calibration_crops: np.ndarray, batch: int | 
         except Exception:  # noqa: BLE001 -- ORT's symbolic shape inference gives up on the pip decode (a bare
             # Exception); ONNX's own shape inference, which quant_pre_process then runs, is enough for QDQ.
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        quantize_static(
-            str(pre), str(out), reader_cls(calibration_crops, batch),
-            quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
-            activation_type=activations, calibrate_method=CalibrationMethod.Percentile,
-            reduce_range=activation_type == "uint8-7bit",
-            nodes_to_exclude=fp32_nodes(onnx.load(pre)),
-            extra_options={"CalibPercentile": CALIBRATION_PERCENTILE},
-        )
+        # ORT's calibrator prints progress ("Collecting tensor data ...") on stdout, which is the CLI's output.
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(
+                str(pre), str(out), reader_cls(calibration_crops, batch),
+                quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
+                activation_type=activations, calibrate_method=CalibrationMethod.Percentile,
+                reduce_range=activation_type == "uint8-7bit",
+                nodes_to_exclude=fp32_nodes(onnx.load(pre)),
+                extra_options={"CalibPercentile": CALIBRATION_PERCENTILE},
+            )
         return drop_unused_opsets(onnx.load(out))
 
 

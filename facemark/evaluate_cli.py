@@ -15,8 +15,9 @@ from rich.console import Console
 from facemark.choices import EvalBoxes, EvalSplit, Provider, Tta
 from facemark.data import load_records, split_records
 from facemark.errors import DataError
+from facemark.reporting import progress_display, summarize_warnings
 
-console = Console()
+console = Console(soft_wrap=True)
 
 
 def _load_predictor(model: Path, provider: str):
@@ -54,15 +55,14 @@ def evaluate_command(
     csv_path: Path | None = typer.Option(None, "--csv", help="Write per-face errors as CSV."),
     plot_path: Path | None = typer.Option(None, "--plot", help="Write the CED curve as PNG."),
     batch_size: int = typer.Option(32, "--batch-size"),
+    verbose: bool = typer.Option(False, "--verbose", help="List every data warning (default: one line per kind)."),
 ) -> None:
     """NME (inter-ocular), failure rate and AUC at 0.08, per-face CSV and CED plot."""
-    from rich.progress import Progress
-
     from facemark.evaluation import evaluate, ground_truth_box, write_reports
 
     warnings: list[str] = []
     records = load_records(data, warnings.append)
-    for w in warnings:
+    for w in summarize_warnings(warnings, verbose):
         console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
     split, boxes, tta, provider = split.value, boxes.value, tta.value, provider.value
     if split != "all":
@@ -83,7 +83,7 @@ def evaluate_command(
         detector = HaarDetector(**default_detector_options(presence))  # what the runtime runs for this model
         source = haar_box_source(detector, calibration if calibrated else None)
         box_label = f"{detector.name}, {'calibrated' if calibrated and calibration else 'uncalibrated'}"
-    with Progress(console=console, transient=True) as progress:
+    with progress_display(console) as progress:
         task = progress.add_task("evaluating", total=len(records))
         result = evaluate(predictor, records, source, batch_size, lambda n: progress.advance(task, n),
                           refine=refine, flip=tta == "flip")
@@ -105,8 +105,6 @@ def _evaluate_pipeline(model: Path, provider: str, records, refine: int, flip: b
     """`--boxes pipeline`: the runtime end to end (facemark.runtime.evaluation)."""
     import json
 
-    from rich.progress import Progress
-
     from facemark.fileio import write_text_atomic
     from facemark.runtime.defaults import DEFAULT_MIN_SCORE
     from facemark.runtime.evaluation import evaluate_pipeline
@@ -116,7 +114,7 @@ def _evaluate_pipeline(model: Path, provider: str, records, refine: int, flip: b
     if model.suffix != ".onnx":
         raise DataError("--boxes pipeline runs the deployed runtime: pass an exported .onnx model")
     landmarker = FaceLandmarker(model, provider=provider, refine=refine, flip=flip, min_score=min_score or None)
-    with Progress(console=console, transient=True) as progress:
+    with progress_display(console) as progress:
         task = progress.add_task("pipeline", total=len(records))
         result = evaluate_pipeline(landmarker, records, lambda n: progress.advance(task, n))
     for line in result.unreadable:

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from facemark.choices import AlignTemplate, DrawChoice, Provider, Tta
+from facemark.reporting import progress_display
 from facemark.runtime import detector as haar
 from facemark.runtime.defaults import DEFAULT_MIN_SCORE, DEFAULT_REFINE
 
@@ -109,8 +110,6 @@ def predict_command(
 ) -> None:
     """Landmarks for every face in photos: annotated images (--out), one JSON document (--json), JSON lines
     streamed per image (--jsonl, resumable with --resume), CSV (--csv), aligned face chips (--aligned)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from facemark.fileio import check_writable, write_text_atomic
     from facemark.runtime.predict import (
         ChipOptions,
@@ -139,8 +138,7 @@ def predict_command(
     if earlier:
         console.print(f"--resume: {len(files) - len(todo)} of {len(files)} inputs already in {jsonl}")
     writer = JsonlWriter(jsonl, append=resume) if jsonl is not None else None
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=console, transient=True, disable=len(todo) < 2)
+    progress = progress_display(console, disable=len(todo) < 2)
     stop = _StopFlag()
     try:
         with progress, stop:

@@ -8,19 +8,13 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from facemark.errors import FacemarkError
+from facemark.reporting import progress_display
 from facemark.train.options import Device, Head, Loss, Optimizer, Schedule
 
-console = Console()
+console = Console(soft_wrap=True)  # a log file gets whole lines, not 80-column wraps
 
 
 # Options that are TrainConfig fields of the same name: a resumed run compares those given with its saved ones.
@@ -60,7 +54,9 @@ def train_command(
     amp: bool = typer.Option(True, "--amp/--no-amp", help="CUDA autocast; CPU bf16 autocast where supported."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue a run from its last.pt, in its own folder "
                                        "with its saved settings."),
-    max_images: int | None = typer.Option(None, "--max-images", help="Use at most N training faces."),
+    max_images: int | None = typer.Option(None, "--max-images", help="Use at most N training faces (the "
+                                          "validation split stays whole)."),
+    verbose: bool = typer.Option(False, "--verbose", help="List every data warning (default: one line per kind)."),
     seed: int = typer.Option(0, "--seed"),
     workers: int = typer.Option(1, "--workers", help="Data loader processes."),
 ) -> None:
@@ -96,7 +92,7 @@ def train_command(
     try:
         with _ProgressCallbacks() as callbacks:
             result = train(cfg, callbacks, resume=resume, stop_requested=lambda: stop["requested"],
-                           explicit=explicit, exist_ok=exist_ok)
+                           explicit=explicit, exist_ok=exist_ok, verbose=verbose)
     except FacemarkError:
         raise
     except Exception as exc:  # noqa: BLE001 -- any failure: one line, exit 2, loader workers already stopped
@@ -120,10 +116,9 @@ class _ProgressCallbacks:
     """Rich progress for the decode cache and each epoch, one summary line per epoch."""
 
     def __init__(self) -> None:
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
-        )
+        self.progress = progress_display(
+            console, TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
         self.task = None
 
     def __enter__(self):

@@ -31,6 +31,7 @@ from facemark.contract import CropContract, box_from_landmarks
 from facemark.data import FaceRecord, load_records, split_records
 from facemark.errors import DataError
 from facemark.metrics import nme_per_face, roc_auc
+from facemark.reporting import summarize_warnings
 from facemark.train.checkpoint import load_checkpoint, save_checkpoint
 from facemark.train.codecs import nearest_neighbors
 from facemark.train.dataset import (
@@ -254,14 +255,20 @@ def _dist_info() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
 
 
-def load_split(cfg: TrainConfig, warn: Callable[[str], None]) -> tuple[list[FaceRecord], list[FaceRecord]]:
-    records = load_records(cfg.data, warn)
+def load_split(cfg: TrainConfig, warn: Callable[[str], None], verbose: bool = False
+               ) -> tuple[list[FaceRecord], list[FaceRecord]]:
+    """Training and validation faces; data warnings summarised (one line per kind unless `verbose`).
+    --max-images caps the training faces only: the validation split stays whole, so its NME stays comparable."""
+    problems: list[str] = []
+    records = load_records(cfg.data, problems.append)
     if cfg.val_data:
-        train, val = records, load_records(cfg.val_data, warn)
+        train, val = records, load_records(cfg.val_data, problems.append)
     else:
         train, val = split_records(records, cfg.val_fraction, cfg.seed)
+    for line in summarize_warnings(problems, verbose):
+        warn(line)
     if cfg.max_images:
-        train, val = train[: cfg.max_images], val[: max(1, cfg.max_images // 4)]
+        train = train[: cfg.max_images]
     if not train or not val:
         raise DataError(f"need training and validation faces, got {len(train)} / {len(val)}")
     return train, val
@@ -340,7 +347,7 @@ def mean_shape_neighbors(records: Sequence[FaceRecord], contract: CropContract, 
 
 def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os.PathLike | None = None,
           stop_requested: Callable[[], bool] = lambda: False, explicit: set[str] | None = None,
-          exist_ok: bool = False) -> TrainResult:
+          exist_ok: bool = False, verbose: bool = False) -> TrainResult:
     """Train per `cfg` (or continue `resume`'s run in its own folder); returns paths and per-epoch statistics.
 
     `explicit`: the options the user gave (the rest are defaults), checked against a resumed run. A new run
@@ -376,9 +383,10 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
     if resumed is None and exist_ok:
         (out / "metrics.jsonl").unlink(missing_ok=True)  # a reused folder starts a fresh history
     contract = CropContract(size=cfg.image_size, scale=cfg.crop_scale)
-    train_records, val_records = load_split(cfg, log)
+    train_records, val_records = load_split(cfg, log, verbose)
+    capped = f"; training capped by --max-images {cfg.max_images}" if cfg.max_images else ""
     log(f"faces: {len(train_records)} train, {len(val_records)} validation "
-        f"({'--val-data' if cfg.val_data else f'seeded split {cfg.val_fraction:.0%}, seed {cfg.seed}'})")
+        f"({'--val-data' if cfg.val_data else f'seeded split {cfg.val_fraction:.0%}, seed {cfg.seed}'}{capped})")
 
     done = [0]
     total_decode = len(train_records) + len(val_records)
