@@ -12,9 +12,8 @@ import math
 import os
 from pathlib import Path
 
-from PIL import Image, ImageDraw
-
-from facemark.fileio import write_text_atomic, write_with_atomic
+from facemark.fileio import write_text_atomic
+from facemark.plots import plot_latency
 
 ROW_KEYS = ("variant", "provider", "batch", "ms_per_face", "p90_ms", "speedup", "size_mb", "max_abs_err", "nme")
 
@@ -129,35 +128,14 @@ def _environment_rows(env: dict) -> list[list[str]]:
     return rows
 
 
-_BAR_COLORS = {"torch": (120, 120, 120), "ort": (31, 119, 180), "dlib": (214, 39, 40)}
-
-
 def draw_chart(report: dict, path: str | os.PathLike) -> None:
-    """Horizontal bars: median ms per face of every row (and the peer), p90 as a tick; Pillow only."""
-    bars = [(f"{r['variant']} {r['provider']} b{r['batch']}", r["ms_per_face"], r["p90_ms"], r["variant"])
-            for r in report["rows"]]
+    """Median ms per face of every row (and the peer), p90 as a whisker (facemark.plots)."""
+    bars = [(f"{r['variant']} {r['provider']} b{r['batch']}", r["ms_per_face"], r["p90_ms"],
+             r["variant"].split("-")[0]) for r in report["rows"]]
     peer = report.get("peer") or {}
     if peer.get("ms_per_face") is not None:
         bars.append(("dlib shape_predictor b1", peer["ms_per_face"], peer["p90_ms"], "dlib"))
-    label_w, bar_h, top, right, bottom = 230, 22, 40, 90, 30
-    width, height = 900, top + bottom + bar_h * max(len(bars), 1)
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    d.text((10, 10), "Latency per face (median ms; tick = p90), lower is better", fill="black")
-    scale_max = max([b[2] for b in bars if b[2] is not None and math.isfinite(b[2])] or [1.0])
-    plot_w = width - label_w - right
-    for i, (label, median, p90, kind) in enumerate(bars):
-        y = top + i * bar_h
-        color = _BAR_COLORS["dlib" if kind == "dlib" else kind.split("-")[0]]
-        d.text((8, y + 5), label, fill="black")
-        length = plot_w * median / scale_max if median and math.isfinite(median) else 0
-        d.rectangle([label_w, y + 3, label_w + length, y + bar_h - 3], fill=color)
-        if p90 is not None and math.isfinite(p90):
-            px = label_w + plot_w * p90 / scale_max
-            d.line([px, y + 2, px, y + bar_h - 2], fill="black", width=2)
-        d.text((label_w + max(length, plot_w * (p90 or 0) / scale_max) + 6, y + 5), _num(median), fill="black")
-    d.line([label_w, top, label_w, height - bottom], fill="black")
-    write_with_atomic(path, lambda tmp: img.save(tmp, format="PNG"))
+    plot_latency(bars, path, "Latency per face (lower is better)")
 
 
 def _json_safe(value):

@@ -123,7 +123,7 @@ def write_reports(
     if csv_path:
         write_text_atomic(csv_path, evaluation.to_csv())
     if plot_path:
-        from facemark.metrics import plot_ced
+        from facemark.plots import plot_ced
 
         plot_ced({label: np.asarray(evaluation.errors)}, plot_path)
     return doc

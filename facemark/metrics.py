@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
-
 import numpy as np
-from PIL import Image, ImageDraw
 
-from facemark.fileio import write_with_atomic
 from facemark.scheme import interocular_distance
 
 DEFAULT_THRESHOLD = 0.08
@@ -70,34 +65,3 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
         ranks[order[start:end + 1]] = (start + end) / 2 + 1
         start = end + 1
     return ranks
-
-
-_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-
-
-def plot_ced(curves: Mapping[str, np.ndarray], path: str | os.PathLike, threshold: float = DEFAULT_THRESHOLD) -> None:
-    """Draw the CED curves of labelled error arrays to a PNG (Pillow only: no plotting stack needed)."""
-    w, h, left, bottom, top, right = 640, 440, 60, 50, 20, 20
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    pw, ph = w - left - right, h - top - bottom
-
-    def to_px(x: float, y: float) -> tuple[float, float]:
-        return left + x / threshold * pw, top + (1 - y) * ph
-
-    for i in range(5):  # grid and ticks
-        gx, gy = threshold * i / 4, i / 4
-        d.line([to_px(gx, 0), to_px(gx, 1)], fill=(225, 225, 225))
-        d.line([to_px(0, gy), to_px(threshold, gy)], fill=(225, 225, 225))
-        d.text((to_px(gx, 0)[0] - 12, h - bottom + 6), f"{gx:.2f}", fill="black")
-        d.text((8, to_px(0, gy)[1] - 6), f"{gy:.2f}", fill="black")
-    d.rectangle([left, top, w - right, h - bottom], outline="black")
-    d.text((left + pw / 2 - 60, h - 22), "NME (inter-ocular)", fill="black")
-    for k, (label, errors) in enumerate(curves.items()):
-        xs, ys = ced(errors, threshold, steps=200)
-        color = _COLORS[k % len(_COLORS)]
-        d.line([to_px(x, y) for x, y in zip(xs, ys, strict=True)], fill=color, width=2)
-        s = summarize(errors, threshold)
-        d.text((left + 10, top + 8 + 14 * k), f"{label}: NME {100 * s['nme']:.2f}%, AUC {s[f'auc@{threshold:g}']:.3f}",
-               fill=color)
-    write_with_atomic(path, lambda tmp: img.save(tmp, format="PNG"))

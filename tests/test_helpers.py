@@ -202,3 +202,46 @@ def test_video_without_outputs_streams_schema_valid_json_lines_to_stdout(tmp_pat
     for line in lines:
         validate(line, "video")
         assert len(line["faces"]) <= 1
+
+
+# --- figures ----------------------------------------------------------------------------------------------------
+def test_ced_plot_is_a_matplotlib_figure_with_the_summary_in_its_legend(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from facemark import plots
+
+    labels = []
+    original = plots._save
+
+    def spy(figure, path):
+        labels.extend(t.get_text() for t in figure.axes[0].get_legend().get_texts())
+        assert figure.axes[0].get_xlabel() and figure.axes[0].get_ylabel()
+        original(figure, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    errors = np.random.default_rng(0).gamma(4.0, 0.012, 300)
+    plots.plot_ced({"model": errors}, tmp_path / "ced.png")
+    assert labels and labels[0].startswith("model: NME") and "AUC@0.08" in labels[0] and "FR@0.08" in labels[0]
+    with Image.open(tmp_path / "ced.png") as image:
+        assert image.format == "PNG" and image.info.get("Software", "").startswith("Matplotlib")
+
+
+def test_latency_chart_has_labelled_axes_and_one_bar_per_row(tmp_path, monkeypatch):
+    from facemark import plots
+
+    seen = {}
+    original = plots._save
+
+    def spy(figure, path):
+        axes = figure.axes[0]
+        seen["bars"], seen["xlabel"] = len(axes.patches), axes.get_xlabel()
+        seen["ticks"] = [t.get_text() for t in axes.get_yticklabels()]
+        original(figure, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    bars = [("ort-fp32 cpu b1", 4.0, 4.5, "ort"), ("torch-fp32 cpu b1", 9.0, 10.0, "torch"),
+            ("dlib b1", 1.7, None, "dlib")]
+    plots.plot_latency(bars, tmp_path / "chart.png")
+    assert seen["bars"] == 3 and "ms per face" in seen["xlabel"]
+    assert seen["ticks"] == [b[0] for b in bars]
+    assert (tmp_path / "chart.png").stat().st_size > 1000
