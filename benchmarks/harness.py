@@ -348,10 +348,18 @@ def run_benchmark(cfg: BenchConfig, progress: Progress = lambda _msg: None) -> d
                     "calibration": peer.calibration.to_json()}
 
     pipeline_rows: list[dict] = []
+    throughput: dict | None = None
     if cfg.pipeline and onnx_models:
         best = best_gated_cpu_row(rows)
         precision = best["variant"].removeprefix("ort-") if best else next(iter(onnx_models))
         pipeline_rows = run_pipeline(onnx_models[precision][0], cfg, threads, progress, notes)
+        progress("folder throughput")
+        from facemark.benchmarks.throughput import benchmark_files, folder_throughput
+
+        files = benchmark_files([] if cfg.quick else cfg.data)
+        throughput = folder_throughput(onnx_models[precision][0], files[:12] if cfg.quick else files,
+                                       rounds=1 if cfg.quick else 2)
+        throughput["model"] = onnx_models[precision][0].name
 
     flops = flops_per_face(model, contract.size)
     fastest = min((r for r in rows), key=lambda r: r["ms_per_face"])
@@ -367,7 +375,7 @@ def run_benchmark(cfg: BenchConfig, progress: Progress = lambda _msg: None) -> d
                         else f"{checkpoint} ({contract.size} px)"),
         "nme_source": nme_note if random_weights else nme_source,
         "environment": describe_environment(threads, hashes),
-        "rows": rows, "pipeline": pipeline_rows, "peer": peer_doc, "limit": limit, "notes": notes,
+        "rows": rows, "pipeline": pipeline_rows, "throughput": throughput, "peer": peer_doc, "limit": limit, "notes": notes,
     }
     report["targets"] = read_targets(rows, pipeline_rows, peer_doc)
     return report

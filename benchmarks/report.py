@@ -72,6 +72,13 @@ def pipeline_table(pipeline: list[dict]) -> str:
     return markdown_table(header, body)
 
 
+def throughput_table(throughput: dict) -> str:
+    header = ["Runner", "Workers", "Images", "Images/s", "x previous", "Faces", "Errors"]
+    body = [[r["config"], r["workers"], r["images"], _num(r["images_per_s"], 1), _num(r["speedup_vs_previous"]),
+             r["faces"], r["errors"]] for r in throughput["rows"]]
+    return markdown_table(header, body)
+
+
 def render_markdown(report: dict) -> str:
     env = report["environment"]
     cpu = env.get("cpu", {})
@@ -100,6 +107,14 @@ def render_markdown(report: dict) -> str:
     if report.get("pipeline"):
         out += ["## End to end (decode + Haar detection + crops + inference + decoding, per image)", "",
                 pipeline_table(report["pipeline"]), ""]
+    throughput = report.get("throughput")
+    if throughput:
+        out += ["## Folder throughput (`runtime predict` on a folder, same run)", "",
+                throughput_table(throughput), "",
+                f"{throughput['rows'][0]['images']} images of {throughput['model']}'s benchmark folder; best of "
+                f"{throughput['rounds']} alternating round(s). previous = one image after another with the detector "
+                "before copy sizing; pipelined = today's default runner. Largest landmark difference pipelined vs "
+                f"one-by-one (same settings): {_num(throughput['max_landmark_diff_px'], 3)} px.", ""]
     limit = report.get("limit") or {}
     if limit:
         out += ["## Limit", "",

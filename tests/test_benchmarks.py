@@ -88,6 +88,18 @@ def test_json_report_schema(bench):
                         doc["limit"]["gflops_per_face"] / (doc["limit"]["ms_per_face"] / 1000), rel_tol=1e-9)
 
 
+def test_folder_throughput_rows_compare_runners_on_identical_landmarks(bench):
+    report, out = bench
+    throughput = report["throughput"]
+    assert [r["config"] for r in throughput["rows"]] == ["previous", "one-by-one", "pipelined"]
+    for row in throughput["rows"]:
+        assert row["images"] == 12 and row["errors"] == 0 and row["images_per_s"] > 0 and row["faces"] > 0
+    assert throughput["rows"][-1]["workers"] >= 1
+    assert throughput["max_landmark_diff_px"] <= 0.05
+    assert throughput["previous_detector"]["min_face_windows"] is None
+    assert "## Folder throughput" in (out / "report.md").read_text()
+
+
 def test_pipeline_rows_find_the_composed_faces(bench):
     report, _ = bench
     (row,) = report["pipeline"]
@@ -129,8 +141,8 @@ def test_markdown_tables_are_well_formed(bench):
     markdown = (out / "report.md").read_text()
     assert markdown.startswith("# facemark benchmark")
     tables = _tables(markdown)
-    # model, pipeline, targets, environment, and the peer table when dlib (extra `peer`) is installed
-    assert len(tables) == (4 if report["peer"].get("skipped") else 5)
+    # model, pipeline, throughput, targets, environment, and the peer table when dlib (extra `peer`) is installed
+    assert len(tables) == (5 if report["peer"].get("skipped") else 6)
     for table in tables:
         width = _columns(table[0])
         assert all(_columns(line) == width for line in table), table

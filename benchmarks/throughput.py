@@ -1,0 +1,100 @@
+"""Folder throughput: images per second of `runtime predict`'s runner, one-by-one against pipelined, in one run.
+
+    python -m facemark.benchmarks.throughput --model M.onnx [--data ../shared/data/300w] [--rounds 2]
+
+Three configurations over the same files, in alternating rounds (fair against drifting machine load):
+- "previous": the runner before pipelining -- one image after another (workers 1), the detector without the
+  copy sizing (min_face_windows None), ONNX Runtime's own thread defaults;
+- "one-by-one": today's default settings, workers 1;
+- "pipelined": today's defaults (workers = one per core).
+The landmarks of "pipelined" are compared with "one-by-one" (same settings): the largest difference in
+pixels is reported. Files: the validation photos of --data (the deterministic split), else the bundled
+samples repeated. Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import typer
+
+from facemark.runtime.detector import HaarDetector
+from facemark.runtime.evaluation import with_settings
+from facemark.runtime.landmarker import FaceLandmarker, default_workers
+from facemark.runtime.predict import ImageResult, predict_files
+
+SAMPLES = Path(__file__).resolve().parents[1] / "facemark" / "assets" / "samples"
+
+
+def benchmark_files(data: Sequence[Path], limit: int = 200) -> list[Path]:
+    """Validation photos of `data` (each once), else the bundled samples repeated to 40 files."""
+    if data:
+        from facemark.data import load_records, split_records
+
+        _, val = split_records(load_records(list(data), lambda _m: None), 0.1, 0)
+        return sorted({Path(r.image_path) for r in val})[:limit]
+    return sorted(SAMPLES.glob("*.jpg")) * 7
+
+
+def previous_detector(current: HaarDetector) -> HaarDetector:
+    """The same cascade and knobs, detecting on the whole image up to max_side (before the copy sizing)."""
+    options = {k: v for k, v in current.config().items() if k != "name"}
+    return HaarDetector(**{**options, "min_face_windows": None}, cascade=current.cascade_path)
+
+
+def max_landmark_difference(a: Sequence[ImageResult], b: Sequence[ImageResult]) -> float:
+    """Largest landmark difference (px) between two runs over the same files; inf if the faces differ."""
+    worst = 0.0
+    for x, y in zip(a, b, strict=True):
+        if len(x.faces) != len(y.faces):
+            return float("inf")
+        for fx, fy in zip(x.faces, y.faces, strict=True):
+            worst = max(worst, float(np.abs(fx.landmarks - fy.landmarks).max()))
+    return worst
+
+
+def folder_throughput(model: Path | None, files: Sequence[Path], rounds: int = 2, provider: str = "cpu"
+                      ) -> dict:
+    """Images/s of the three configurations (module docstring), best round of each, and the identity check."""
+    current = FaceLandmarker(model, provider=provider)
+    previous = with_settings(FaceLandmarker(model, provider=provider), detector=previous_detector(current.detector))
+    configs = {"previous": (previous, 1), "one-by-one": (current, 1), "pipelined": (current, default_workers())}
+    seconds: dict[str, list[float]] = {name: [] for name in configs}
+    outputs: dict[str, list[ImageResult]] = {}
+    predict_files(current, files[:4], workers=1)  # warm-up: sessions, cascades, page cache
+    for _ in range(rounds):
+        for name, (landmarker, workers) in configs.items():
+            t0 = time.perf_counter()
+            outputs[name] = predict_files(landmarker, files, workers=workers)
+            seconds[name].append(time.perf_counter() - t0)
+    rows = []
+    for name, (_landmarker, workers) in configs.items():
+        best = min(seconds[name])
+        rows.append({"config": name, "workers": workers, "images": len(files), "seconds": best,
+                     "images_per_s": len(files) / best,
+                     "faces": sum(len(r.faces) for r in outputs[name]),
+                     "errors": sum(1 for r in outputs[name] if r.error)})
+    base = rows[0]["images_per_s"]
+    for row in rows:
+        row["speedup_vs_previous"] = row["images_per_s"] / base
+    return {"rows": rows, "rounds": rounds, "cores_used_by_pipeline": default_workers(),
+            "max_landmark_diff_px": max_landmark_difference(outputs["one-by-one"], outputs["pipelined"]),
+            "detector": current.detector.config(), "previous_detector": previous.detector.config()}
+
+
+def main(model: Path | None = typer.Option(None, "--model"), data: list[Path] = typer.Option([], "--data"),
+         rounds: int = typer.Option(2, "--rounds"), limit: int = typer.Option(200, "--limit"),
+         json_path: Path | None = typer.Option(None, "--json")) -> None:
+    result = folder_throughput(model, benchmark_files(data, limit), rounds)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if json_path:
+        json_path.write_text(text + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    typer.run(main)
