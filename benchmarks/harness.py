@@ -375,7 +375,8 @@ def run_benchmark(cfg: BenchConfig, progress: Progress = lambda _msg: None) -> d
                         else f"{checkpoint} ({contract.size} px)"),
         "nme_source": nme_note if random_weights else nme_source,
         "environment": describe_environment(threads, hashes),
-        "rows": rows, "pipeline": pipeline_rows, "throughput": throughput, "peer": peer_doc, "limit": limit, "notes": notes,
+        "rows": rows, "pipeline": pipeline_rows, "throughput": throughput, "peer": peer_doc, "limit": limit,
+        "notes": notes,
     }
     report["targets"] = read_targets(rows, pipeline_rows, peer_doc)
     return report

@@ -4,7 +4,7 @@
 
 Three configurations over the same files, in alternating rounds (fair against drifting machine load):
 - "previous": the runner before pipelining -- one image after another (workers 1), the detector without the
-  copy sizing (min_face_windows None), ONNX Runtime's own thread defaults;
+  copy sizing (min_face_windows None), ONNX Runtime's own thread defaults (spinning threads);
 - "one-by-one": today's default settings, workers 1;
 - "pipelined": today's defaults (workers = one per core).
 The landmarks of "pipelined" are compared with "one-by-one" (same settings): the largest difference in
@@ -46,6 +46,13 @@ def previous_detector(current: HaarDetector) -> HaarDetector:
     return HaarDetector(**{**options, "min_face_windows": None}, cascade=current.cascade_path)
 
 
+def previous_landmarker(model: Path | None, provider: str, current: FaceLandmarker) -> FaceLandmarker:
+    """The runner's landmarker before this change: ONNX Runtime's own thread defaults (spinning), the previous
+    detector."""
+    return with_settings(FaceLandmarker(model, provider=provider, spin=True),
+                         detector=previous_detector(current.detector))
+
+
 def max_landmark_difference(a: Sequence[ImageResult], b: Sequence[ImageResult]) -> float:
     """Largest landmark difference (px) between two runs over the same files; inf if the faces differ."""
     worst = 0.0
@@ -61,7 +68,7 @@ def folder_throughput(model: Path | None, files: Sequence[Path], rounds: int = 2
                       ) -> dict:
     """Images/s of the three configurations (module docstring), best round of each, and the identity check."""
     current = FaceLandmarker(model, provider=provider)
-    previous = with_settings(FaceLandmarker(model, provider=provider), detector=previous_detector(current.detector))
+    previous = previous_landmarker(model, provider, current)
     configs = {"previous": (previous, 1), "one-by-one": (current, 1), "pipelined": (current, default_workers())}
     seconds: dict[str, list[float]] = {name: [] for name in configs}
     outputs: dict[str, list[ImageResult]] = {}

@@ -59,10 +59,10 @@ def to_fp16_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
     for index, init in enumerate(list(graph.initializer)):
         if init.data_type != TensorProto.FLOAT or np.prod(init.dims) < FP16_WEIGHTS_MIN_ELEMENTS:
             continue
-        half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), f"{init.name}__fp16")
+        name = init.name  # before the CopyFrom below rewrites `init` in place
+        half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), f"{name}__fp16")
         graph.initializer[index].CopyFrom(half)
-        casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT,
-                                      name=f"{init.name}__to_fp32"))
+        casts.append(helper.make_node("Cast", [half.name], [name], to=TensorProto.FLOAT, name=f"{name}__to_fp32"))
     nodes = casts + list(graph.node)  # Casts first: the graph stays topologically sorted
     del graph.node[:]
     graph.node.extend(nodes)

@@ -30,11 +30,12 @@ MODEL_HELP = "facemark ONNX model (default: the model shipped in facemark/assets
 
 
 def _detector_options(scale_factor: float | None, min_neighbors: int | None, min_face: float, max_side: int,
-                      min_score: float | None, cascade: str | None = None) -> dict:
+                      min_score: float | None, cascade: str | None = None, min_face_windows: float = 0.0) -> dict:
     """The detector knobs given on the command line; unset ones take the model-dependent defaults."""
     options = {"min_face_fraction": min_face, "max_side": max_side or None, "min_score": min_score,
-               "cascade": cascade, "scale_factor": scale_factor, "min_neighbors": min_neighbors}
-    return {k: v for k, v in options.items() if v is not None or k == "max_side"}
+               "cascade": cascade, "scale_factor": scale_factor, "min_neighbors": min_neighbors,
+               "min_face_windows": min_face_windows or None}
+    return {k: v for k, v in options.items() if v is not None or k in ("max_side", "min_face_windows")}
 
 
 def _landmarker(model: Path | None, provider: Provider, threads: int | None, detector_options: dict,
@@ -63,6 +64,8 @@ MIN_NEIGHBORS_HELP = (f"Haar neighbours (bigger = fewer false boxes); default {h
                       f"presence model (it rejects false boxes), else {haar.DEFAULT_MIN_NEIGHBORS}.")
 MIN_FACE_HELP = "Smallest face, as a fraction of the shorter side (the speed knob)."
 MAX_SIDE_HELP = "Detect on a copy downscaled to this longer side at most (0 = off)."
+MIN_FACE_WINDOWS_HELP = ("Detect on a copy downscaled until the smallest face wanted spans this many cascade windows "
+                         "(0 = off; the speed knob that keeps --min-face).")
 CASCADE_HELP = (f"Cascade file or OpenCV cascade name (default {haar.DEFAULT_CASCADE}; the tutorial's: "
                 f"{haar.TUTORIAL_CASCADE}).")
 MAX_FACES_HELP = "Keep the N most confident faces."
@@ -82,6 +85,8 @@ def predict_command(
     min_neighbors: int | None = typer.Option(None, "--min-neighbors", help=MIN_NEIGHBORS_HELP),
     min_face: float = typer.Option(haar.DEFAULT_MIN_FACE_FRACTION, "--min-face", help=MIN_FACE_HELP),
     max_side: int = typer.Option(haar.DEFAULT_MAX_SIDE, "--max-side", help=MAX_SIDE_HELP),
+    min_face_windows: float = typer.Option(haar.DEFAULT_MIN_FACE_WINDOWS or 0.0, "--min-face-windows", min=0.0,
+                                           help=MIN_FACE_WINDOWS_HELP),
     min_detector_score: float | None = typer.Option(
         None, "--min-detector-score", help="Drop Haar boxes below this cascade level weight (not a probability)."),
     min_score: float = typer.Option(DEFAULT_MIN_SCORE, "--min-score", min=0.0, max=1.0, help=MIN_SCORE_HELP),
@@ -127,7 +132,8 @@ def predict_command(
     for path, what in ((json_path, "--json document"), (jsonl, "--jsonl file"), (csv_path, "--csv file")):
         if path is not None:
             check_writable(path, what)  # before any image is processed
-    detector = _detector_options(scale_factor, min_neighbors, min_face, max_side, min_detector_score, cascade)
+    detector = _detector_options(scale_factor, min_neighbors, min_face, max_side, min_detector_score, cascade,
+                                 min_face_windows)
     landmarker = _landmarker(model, provider, threads, detector, trt_fp16, trt_cache, max_faces, refine, tta,
                              min_score)
     files, failures = collect_inputs(inputs)
@@ -238,6 +244,8 @@ def video_command(
     min_neighbors: int | None = typer.Option(None, "--min-neighbors", help=MIN_NEIGHBORS_HELP),
     min_face: float = typer.Option(haar.DEFAULT_MIN_FACE_FRACTION, "--min-face", help=MIN_FACE_HELP),
     max_side: int = typer.Option(haar.DEFAULT_MAX_SIDE, "--max-side", help=MAX_SIDE_HELP),
+    min_face_windows: float = typer.Option(haar.DEFAULT_MIN_FACE_WINDOWS or 0.0, "--min-face-windows", min=0.0,
+                                           help=MIN_FACE_WINDOWS_HELP),
     cascade: str | None = typer.Option(None, "--cascade", help=CASCADE_HELP),
     max_faces: int | None = typer.Option(None, "--max-faces", min=1, help=MAX_FACES_HELP),
     min_score: float = typer.Option(DEFAULT_MIN_SCORE, "--min-score", min=0.0, max=1.0,
@@ -249,7 +257,7 @@ def video_command(
     from facemark.runtime.predict import dumps
     from facemark.runtime.video import run_video
 
-    detector = _detector_options(scale_factor, min_neighbors, min_face, max_side, None, cascade)
+    detector = _detector_options(scale_factor, min_neighbors, min_face, max_side, None, cascade, min_face_windows)
     landmarker = _landmarker(model, provider, threads, detector, False, None, max_faces=max_faces, refine=refine,
                              min_score=min_score)
 

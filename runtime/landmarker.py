@@ -134,15 +134,17 @@ class FaceLandmarker:
         flip: bool = False,
         min_score: float | None = DEFAULT_MIN_SCORE,
         detector_options: dict | None = None,
+        spin: bool = False,
     ) -> None:
         """calibration: overrides the model's embedded detector calibration. max_faces: keep only the most
         confident detections (None = all). refine: extra passes re-cropped on the previous pass's landmarks
         (facemark.inference). flip: test-time flip. min_score: drop detections whose face presence score is
         below it (models with a presence head; None or 0 keeps every detection). detector: a ready detector;
         else a HaarDetector with `detector_options` over the defaults for this model (a permissive cascade when
-        the model scores presence: runtime.detector.default_detector_options)."""
+        the model scores presence: runtime.detector.default_detector_options). spin: see LandmarkModel."""
         self.model = LandmarkModel(resolve_model_path(model_path), provider=provider, threads=threads,
-                                   trt_fp16=trt_fp16, trt_cache_dir=trt_cache_dir, max_batch=max_batch)
+                                   trt_fp16=trt_fp16, trt_cache_dir=trt_cache_dir, max_batch=max_batch,
+                                   spin=spin)
         if detector is None:
             options = {**default_detector_options(self.model.has_face_score), **(detector_options or {})}
             detector = HaarDetector(**options)

@@ -161,7 +161,10 @@ class LandmarkModel:
         trt_fp16: bool = False,
         trt_cache_dir: str | os.PathLike | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
+        spin: bool = False,
     ) -> None:
+        """spin: ONNX Runtime's intra-op threads spin-wait after each call (its own default; lowest latency
+        for one stream on an otherwise idle machine, slower beside other work such as Haar)."""
         self.path: Path | None = None if isinstance(model, bytes) else Path(model)
         source = "<model bytes>" if self.path is None else str(self.path)
         data = model if isinstance(model, bytes) else _read_model_file(self.path)
@@ -169,6 +172,9 @@ class LandmarkModel:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # No spin-waiting after a call unless asked: spinning intra-op threads steal the cores that Haar and the
+        # pipelined runner's workers need (measured: folder throughput 12.1 -> 15.9 images/s, docs/MODEL.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         if threads is not None:
             if threads < 1:
                 raise ProviderError(f"threads must be >= 1 (got {threads})")

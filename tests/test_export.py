@@ -23,7 +23,7 @@ from facemark.export.exporter import ExportResult, export_model, report_path  # 
 from facemark.export.parity import GATES, OnnxPredictor, error_stats, open_session  # noqa: E402
 from facemark.train.checkpoint import file_sha256  # noqa: E402
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "fp16w", "int8")
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,24 @@ def test_variants_really_change_the_weights(exported):
     assert {"QuantizeLinear", "DequantizeLinear"} <= int8_ops
     sizes = {p: exported[p].size_bytes for p in PRECISIONS}
     assert sizes["int8"] < sizes["fp16"] < sizes["fp32"]
+    assert abs(sizes["fp16w"] - sizes["fp16"]) < 0.02 * sizes["fp32"], "fp16w stores the weights as fp16"
+
+
+def test_fp16w_folds_to_fp32_arithmetic_in_onnx_runtime(exported, tmp_path):
+    import onnxruntime as ort
+
+    stored = onnx.load(exported["fp16w"].path)
+    assert onnx.TensorProto.FLOAT16 in {t.data_type for t in stored.graph.initializer}
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    ort.InferenceSession(str(exported["fp16w"].path), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    weight_casts = [n for n in optimized.graph.node if n.op_type == "Cast" and n.name.endswith("__to_fp32")]
+    assert not weight_casts, "ONNX Runtime folds the weight Casts: the convolutions run on fp32 weights"
+    conv_weights = {n.input[1] for n in optimized.graph.node if n.op_type == "Conv"}
+    types = {t.name: t.data_type for t in optimized.graph.initializer}
+    assert conv_weights and all(types.get(w) == onnx.TensorProto.FLOAT for w in conv_weights)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)

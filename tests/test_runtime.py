@@ -455,7 +455,8 @@ def test_haar_copy_follows_the_smallest_face_wanted():
     assert detector.copy_factor(640, 480) == pytest.approx(1.5 * window / 48)
     assert detector.copy_factor(1920, 1080) == pytest.approx(1.5 * window / 108)
     assert detector.copy_factor(64, 48) == 1.0, "never upscaled"
-    assert HaarDetector(min_face_fraction=0.1, max_side=None).copy_factor(1920, 1080) == 1.0
+    assert HaarDetector(min_face_fraction=0.1, max_side=None, min_face_windows=None).copy_factor(1920, 1080) == 1.0
+    assert HaarDetector(min_face_fraction=0.1, max_side=None).copy_factor(1920, 1080) < 1.0, "sized by default"
     assert HaarDetector(min_face_fraction=0.0, min_face_windows=1.5, max_side=None).copy_factor(640, 480) == 1.0
     assert HaarDetector(min_face_fraction=0.1, min_face_windows=4, max_side=800).copy_factor(1920, 1080) == \
         pytest.approx(800 / 1920), "max_side shrinks more here"
