@@ -45,11 +45,13 @@ def _gate_cell(row: dict) -> str:
     return "pass" if row["gated"] else "FAIL"
 
 
-def model_table(rows: list[dict]) -> str:
-    header = ["Variant", "Provider", "Batch", "ms/face (median)", "p90 ms", "p99 ms", "faces/s",
+def model_table(rows: list[dict], claims: bool = True) -> str:
+    """The model rows; without `claims` (a quick or random-weight run) the speed-up column shows "-"."""
+    header = ["Variant", "Provider", "Batch", "Threads", "ms/face (median)", "p90 ms", "p99 ms", "faces/s",
               "Speed-up vs eager fp32", "Size MB", "Max abs err", "NME", "Gate"]
-    body = [[r["variant"], r["provider"], r["batch"], _num(r["ms_per_face"]), _num(r["p90_ms"]), _num(r["p99_ms"]),
-             _num(r["throughput"], 1), _num(r["speedup"], 2, "x"), _num(r["size_mb"], 1),
+    body = [[r["variant"], r["provider"], r["batch"], r.get("threads", "?"), _num(r["ms_per_face"]), _num(r["p90_ms"]),
+             _num(r["p99_ms"]), _num(r["throughput"], 1), _num(r["speedup"], 2, "x") if claims else "-",
+             _num(r["size_mb"], 1),
              _num(r["max_abs_err"], 5) if r["max_abs_err"] is not None else "ref", _nme_cell(r), _gate_cell(r)]
             for r in rows]
     return markdown_table(header, body)
@@ -72,10 +74,10 @@ def pipeline_table(pipeline: list[dict]) -> str:
     return markdown_table(header, body)
 
 
-def throughput_table(throughput: dict) -> str:
+def throughput_table(throughput: dict, claims: bool = True) -> str:
     header = ["Runner", "Workers", "Images", "Images/s", "x previous", "Faces", "Errors"]
-    body = [[r["config"], r["workers"], r["images"], _num(r["images_per_s"], 1), _num(r["speedup_vs_previous"]),
-             r["faces"], r["errors"]] for r in throughput["rows"]]
+    body = [[r["config"], r["workers"], r["images"], _num(r["images_per_s"], 1),
+             _num(r["speedup_vs_previous"]) if claims else "-", r["faces"], r["errors"]] for r in throughput["rows"]]
     return markdown_table(header, body)
 
 
@@ -84,11 +86,16 @@ def render_markdown(report: dict) -> str:
     cpu = env.get("cpu", {})
     gpu = ", ".join(env.get("gpu") or []) or "none"
     out = ["# facemark benchmark", ""]
+    claims = report.get("verdict", True)
+    if not claims:
+        out += ["**Harness check only** (--quick or random weights): the figures show that every stage ran; they "
+                "are not a performance verdict, so no speed-up or target is claimed.", ""]
     out += [f"Command: `{report.get('command', 'facemark bench')}`  ",
             f"Machine: {cpu.get('model', '?')}, {cpu.get('logical_cores', '?')} logical cores, "
             f"{env.get('threads', '?')} threads used; GPU: {gpu}  ",
             f"Model: {report.get('model_label', '?')}; NME on {report.get('nme_source', 'n/a')}", ""]
-    out += ["## Model only (network time per face, interleaved in one run)", "", model_table(report["rows"]), ""]
+    out += ["## Model only (network time per face, interleaved in one run)", "",
+            model_table(report["rows"], claims), ""]
     peer = report.get("peer")
     if peer:
         out += ["## Peer: dlib 68-point shape predictor", ""]
@@ -99,7 +106,7 @@ def render_markdown(report: dict) -> str:
                 ["Peer", "ms/face (median)", "p90 ms", "NME", "Faces", "Best ONNX CPU variant vs dlib"],
                 [["dlib shape_predictor_68", _num(peer["ms_per_face"]), _num(peer["p90_ms"]),
                   _num(100 * peer["nme"], 2, " %") if peer.get("nme") is not None else "n/a (no data)",
-                  peer.get("nme_faces", 0), _num(peer.get("ratio_vs_best"), 2, "x time")]]), "",
+                  peer.get("nme_faces", 0), _num(peer.get("ratio_vs_best"), 2, "x time") if claims else "-"]]), "",
                 "dlib starts from the same ground-truth landmark boxes as our model, mapped onto its HOG "
                 "detector's box convention by a calibration fitted on faces outside the validation split "
                 f"({_calibration_text(peer)}).",
@@ -110,7 +117,7 @@ def render_markdown(report: dict) -> str:
     throughput = report.get("throughput")
     if throughput:
         out += ["## Folder throughput (`runtime predict` on a folder, same run)", "",
-                throughput_table(throughput), "",
+                throughput_table(throughput, claims), "",
                 f"{throughput['rows'][0]['images']} images of {throughput['model']}'s benchmark folder; best of "
                 f"{throughput['rounds']} alternating round(s). previous = one image after another with the detector "
                 "before copy sizing; pipelined = today's default runner. Largest landmark difference pipelined vs "

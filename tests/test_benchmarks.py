@@ -100,6 +100,18 @@ def test_folder_throughput_rows_compare_runners_on_identical_landmarks(bench):
     assert "## Folder throughput" in (out / "report.md").read_text()
 
 
+def test_quick_run_is_a_harness_check_that_claims_nothing(bench):
+    report, out = bench
+    assert report["verdict"] is False and report["targets"] == []
+    assert all(row["threads"] == 1 for row in report["rows"]), "every row states its thread count"
+    markdown = (out / "report.md").read_text()
+    assert "Harness check only" in markdown.splitlines()[2]
+    model_rows = _tables(markdown)[0][2:]
+    speedup = _tables(markdown)[0][0].split("|").index(" Speed-up vs eager fp32 ")
+    assert all(row.split("|")[speedup].strip() == "-" for row in model_rows)
+    assert "target met" not in markdown.lower() and "x time" not in markdown
+
+
 def test_pipeline_rows_find_the_composed_faces(bench):
     report, _ = bench
     (row,) = report["pipeline"]
@@ -141,8 +153,9 @@ def test_markdown_tables_are_well_formed(bench):
     markdown = (out / "report.md").read_text()
     assert markdown.startswith("# facemark benchmark")
     tables = _tables(markdown)
-    # model, pipeline, throughput, targets, environment, and the peer table when dlib (extra `peer`) is installed
-    assert len(tables) == (5 if report["peer"].get("skipped") else 6)
+    # model, pipeline, throughput, environment, and the peer table when dlib (extra `peer`) is installed; a quick
+    # run has no targets table (no claims)
+    assert len(tables) == (4 if report["peer"].get("skipped") else 5)
     for table in tables:
         width = _columns(table[0])
         assert all(_columns(line) == width for line in table), table
