@@ -15,13 +15,14 @@ from facemark.errors import FacemarkError
 console = Console(stderr=True)
 
 
-def parse_batch_sizes(text: str) -> tuple[int, ...]:
+def parse_batch_sizes(text: str, option: str = "--batch-sizes") -> tuple[int, ...]:
+    """"1,8" -> (1, 8): comma-separated positive integers (batch sizes, thread counts)."""
     try:
         sizes = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise FacemarkError(f"--batch-sizes {text!r}: expected comma-separated integers such as 1,8") from None
+        raise FacemarkError(f"{option} {text!r}: expected comma-separated integers such as 1,8") from None
     if not sizes or min(sizes) < 1:
-        raise FacemarkError(f"--batch-sizes {text!r}: expected positive integers such as 1,8")
+        raise FacemarkError(f"{option} {text!r}: expected positive integers such as 1,8")
     return sizes
 
 
@@ -33,23 +34,44 @@ def bench_command(
     batch_sizes: str = typer.Option("1,8", "--batch-sizes", help="Comma-separated batch sizes."),
     out: Path = typer.Option(Path("bench-out"), "--out", help="Folder for report.md, report.json, chart.png."),
     quick: bool = typer.Option(False, "--quick", help="Few repeats and faces: well under 2 minutes on 2 cores."),
-    threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch and ONNX Runtime "
-                                       "(default: all cores)."),
+    model: Path | None = typer.Option(None, "--model", help="An exported .onnx model (e.g. the shipped "
+                                      "facemark/assets/facemark-68.onnx): its rows at each --threads count, end to "
+                                      "end and folder throughput; no checkpoint or torch needed."),
+    threads: str | None = typer.Option(None, "--threads", help="CPU threads for torch and ONNX Runtime (default: "
+                                       "all cores); with --model a list such as 1,2 (one row each)."),
     providers: list[str] = typer.Option([], "--providers", help="ONNX Runtime providers to measure: cpu, "
                                         "cuda, tensorrt; repeatable (default: every one that loads)."),
     no_pipeline: bool = typer.Option(False, "--no-pipeline", help="Skip the end-to-end rows."),
     no_peer: bool = typer.Option(False, "--no-peer", help="Skip the dlib peer row."),
 ) -> None:
     """Latency and accuracy of every model variant against eager PyTorch, end to end, and against dlib."""
-    from facemark.benchmarks.harness import BenchConfig, run_benchmark
+    import os
+
     from facemark.benchmarks.report import render_markdown, write_reports
 
-    if threads is not None and threads < 1:
-        raise FacemarkError(f"--threads must be >= 1 (got {threads})")
+    counts = parse_batch_sizes(threads, "--threads") if threads else (os.cpu_count() or 1,)
+    if model is not None:
+        if checkpoint is not None:
+            raise FacemarkError("--model and --checkpoint: pass one (--checkpoint re-exports its own variants)")
+        if not model.is_file():
+            raise FacemarkError(f"{model}: no such model file")
+        from facemark.benchmarks.onnx_bench import run_model_benchmark
+
+        with console.status("benchmarking") as status:
+            report = run_model_benchmark(model, out, counts, list(data), quick,
+                                         progress=lambda msg: status.update(f"benchmarking: {msg}"))
+        paths = write_reports(report, out)
+        print(render_markdown(report))
+        console.print(f"wrote {', '.join(map(str, paths.values()))}", highlight=False)
+        return
+    if threads is not None and len(counts) != 1:
+        raise FacemarkError("--threads takes one count with --checkpoint (a list needs --model)")
+    from facemark.benchmarks.harness import BenchConfig, run_benchmark
+
     keys = [p.strip().lower() for raw in providers for p in raw.split(",") if p.strip()]
     cfg = BenchConfig(out=out, checkpoint=checkpoint, data=list(data), batch_sizes=parse_batch_sizes(batch_sizes),
-                      quick=quick, threads=threads, providers=keys or None, pipeline=not no_pipeline,
-                      peer=not no_peer)
+                      quick=quick, threads=counts[0] if threads else None, providers=keys or None,
+                      pipeline=not no_pipeline, peer=not no_peer)
     with console.status("benchmarking") as status:
         report = run_benchmark(cfg, progress=lambda msg: status.update(f"benchmarking: {msg}"))
     paths = write_reports(report, out)
@@ -57,4 +79,4 @@ def bench_command(
     for target in report["targets"]:
         console.print(f"target {'met' if target['met'] == 'yes' else 'NOT met'}: {target['target']} "
                       f"-- {target['measured']}", highlight=False)
-    console.print(f"wrote {paths['markdown']}, {paths['json']}, {paths['chart']}", highlight=False)
+    console.print(f"wrote {', '.join(map(str, paths.values()))}", highlight=False)

@@ -43,11 +43,12 @@ def software_versions() -> dict:
     import cv2
     import numpy
     import onnxruntime
-    import torch
 
     import facemark
 
-    versions = {"python": platform.python_version(), "facemark": facemark.__version__, "torch": torch.__version__,
+    torch = _torch()
+    versions = {"python": platform.python_version(), "facemark": facemark.__version__,
+                "torch": torch.__version__ if torch else "not installed",
                 "onnxruntime": onnxruntime.__version__, "opencv": cv2.__version__, "numpy": numpy.__version__}
     try:
         import dlib
@@ -58,16 +59,25 @@ def software_versions() -> dict:
     return versions
 
 
+def _torch():
+    """torch when installed (the ONNX-only benchmark runs without it)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
 def describe_environment(threads: int, model_hashes: dict[str, str]) -> dict:
     import onnxruntime
-    import torch
 
+    torch = _torch()
     return {
         "cpu": cpu_description(),
         "gpu": gpu_description(),
         "os": platform.platform(),
         "threads": threads,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads() if torch else None,
         "versions": software_versions(),
         "onnxruntime_providers": onnxruntime.get_available_providers(),
         "model_sha256": model_hashes,

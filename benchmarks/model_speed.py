@@ -42,11 +42,10 @@ def sample_inputs(sess: ort.InferenceSession, source: str) -> np.ndarray:
     return np.concatenate(crops).astype(np.float32)
 
 
-def main(models: list[Path] = typer.Argument(...), threads: str = typer.Option("1,2", "--threads"),
-         rounds: int = typer.Option(15, "--rounds"), block: int = typer.Option(20, "--block"),
-         json_path: Path | None = typer.Option(None, "--json")) -> None:
+def time_models(models: list[Path], threads: list[int], rounds: int = 15, block: int = 20) -> list[dict]:
+    """Median ms per face at batch 1 of each model at each thread count (module docstring for the method)."""
     rows = []
-    for n in [int(t) for t in threads.split(",")]:
+    for n in threads:
         sessions = [session(m, n) for m in models]
         inputs = [sample_inputs(s, str(m)) for s, m in zip(sessions, models, strict=True)]
         per_round: list[list[float]] = [[] for _ in models]
@@ -64,9 +63,17 @@ def main(models: list[Path] = typer.Argument(...), threads: str = typer.Option("
         for m, samples in zip(models, per_round, strict=True):
             med = float(np.median(samples))
             rows.append({"model": str(m), "threads": n, "ms_per_face": round(med, 3),
-                         "p90": round(float(np.percentile(samples, 90)), 3), "rounds": rounds, "block": block,
-                         "ratio_to_first": round(med / base, 3)})
-            print(json.dumps(rows[-1]), flush=True)
+                         "min": round(float(np.min(samples)), 3), "p90": round(float(np.percentile(samples, 90)), 3),
+                         "rounds": rounds, "block": block, "ratio_to_first": round(med / base, 3)})
+    return rows
+
+
+def main(models: list[Path] = typer.Argument(...), threads: str = typer.Option("1,2", "--threads"),
+         rounds: int = typer.Option(15, "--rounds"), block: int = typer.Option(20, "--block"),
+         json_path: Path | None = typer.Option(None, "--json")) -> None:
+    rows = time_models(models, [int(t) for t in threads.split(",")], rounds, block)
+    for row in rows:
+        print(json.dumps(row), flush=True)
     if json_path:
         json_path.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
 

@@ -12,6 +12,7 @@ import math
 import os
 from pathlib import Path
 
+from facemark.errors import FacemarkError
 from facemark.fileio import write_text_atomic
 from facemark.plots import plot_latency
 
@@ -177,5 +178,8 @@ def write_reports(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     paths = {"markdown": out / "report.md", "json": out / "report.json", "chart": out / "chart.png"}
     write_text_atomic(paths["json"], json.dumps(_json_safe(report), indent=2) + "\n")
     write_text_atomic(paths["markdown"], render_markdown(report))
-    draw_chart(report, paths["chart"])
+    try:
+        draw_chart(report, paths["chart"])
+    except FacemarkError:  # matplotlib absent (a runtime-only install): the tables are the report
+        del paths["chart"]
     return paths

@@ -253,3 +253,25 @@ def test_train_throughput_measures_fp32_and_reports_data_wait(tmp_path):
     assert results[0]["mode"] == "fp32" and results[0]["steps"] == 2
     for r in results:
         assert r["images_per_s"] > 0 and 0 <= r["data_wait_share"] < 1
+
+
+def test_bench_model_runs_without_a_checkpoint_and_without_torch(tiny_checkpoint, tmp_path):
+    """`facemark bench --model FILE.onnx --threads 1,2` in a process where torch cannot be imported."""
+    import subprocess
+    import sys
+
+    from test_runtime import export_tiny_onnx
+
+    model = export_tiny_onnx(tiny_checkpoint, tmp_path / "tiny.onnx")
+    out = tmp_path / "bench"
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from facemark.cli import run\n"
+            f"sys.exit(run(['bench', '--model', {str(model)!r}, '--threads', '1,2', '--quick', "
+            f"'--out', {str(out)!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert [row["threads"] for row in report["rows"]] == [1, 2]
+    assert report["environment"]["versions"]["torch"] == "not installed"
+    assert report["pipeline"] and report["throughput"]["rows"] and report["verdict"] is False
+    assert "Harness check only" in (out / "report.md").read_text()

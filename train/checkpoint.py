@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import torch
 
 from facemark.contract import CropContract
 from facemark.errors import ModelError
-from facemark.fileio import write_with_atomic
+from facemark.fileio import file_sha256, write_with_atomic  # noqa: F401 -- file_sha256 re-exported
 from facemark.metadata import CHECKPOINT_FORMAT
 from facemark.train.model import LandmarkNet, build_model
 
@@ -64,10 +63,3 @@ def load_model(path: str | os.PathLike) -> tuple[LandmarkNet, CropContract, dict
     model.eval()
     return model, contract, doc
 
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

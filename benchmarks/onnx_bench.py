@@ -1,0 +1,66 @@
+"""`facemark bench --model FILE.onnx`: an exported model (the shipped one has no checkpoint), without torch.
+
+Rows: the model at batch 1 at each thread count of --threads (its own ONNX Runtime session per count, explicit
+intra-op threads, no spinning, alternating blocks: facemark.benchmarks.model_speed), NME on the validation split
+of --data; end to end on the composed scenes (FaceLandmarker defaults); folder throughput (previous runner vs
+one-by-one vs pipelined). The same report format as the checkpoint benchmark (facemark.benchmarks.report).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from facemark.benchmarks import pipeline as pipeline_mod
+from facemark.benchmarks.environment import describe_environment
+from facemark.benchmarks.model_speed import time_models
+from facemark.benchmarks.throughput import benchmark_files, folder_throughput
+from facemark.data import load_records, split_records
+from facemark.evaluation import evaluate
+from facemark.fileio import file_sha256
+from facemark.runtime.landmarker import FaceLandmarker
+from facemark.runtime.session import LandmarkModel
+
+
+def run_model_benchmark(model: Path, out: Path, threads: Sequence[int], data: Sequence[Path] = (),
+                        quick: bool = False, progress: Callable[[str], None] = lambda _m: None) -> dict:
+    """The report document for one ONNX model (see the module docstring)."""
+    out.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+    landmark_model = LandmarkModel(model, provider="cpu")
+    info = landmark_model.info
+    nme, nme_source = None, "n/a (no --data)"
+    if data:
+        progress("NME")
+        _, val = split_records(load_records(list(data), lambda _m: None), 0.1, 0)
+        nme = evaluate(landmark_model, val).summary()["nme"]
+        nme_source = f"{len(val)} validation faces of {', '.join(map(str, data))} (val_fraction 0.1, seed 0)"
+    progress("model timing")
+    timed = time_models([model], list(threads), rounds=3 if quick else 15, block=5 if quick else 20)
+    size_mb = model.stat().st_size / 1e6
+    rows = [{"variant": f"ort-{info.precision}", "provider": "cpu", "batch": 1, "threads": t["threads"],
+             "ms_per_face": t["ms_per_face"], "p90_ms": t["p90"], "p99_ms": None, "min_ms": t["min"],
+             "batch_median_ms": t["ms_per_face"], "throughput": 1000.0 / t["ms_per_face"], "speedup": None,
+             "size_mb": size_mb, "max_abs_err": None, "nme": nme, "nme_note": None if nme is not None else nme_source,
+             "gated": None, "repeats": t["rounds"]} for t in timed]
+    progress("end to end")
+    landmarker = FaceLandmarker(model, provider="cpu")
+    scenes_dir = Path(tempfile.mkdtemp(prefix="facemark-bench-", dir=out))
+    pipeline_rows = []
+    for width, height, faces in pipeline_mod.DEFAULT_SCENES:
+        row = pipeline_mod.time_pipeline(landmarker, pipeline_mod.compose_scene(width, height, faces, scenes_dir),
+                                         3 if quick else 20)
+        pipeline_rows.append({**row, "model": model.name})
+    progress("folder throughput")
+    files = benchmark_files([] if quick else list(data))
+    throughput = folder_throughput(model, files[:12] if quick else files, rounds=1 if quick else 2)
+    throughput["model"] = model.name
+    notes.append("ONNX-only benchmark (--model): no eager PyTorch or re-exported rows; pass --checkpoint for those.")
+    return {"command": "facemark " + shlex.join(sys.argv[1:]), "quick": quick,
+            "model_label": f"{model} ({info.contract.size} px, {info.precision})", "nme_source": nme_source,
+            "environment": describe_environment(max(threads), {model.name: file_sha256(model)}),
+            "rows": rows, "pipeline": pipeline_rows, "throughput": throughput, "peer": None, "limit": {},
+            "notes": notes, "verdict": not quick, "targets": []}
