@@ -8,9 +8,9 @@ one-by-one vs pipelined). The same report format as the checkpoint benchmark (fa
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,8 +21,17 @@ from facemark.benchmarks.throughput import benchmark_files, folder_throughput
 from facemark.data import load_records, split_records
 from facemark.evaluation import evaluate
 from facemark.fileio import file_sha256
+from facemark.metadata import PARITY
 from facemark.runtime.landmarker import FaceLandmarker
 from facemark.runtime.session import LandmarkModel
+
+
+def export_gate(metadata: dict[str, str]) -> bool | None:
+    """Whether the model passed its export gates (the parity summary `facemark export` embeds), if recorded."""
+    try:
+        return json.loads(metadata.get(PARITY, "null") or "null").get("passed")
+    except (ValueError, AttributeError):
+        return None
 
 
 def run_model_benchmark(model: Path, out: Path, threads: Sequence[int], data: Sequence[Path] = (),
@@ -45,10 +54,10 @@ def run_model_benchmark(model: Path, out: Path, threads: Sequence[int], data: Se
              "ms_per_face": t["ms_per_face"], "p90_ms": t["p90"], "p99_ms": None, "min_ms": t["min"],
              "batch_median_ms": t["ms_per_face"], "throughput": 1000.0 / t["ms_per_face"], "speedup": None,
              "size_mb": size_mb, "max_abs_err": None, "nme": nme, "nme_note": None if nme is not None else nme_source,
-             "gated": None, "repeats": t["rounds"]} for t in timed]
+             "gated": export_gate(info.raw), "repeats": t["rounds"]} for t in timed]
     progress("end to end")
     landmarker = FaceLandmarker(model, provider="cpu")
-    scenes_dir = Path(tempfile.mkdtemp(prefix="facemark-bench-", dir=out))
+    scenes_dir = out / "scenes"  # the composed test photos, kept beside the report (as the checkpoint bench does)
     pipeline_rows = []
     for width, height, faces in pipeline_mod.DEFAULT_SCENES:
         row = pipeline_mod.time_pipeline(landmarker, pipeline_mod.compose_scene(width, height, faces, scenes_dir),

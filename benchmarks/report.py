@@ -53,7 +53,8 @@ def model_table(rows: list[dict], claims: bool = True) -> str:
     body = [[r["variant"], r["provider"], r["batch"], r.get("threads", "?"), _num(r["ms_per_face"]), _num(r["p90_ms"]),
              _num(r["p99_ms"]), _num(r["throughput"], 1), _num(r["speedup"], 2, "x") if claims else "-",
              _num(r["size_mb"], 1),
-             _num(r["max_abs_err"], 5) if r["max_abs_err"] is not None else "ref", _nme_cell(r), _gate_cell(r)]
+             _num(r["max_abs_err"], 5) if r["max_abs_err"] is not None else
+             ("ref" if r["variant"] == "torch-fp32" else "-"), _nme_cell(r), _gate_cell(r)]
             for r in rows]
     return markdown_table(header, body)
 
