@@ -357,7 +357,7 @@ def run_benchmark(cfg: BenchConfig, progress: Progress = lambda _msg: None) -> d
         progress("folder throughput")
         from facemark.benchmarks.throughput import benchmark_files, folder_throughput
 
-        files = benchmark_files([] if cfg.quick else cfg.data)
+        files = benchmark_files(val_records if cfg.data and not cfg.quick else [])
         throughput = folder_throughput(onnx_models[precision][0], files[:12] if cfg.quick else files,
                                        rounds=1 if cfg.quick else 2)
         throughput["model"] = onnx_models[precision][0].name

@@ -17,8 +17,7 @@ from pathlib import Path
 from facemark.benchmarks import pipeline as pipeline_mod
 from facemark.benchmarks.environment import describe_environment
 from facemark.benchmarks.model_speed import time_models
-from facemark.benchmarks.throughput import benchmark_files, folder_throughput
-from facemark.data import load_records, split_records
+from facemark.benchmarks.throughput import benchmark_files, folder_throughput, validation_records
 from facemark.evaluation import evaluate
 from facemark.fileio import file_sha256
 from facemark.metadata import PARITY
@@ -41,10 +40,10 @@ def run_model_benchmark(model: Path, out: Path, threads: Sequence[int], data: Se
     notes: list[str] = []
     landmark_model = LandmarkModel(model, provider="cpu")
     info = landmark_model.info
-    nme, nme_source = None, "n/a (no --data)"
+    nme, nme_source, val = None, "n/a (no --data)", []
     if data:
         progress("NME")
-        _, val = split_records(load_records(list(data), lambda _m: None), 0.1, 0)
+        val = validation_records(data)
         nme = evaluate(landmark_model, val).summary()["nme"]
         nme_source = f"{len(val)} validation faces of {', '.join(map(str, data))} (val_fraction 0.1, seed 0)"
     progress("model timing")
@@ -64,7 +63,7 @@ def run_model_benchmark(model: Path, out: Path, threads: Sequence[int], data: Se
                                          3 if quick else 20)
         pipeline_rows.append({**row, "model": model.name})
     progress("folder throughput")
-    files = benchmark_files([] if quick else list(data))
+    files = benchmark_files([] if quick else val)
     throughput = folder_throughput(model, files[:12] if quick else files, rounds=1 if quick else 2)
     throughput["model"] = model.name
     notes.append("ONNX-only benchmark (--model): no eager PyTorch or re-exported rows; pass --checkpoint for those.")

@@ -22,22 +22,24 @@ from pathlib import Path
 import numpy as np
 import typer
 
+from facemark.benchmarks.pipeline import SAMPLES
+from facemark.data import FaceRecord, load_records, split_records
 from facemark.runtime.detector import HaarDetector
 from facemark.runtime.evaluation import with_settings
 from facemark.runtime.landmarker import FaceLandmarker, default_workers
 from facemark.runtime.predict import ImageResult, predict_files
 
-SAMPLES = Path(__file__).resolve().parents[1] / "facemark" / "assets" / "samples"
 
-
-def benchmark_files(data: Sequence[Path], limit: int = 200) -> list[Path]:
-    """Validation photos of `data` (each once), else the bundled samples repeated to 40 files."""
-    if data:
-        from facemark.data import load_records, split_records
-
-        _, val = split_records(load_records(list(data), lambda _m: None), 0.1, 0)
-        return sorted({Path(r.image_path) for r in val})[:limit]
+def benchmark_files(val_records: Sequence[FaceRecord], limit: int = 200) -> list[Path]:
+    """The photos of the validation faces (each once, at most `limit`), else the bundled samples repeated."""
+    if val_records:
+        return sorted({Path(r.image_path) for r in val_records})[:limit]
     return sorted(SAMPLES.glob("*.jpg")) * 7
+
+
+def validation_records(data: Sequence[Path]) -> list[FaceRecord]:
+    """The deterministic validation split (val_fraction 0.1, seed 0: training's defaults) of `data`."""
+    return split_records(load_records(list(data), lambda _m: None), 0.1, 0)[1] if data else []
 
 
 def previous_detector(current: HaarDetector) -> HaarDetector:
@@ -96,7 +98,7 @@ def folder_throughput(model: Path | None, files: Sequence[Path], rounds: int = 2
 def main(model: Path | None = typer.Option(None, "--model"), data: list[Path] = typer.Option([], "--data"),
          rounds: int = typer.Option(2, "--rounds"), limit: int = typer.Option(200, "--limit"),
          json_path: Path | None = typer.Option(None, "--json")) -> None:
-    result = folder_throughput(model, benchmark_files(data, limit), rounds)
+    result = folder_throughput(model, benchmark_files(validation_records(data), limit), rounds)
     text = json.dumps(result, indent=1)
     print(text)
     if json_path:

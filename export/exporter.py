@@ -45,8 +45,7 @@ SAMPLES_XML = Path(facemark.__file__).parent / "assets" / "samples" / "landmarks
 CALIBRATION_FIT_FACES = 500
 # S8S8 by default: U8S8 saturates on x86 CPUs without VNNI (AVX2 only) -- measured here on an AMD EPYC
 # without AVX-512/VNNI, the previous shipped U8S8 model scored 7.13 % NME instead of its 4.62 % (variants.py).
-# uint8-7bit: U8S8 with 7-bit weights, which cannot saturate there (variants.to_int8).
-INT8_ACTIVATION_CHOICES = INT8_ACTIVATIONS
+# uint8-7bit (facemark.choices.INT8_ACTIVATIONS): U8S8 with 7-bit weights, which cannot saturate there.
 DEFAULT_INT8_ACTIVATIONS = "int8"
 
 Progress = Callable[[str], None]
@@ -108,8 +107,8 @@ def export_model(checkpoint: Path, output: Path, *, opset: int = DEFAULT_OPSET, 
 
     say(f"exporting fp32 ONNX, opset {opset}, batch {'dynamic' if fixed_batch is None else fixed_batch}")
     fp32 = export_fp32(model, contract.size, opset, fixed_batch)
-    if int8_activations not in INT8_ACTIVATION_CHOICES:
-        raise FacemarkError(f"int8 activations {int8_activations!r}: choose one of {INT8_ACTIVATION_CHOICES}")
+    if int8_activations not in INT8_ACTIVATIONS:
+        raise FacemarkError(f"int8 activations {int8_activations!r}: choose one of {INT8_ACTIVATIONS}")
     candidate, variant_info = _convert(fp32, precision, train_records, contract, fixed_batch, say,
                                        int8_activations)
     check_model(candidate, opset, f"{precision} model")

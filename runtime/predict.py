@@ -117,14 +117,6 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], lis
     return files, failures
 
 
-def predict_image(landmarker: FaceLandmarker, path: Path) -> tuple[ImageResult, np.ndarray | None]:
-    """One file -> its result (with the error message when it cannot be read) and the decoded image."""
-    loaded = _load_and_find(landmarker, path)
-    if loaded.found is None:
-        return loaded.result, None
-    return _with_landmarks(loaded, landmarker.landmarks_for_found([loaded.found])[0]), loaded.image
-
-
 @dataclass
 class _Loaded:
     """A file after decoding and Haar (or its error), waiting for the landmark model."""
@@ -132,7 +124,6 @@ class _Loaded:
     result: ImageResult
     image: np.ndarray | None = None
     found: Found | None = None
-    started: float = 0.0
     seconds: float = 0.0  # decode + detect
 
 
@@ -143,8 +134,18 @@ def _load_and_find(landmarker: FaceLandmarker, path: Path) -> _Loaded:
     except FacemarkError as exc:
         return _Loaded(ImageResult(str(path), error=str(exc)))
     found = landmarker.find(image)
-    return _Loaded(ImageResult(str(path), image.shape[1], image.shape[0]), image, found, start,
+    return _Loaded(ImageResult(str(path), image.shape[1], image.shape[0]), image, found,
                    time.perf_counter() - start)
+
+
+def _landmarks_of(landmarker: FaceLandmarker, group: Sequence[_Loaded]) -> list[Detections | None]:
+    """The landmark model once per pass over the faces of every readable file of `group` (None: unreadable)."""
+    done = iter(landmarker.landmarks_for_found([item.found for item in group if item.found is not None]))
+    return [next(done) if item.found is not None else None for item in group]
+
+
+def _resolved(item: Future | ImageResult) -> ImageResult:
+    return item.result() if isinstance(item, Future) else item
 
 
 def _with_landmarks(loaded: _Loaded, found: Detections) -> ImageResult:
@@ -231,8 +232,7 @@ def predict_files(
             if stop_requested():
                 break
             loaded = _load_and_find(landmarker, path)
-            found = landmarker.landmarks_for_found([loaded.found])[0] if loaded.found is not None else None
-            deliver(finish(loaded, found, None))  # type: ignore[arg-type]
+            deliver(finish(loaded, _landmarks_of(landmarker, [loaded])[0], None))  # type: ignore[arg-type]
         return results
 
     group = max(count, PIPELINE_GROUP)
@@ -252,18 +252,17 @@ def predict_files(
         while queued:
             loaded = [queued.popleft().result() for _ in range(min(group, len(queued)))]
             refill()
-            ready = [item for item in loaded if item.found is not None]
-            found = dict(zip(map(id, ready), landmarker.landmarks_for_found([i.found for i in ready]), strict=True))
-            finished = [finish(item, found.get(id(item)), pool) for item in loaded]
+            finished = [finish(item, found, pool)
+                        for item, found in zip(loaded, _landmarks_of(landmarker, loaded), strict=True)]
             for item in writing:
-                deliver(item.result() if isinstance(item, Future) else item)
+                deliver(_resolved(item))
             writing = finished
             if stop_requested():
                 for future in queued:
                     future.cancel()
                 break
         for item in writing:
-            deliver(item.result() if isinstance(item, Future) else item)
+            deliver(_resolved(item))
     return results
 
 
