@@ -229,3 +229,18 @@ def test_calib_data_embeds_detector_calibration_and_validation_nme(tiny_checkpoi
     _, val = split_records(load_records([SAMPLES / "landmarks.xml"], lambda _m: None))
     own = evaluate(OnnxPredictor(open_session(out), info.contract), val).summary()["nme"]
     assert own == pytest.approx(nme["candidate"], rel=1e-5)
+
+
+def test_uint8_7bit_int8_keeps_weights_in_seven_bits_and_passes_its_gates(tiny_checkpoint, tmp_path):
+    from onnx import numpy_helper
+
+    result = export_model(tiny_checkpoint, tmp_path / "u7.onnx", precision="int8", int8_activations="uint8-7bit")
+    assert result.passed and result.report["int8"]["activations"] == "QUInt8"
+    model = onnx.load(result.path)
+    weights = [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert weights, "int8 weights present"
+    # ORT reduce_range: symmetric 7-bit weights in [-64, 64]; 255 * 64 * 2 < 2**15, so the AVX2 pair sum cannot saturate
+    assert all(w.min() >= -64 and w.max() <= 64 for w in weights)
+    assert max(int(np.abs(w).max()) for w in weights) == 64, "the range is used, not collapsed"
+    activations = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.UINT8]
+    assert activations, "uint8 activation zero points (U8S8)"

@@ -474,3 +474,10 @@ def test_haar_on_a_smaller_copy_finds_the_same_faces_in_image_pixels():
     assert small and len(small) == len(full)
     for a, b in zip(sorted(d.box for d in full), sorted(d.box for d in small), strict=True):
         np.testing.assert_allclose(b, a, atol=0.15 * a[2])
+
+
+def test_sessions_do_not_spin_unless_asked(tiny_onnx):
+    quiet = session.LandmarkModel(tiny_onnx, provider="cpu").session.get_session_options()
+    spinning = session.LandmarkModel(tiny_onnx, provider="cpu", spin=True).session.get_session_options()
+    assert quiet.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert spinning.get_session_config_entry("session.intra_op.allow_spinning") == "1"
