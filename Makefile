@@ -16,9 +16,10 @@ $(VENV)/.stamp-runtime: pyproject.toml | $(BIN)/python
 	$(PIP) install -e .
 	touch $@
 
-# Everything: train extra (torch, torchvision, onnx) + dev tools.
+# Everything: train extra (torch, torchvision, onnx), dev tools and the serve extra (PyTriton, tritonclient; it
+# holds numpy < 2 and OpenCV 4.11 for the whole venv: the stack a serving user gets, tested as such).
 $(VENV)/.stamp-all: pyproject.toml | $(BIN)/python
-	$(PIP) install -e ".[train,dev]"
+	$(PIP) install -e ".[train,dev,serve]"
 	touch $@ $(VENV)/.stamp-runtime
 
 demo: $(VENV)/.stamp-runtime

@@ -26,7 +26,8 @@ def default_output(checkpoint: Path, precision: str) -> Path:
 
 
 def export_command(
-    checkpoint: Path = typer.Argument(..., help="A facemark checkpoint (best.pt)."),
+    checkpoint: Path = typer.Argument(..., help="A facemark checkpoint (best.pt); or an exported .onnx model "
+                                      "with --triton-repo (the repository only, no re-export)."),
     output: Path | None = typer.Option(
         None, "--output", "-o", help="Model file (default: beside the checkpoint, e.g. best.int8.onnx)."),
     opset: int = typer.Option(17, "--opset", help="Default-domain ONNX opset the file declares."),
@@ -46,8 +47,26 @@ def export_command(
     batch: str = typer.Option("dynamic", "--batch", help="dynamic | N (a fixed batch size)."),
     verify: bool = typer.Option(
         True, "--verify/--no-verify", help="--no-verify skips parity (explicit opt-out)."),
+    triton_repo: Path | None = typer.Option(
+        None, "--triton-repo", help="Also write a Triton model repository: DIR/facemark_crops/config.pbtxt + "
+        "1/model.onnx for Triton's onnxruntime backend."),
+    triton_max_batch: int = typer.Option(16, "--triton-max-batch", min=1, help="max_batch_size of the repository."),
+    triton_kind: str = typer.Option("gpu", "--triton-kind", help="Instance kind: gpu | cpu."),
+    triton_tensorrt: bool = typer.Option(
+        False, "--triton-tensorrt", help="Run the model through ONNX Runtime's TensorRT accelerator (fp16, engine "
+        "cache in /tmp/facemark-trt-cache on the server; GPU instances)."),
 ) -> None:
-    """Export a checkpoint to one self-contained ONNX file, verified against PyTorch and gated."""
+    """Export a checkpoint to one self-contained ONNX file, verified against PyTorch and gated; optionally a Triton
+    model repository for it."""
+    if triton_kind not in ("gpu", "cpu"):
+        raise typer.BadParameter(f"--triton-kind {triton_kind!r}: expected gpu or cpu")
+    if triton_tensorrt and triton_kind != "gpu":
+        raise typer.BadParameter("--triton-tensorrt needs --triton-kind gpu")
+    if checkpoint.suffix.lower() == ".onnx":
+        if triton_repo is None:
+            raise typer.BadParameter(f"{checkpoint} is exported already: give --triton-repo DIR, or a checkpoint")
+        _write_repo(checkpoint, triton_repo, triton_max_batch, triton_kind, triton_tensorrt)
+        return
     from facemark.export.exporter import export_model, report_path
 
     precision, int8_activations = precision.value, int8_activations.value
@@ -64,6 +83,16 @@ def export_command(
         raise
     print_report(result.report)
     console.print(f"{result.path} ({result.size_bytes / 1e6:.1f} MB); report {report_path(result.path)}")
+    if triton_repo is not None:
+        _write_repo(result.path, triton_repo, triton_max_batch, triton_kind, triton_tensorrt)
+
+
+def _write_repo(model: Path, repo: Path, max_batch: int, kind: str, tensorrt: bool) -> None:
+    from facemark.export.triton_repo import RepoOptions, write_triton_repository
+
+    options = RepoOptions(max_batch=max_batch, instance_kind=f"KIND_{kind.upper()}", tensorrt=tensorrt)
+    folder = write_triton_repository(model, repo, options)
+    console.print(f"Triton model repository: {folder} (tritonserver --model-repository {repo})")
 
 
 def print_report(report: dict) -> None:

@@ -55,6 +55,7 @@ def _register() -> None:
     app.command("export")(export_cli.export_command)
     app.add_typer(runtime_cli.app, name="runtime")
     app.command("bench")(bench_cli.bench_command)
+    app.command("serve")(runtime_cli.serve_command)
     app.command("schema")(schema_command)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -20,46 +21,52 @@ DEFAULT_MAX_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit with a clear message
 
 
-def probe_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header alone (Pillow reads it lazily, nothing is decoded)."""
+def probe_size(source: Path | io.BytesIO, name: object = None) -> tuple[int, int]:
+    """(width, height) from the header alone (Pillow reads it lazily, nothing is decoded); `source` is a path
+    or the encoded bytes in a BytesIO, `name` what error messages call it (default: the path)."""
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             return im.size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
+        raise ImageError(f"{name or source}: not a readable image ({exc.__class__.__name__})") from None
 
 
 def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Read an image as 8-bit BGR (H, W, 3).
-
-    Grayscale, 16-bit and RGBA inputs are converted; EXIF orientation is applied (OpenCV's IMREAD_COLOR).
-    """
+    """Read an image file as 8-bit BGR (H, W, 3): decode_image on its bytes, errors naming the file."""
     p = Path(path)
     if not p.is_file():
         raise ImageError(f"{p}: no such file")
-    if p.stat().st_size == 0:
-        raise ImageError(f"{p}: empty file")
-    width, height = probe_size(p)
+    return decode_image(p.read_bytes(), p, max_pixels)
+
+
+def decode_image(data: bytes, name: object, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an encoded image (the bytes of a file; `name` for error messages) as 8-bit BGR (H, W, 3).
+
+    Grayscale, 16-bit and RGBA inputs are converted; EXIF orientation is applied (OpenCV's IMREAD_COLOR).
+    The server decodes a client's upload with this, so both sides read a file the same way.
+    """
+    if len(data) == 0:
+        raise ImageError(f"{name}: empty file")
+    width, height = probe_size(io.BytesIO(data), name)
     if width * height > max_pixels:
         raise ImageError(
-            f"{p}: {width}x{height} is larger than the limit of {max_pixels / 1e6:.0f} megapixels; "
+            f"{name}: {width}x{height} is larger than the limit of {max_pixels / 1e6:.0f} megapixels; "
             "downscale it first"
         )
-    data = np.fromfile(p, dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if image is None or image.size == 0:
-        image = _decode_with_pillow(p)  # formats this OpenCV build lacks (GIF, some PNM variants)
+        image = _decode_with_pillow(data)  # formats this OpenCV build lacks (GIF, some PNM variants)
     if image is None or image.size == 0:
-        raise ImageError(f"{p}: corrupt or unsupported image data")
+        raise ImageError(f"{name}: corrupt or unsupported image data")
     return image
 
 
-def _decode_with_pillow(path: Path) -> np.ndarray | None:
+def _decode_with_pillow(data: bytes) -> np.ndarray | None:
     """First frame, EXIF-rotated, as 8-bit BGR; None when Pillow cannot decode it either."""
     from PIL import ImageOps
 
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         return None

@@ -5,6 +5,7 @@ Only typer, rich and facemark core are imported here; onnxruntime and the pipeli
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 from pathlib import Path
@@ -71,8 +72,23 @@ CASCADE_HELP = (f"Cascade file or OpenCV cascade name (default {haar.DEFAULT_CAS
 MAX_FACES_HELP = "Keep the N most confident faces."
 
 
+SERVER_HELP = ("Send the images to a `facemark serve` server (http://HOST:PORT) instead of running the model here; "
+               "same JSON, JSONL, CSV and pictures. Model, detector and refinement are the server's settings.")
+# predict options that only the server can set once --server is given
+LOCAL_ONLY = ("model", "provider", "threads", "scale_factor", "min_neighbors", "min_face", "max_side",
+              "min_face_windows", "min_detector_score", "min_score", "refine", "tta", "cascade", "max_faces",
+              "trt_fp16", "trt_cache")
+
+
+def _given(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
+    """The options among `names` that the command line (or the environment) set, not their defaults."""
+    sources = {n: ctx.get_parameter_source(n) for n in names}
+    return [n for n, source in sources.items() if source is not None and source.name != "DEFAULT"]
+
+
 @app.command("predict")
 def predict_command(
+    ctx: typer.Context,
     inputs: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or globs."),
     model: Path | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     out: Path | None = typer.Option(None, "--out", "-o", help="Folder for the annotated images."),
@@ -112,9 +128,11 @@ def predict_command(
         "several images (default: one per core); 1 = one image after another."),
     trt_fp16: bool = typer.Option(False, "--trt-fp16", help="TensorRT: build an fp16 engine."),
     trt_cache: Path | None = typer.Option(None, "--trt-cache", help="TensorRT: engine cache folder."),
+    server: str | None = typer.Option(None, "--server", help=SERVER_HELP),
 ) -> None:
     """Landmarks for every face in photos: annotated images (--out), one JSON document (--json), JSON lines
-    streamed per image (--jsonl, resumable with --resume), CSV (--csv), aligned face chips (--aligned)."""
+    streamed per image (--jsonl, resumable with --resume), CSV (--csv), aligned face chips (--aligned);
+    locally or on a `facemark serve` server (--server)."""
     from facemark.fileio import check_writable, write_text_atomic
     from facemark.runtime.predict import (
         ChipOptions,
@@ -132,10 +150,20 @@ def predict_command(
     for path, what in ((json_path, "--json document"), (jsonl, "--jsonl file"), (csv_path, "--csv file")):
         if path is not None:
             check_writable(path, what)  # before any image is processed
-    detector = _detector_options(scale_factor, min_neighbors, min_face, max_side, min_detector_score, cascade,
-                                 min_face_windows)
-    landmarker = _landmarker(model, provider, threads, detector, trt_fp16, trt_cache, max_faces, refine, tta,
-                             min_score)
+    if server is not None:
+        from facemark.runtime.remote import TritonLandmarker
+
+        clash = _given(ctx, LOCAL_ONLY)
+        if clash:
+            names = ", ".join("--" + n.replace("_", "-") for n in clash)
+            raise typer.BadParameter(f"{names}: set on the server (`facemark serve`), not with --server")
+        landmarker = TritonLandmarker(server)
+        steps = landmarker.steps()
+    else:
+        detector = _detector_options(scale_factor, min_neighbors, min_face, max_side, min_detector_score, cascade,
+                                     min_face_windows)
+        landmarker = steps = _landmarker(model, provider, threads, detector, trt_fp16, trt_cache, max_faces, refine,
+                                         tta, min_score)
     files, failures = collect_inputs(inputs)
     for failure in failures:
         console.print(f"[red]error:[/red] {failure.error}")
@@ -158,7 +186,7 @@ def predict_command(
                 progress.advance(task)
 
             chips = ChipOptions(aligned, aligned_size, aligned_template.value) if aligned else None
-            results = predict_files(landmarker, todo, out, draw.value, on_result=report,  # type: ignore[arg-type]
+            results = predict_files(steps, todo, out, draw.value, on_result=report,  # type: ignore[arg-type]
                                     stop_requested=stop.requested, workers=workers, chips=chips, pose=pose)
     finally:
         if writer is not None:
@@ -283,3 +311,43 @@ def video_command(
             raise typer.Exit(code=128 + stop.signal.value)
     if summary.skipped:
         raise typer.Exit(code=1)
+
+
+def serve_command(
+    model: Path | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    http_port: int = typer.Option(8000, "--http-port", min=1, max=65535, help="KServe v2 HTTP (and /v2/health/ready)."),
+    grpc_port: int = typer.Option(8001, "--grpc-port", min=1, max=65535, help="KServe v2 gRPC."),
+    metrics_port: int = typer.Option(8002, "--metrics-port", min=1, max=65535, help="Prometheus metrics (/metrics)."),
+    max_batch: int = typer.Option(16, "--max-batch", min=1, help="Largest batch Triton's dynamic batcher forms."),
+    instances: int = typer.Option(1, "--instances", min=1, help="Model instances (each its own ONNX Runtime "
+                                  "session; requests run on them in parallel)."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="ONNX Runtime threads per instance "
+                                       "(default: the cores shared among the instances)."),
+    provider: Provider = typer.Option("auto", "--provider", "-p", help=PROVIDER_HELP),
+    refine: int = typer.Option(DEFAULT_REFINE, "--refine", min=0, help=REFINE_HELP),
+    min_score: float = typer.Option(DEFAULT_MIN_SCORE, "--min-score", min=0.0, max=1.0, help=MIN_SCORE_HELP),
+    max_faces: int | None = typer.Option(None, "--max-faces", min=1, help=MAX_FACES_HELP),
+) -> None:
+    """Serve the pipeline (model `facemark`: encoded images in, faces out) and the landmark model (model
+    `facemark_crops`) on NVIDIA Triton Inference Server (PyTriton; extra facemark[serve]) until SIGINT/SIGTERM.
+    Prints one JSON line {"ready": true, ...} on stdout once every model is ready."""
+    import logging
+
+    from facemark.runtime.serve import FacemarkServer, ServeConfig, summary_line
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    config = ServeConfig(model=model, provider=provider.value, host=host, http_port=http_port, grpc_port=grpc_port,
+                         metrics_port=metrics_port, max_batch=max_batch, instances=instances, threads=threads,
+                         refine=refine, min_score=min_score or None, max_faces=max_faces)
+    server = FacemarkServer(config)
+    try:
+        server.start()
+    except BaseException:
+        server.stop()
+        raise
+    console.print(summary_line(server))
+    sys.stdout.write(json.dumps({"ready": True, **server.urls()}) + "\n")
+    sys.stdout.flush()
+    server.wait()
+    console.print("facemark serve: stopped")

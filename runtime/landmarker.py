@@ -168,6 +168,14 @@ class FaceLandmarker:
     def providers(self) -> list[str]:
         return self.model.providers
 
+    def describe(self) -> dict:
+        """The header of predict's JSON document: the model (metadata summary, path, providers) and the
+        detector settings (a server hands this to its clients)."""
+        path = self.model.path
+        model = {**self.info.summary(), "path": None if path is None else str(path),
+                 "providers": list(self.providers)}
+        return {"model": model, "detector": self.detector.config()}
+
     def detect(self, image, color: str = "bgr") -> list[Face]:
         """All faces of one image, most confident first; [] when there is none.
 

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from imutils.paths import list_files
@@ -118,37 +119,64 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], lis
 
 
 @dataclass
-class _Loaded:
+class LoadedFile:
     """A file after decoding and Haar (or its error), waiting for the landmark model."""
 
     result: ImageResult
     image: np.ndarray | None = None
-    found: Found | None = None
+    found: Found | None = None  # local detection, waiting for the landmark model
+    done: Detections | None = None  # faces already complete (a server made them: facemark.runtime.remote)
     seconds: float = 0.0  # decode + detect
 
 
-def _load_and_find(landmarker: FaceLandmarker, path: Path) -> _Loaded:
+def _load_and_find(landmarker: FaceLandmarker, path: Path) -> LoadedFile:
     start = time.perf_counter()
     try:
         image = read_image(path)
     except FacemarkError as exc:
-        return _Loaded(ImageResult(str(path), error=str(exc)))
+        return LoadedFile(ImageResult(str(path), error=str(exc)))
     found = landmarker.find(image)
-    return _Loaded(ImageResult(str(path), image.shape[1], image.shape[0]), image, found,
+    return LoadedFile(ImageResult(str(path), image.shape[1], image.shape[0]), image, found,
                    time.perf_counter() - start)
 
 
-def _landmarks_of(landmarker: FaceLandmarker, group: Sequence[_Loaded]) -> list[Detections | None]:
+def _landmarks_of(landmarker: FaceLandmarker, group: Sequence[LoadedFile]) -> list[Detections | None]:
     """The landmark model once per pass over the faces of every readable file of `group` (None: unreadable)."""
     done = iter(landmarker.landmarks_for_found([item.found for item in group if item.found is not None]))
     return [next(done) if item.found is not None else None for item in group]
+
+
+class Describable(Protocol):
+    def describe(self) -> dict: ...  # {"model": {...}, "detector": {...}}: the document's header
+
+
+class FileSteps(Protocol):
+    """The two steps predict_files runs: `load` a file on a worker thread (decode, and detect or send it to a
+    server), then `landmarks` once for a group of loaded files (None for an unreadable one)."""
+
+    def load(self, path: Path) -> LoadedFile: ...
+
+    def landmarks(self, group: Sequence[LoadedFile]) -> list[Detections | None]: ...
+
+
+@dataclass(frozen=True)
+class LocalSteps:
+    """In this process: Haar on the worker threads, the landmark model batched over the group."""
+
+    landmarker: FaceLandmarker
+
+    def load(self, path: Path) -> LoadedFile:
+        return _load_and_find(self.landmarker, path)
+
+    def landmarks(self, group: Sequence[LoadedFile]) -> list[Detections | None]:
+        return _landmarks_of(self.landmarker, group)
 
 
 def _resolved(item: Future | ImageResult) -> ImageResult:
     return item.result() if isinstance(item, Future) else item
 
 
-def _with_landmarks(loaded: _Loaded, found: Detections) -> ImageResult:
+def _with_landmarks(loaded: LoadedFile, found: Detections) -> ImageResult:
     result = loaded.result
     result.faces = found.faces
     result.error = f"{result.path}: " + "; ".join(found.problems) if found.problems else None
@@ -190,7 +218,7 @@ def _write_outputs(result: ImageResult, image: np.ndarray, target: Path | None, 
 
 
 def predict_files(
-    landmarker: FaceLandmarker,
+    landmarker: FaceLandmarker | FileSteps,
     files: Sequence[Path],
     out_dir: str | os.PathLike | None = None,
     draw: DrawMode = "points",
@@ -207,12 +235,14 @@ def predict_files(
     workers: 1 processes one file after another; more (default: one per core) pipelines the run: decoding,
     Haar and writing annotated images of the next files run on that many threads while the landmark model
     runs once per pass over the faces of a group of files. The landmarks equal one-by-one processing.
-    chips: also write each face's aligned chip. pose: the results' JSON carries each face's head pose."""
+    chips: also write each face's aligned chip. pose: the results' JSON carries each face's head pose.
+    `landmarker` may also be other FileSteps (facemark.runtime.remote: a Triton server does the work)."""
+    steps = LocalSteps(landmarker) if isinstance(landmarker, FaceLandmarker) else landmarker
     count = workers or default_workers()
     taken: set[str] = set()
     results: list[ImageResult] = []
 
-    def finish(loaded: _Loaded, found: Detections | None, pool: ThreadPoolExecutor | None) -> Future | ImageResult:
+    def finish(loaded: LoadedFile, found: Detections | None, pool: ThreadPoolExecutor | None) -> Future | ImageResult:
         result = loaded.result if found is None else _with_landmarks(loaded, found)
         result.with_pose = pose
         if loaded.image is None or (out_dir is None and chips is None):
@@ -231,8 +261,8 @@ def predict_files(
         for path in files:
             if stop_requested():
                 break
-            loaded = _load_and_find(landmarker, path)
-            deliver(finish(loaded, _landmarks_of(landmarker, [loaded])[0], None))  # type: ignore[arg-type]
+            loaded = steps.load(path)
+            deliver(finish(loaded, steps.landmarks([loaded])[0], None))  # type: ignore[arg-type]
         return results
 
     group = max(count, PIPELINE_GROUP)
@@ -245,7 +275,7 @@ def predict_files(
                 path = next(upcoming, None)
                 if path is None:
                     return
-                queued.append(pool.submit(_load_and_find, landmarker, path))
+                queued.append(pool.submit(steps.load, path))
 
         refill()
         writing: list[Future | ImageResult] = []  # the previous group, its pictures being written
@@ -253,7 +283,7 @@ def predict_files(
             loaded = [queued.popleft().result() for _ in range(min(group, len(queued)))]
             refill()
             finished = [finish(item, found, pool)
-                        for item, found in zip(loaded, _landmarks_of(landmarker, loaded), strict=True)]
+                        for item, found in zip(loaded, steps.landmarks(loaded), strict=True)]
             for item in writing:
                 deliver(_resolved(item))
             writing = finished
@@ -266,14 +296,11 @@ def predict_files(
     return results
 
 
-def build_document(landmarker: FaceLandmarker, results: Sequence[ImageResult | dict], complete: bool = True
+def build_document(landmarker: Describable, results: Sequence[ImageResult | dict], complete: bool = True
                    ) -> dict:
     """The JSON document; `results` may mix ImageResults and `images[]` entries read back from a JSONL file."""
-    path = landmarker.model.path
-    model = {**landmarker.info.summary(), "path": None if path is None else str(path),
-             "providers": list(landmarker.providers)}
     images = [r if isinstance(r, dict) else r.to_json() for r in results]
-    return {"model": model, "detector": landmarker.detector.config(), "complete": complete, "images": images}
+    return {**landmarker.describe(), "complete": complete, "images": images}
 
 
 def csv_header(pose: bool) -> list[str]:
