@@ -43,6 +43,11 @@ def bench_command(
                                         "cuda, tensorrt; repeatable (default: every one that loads)."),
     no_pipeline: bool = typer.Option(False, "--no-pipeline", help="Skip the end-to-end rows."),
     no_peer: bool = typer.Option(False, "--no-peer", help="Skip the dlib peer row."),
+    serve: bool = typer.Option(False, "--serve", help="Add a load test of `facemark serve` on loopback (the serve "
+                               "extra): requests/s, p50/p99, errors, identity with local predict. Implies --model "
+                               "(default: the shipped model)."),
+    serve_requests: int = typer.Option(1000, "--serve-requests", min=1, help="Requests of the --serve load test."),
+    serve_clients: int = typer.Option(8, "--serve-clients", min=1, help="Concurrent clients of --serve."),
 ) -> None:
     """Latency and accuracy of every model variant against eager PyTorch, end to end, and against dlib."""
     import os
@@ -50,6 +55,12 @@ def bench_command(
     from facemark.benchmarks.report import render_markdown, write_reports
 
     counts = parse_batch_sizes(threads, "--threads") if threads else (os.cpu_count() or 1,)
+    if serve and model is None and checkpoint is None:
+        from facemark.runtime.landmarker import DEFAULT_MODEL_PATH
+
+        model = DEFAULT_MODEL_PATH
+    if serve and model is None:
+        raise FacemarkError("--serve runs with --model (an exported model), not --checkpoint")
     if model is not None:
         if checkpoint is not None:
             raise FacemarkError("--model and --checkpoint: pass one (--checkpoint re-exports its own variants)")
@@ -59,7 +70,9 @@ def bench_command(
 
         with console.status("benchmarking") as status:
             report = run_model_benchmark(model, out, counts, list(data), quick,
-                                         progress=lambda msg: status.update(f"benchmarking: {msg}"))
+                                         progress=lambda msg: status.update(f"benchmarking: {msg}"),
+                                         serve={"requests": serve_requests, "clients": serve_clients} if serve
+                                         else None)
         paths = write_reports(report, out)
         print(render_markdown(report))
         console.print(f"wrote {', '.join(map(str, paths.values()))}", highlight=False)

@@ -3,7 +3,8 @@
 Rows: the model at batch 1 at each thread count of --threads (its own ONNX Runtime session per count, explicit
 intra-op threads, no spinning, alternating blocks: facemark.benchmarks.model_speed), NME on the validation split
 of --data; end to end on the composed scenes (FaceLandmarker defaults); folder throughput (previous runner vs
-one-by-one vs pipelined). The same report format as the checkpoint benchmark (facemark.benchmarks.report).
+one-by-one vs pipelined); with --serve, a loopback load test of `facemark serve`
+(facemark.benchmarks.serve_load). The same report format as the checkpoint benchmark (facemark.benchmarks.report).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def export_gate(metadata: dict[str, str]) -> bool | None:
 
 
 def run_model_benchmark(model: Path, out: Path, threads: Sequence[int], data: Sequence[Path] = (),
-                        quick: bool = False, progress: Callable[[str], None] = lambda _m: None) -> dict:
+                        quick: bool = False, progress: Callable[[str], None] = lambda _m: None,
+                        serve: dict | None = None) -> dict:
     """The report document for one ONNX model (see the module docstring)."""
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
@@ -66,9 +68,18 @@ def run_model_benchmark(model: Path, out: Path, threads: Sequence[int], data: Se
     files = benchmark_files([] if quick else val)
     throughput = folder_throughput(model, files[:12] if quick else files, rounds=1 if quick else 2)
     throughput["model"] = model.name
+    serve_section = None
+    if serve is not None:  # {"requests": N, "clients": C}: the loopback load test of facemark serve
+        progress("serve load")
+        from facemark.benchmarks.serve_load import serve_benchmark
+
+        if quick:
+            serve = {**serve, "requests": min(serve["requests"], 48)}
+        serve_section = serve_benchmark(model, files[:12] if quick else files, log=out / "serve.log", **serve)
     notes.append("ONNX-only benchmark (--model): no eager PyTorch or re-exported rows; pass --checkpoint for those.")
     return {"command": "facemark " + shlex.join(sys.argv[1:]), "quick": quick,
             "model_label": f"{model} ({info.contract.size} px, {info.precision})", "nme_source": nme_source,
             "environment": describe_environment(max(threads), {model.name: file_sha256(model)}),
-            "rows": rows, "pipeline": pipeline_rows, "throughput": throughput, "peer": None, "limit": {},
+            "rows": rows, "pipeline": pipeline_rows, "throughput": throughput, "serve": serve_section, "peer": None,
+            "limit": {},
             "notes": notes, "verdict": not quick, "targets": []}

@@ -83,6 +83,12 @@ def throughput_table(throughput: dict, claims: bool = True) -> str:
     return markdown_table(header, body)
 
 
+def serve_table(serve: dict) -> str:
+    return markdown_table(["Clients", "Requests", "Requests/s", "p50 ms", "p90 ms", "p99 ms", "Errors"],
+                          [[serve["clients"], serve["requests"], _num(serve["requests_per_s"], 1),
+                            _num(serve["p50_ms"]), _num(serve["p90_ms"]), _num(serve["p99_ms"]), serve["errors"]]])
+
+
 def render_markdown(report: dict) -> str:
     env = report["environment"]
     cpu = env.get("cpu", {})
@@ -124,6 +130,13 @@ def render_markdown(report: dict) -> str:
                 f"{throughput['rounds']} alternating round(s). previous = one image after another with the detector "
                 "before copy sizing; pipelined = today's default runner. Largest landmark difference pipelined vs "
                 f"one-by-one (same settings): {_num(throughput['max_landmark_diff_px'], 3)} px.", ""]
+    serve = report.get("serve")
+    if serve:
+        out += ["## Serving (`facemark serve` on loopback, same run)", "", serve_table(serve), "",
+                f"{serve['requests']} requests of one photo each ({serve['photos']} photos in turn) from "
+                f"{serve['clients']} concurrent HTTP clients against `{serve['server']}`. The server's faces vs "
+                f"local predict on every photo: largest landmark difference {_num(serve['max_landmark_diff_px'], 3)} "
+                f"px, {serve['face_count_mismatches']} face-count mismatches.", ""]
     limit = report.get("limit") or {}
     if limit:
         out += ["## Limit", "",

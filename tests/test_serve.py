@@ -8,11 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -20,21 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from facemark.benchmarks.serve_load import ServerProcess, free_ports
 from facemark.cli import run as cli_run
 from tests.conftest import SAMPLES
 
 SHIPPED = Path(__file__).resolve().parents[1] / "facemark" / "assets" / "facemark-68.onnx"
-READY_TIMEOUT_S = 240
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _children() -> dict[int, list[int]]:
@@ -67,44 +52,11 @@ def _alive(pid: int) -> bool:
     return state != "Z"  # a zombie has exited; only its parent's wait is missing
 
 
-class ServerProcess:
-    """`facemark serve` in a subprocess; ready once it prints its {"ready": true, ...} line."""
-
-    def __init__(self, tmp: Path, *args: str) -> None:
-        self.http, self.grpc, self.metrics = _free_ports(3)
-        self.log = tmp / "serve.log"
-        command = [sys.executable, "-m", "facemark", "serve", "--http-port", str(self.http), "--grpc-port",
-                   str(self.grpc), "--metrics-port", str(self.metrics), *args]
-        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log.open("wb"), text=True)
-        self.ready_line: dict | None = None
-        reader = threading.Thread(target=self._read_ready, daemon=True)
-        reader.start()
-        reader.join(READY_TIMEOUT_S)
-        if self.ready_line is None:
-            self.stop()
-            pytest.fail(f"facemark serve not ready in {READY_TIMEOUT_S} s; log:\n{self.log.read_text()[-3000:]}")
-
-    def _read_ready(self) -> None:
-        for line in self.proc.stdout:  # type: ignore[union-attr]
-            if line.startswith("{"):
-                self.ready_line = json.loads(line)
-                return
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http}"
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(60)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     pytest.importorskip("pytriton", reason="the serve extra is not installed (pip install 'facemark[serve]')")
     pytest.importorskip("tritonclient.http", reason="the serve extra is not installed")
-    started = ServerProcess(tmp_path_factory.mktemp("serve"), "--max-batch", "8")
+    started = ServerProcess(["--max-batch", "8"], log=tmp_path_factory.mktemp("serve") / "serve.log")
     yield started
     started.stop()
 
@@ -160,7 +112,7 @@ def test_crops_model_equals_the_local_landmark_model(server):
 def test_readiness_and_metrics_endpoints_answer(server):
     with urllib.request.urlopen(f"{server.url}/v2/health/ready", timeout=10) as reply:
         assert reply.status == 200
-    with urllib.request.urlopen(server.ready_line["metrics"], timeout=10) as reply:
+    with urllib.request.urlopen(server.ready["metrics"], timeout=10) as reply:
         metrics = reply.read().decode()
     assert 'nv_inference_request_success{model="facemark"' in metrics
 
@@ -183,7 +135,7 @@ def test_server_only_options_are_refused_with_server(capsys):
 
 def test_unreachable_server_is_one_line_exit_2(capsys):
     pytest.importorskip("tritonclient.http", reason="the serve extra is not installed")
-    port = _free_ports(1)[0]
+    port = free_ports(1)[0]
     code = cli_run(["runtime", "predict", str(SAMPLES), "--server", f"http://127.0.0.1:{port}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no facemark server answers" in err[0]
@@ -273,3 +225,17 @@ def test_libpython_folder_goes_first_on_ld_library_path(monkeypatch):
     assert os.environ["LD_LIBRARY_PATH"].split(os.pathsep) == [libdir, "/somewhere/else"]
     use_own_libpython()  # idempotent
     assert os.environ["LD_LIBRARY_PATH"].split(os.pathsep) == [libdir, "/somewhere/else"]
+
+
+def test_bench_serve_adds_a_load_row_with_no_errors_and_identical_faces(tmp_path):
+    pytest.importorskip("pytriton", reason="the serve extra is not installed (pip install 'facemark[serve]')")
+    out = tmp_path / "bench"
+    code = cli_run(["bench", "--serve", "--quick", "--serve-requests", "24", "--serve-clients", "3",
+                    "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    serve = report["serve"]
+    assert serve["requests"] == 24 and serve["clients"] == 3 and serve["errors"] == 0
+    assert serve["requests_per_s"] > 0 and serve["p50_ms"] <= serve["p99_ms"]
+    assert serve["max_landmark_diff_px"] <= 0.01 and serve["face_count_mismatches"] == 0
+    assert "## Serving" in (out / "report.md").read_text()
