@@ -37,8 +37,8 @@ def bench_command(
     model: Path | None = typer.Option(None, "--model", help="An exported .onnx model (e.g. the shipped "
                                       "facemark/assets/facemark-68.onnx): its rows at each --threads count, end to "
                                       "end and folder throughput; no checkpoint or torch needed."),
-    threads: str | None = typer.Option(None, "--threads", help="CPU threads for torch and ONNX Runtime (default: "
-                                       "all cores); with --model a list such as 1,2 (one row each)."),
+    threads: str | None = typer.Option(None, "--threads", help="Thread budgets, e.g. 1,2: every variant is timed "
+                                       "at each (default: 1 and all cores)."),
     providers: list[str] = typer.Option([], "--providers", help="ONNX Runtime providers to measure: cpu, "
                                         "cuda, tensorrt; repeatable (default: every one that loads)."),
     no_pipeline: bool = typer.Option(False, "--no-pipeline", help="Skip the end-to-end rows."),
@@ -54,7 +54,7 @@ def bench_command(
 
     from facemark.benchmarks.report import render_markdown, write_reports
 
-    counts = parse_batch_sizes(threads, "--threads") if threads else (os.cpu_count() or 1,)
+    counts = parse_batch_sizes(threads, "--threads") if threads else tuple(dict.fromkeys((1, os.cpu_count() or 1)))
     if serve and model is None and checkpoint is None:
         from facemark.runtime.landmarker import DEFAULT_MODEL_PATH
 
@@ -77,13 +77,11 @@ def bench_command(
         print(render_markdown(report))
         console.print(f"wrote {', '.join(map(str, paths.values()))}", highlight=False)
         return
-    if threads is not None and len(counts) != 1:
-        raise FacemarkError("--threads takes one count with --checkpoint (a list needs --model)")
     from facemark.benchmarks.harness import BenchConfig, run_benchmark
 
     keys = [p.strip().lower() for raw in providers for p in raw.split(",") if p.strip()]
     cfg = BenchConfig(out=out, checkpoint=checkpoint, data=list(data), batch_sizes=parse_batch_sizes(batch_sizes),
-                      quick=quick, threads=counts[0] if threads else None, providers=keys or None,
+                      quick=quick, threads=counts if threads else None, providers=keys or None,
                       pipeline=not no_pipeline, peer=not no_peer)
     with console.status("benchmarking") as status:
         report = run_benchmark(cfg, progress=lambda msg: status.update(f"benchmarking: {msg}"))

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from facemark.benchmarks import pipeline as pipeline_mod
 from facemark.benchmarks.environment import describe_environment
-from facemark.benchmarks.model_speed import time_models
+from facemark.benchmarks.isolated import ORT, Payload, WorkerSpec, self_check
+from facemark.benchmarks.model_speed import sample_inputs, time_models
 from facemark.benchmarks.throughput import benchmark_files, folder_throughput, validation_records
 from facemark.evaluation import evaluate
 from facemark.fileio import file_sha256
@@ -50,12 +51,17 @@ def run_model_benchmark(model: Path, out: Path, threads: Sequence[int], data: Se
         nme_source = f"{len(val)} validation faces of {', '.join(map(str, data))} (val_fraction 0.1, seed 0)"
     progress("model timing")
     timed = time_models([model], list(threads), rounds=3 if quick else 15, block=5 if quick else 20)
+    fastest = min(timed, key=lambda t: t["ms_per_face"])
+    progress("self-check")
+    check = self_check(WorkerSpec("self-check", ORT, str(model), fastest["threads"]),
+                       Payload(crops=sample_inputs(model)), fastest["ms_per_face"], f"ort-{info.precision}",
+                       calls=50 if quick else 300)
     size_mb = model.stat().st_size / 1e6
     rows = [{"variant": f"ort-{info.precision}", "provider": "cpu", "batch": 1, "threads": t["threads"],
              "ms_per_face": t["ms_per_face"], "p90_ms": t["p90"], "p99_ms": None, "min_ms": t["min"],
              "batch_median_ms": t["ms_per_face"], "throughput": 1000.0 / t["ms_per_face"], "speedup": None,
              "size_mb": size_mb, "max_abs_err": None, "nme": nme, "nme_note": None if nme is not None else nme_source,
-             "gated": export_gate(info.raw), "repeats": t["rounds"]} for t in timed]
+             "gated": export_gate(info.raw), "repeats": t["samples"]} for t in timed]
     progress("end to end")
     landmarker = FaceLandmarker(model, provider="cpu")
     scenes_dir = out / "scenes"  # the composed test photos, kept beside the report (as the checkpoint bench does)
@@ -82,4 +88,4 @@ def run_model_benchmark(model: Path, out: Path, threads: Sequence[int], data: Se
             "environment": describe_environment(max(threads), {model.name: file_sha256(model)}),
             "rows": rows, "pipeline": pipeline_rows, "throughput": throughput, "serve": serve_section, "peer": None,
             "limit": {},
-            "notes": notes, "verdict": not quick, "targets": []}
+            "notes": notes, "verdict": not quick, "targets": [], "self_check": check}

@@ -83,3 +83,22 @@ def peer_nme(peer: DlibPeer, records: Sequence[FaceRecord]) -> dict:
     errors = [float(nme_per_face(peer.predict(read_gray(r.image_path), box_from_landmarks(r.landmarks)),
                                  r.landmarks)[0]) for r in records]
     return summarize(np.asarray(errors))
+
+
+def peer_nme_hog(peer: DlibPeer, records: Sequence[FaceRecord], min_iou: float = 0.3) -> dict:
+    """dlib as users run it: its HOG detector on the photo, the predictor on the detection that overlaps the
+    face's landmark box most (IoU >= min_iou); NME over the faces found, and the share found."""
+    detector = peer.dlib.get_frontal_face_detector()
+    errors = []
+    for r in records:
+        gray = read_gray(r.image_path)
+        target = box_from_landmarks(r.landmarks)
+        rects = list(detector(gray, 0))
+        scored = [(box_iou((q.left(), q.top(), q.width(), q.height()), target), q) for q in rects]
+        iou, rect = max(scored, key=lambda item: item[0], default=(0.0, None))
+        if rect is None or iou < min_iou:
+            continue
+        points = np.array([[p.x, p.y] for p in peer.predictor(gray, rect).parts()], dtype=np.float32)
+        errors.append(float(nme_per_face(points, r.landmarks)[0]))
+    summary = summarize(np.asarray(errors)) if errors else {"nme": None, "faces": 0}
+    return {**summary, "found": len(errors) / len(records) if records else None}

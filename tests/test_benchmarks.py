@@ -15,7 +15,7 @@ pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 from facemark.benchmarks.report import ROW_KEYS, markdown_table, render_markdown, write_reports  # noqa: E402
-from facemark.benchmarks.timing import TimingStats, measure_interleaved  # noqa: E402
+from facemark.benchmarks.timing import TimingStats  # noqa: E402
 
 SAMPLES_XML = Path(__file__).resolve().parents[1] / "facemark" / "assets" / "samples" / "landmarks.xml"
 BATCHES = (1, 2)
@@ -121,15 +121,49 @@ def test_pipeline_rows_find_the_composed_faces(bench):
     assert row["fps"] == pytest.approx(1000.0 / row["total_ms"])
 
 
-def test_peer_row_or_reason(bench):
+def test_peer_rows_or_reason(bench):
     report, _ = bench
     peer = report["peer"]
     if peer.get("skipped"):
         assert "dlib" in peer["skipped"] or "face_recognition_models" in peer["skipped"]
         return
-    assert peer["ms_per_face"] > 0 and peer["nme_faces"] > 0
-    best = next(r for r in report["rows"] if r["variant"] == peer["compared_with"] and r["batch"] == 1)
-    assert peer["ratio_vs_best"] == pytest.approx(best["ms_per_face"] / peer["ms_per_face"])
+    by_protocol = {p["protocol"]: p for p in peer["rows"]}
+    assert set(by_protocol) == {"landmark boxes", "HOG detector"}
+    boxes = by_protocol["landmark boxes"]
+    assert boxes["threads"] == 1 and boxes["ms"] > 0 and boxes["nme_faces"] > 0
+    best = next(r for r in report["rows"] if r["variant"] == boxes["compared_with"] and r["batch"] == 1
+                and r["threads"] == 1)  # equal threads: dlib is single-threaded
+    assert boxes["ratio_vs_best"] == pytest.approx(best["ms_per_face"] / boxes["ms"])
+    assert by_protocol["HOG detector"]["ms"] > 0
+
+
+def test_each_variant_is_timed_in_a_worker_process_of_its_own(bench):
+    import os
+
+    report, _ = bench
+    batch1 = [r for r in report["rows"] if r["batch"] == 1]
+    pids = [r["worker_pid"] for r in batch1]
+    assert all(isinstance(p, int) and p != os.getpid() for p in pids)
+    assert len(set(pids)) == len(batch1)  # one process per variant (and thread budget)
+    for row in report["rows"]:
+        assert row["repeats"] >= 3 * 5 and row["min_ms"] <= row["ms_per_face"] <= row["p90_ms"]
+
+
+def test_report_has_a_self_check_line(bench):
+    report, out = bench
+    check = report["self_check"]
+    assert check["harness_ms"] > 0 and check["plain_ms"] > 0 and check["plain_calls"] == 50
+    assert check["agrees"] == (abs(check["diff"]) <= 0.10)
+    line = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("Self-check:"))
+    assert check["variant"] in line and ("agrees within 10 %" in line) == check["agrees"]
+
+
+def test_a_failed_self_check_is_the_reports_first_line():
+    report = {"environment": {}, "rows": [], "pipeline": [], "peer": None, "notes": [], "verdict": False,
+              "self_check": {"variant": "ort-int8", "threads": 2, "harness_ms": 4.5, "plain_ms": 2.1,
+                             "plain_calls": 300, "diff": 4.5 / 2.1 - 1, "agrees": False}}
+    first = render_markdown(report).splitlines()[0]
+    assert first.startswith("# facemark benchmark") and "SELF-CHECK FAILED" in first
 
 
 def _tables(markdown: str) -> list[list[str]]:
@@ -176,31 +210,8 @@ def test_chart_is_a_png_with_a_bar_per_row(bench):
     report, out = bench
     with Image.open(out / "chart.png") as img:
         assert img.format == "PNG"
-        bars = len(report["rows"]) + (0 if report["peer"].get("skipped") else 1)
+        bars = len(report["rows"]) + (0 if report["peer"].get("skipped") else len(report["peer"]["rows"]))
         assert img.height >= 22 * bars
-
-
-def test_interleaved_timing_rotates_order_and_takes_medians():
-    calls: list[str] = []
-    ticks = iter(range(10_000))
-    durations = {"a": [5, 1, 3], "b": [2, 2, 8]}
-
-    def clock() -> float:  # each call's duration is scripted: start tick, then start + duration
-        return float(next(ticks))
-
-    def make(name: str):
-        def call() -> None:
-            calls.append(name)
-            if len(calls) > 2:  # after the warm-up round, advance the fake clock by the scripted duration
-                for _ in range(durations[name][0] - 1):
-                    next(ticks)
-                durations[name].pop(0)
-        return call
-
-    stats = measure_interleaved({"a": make("a"), "b": make("b")}, repeats=3, warmup=1, clock=clock)
-    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then rotating start
-    assert stats["a"].median_ms == pytest.approx(3000.0) and stats["a"].repeats == 3
-    assert stats["b"].median_ms == pytest.approx(2000.0)
 
 
 def test_timing_stats_percentiles():
@@ -215,10 +226,13 @@ def test_timing_stats_percentiles():
 def test_targets_are_read_not_asserted():
     from facemark.benchmarks.harness import read_targets
 
-    rows = [{"variant": "ort-int8", "provider": "cpu", "batch": 1, "gated": True, "speedup": 5.0, "ms_per_face": 9.0},
-            {"variant": "ort-fp32", "provider": "cpu", "batch": 1, "gated": True, "speedup": 2.0, "ms_per_face": 20.0}]
+    rows = [{"variant": "ort-int8", "provider": "cpu", "batch": 1, "threads": 2, "gated": True, "speedup": 5.0,
+             "ms_per_face": 9.0},
+            {"variant": "ort-fp32", "provider": "cpu", "batch": 1, "threads": 2, "gated": True, "speedup": 2.0,
+             "ms_per_face": 20.0}]
     pipeline = [{"width": 640, "faces_placed": 1, "fps": 12.0, "total_ms": 83.3}]
-    peer = {"ms_per_face": 3.0, "ratio_vs_best": 3.0}
+    peer = {"rows": [{"protocol": "landmark boxes", "ms": 3.0, "ratio_vs_best": 3.0, "compared_with": "ort-int8",
+                      "compared_ms": 9.0}]}
     targets = read_targets(rows, pipeline, peer)
     assert [t["met"] for t in targets] == ["yes", "no", "no"]
     assert "ort-int8" in targets[0]["measured"]
