@@ -30,6 +30,7 @@ from facemark.runtime.serving import (
     INFO_MODEL,
     INFO_OUTPUT,
     PIPELINE_MODEL,
+    serve_extra,
     unpack_image,
 )
 
@@ -42,11 +43,7 @@ class ServerError(FacemarkError):
 
 
 def _http_module():
-    try:
-        import tritonclient.http as http
-    except ImportError as exc:
-        raise ServerError(f"--server needs tritonclient ({exc}): pip install 'facemark[serve]'") from None
-    return http
+    return serve_extra("tritonclient.http", "--server")
 
 
 def server_address(url: str) -> str:

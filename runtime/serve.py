@@ -38,15 +38,12 @@ from facemark.runtime.serving import (
     PIPELINE_MODEL,
     info_json,
     pack_detections,
+    serve_extra,
 )
 
 LOGGER = logging.getLogger("facemark.serve")
 DEFAULT_MAX_BATCH = 16
 DEFAULT_QUEUE_DELAY_US = 2000  # how long Triton holds a request for others to batch with it
-
-
-class ServeUnavailable(FacemarkError):
-    """The serve extra is not installed."""
 
 
 @dataclass(frozen=True)
@@ -79,13 +76,9 @@ def use_own_libpython() -> str:
 
 
 def _pytriton():
-    try:
-        import pytriton.decorators
-        import pytriton.model_config
-        import pytriton.triton
-    except ImportError as exc:
-        raise ServeUnavailable(f"facemark serve needs PyTriton ({exc}): pip install 'facemark[serve]'") from None
-    return pytriton
+    for module in ("pytriton.triton", "pytriton.model_config", "pytriton.decorators"):
+        serve_extra(module, "facemark serve")
+    return serve_extra("pytriton", "facemark serve")
 
 
 def _threads_per_instance(config: ServeConfig) -> int:

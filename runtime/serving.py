@@ -22,11 +22,13 @@ document (model summary, providers, detector settings) so a client writes the sa
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Sequence
 
 import numpy as np
 
+from facemark.errors import FacemarkError
 from facemark.runtime.landmarker import Detections, Face
 from facemark.scheme import NUM_POINTS
 
@@ -100,3 +102,15 @@ def unpack_image(outputs: dict[str, np.ndarray], index: int, image_size: tuple[i
 
 def info_json(header: dict) -> np.ndarray:
     return np.array([json.dumps(header).encode()], dtype=np.object_)
+
+
+class ServeUnavailable(FacemarkError):
+    """The serve extra (PyTriton, tritonclient) is not installed."""
+
+
+def serve_extra(module: str, needed_by: str):
+    """Import a module of the serve extra, or say in one line how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ServeUnavailable(f"{needed_by} needs {module} ({exc}): pip install 'facemark[serve]'") from None
