@@ -8,7 +8,8 @@ spinning; torch.set_num_threads(threads) with one inter-op thread; OpenCV's pool
 spin (OMP_WAIT_POLICY=PASSIVE) before torch loads. Only one worker runs at a time: the parent sends it a block
 of calls and waits; the others sleep on their pipes. Blocks alternate between workers round by round (the
 order rotates), so a drift of the machine's load spreads over every variant alike. Warm-up blocks are not
-counted. The statistics are over every timed call: min, median, p90, p99, samples.
+counted, nor are the first calls of every block (`settle`: a worker resuming after another's block finds its
+caches cold and its threads asleep). The statistics are over every timed call: min, median, p90, p99, samples.
 
 A worker is described by a picklable WorkerSpec; workers start with the `spawn` method, so nothing of the
 parent's thread pools is inherited. `plain_loop` times one spec alone, call after call, in a fresh worker:
@@ -115,7 +116,9 @@ def _worker_main(spec: WorkerSpec, payload: Payload, conn) -> None:
         message = conn.recv()
         if message is None:
             return
-        _, batch, count = message
+        _, batch, count, settle = message
+        for _ in range(settle):  # untimed: the caches and threads this worker had before the others' blocks
+            call(batch)
         times = []
         for _ in range(count):
             t0 = time.perf_counter()
@@ -136,8 +139,8 @@ class Worker:
         self.error: str | None = value if kind == "error" else None
         self.pid: int | None = value if kind == "ready" else None
 
-    def block(self, batch: int, count: int) -> list[float]:
-        self.conn.send(("block", batch, count))
+    def block(self, batch: int, count: int, settle: int = 0) -> list[float]:
+        self.conn.send(("block", batch, count, settle))
         kind, times = self.conn.recv()
         return times
 
@@ -158,9 +161,11 @@ class IsolatedResult:
 
 def time_isolated(specs: Sequence[WorkerSpec], payload: Payload, batch_sizes: Sequence[int] = (1,),
                   rounds: int = 10, block: int = 20, warmup_blocks: int = 1,
-                  time_budget_s: float | None = None) -> IsolatedResult:
+                  time_budget_s: float | None = None, settle: int = 5) -> IsolatedResult:
     """Per-call statistics of every spec at every batch size (module docstring for the method). dlib specs
-    run at batch 1 only. With `time_budget_s` (per batch size) rounds stop early, keeping at least 3."""
+    run at batch 1 only. With `time_budget_s` (per batch size) rounds stop early, keeping at least 3. Each block
+    starts with `settle` untimed calls: the worker's caches and sleeping threads recover from the other workers'
+    blocks (without them the harness read 24 % above a plain loop on this 2-core machine)."""
     context = mp.get_context("spawn")
     workers = [Worker(spec, payload, context) for spec in specs]
     errors = {w.spec.key: w.error for w in workers if w.error}
@@ -177,7 +182,7 @@ def time_isolated(specs: Sequence[WorkerSpec], payload: Payload, batch_sizes: Se
             for r in range(max(rounds, 1)):
                 shift = r % len(active) if active else 0
                 for w in active[shift:] + active[:shift]:
-                    samples[w.spec.key] += w.block(batch, block)
+                    samples[w.spec.key] += w.block(batch, block, settle)
                 if time_budget_s is not None and r >= 2 and time.perf_counter() - started > time_budget_s:
                     break
             stats.update({(key, batch): TimingStats.from_samples(s) for key, s in samples.items()})
