@@ -4,9 +4,11 @@ blocks of calls between workers.
 Why: in one process, PyTorch's OpenMP threads and ONNX Runtime's intra-op threads spin-wait after each call
 and steal the cores from each other (the int8 model measured 2.1 ms alone and 4.5 ms interleaved call by call
 with eager PyTorch). Here each worker owns its pools: ONNX Runtime intra-op = threads, inter-op = 1, no
-spinning; torch.set_num_threads(threads) with one inter-op thread; OpenCV's pool = threads; OpenMP told not to
-spin (OMP_WAIT_POLICY=PASSIVE) before torch loads. Only one worker runs at a time: the parent sends it a block
-of calls and waits; the others sleep on their pipes. Blocks alternate between workers round by round (the
+spinning; torch.set_num_threads(threads) with one inter-op thread; OpenCV's pool = threads. Only one worker runs
+at a time: the parent sends it a block of calls and waits; the others sleep on their pipes. OpenMP keeps its
+default wait policy, as users run torch: told to sleep at once (OMP_WAIT_POLICY=PASSIVE) eager fp32 on 2 threads
+took 34 ms per face instead of 19 here, every layer paying a wake-up; the short spin of an idle worker after its
+block falls in the next worker's untimed settle calls. Blocks alternate between workers round by round (the
 order rotates), so a drift of the machine's load spreads over every variant alike. Warm-up blocks are not
 counted, nor are the first calls of every block (`settle`: a worker resuming after another's block finds its
 caches cold and its threads asleep). The statistics are over every timed call: min, median, p90, p99, samples.
@@ -52,7 +54,6 @@ class Payload:
 
 def _configure_threads(threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read by OpenMP when torch loads: idle threads sleep
     os.environ["MKL_NUM_THREADS"] = str(threads)
     import cv2
 
