@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import typer
 from rich.console import Console
+from rich.markup import escape  # messages hold paths and hints like facemark[serve]: text, not markup
 
 from facemark.choices import choice_enum
 from facemark.errors import FacemarkError
@@ -81,7 +82,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # typer's standalone mode ends every run this way
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except FacemarkError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     return 0
 

@@ -80,12 +80,15 @@ def progress_display(console: Console, *columns, transient: bool = True, disable
     """A rich progress bar on a terminal, plain lines otherwise (`columns` default to description, bar, N/M,
     time left)."""
     if not console.is_terminal:
-        return PlainProgress(console) if not disable else _Silent()
+        return PlainProgress(console) if not disable else _Silent(console)
     columns = columns or (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     return Progress(*columns, console=console, transient=transient, disable=disable)
 
 
 class _Silent(PlainProgress):
-    def __init__(self) -> None:
-        super().__init__(Console(quiet=True))
+    """No progress lines; `.console` still prints (the error lines a run reports through it)."""
+
+    def update(self, task_id: int, completed: float | None = None, total: float | None = None, info: str = "",
+               **_fields) -> None:
+        return None
 

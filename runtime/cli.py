@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape  # file names may hold brackets: text, not markup
 
 from facemark.choices import AlignTemplate, DrawChoice, Provider, Tta
 from facemark.reporting import progress_display
@@ -166,7 +167,7 @@ def predict_command(
                                          tta, min_score)
     files, failures = collect_inputs(inputs)
     for failure in failures:
-        console.print(f"[red]error:[/red] {failure.error}")
+        console.print(f"[red]error:[/red] {escape(failure.error)}")
     earlier = read_jsonl_entries(jsonl) if resume and jsonl is not None else {}
     todo = [f for f in files if str(f) not in earlier]
     if earlier:
@@ -180,7 +181,7 @@ def predict_command(
 
             def report(result) -> None:
                 if result.error:
-                    progress.console.print(f"[red]error:[/red] {result.error}")
+                    progress.console.print(f"[red]error:[/red] {escape(result.error)}")
                 if writer is not None:
                     writer.write(result)
                 progress.advance(task)

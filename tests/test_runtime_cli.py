@@ -166,3 +166,15 @@ def _png_header_only(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_error_lines_print_brackets_in_file_names_verbatim(tmp_path, tiny_onnx, capsys):
+    """Rich would read "[1]" or "[serve]" as markup and drop it: the line must name the file as it is."""
+    broken = tmp_path / "scan[1].jpg"
+    broken.write_bytes(b"not an image")
+    code, _ = predict(tmp_path, tiny_onnx, str(broken))
+    assert code == 1
+    assert any("scan[1].jpg" in line for line in capsys.readouterr().err.splitlines() if "error" in line)
+    missing_model = tmp_path / "model[v2].onnx"
+    assert run(["runtime", "predict", str(SAMPLES), "--model", str(missing_model)]) == 2
+    assert "model[v2].onnx" in capsys.readouterr().err
