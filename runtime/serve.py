@@ -177,12 +177,11 @@ class FacemarkServer:
                           inputs=[Tensor(name=IMAGE_INPUT, dtype=bytes, shape=(1,))], outputs=outputs,
                           config=batching)
         size = first.contract.size
-        model_outputs = first.model._outputs  # name -> per-item shape, as LandmarkModel checked them
         self._triton.bind(
             model_name=CROPS_MODEL, infer_func=[crops_callable(lm) for lm in self.landmarkers],
             inputs=[Tensor(name="image", dtype=np.float32, shape=(1, size, size))],
             outputs=[Tensor(name=name, dtype=np.float32, shape=tuple(shape) or (1,))
-                     for name, shape in model_outputs.items()],
+                     for name, shape in first.model.output_shapes.items()],
             config=batching)
         self._triton.bind(model_name=INFO_MODEL, infer_func=info_callable(self.describe()),
                           inputs=[Tensor(name=INFO_INPUT, dtype=bytes, shape=(1,))],

@@ -202,6 +202,11 @@ class LandmarkModel:
         return list(self._outputs)
 
     @property
+    def output_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each output's shape per crop (without the batch dimension), as checked at load."""
+        return {name: tuple(shape) for name, shape in self._outputs.items()}
+
+    @property
     def has_face_score(self) -> bool:
         return FACE_SCORE in self._outputs
 
