@@ -292,3 +292,23 @@ def test_a_failing_train_command_is_one_line_and_exit_2(tmp_path, monkeypatch, c
                 "--epochs", "1", "--image-size", "64", "--batch-size", "8", "--max-images", "8", "--workers", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "training failed: RuntimeError: boom in the step" in err and "Traceback" not in err
+
+
+def test_init_starts_a_new_run_from_a_checkpoints_weights_and_network(tmp_path):
+    from facemark.errors import DataError
+
+    source = train(tiny_config(tmp_path, epochs=1, out=str(tmp_path / "src"), head="pip", pip_stride=16))
+    start = torch.load(source.best_path, weights_only=True)["state_dict"]
+    # lr 0: the weights stay those of --init (BatchNorm's running statistics still move in train mode)
+    tuned = train(tiny_config(tmp_path, epochs=1, out=str(tmp_path / "tuned"), lr=0.0, image_size=128,
+                              init=str(source.best_path)), explicit=set())
+    doc = torch.load(tuned.best_path, weights_only=True)
+    assert doc["model"] == torch.load(source.best_path, weights_only=True)["model"]  # the checkpoint's network
+    assert doc["train"]["image_size"] == 64 and doc["train"]["init"] == str(source.best_path.resolve())
+    assert doc["train"]["lr"] == 0.0 and [h.epoch for h in tuned.history] == [1]  # its own schedule, from epoch 1
+    for name, value in start.items():
+        if "running" not in name and "num_batches" not in name:
+            assert torch.equal(doc["state_dict"][name], value), name
+    with pytest.raises(DataError, match="--image-size 128 contradicts"):
+        train(tiny_config(tmp_path, epochs=1, image_size=128, init=str(source.best_path)),
+              explicit={"image_size"})

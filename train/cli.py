@@ -54,6 +54,8 @@ def train_command(
     amp: bool = typer.Option(True, "--amp/--no-amp", help="CUDA autocast; CPU bf16 autocast where supported."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue a run from its last.pt, in its own folder "
                                        "with its saved settings."),
+    init: Path | None = typer.Option(None, "--init", help="Start a new run from this checkpoint's weights "
+                                     "(fine-tuning): its network, a new optimizer and schedule, these options."),
     max_images: int | None = typer.Option(None, "--max-images", help="Use at most N training faces (the "
                                           "validation split stays whole)."),
     verbose: bool = typer.Option(False, "--verbose", help="List every data warning (default: one line per kind)."),
@@ -66,6 +68,9 @@ def train_command(
 
     if not data and resume is None:
         raise typer.BadParameter("--data is required (unless --resume continues a run)", param_hint="--data")
+    if init is not None and resume is not None:
+        raise typer.BadParameter("--resume continues a run with its own weights; --init starts a new one",
+                                 param_hint="--init")
     explicit = {name for name in CONFIG_FIELDS
                 if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}
 
@@ -79,6 +84,7 @@ def train_command(
         batch_size=batch_size, image_size=image_size, loss=loss.value, head=head.value, pip_stride=pip_stride,
         presence=presence, lr=lr, optimizer=optimizer.value, schedule=schedule.value,
         device=device.value, amp=amp, max_images=max_images, seed=seed, workers=workers, augment=asdict(aug),
+        init=str(init or ""),
     )
     stop = {"requested": False}
 

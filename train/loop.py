@@ -74,6 +74,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     workers: int = 1
     augment: dict = field(default_factory=lambda: asdict(AugmentConfig()))
+    init: str = ""  # a checkpoint whose weights start this run (fine-tuning); fresh optimizer and schedule
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -234,6 +235,26 @@ def resolve_resume(resume: str | os.PathLike, requested: TrainConfig | None, exp
     return doc, saved
 
 
+# The network's shape: a run started from --init takes these from the checkpoint.
+ARCHITECTURE_FIELDS = ("image_size", "crop_scale", "head", "pip_stride", "pip_neighbors", "presence")
+
+
+def resolve_init(init: str | os.PathLike, cfg: TrainConfig, explicit: set[str]) -> dict:
+    """The checkpoint that starts a fine-tuning run; `cfg` takes its architecture (an explicit contradicting
+    option is refused with one line). Everything else (data, schedule, augmentation) is this run's own."""
+    path = Path(init)
+    doc = load_checkpoint(path)
+    saved = TrainConfig.from_dict({"data": [], **doc["train"]})
+    for name in ARCHITECTURE_FIELDS:
+        mine, theirs = getattr(cfg, name), getattr(saved, name)
+        if name in explicit and mine != theirs:
+            raise DataError(f"--init {path}: --{name.replace('_', '-')} {mine!r} contradicts the checkpoint's "
+                            f"network ({theirs!r}); drop the option")
+        setattr(cfg, name, theirs)
+    cfg.init = str(path.resolve())
+    return doc
+
+
 def next_free_folder(out: str | os.PathLike) -> Path:
     """`out` when it holds no run yet, else the first free `out-2`, `out-3`, ..."""
     path = Path(out)
@@ -354,10 +375,12 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
     never reuses a folder that holds a run unless `exist_ok`: it takes the next free name (runs/train-2)."""
     cb = callbacks or Callbacks()
     cfg.validate()
-    resumed = None
+    resumed, initial = None, None
     if resume:
         resumed, cfg = resolve_resume(resume, cfg, explicit or set())
     else:
+        if cfg.init:
+            initial = resolve_init(cfg.init, cfg, explicit or set())
         cfg.cwd = cfg.cwd or str(Path.cwd())
         if not exist_ok and _dist_info()[0] == 0:
             free = next_free_folder(cfg.out)
@@ -412,8 +435,9 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
         prefetch_factor=4 if cfg.workers > 0 else None, worker_init_fn=_ignore_signals_in_worker,
     )
 
-    if resumed is not None:
-        model = build_model(resumed["model"])
+    if resumed is not None or initial is not None:
+        model = build_model((resumed or initial)["model"])
+        model.load_state_dict((resumed or initial)["state_dict"])
     else:
         neighbors = mean_shape_neighbors(train_records, contract, cfg.pip_neighbors) if cfg.head == "pip" else None
         model = LandmarkNet(image_size=cfg.image_size, head=cfg.head, pip_stride=cfg.pip_stride,
@@ -425,8 +449,10 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
     amp_dtype = autocast_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     start_epoch, best_nme, history = 0, math.inf, []
+    if initial is not None:
+        log(f"weights from {cfg.init} (validation NME {100 * initial['metrics'].get('val_nme', math.nan):.2f}%); "
+            f"new optimizer and a {cfg.epochs}-epoch {cfg.schedule} schedule")
     if resumed is not None:
-        model.load_state_dict(resumed["state_dict"])
         state = resumed["state"]
         optimizer.load_state_dict(state["optimizer"])
         saved_steps = state["scheduler"]["last_epoch"]
