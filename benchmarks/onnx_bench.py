@@ -2,7 +2,8 @@
 
 Rows: the model at batch 1 at each thread count of --threads (its own ONNX Runtime session per count, explicit
 intra-op threads, no spinning, alternating blocks: facemark.benchmarks.model_speed), NME on the validation split
-of --data; end to end on the composed scenes (FaceLandmarker defaults); folder throughput (previous runner vs
+of --data; end to end on the composed scenes (FaceLandmarker defaults); video (runtime video's tracking
+policies on a composed clip of a moving face: facemark.benchmarks.video_bench); folder throughput (previous runner vs
 one-by-one vs pipelined); with --serve, a loopback load test of `facemark serve`
 (facemark.benchmarks.serve_load). The same report format as the checkpoint benchmark (facemark.benchmarks.report).
 """
@@ -20,6 +21,7 @@ from facemark.benchmarks.environment import describe_environment
 from facemark.benchmarks.isolated import ORT, Payload, WorkerSpec, self_check
 from facemark.benchmarks.model_speed import sample_inputs, time_models
 from facemark.benchmarks.throughput import benchmark_files, folder_throughput, validation_records
+from facemark.benchmarks.video_bench import DEFAULT_CLIPS, video_rows
 from facemark.evaluation import evaluate
 from facemark.fileio import file_sha256
 from facemark.metadata import PARITY
@@ -70,6 +72,9 @@ def run_model_benchmark(model: Path, out: Path, threads: Sequence[int], data: Se
         row = pipeline_mod.time_pipeline(landmarker, pipeline_mod.compose_scene(width, height, faces, scenes_dir),
                                          3 if quick else 20)
         pipeline_rows.append({**row, "model": model.name})
+    progress("video")
+    video = video_rows(landmarker, out / "clips", frames=30 if quick else 150, rounds=1 if quick else 2,
+                       clips=DEFAULT_CLIPS[:1] if quick else DEFAULT_CLIPS)
     progress("folder throughput")
     files = benchmark_files([] if quick else val)
     throughput = folder_throughput(model, files[:12] if quick else files, rounds=1 if quick else 2)
@@ -86,6 +91,7 @@ def run_model_benchmark(model: Path, out: Path, threads: Sequence[int], data: Se
     return {"command": "facemark " + shlex.join(sys.argv[1:]), "quick": quick,
             "model_label": f"{model} ({info.contract.size} px, {info.precision})", "nme_source": nme_source,
             "environment": describe_environment(max(threads), {model.name: file_sha256(model)}),
-            "rows": rows, "pipeline": pipeline_rows, "throughput": throughput, "serve": serve_section, "peer": None,
+            "rows": rows, "pipeline": pipeline_rows, "video": video, "throughput": throughput,
+            "serve": serve_section, "peer": None,
             "limit": {},
             "notes": notes, "verdict": not quick, "targets": [], "self_check": check}

@@ -94,6 +94,15 @@ def pipeline_table(pipeline: list[dict]) -> str:
     return markdown_table(header, body)
 
 
+def video_table(video: list[dict]) -> str:
+    header = ["Clip", "Policy", "fps", "median frame ms", "p99 frame ms", "Haar frames (whole)", "frames with the face",
+              "NME"]
+    body = [[v["clip"], v["policy"], _num(v["fps"], 1), _num(v["median_frame_ms"]), _num(v["p99_frame_ms"]),
+             f"{v['haar_frames']} ({v['whole_frame_scans']})", f"{v['frames_with_face']} / {v['frames']}",
+             "n/a" if v["nme"] is None else f"{100 * v['nme']:.2f} %"] for v in video]
+    return markdown_table(header, body)
+
+
 def throughput_table(throughput: dict, claims: bool = True) -> str:
     header = ["Runner", "Workers", "Images", "Images/s", "x previous", "Faces", "Errors"]
     body = [[r["config"], r["workers"], r["images"], _num(r["images_per_s"], 1),
@@ -140,6 +149,11 @@ def render_markdown(report: dict) -> str:
     if report.get("pipeline"):
         out += ["## End to end (decode + Haar detection + crops + inference + decoding, per image)", "",
                 pipeline_table(report["pipeline"]), ""]
+    if report.get("video"):
+        out += ["## Video (`runtime video` on a composed clip of a real face moving over a real background)", "",
+                video_table(report["video"]), "",
+                "fps over the whole clip including decoding; NME of the reported (smoothed) points against the "
+                "face's placed annotation, over the frames where it was found; best of the alternating rounds.", ""]
     throughput = report.get("throughput")
     if throughput:
         out += ["## Folder throughput (`runtime predict` on a folder, same run)", "",

@@ -17,7 +17,7 @@ from rich.markup import escape  # file names may hold brackets: text, not markup
 from facemark.choices import AlignTemplate, DrawChoice, Provider, Tta
 from facemark.reporting import progress_display
 from facemark.runtime import detector as haar
-from facemark.runtime.defaults import DEFAULT_MIN_SCORE, DEFAULT_REFINE
+from facemark.runtime.defaults import DEFAULT_FULL_SCAN_EVERY, DEFAULT_MIN_SCORE, DEFAULT_REFINE
 
 app = typer.Typer(
     help="Run a facemark ONNX model on photos or video (ONNX Runtime + OpenCV Haar; no torch).",
@@ -265,6 +265,9 @@ def video_command(
                                       "--out nor --jsonl: JSON lines on stdout)."),
     smooth: bool = typer.Option(True, "--smooth/--no-smooth", help="One-Euro smoothing of the points."),
     detect_every: int = typer.Option(10, "--detect-every", min=1, help="Run Haar every N frames (and on loss)."),
+    full_scan_every: int = typer.Option(DEFAULT_FULL_SCAN_EVERY, "--full-scan-every", min=1,
+                                        help="Every Nth of those detections scans the whole frame for new faces; "
+                                        "the others search only around the tracked faces (1: always whole)."),
     model: Path | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     provider: Provider = typer.Option("auto", "--provider", "-p", help=PROVIDER_HELP),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for the model."),
@@ -296,14 +299,15 @@ def video_command(
 
     stop = _StopFlag()
     with stop:
-        summary = run_video(source, landmarker, out=out, jsonl=jsonl, detect_every=detect_every, smooth=smooth,
+        summary = run_video(source, landmarker, out=out, jsonl=jsonl, detect_every=detect_every,
+                            full_scan_every=full_scan_every, smooth=smooth,
                             on_frame=to_stdout if out is None and jsonl is None else None,
                             draw=draw.value, max_frames=max_frames, stop_requested=stop.requested,  # type: ignore[arg-type]
                             on_skip=lambda i: console.print(f"[yellow]frame {i}: cannot be decoded; skipped[/yellow]"))
     color = "yellow" if summary.skipped or summary.interrupted else "green"
     console.print(f"[{color}]{summary.frames} frames, {summary.faces} faces, {summary.fps:.1f} fps, "
-                  f"{summary.skipped} skipped[/{color}] (Haar on {summary.detections} frames, {summary.losses} tracks "
-                  f"lost) on {landmarker.providers[0]}")
+                  f"{summary.skipped} skipped[/{color}] (Haar on {summary.detections} frames, {summary.full_scans} of "
+                  f"them whole, {summary.losses} tracks lost) on {landmarker.providers[0]}")
     for path in summary.outputs:
         console.print(f"written: {path}")
     if summary.interrupted:

@@ -213,11 +213,17 @@ class FaceLandmarker:
                 found = list(pool.map(lambda item: self.find(item, color), items))
         return self.landmarks_for_found(found)
 
-    def find(self, image, color: str = "bgr") -> Found:
-        """The first half of `detect_full`: the grayscale image and its Haar detections (no model call)."""
+    def detect_near(self, image, boxes: Sequence[Box], color: str = "bgr") -> list[Face]:
+        """`detect` with the detector searching only around `boxes` (HaarDetector.detect_near): video's
+        region-of-interest pass around the tracked faces."""
+        return self.landmarks_for_found([self.find(image, color, near=boxes)])[0].faces
+
+    def find(self, image, color: str = "bgr", near: Sequence[Box] | None = None) -> Found:
+        """The first half of `detect_full`: the grayscale image and its Haar detections (no model call);
+        `near`: search only around these boxes."""
         t0 = time.perf_counter()
         gray = image_to_gray(image, color)
-        detections = self.detector.detect(gray)
+        detections = self.detector.detect(gray) if near is None else self.detector.detect_near(gray, near)
         if self.max_faces is not None and self.min_score is None:
             detections = detections[: self.max_faces]
         return Found(gray, detections, (time.perf_counter() - t0) * 1e3)

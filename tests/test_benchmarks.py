@@ -187,9 +187,9 @@ def test_markdown_tables_are_well_formed(bench):
     markdown = (out / "report.md").read_text()
     assert markdown.startswith("# facemark benchmark")
     tables = _tables(markdown)
-    # model, pipeline, throughput, environment, and the peer table when dlib (extra `peer`) is installed; a quick
-    # run has no targets table (no claims)
-    assert len(tables) == (4 if report["peer"].get("skipped") else 5)
+    # model, pipeline, video, throughput, environment, and the peer table when dlib (extra `peer`) is installed; a
+    # quick run has no targets table (no claims)
+    assert len(tables) == (5 if report["peer"].get("skipped") else 6)
     for table in tables:
         width = _columns(table[0])
         assert all(_columns(line) == width for line in table), table
@@ -289,3 +289,17 @@ def test_bench_model_runs_without_a_checkpoint_and_without_torch(tiny_checkpoint
     assert report["environment"]["versions"]["torch"] == "not installed"
     assert report["pipeline"] and report["throughput"]["rows"] and report["verdict"] is False
     assert "Harness check only" in (out / "report.md").read_text()
+
+
+def test_video_rows_compare_the_tracking_policies_on_one_clip(bench):
+    report, out = bench
+    rows = report["video"]
+    assert [r["policy"] for r in rows] == ["detect every frame", "tracking, whole-frame re-detection",
+                                           "tracking + ROI re-detection (default)"]
+    every, whole, roi = rows
+    assert {r["clip"] for r in rows} == {"640x480-moving-face"} and all(r["frames"] == 30 for r in rows)
+    assert every["haar_frames"] == every["whole_frame_scans"] == 30  # the photo pipeline on each frame
+    assert whole["haar_frames"] < 30 and whole["whole_frame_scans"] == whole["haar_frames"]
+    assert roi["whole_frame_scans"] <= roi["haar_frames"]
+    assert all(r["median_frame_ms"] <= r["p99_frame_ms"] and r["fps"] > 0 for r in rows)
+    assert "## Video" in (out / "report.md").read_text()
