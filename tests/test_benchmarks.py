@@ -299,7 +299,9 @@ def test_video_rows_compare_the_tracking_policies_on_one_clip(bench):
     every, whole, roi = rows
     assert {r["clip"] for r in rows} == {"640x480-moving-face"} and all(r["frames"] == 30 for r in rows)
     assert every["haar_frames"] == every["whole_frame_scans"] == 30  # the photo pipeline on each frame
-    assert whole["haar_frames"] < 30 and whole["whole_frame_scans"] == whole["haar_frames"]
-    assert roi["whole_frame_scans"] <= roi["haar_frames"]
+    # the harness's model has random weights, so tracks may be lost on any frame (the shipped model's tracking is
+    # tested in test_runtime_video); here: a whole-frame policy never searches regions, the ROI one may
+    assert whole["whole_frame_scans"] == whole["haar_frames"] <= 30
+    assert 1 <= roi["whole_frame_scans"] <= roi["haar_frames"] <= 30
     assert all(r["median_frame_ms"] <= r["p99_frame_ms"] and r["fps"] > 0 for r in rows)
     assert "## Video" in (out / "report.md").read_text()
