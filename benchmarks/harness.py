@@ -430,12 +430,11 @@ def run_benchmark(cfg: BenchConfig, progress: Progress = lambda _msg: None) -> d
         precision = best["variant"].removeprefix("ort-") if best else next(iter(onnx_models))
         pipeline_rows = run_pipeline(onnx_models[precision][0], cfg, budget, progress, notes)
         progress("video")
-        from facemark.benchmarks.video_bench import DEFAULT_CLIPS, video_rows
+        from facemark.benchmarks.video_bench import bench_video_rows
         from facemark.runtime.landmarker import FaceLandmarker
 
-        video = video_rows(FaceLandmarker(onnx_models[precision][0], provider="cpu", threads=budget),
-                           cfg.out / "clips", frames=30 if cfg.quick else 150, rounds=1 if cfg.quick else 2,
-                           clips=DEFAULT_CLIPS[:1] if cfg.quick else DEFAULT_CLIPS)
+        video = bench_video_rows(FaceLandmarker(onnx_models[precision][0], provider="cpu", threads=budget),
+                                 cfg.out / "clips", cfg.quick)
         if random_weights:  # the clip's ground truth means nothing to an untrained network
             video = [{**row, "nme": None} for row in video]
         progress("folder throughput")

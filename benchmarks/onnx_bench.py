@@ -21,7 +21,7 @@ from facemark.benchmarks.environment import describe_environment
 from facemark.benchmarks.isolated import ORT, Payload, WorkerSpec, self_check
 from facemark.benchmarks.model_speed import sample_inputs, time_models
 from facemark.benchmarks.throughput import benchmark_files, folder_throughput, validation_records
-from facemark.benchmarks.video_bench import DEFAULT_CLIPS, video_rows
+from facemark.benchmarks.video_bench import bench_video_rows
 from facemark.evaluation import evaluate
 from facemark.fileio import file_sha256
 from facemark.metadata import PARITY
@@ -73,8 +73,7 @@ def run_model_benchmark(model: Path, out: Path, threads: Sequence[int], data: Se
                                          3 if quick else 20)
         pipeline_rows.append({**row, "model": model.name})
     progress("video")
-    video = video_rows(landmarker, out / "clips", frames=30 if quick else 150, rounds=1 if quick else 2,
-                       clips=DEFAULT_CLIPS[:1] if quick else DEFAULT_CLIPS)
+    video = bench_video_rows(landmarker, out / "clips", quick)
     progress("folder throughput")
     files = benchmark_files([] if quick else val)
     throughput = folder_throughput(model, files[:12] if quick else files, rounds=1 if quick else 2)

@@ -115,6 +115,14 @@ def video_rows(landmarker, out_dir: Path, frames: int = 150, rounds: int = 2,
     return rows
 
 
+def bench_video_rows(landmarker, out_dir: Path, quick: bool) -> list[dict]:
+    """The "Video" section of `facemark bench`: both clips, 150 frames, 2 rounds; --quick: 640x480 only, 30 frames,
+    one round."""
+    if quick:
+        return video_rows(landmarker, out_dir, frames=30, rounds=1, clips=DEFAULT_CLIPS[:1])
+    return video_rows(landmarker, out_dir)
+
+
 def main(model: Path | None = typer.Option(None, "--model", help="Default: the shipped model."),
          frames: int = typer.Option(150, "--frames", min=10),
          json_out: Path | None = typer.Option(None, "--json")) -> None:

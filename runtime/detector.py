@@ -128,8 +128,7 @@ class HaarDetector:
             return []
         factor = self.copy_factor(width, height)
         copy_side = min(height, width) if factor >= 1.0 else max(1, round(min(height, width) * factor))
-        # min_face_fraction of the copy's shorter side, in the image's pixels
-        return self._scan(gray, (0, 0, width, height), factor, self.min_face_fraction * copy_side / factor, None)
+        return self._scan(gray, (0, 0, width, height), factor, round(self.min_face_fraction * copy_side), None)
 
     def detect_near(self, gray: np.ndarray, boxes: Sequence[Box], margin: float = ROI_MARGIN) -> list[Detection]:
         """Faces near known faces (video: the tracked faces' landmark boxes), most confident first.
@@ -153,17 +152,18 @@ class HaarDetector:
                 continue  # the region left the frame
             windows = self.min_face_windows or 1.0
             factor = min(1.0, windows * self._window[0] / smallest)
-            found += self._scan(gray, (x0, y0, x1 - x0, y1 - y0), factor, smallest, face * ROI_SIZE_RANGE)
+            found += self._scan(gray, (x0, y0, x1 - x0, y1 - y0), factor, round(smallest * factor),
+                                round(face * ROI_SIZE_RANGE * factor))
         kept: list[Detection] = []
         for d in sorted(found, key=lambda d: d.score, reverse=True):
             if all(box_iou(d.box, k.box) < 0.5 for k in kept):
                 kept.append(d)
         return kept
 
-    def _scan(self, gray: np.ndarray, region: Box, factor: float, min_face: float, max_face: float | None
+    def _scan(self, gray: np.ndarray, region: Box, factor: float, min_side: int, max_side: int | None
               ) -> list[Detection]:
-        """The cascade on `region` of `gray` scaled by `factor` (<= 1), faces of min_face..max_face pixels of
-        `gray`; boxes in `gray`'s pixels, most confident first."""
+        """The cascade on `region` of `gray` scaled by `factor` (<= 1), faces of min_side..max_side pixels of
+        that copy (never below the cascade window); boxes in `gray`'s pixels, most confident first."""
         x0, y0, rw, rh = (int(v) for v in region)
         small = gray[y0 : y0 + rh, x0 : x0 + rw]
         if factor < 1.0:
@@ -171,9 +171,8 @@ class HaarDetector:
             small = cv2.resize(small, size, interpolation=cv2.INTER_AREA)
         if min(small.shape) < self._window[0]:
             return []
-        side = round(min_face * factor)
-        min_size = (max(self._window[0], side), max(self._window[1], side))
-        max_size = (0, 0) if max_face is None else (round(max_face * factor),) * 2
+        min_size = (max(self._window[0], min_side), max(self._window[1], min_side))
+        max_size = (0, 0) if max_side is None else (max_side, max_side)
         rects, _levels, weights = self._cascade().detectMultiScale3(
             small,
             scaleFactor=self.scale_factor,

@@ -435,9 +435,10 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
         prefetch_factor=4 if cfg.workers > 0 else None, worker_init_fn=_ignore_signals_in_worker,
     )
 
-    if resumed is not None or initial is not None:
-        model = build_model((resumed or initial)["model"])
-        model.load_state_dict((resumed or initial)["state_dict"])
+    start_from = resumed if resumed is not None else initial
+    if start_from is not None:
+        model = build_model(start_from["model"])
+        model.load_state_dict(start_from["state_dict"])
     else:
         neighbors = mean_shape_neighbors(train_records, contract, cfg.pip_neighbors) if cfg.head == "pip" else None
         model = LandmarkNet(image_size=cfg.image_size, head=cfg.head, pip_stride=cfg.pip_stride,
