@@ -33,7 +33,7 @@ from facemark.benchmarks.isolated import (
 from facemark.benchmarks.peer import DlibPeer, find_dlib_predictor, fit_dlib_calibration, peer_nme, peer_nme_hog
 from facemark.benchmarks.variants import REFERENCE, EagerVariant, OrtVariant, Variant, file_size_mb
 from facemark.contract import CropContract, box_from_landmarks
-from facemark.data import FaceRecord, load_records, split_records
+from facemark.data import FaceRecord, load_records, split_of, split_records
 from facemark.errors import FacemarkError, ProviderError
 from facemark.evaluation import evaluate
 from facemark.imageio import read_gray
@@ -110,12 +110,12 @@ def validation_records(doc: dict, data: Sequence[Path], limit: int | None, warn:
     if not paths:
         return [], "n/a (no --data and the checkpoint's data paths are absent)"
     records = load_records(paths, warn)
-    fraction, seed = float(train_cfg.get("val_fraction", 0.1)), int(train_cfg.get("seed", 0))
+    fraction, seed = split_of(train_cfg)
     train, val = split_records(records, fraction, seed)
     val.sort(key=lambda r: r.key)
     if limit is not None:
         val = val[:limit]
-    source = f"{len(val)} validation faces of {', '.join(map(str, paths))} (val_fraction {fraction}, seed {seed})"
+    source = f"{len(val)} validation faces of {', '.join(map(str, paths))} (val_fraction {fraction}, split seed {seed})"
     return (train, val), source
 
 

@@ -27,7 +27,7 @@ import facemark
 from facemark import metadata as meta
 from facemark.choices import INT8_ACTIVATIONS, PRECISIONS
 from facemark.contract import BoxCalibration, CropContract, box_from_landmarks
-from facemark.data import FaceRecord, load_records, split_records
+from facemark.data import FaceRecord, load_records, split_of, split_records
 from facemark.errors import FacemarkError, ImageError, ParityError
 from facemark.evaluation import evaluate
 from facemark.export import parity
@@ -163,10 +163,10 @@ def _records(calib_data: Sequence[Path] | None, train_config: dict, say: Progres
     records = load_records([Path(p) for p in calib_data], problems.append)
     for line in summarize_warnings(problems, verbose):
         say(line)
-    train, val = split_records(records, train_config.get("val_fraction", 0.1), train_config.get("seed", 0))
+    fraction, split_seed = split_of(train_config)
+    train, val = split_records(records, fraction, split_seed)
     say(f"{origin}: {len(records)} faces, {len(train)} for calibration, {len(val)} for validation "
-        f"(the training run's split: val_fraction {train_config.get('val_fraction', 0.1)}, seed "
-        f"{train_config.get('seed', 0)})")
+        f"(the training run's split: val_fraction {fraction}, split seed {split_seed})")
     from facemark.runtime.calibration import fit_calibration
     from facemark.runtime.detector import HaarDetector, default_detector_options
 

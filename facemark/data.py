@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,6 +186,13 @@ def is_validation(key: str, val_fraction: float, seed: int) -> bool:
     """Seeded hash of the record's key: stable when files are added, independent of order."""
     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+
+
+def split_of(train_config: Mapping) -> tuple[float, int]:
+    """(val_fraction, split seed) of a training run's saved config. The split has its own seed since
+    `split_seed` exists; older runs split by their training seed."""
+    seed = train_config.get("split_seed", train_config.get("seed", 0))
+    return float(train_config.get("val_fraction", 0.1)), int(seed)
 
 
 def split_records(

@@ -39,7 +39,7 @@ def evaluate_command(
     data: list[Path] = typer.Option(..., "--data", help="dlib XML file or folder of .pts files; repeatable."),
     split: EvalSplit = typer.Option("val", "--split", help="The deterministic split of --data."),
     val_fraction: float = typer.Option(0.1, "--val-fraction"),
-    seed: int = typer.Option(0, "--seed", help="Split seed (training's default: 0)."),
+    seed: int = typer.Option(0, "--split-seed", "--seed", help="Split seed (training's default: 0)."),
     boxes: EvalBoxes = typer.Option("gt", "--boxes", help="gt: landmark boxes | haar: Haar detector boxes | pipeline: "
                               "the whole runtime (FaceLandmarker.detect, presence threshold, false faces on "
                               "face-free background crops; .onnx only)."),

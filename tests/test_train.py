@@ -294,6 +294,32 @@ def test_a_failing_train_command_is_one_line_and_exit_2(tmp_path, monkeypatch, c
     assert code == 2 and "training failed: RuntimeError: boom in the step" in err and "Traceback" not in err
 
 
+def test_the_validation_split_has_its_own_seed(tmp_path):
+    from facemark.train.loop import load_split
+
+    def validation_keys(**overrides) -> list[str]:
+        cfg = tiny_config(tmp_path, val_data=[], max_images=None, **overrides)
+        return [r.key for r in load_split(cfg, lambda _line: None)[1]]
+
+    assert validation_keys(seed=7) == validation_keys(seed=0)  # another training seed, the same held-out faces
+    assert validation_keys(split_seed=1) != validation_keys()
+    # Runs saved before split_seed existed split by their training seed.
+    assert TrainConfig.from_dict({"data": [], "seed": 3}).split_seed == 3
+    assert TrainConfig.from_dict({"data": [], "seed": 3, "split_seed": 0}).split_seed == 0
+
+
+def test_init_keeps_the_checkpoints_validation_split(tmp_path):
+    from facemark.errors import DataError
+    from facemark.train.loop import resolve_init
+
+    source = train(tiny_config(tmp_path, epochs=1, val_data=[], split_seed=1, out=str(tmp_path / "src")))
+    tuned = tiny_config(tmp_path, val_data=[], init=str(source.best_path))
+    resolve_init(source.best_path, tuned, explicit=set())
+    assert tuned.split_seed == 1  # not the default 0: its validation faces stay out of training
+    with pytest.raises(DataError, match="--split-seed 2 would train on the checkpoint's validation faces"):
+        resolve_init(source.best_path, tiny_config(tmp_path, val_data=[], split_seed=2), explicit={"split_seed"})
+
+
 def test_init_starts_a_new_run_from_a_checkpoints_weights_and_network(tmp_path):
     from facemark.errors import DataError
 

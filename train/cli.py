@@ -19,7 +19,8 @@ console = Console(soft_wrap=True)  # a log file gets whole lines, not 80-column 
 
 # Options that are TrainConfig fields of the same name: a resumed run compares those given with its saved ones.
 CONFIG_FIELDS = ("data", "val_data", "out", "epochs", "batch_size", "image_size", "loss", "head", "pip_stride",
-                 "presence", "lr", "optimizer", "schedule", "device", "amp", "max_images", "seed", "workers")
+                 "presence", "lr", "optimizer", "schedule", "device", "amp", "max_images", "seed", "split_seed",
+                 "workers")
 
 
 def train_command(
@@ -59,7 +60,9 @@ def train_command(
     max_images: int | None = typer.Option(None, "--max-images", help="Use at most N training faces (the "
                                           "validation split stays whole)."),
     verbose: bool = typer.Option(False, "--verbose", help="List every data warning (default: one line per kind)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Initialisation, augmentation and batch order."),
+    split_seed: int = typer.Option(0, "--split-seed", help="Seed of the validation split (apart from --seed: "
+                                   "runs with other seeds validate on the same faces)."),
     workers: int = typer.Option(1, "--workers", help="Data loader processes."),
 ) -> None:
     """Train the ResNet18 landmark network (PIP or regression head, presence score); keeps best.pt (by
@@ -83,7 +86,8 @@ def train_command(
         data=[str(p) for p in data or []], val_data=[str(p) for p in val_data], out=str(out), epochs=epochs,
         batch_size=batch_size, image_size=image_size, loss=loss.value, head=head.value, pip_stride=pip_stride,
         presence=presence, lr=lr, optimizer=optimizer.value, schedule=schedule.value,
-        device=device.value, amp=amp, max_images=max_images, seed=seed, workers=workers, augment=asdict(aug),
+        device=device.value, amp=amp, max_images=max_images, seed=seed, split_seed=split_seed,
+        workers=workers, augment=asdict(aug),
         init=str(init or ""),
     )
     stop = {"requested": False}

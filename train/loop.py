@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from facemark.contract import CropContract, box_from_landmarks
-from facemark.data import FaceRecord, load_records, split_records
+from facemark.data import FaceRecord, load_records, split_of, split_records
 from facemark.errors import DataError
 from facemark.metrics import nme_per_face, roc_auc
 from facemark.reporting import summarize_warnings
@@ -70,7 +70,9 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True  # CUDA: fp16/bf16 autocast; CPU: bf16 autocast where supported
     max_images: int | None = None
-    seed: int = 0
+    seed: int = 0  # initialisation, augmentation and batch order
+    # The validation split's hash seed, apart from `seed`: runs with other seeds validate on the same faces.
+    split_seed: int = 0
     val_fraction: float = 0.1
     workers: int = 1
     augment: dict = field(default_factory=lambda: asdict(AugmentConfig()))
@@ -79,7 +81,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        config = cls(**{k: v for k, v in data.items() if k in known})
+        config.val_fraction, config.split_seed = split_of(data)  # older runs split by their training seed
+        return config
 
     def validate(self) -> None:
         """Every choice and number checked before any data is read: one DataError naming the option."""
@@ -251,6 +255,12 @@ def resolve_init(init: str | os.PathLike, cfg: TrainConfig, explicit: set[str]) 
             raise DataError(f"--init {path}: --{name.replace('_', '-')} {mine!r} contradicts the checkpoint's "
                             f"network ({theirs!r}); drop the option")
         setattr(cfg, name, theirs)
+    if not cfg.val_data and not saved.val_data:
+        # The checkpoint's validation faces must stay out of training: the run keeps its split.
+        if "split_seed" in explicit and cfg.split_seed != saved.split_seed:
+            raise DataError(f"--init {path}: --split-seed {cfg.split_seed} would train on the checkpoint's "
+                            f"validation faces (it split with seed {saved.split_seed}); drop the option")
+        cfg.val_fraction, cfg.split_seed = saved.val_fraction, saved.split_seed
     cfg.init = str(path.resolve())
     return doc
 
@@ -285,7 +295,7 @@ def load_split(cfg: TrainConfig, warn: Callable[[str], None], verbose: bool = Fa
     if cfg.val_data:
         train, val = records, load_records(cfg.val_data, problems.append)
     else:
-        train, val = split_records(records, cfg.val_fraction, cfg.seed)
+        train, val = split_records(records, cfg.val_fraction, cfg.split_seed)
     for line in summarize_warnings(problems, verbose):
         warn(line)
     if cfg.max_images:
@@ -408,8 +418,8 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
     contract = CropContract(size=cfg.image_size, scale=cfg.crop_scale)
     train_records, val_records = load_split(cfg, log, verbose)
     capped = f"; training capped by --max-images {cfg.max_images}" if cfg.max_images else ""
-    log(f"faces: {len(train_records)} train, {len(val_records)} validation "
-        f"({'--val-data' if cfg.val_data else f'seeded split {cfg.val_fraction:.0%}, seed {cfg.seed}'}{capped})")
+    split = "--val-data" if cfg.val_data else f"seeded split {cfg.val_fraction:.0%}, split seed {cfg.split_seed}"
+    log(f"faces: {len(train_records)} train, {len(val_records)} validation ({split}{capped})")
 
     done = [0]
     total_decode = len(train_records) + len(val_records)
@@ -423,7 +433,7 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
     negatives, val_negatives = None, np.zeros((0, 1, contract.size, contract.size), np.float32)
     if cfg.presence:
         negatives = NegativeSource(train_records, contract)
-        val_negatives = validation_negatives(val_records, contract, cfg.seed)
+        val_negatives = validation_negatives(val_records, contract, cfg.split_seed)
         log(f"presence head: {cfg.negatives_per_face:g} face-free crop(s) per face per epoch, "
             f"{len(val_negatives)} for validation")
     dataset = AugmentedFaces(cache, contract, AugmentConfig(**cfg.augment), negatives, cfg.negatives_per_face)
