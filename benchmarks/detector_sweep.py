@@ -2,7 +2,7 @@
 
     python -m facemark.benchmarks.detector_sweep --data ../shared/data/300w [--model M.onnx] [--json out.json]
     python -m facemark.benchmarks.detector_sweep --data ../shared/data/300w --model M.onnx \
-        --grid --scales 1.1,1.2 --windows none,1.5,2 [--neighbors 1]
+        --grid --scales 1.1,1.2 --windows none,1.5,2 [--neighbors 1] [--pyramids opencv,octaves]
 
 Without --model: the Haar cascade alone (recall = a detection with IoU >= 0.3 to the landmark box; every box
 on a face-free background strip of the same photos is a false face). With --model: the whole pipeline per
@@ -96,11 +96,13 @@ def time_scenes(detector: HaarDetector, landmarker, repeats: int, folder: Path) 
     return row
 
 
-def grid(scales: str, windows: str, neighbors: int, cascade: str) -> list[dict]:
-    """Detector settings for --grid: every scale step x copy size."""
+def grid(scales: str, windows: str, neighbors: int, cascade: str, pyramids: str = "opencv") -> list[dict]:
+    """Detector settings for --grid: every scale step x copy size x pyramid (opencv: one detectMultiScale
+    call; octaves: HaarDetector(octaves=True))."""
     return [{"cascade": cascade, "scale_factor": float(s), "min_neighbors": neighbors,
-             "min_face_windows": None if w.strip().lower() == "none" else float(w)}
-            for s in scales.split(",") for w in windows.split(",")]
+             "min_face_windows": None if w.strip().lower() == "none" else float(w),
+             "octaves": p.strip() == "octaves"}
+            for s in scales.split(",") for w in windows.split(",") for p in pyramids.split(",")]
 
 
 def main(data: list[Path] = typer.Option(..., "--data"), model: Path | None = typer.Option(None, "--model"),
@@ -110,11 +112,12 @@ def main(data: list[Path] = typer.Option(..., "--data"), model: Path | None = ty
          scales: str = typer.Option("1.1,1.15,1.2", "--scales"),
          windows: str = typer.Option("none,1.25,1.5,2", "--windows"),
          neighbors: int = typer.Option(1, "--neighbors"),
+         pyramids: str = typer.Option("opencv", "--pyramids", help="opencv,octaves (--grid)."),
          repeats: int = typer.Option(15, "--repeats", help="Timed runs per scene (--grid)."),
          ) -> None:
     train, val = split_records(load_records(data, lambda _m: None), 0.1, 0)
     if use_grid:
-        chosen = grid(scales, windows, neighbors, "haarcascade_frontalface_alt2.xml")
+        chosen = grid(scales, windows, neighbors, "haarcascade_frontalface_alt2.xml", pyramids)
     else:
         chosen = [{"cascade": c, "scale_factor": s, "min_neighbors": n}
                   for c, s, n in ([CONFIGS[int(i)] for i in configs.split(",")] if configs else CONFIGS)]

@@ -32,7 +32,7 @@ class Scene:
     faces_placed: int
 
 
-def _face_tile(record: FaceRecord, side: int, margin: float = 2.0) -> np.ndarray:
+def face_tile(record: FaceRecord, side: int, margin: float = 2.0) -> np.ndarray:
     """A square cut of `margin` x the landmark box around the face, resized to `side` pixels."""
     image = read_image(record.image_path)
     x, y, w, h = box_from_landmarks(record.landmarks)
@@ -43,7 +43,7 @@ def _face_tile(record: FaceRecord, side: int, margin: float = 2.0) -> np.ndarray
     return cv2.warpAffine(image, matrix, (side, side), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
 
 
-def _background(width: int, height: int) -> np.ndarray:
+def background_canvas(width: int, height: int) -> np.ndarray:
     """A real photo stretched to the canvas and blurred so it holds no detectable face."""
     photo = read_image(SAMPLES / "dogs.jpg")
     canvas = cv2.resize(photo, (width, height), interpolation=cv2.INTER_LINEAR)
@@ -59,7 +59,7 @@ def largest_sample_faces(count: int) -> list[FaceRecord]:
 
 def compose_scene(width: int, height: int, faces: int, out_dir: Path) -> Scene:
     """One JPEG of `faces` real faces on a blurred real background (one face: centred; several: a grid)."""
-    canvas = _background(width, height)
+    canvas = background_canvas(width, height)
     records = largest_sample_faces(faces)
     if faces == 1:
         tile = int(height * 0.55)
@@ -71,7 +71,7 @@ def compose_scene(width: int, height: int, faces: int, out_dir: Path) -> Scene:
         x0, y0 = (width - cols * tile) // 2, (height - rows * tile) // 2
         positions = [(x0 + (i % cols) * tile, y0 + (i // cols) * tile) for i in range(faces)]
     for record, (px, py) in zip(records, positions, strict=False):
-        canvas[py : py + tile, px : px + tile] = _face_tile(record, tile)
+        canvas[py : py + tile, px : px + tile] = face_tile(record, tile)
     name = f"{width}x{height}-{faces}face{'s' if faces > 1 else ''}"
     path = out_dir / f"{name}.jpg"
     write_image(path, canvas, jpeg_quality=90)

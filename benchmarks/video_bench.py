@@ -22,13 +22,13 @@ import cv2
 import numpy as np
 import typer
 
-from facemark.benchmarks.pipeline import _background, _face_tile, largest_sample_faces
+from facemark.benchmarks.pipeline import background_canvas, face_tile, largest_sample_faces
 from facemark.contract import box_from_landmarks
 from facemark.metrics import nme_per_face
 
 CLIP_FPS = 30.0
 PATH_SECONDS = 5.0  # the face's path repeats every 5 s: about 0.7 face widths per second at its fastest
-TILE_MARGIN = 2.0  # the face tile is this many landmark boxes wide (pipeline._face_tile's default)
+TILE_MARGIN = 2.0  # the face tile is this many landmark boxes wide (pipeline.face_tile's default)
 # (name, detect_every, full_scan_every): every frame scanned whole = the photo pipeline per frame; tracking with a
 # whole-frame scan at every re-detection = the previous video default; tracking with the region-of-interest pass.
 POLICIES = (("detect every frame", 1, 1), ("tracking, whole-frame re-detection", 10, 1),
@@ -49,13 +49,13 @@ def compose_clip(width: int, height: int, frames: int, out_dir: Path) -> Clip:
     """A clip of one real face moving over a blurred real background, with its per-frame ground truth."""
     record = largest_sample_faces(1)[0]
     base_side = int(height * 0.5)
-    tile = _face_tile(record, base_side, TILE_MARGIN)
-    # the tile's landmarks: _face_tile maps a square of TILE_MARGIN landmark boxes around the face onto the tile
+    tile = face_tile(record, base_side, TILE_MARGIN)
+    # the tile's landmarks: face_tile maps a square of TILE_MARGIN landmark boxes around the face onto the tile
     x, y, w, h = box_from_landmarks(record.landmarks)
     half = TILE_MARGIN * max(w, h) / 2
     scale = base_side / (2 * half)
     tile_points = (record.landmarks - [x + w / 2 - half, y + h / 2 - half]) * scale
-    background = _background(width, height)
+    background = background_canvas(width, height)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{width}x{height}-moving-face.mp4"
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), CLIP_FPS, (width, height))

@@ -44,6 +44,9 @@ DEFAULT_MIN_FACE_WINDOWS: float | None = 1.5
 # (1 + 2 * ROI_MARGIN) times its side, at sizes within ROI_SIZE_RANGE of it.
 ROI_MARGIN = 0.5
 ROI_SIZE_RANGE = 1.6
+# HaarDetector(octaves=True): each octave of face sizes is searched on its own halved copy, over faces of 1 to
+# OCTAVE_SPAN cascade windows there (2: every scale below OpenCV's switch to a 1-pixel stride).
+OCTAVE_SPAN = 2.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class HaarDetector:
         cascade: str | os.PathLike | None = None,
         min_score: float | None = None,
         min_face_windows: float | None = DEFAULT_MIN_FACE_WINDOWS,
+        octaves: bool = False,
     ) -> None:
         if scale_factor <= 1.0:
             raise ValueError(f"scale_factor must be > 1 (got {scale_factor})")
@@ -102,6 +106,7 @@ class HaarDetector:
         self.max_side = max_side
         self.min_score = min_score
         self.min_face_windows = min_face_windows
+        self.octaves = octaves
         self.cascade_path = _cascade_path(cascade)
         # OpenCV's CascadeClassifier is not re-entrant (concurrent detectMultiScale calls on one object corrupt
         # each other's scale tables): one classifier per thread, loaded on first use in that thread.
@@ -117,7 +122,7 @@ class HaarDetector:
     def config(self) -> dict:
         return {"name": self.name, "scale_factor": self.scale_factor, "min_neighbors": self.min_neighbors,
                 "min_face_fraction": self.min_face_fraction, "max_side": self.max_side,
-                "min_face_windows": self.min_face_windows, "min_score": self.min_score}
+                "min_face_windows": self.min_face_windows, "min_score": self.min_score, "octaves": self.octaves}
 
     def detect(self, gray: np.ndarray) -> list[Detection]:
         """Faces in a grayscale uint8 image, most confident first."""
@@ -171,24 +176,63 @@ class HaarDetector:
             small = cv2.resize(small, size, interpolation=cv2.INTER_AREA)
         if min(small.shape) < self._window[0]:
             return []
-        min_size = (max(self._window[0], min_side), max(self._window[1], min_side))
-        max_size = (0, 0) if max_side is None else (max_side, max_side)
-        rects, _levels, weights = self._cascade().detectMultiScale3(
-            small,
-            scaleFactor=self.scale_factor,
-            minNeighbors=self.min_neighbors,
-            minSize=min_size,
-            maxSize=max_size,
-            outputRejectLevels=True,
-        )
+        min_side = max(self._window[0], min_side)
+        scan = self._cascade_octaves if self.octaves else self._cascade_once
         detections = [
-            Detection((x0 + x / factor, y0 + y / factor, w / factor, h / factor), float(score))
-            for (x, y, w, h), score in zip(np.asarray(rects).reshape(-1, 4).tolist(),
-                                           np.asarray(weights).reshape(-1).tolist(), strict=True)
+            Detection((x0 + x / factor, y0 + y / factor, w / factor, h / factor), score)
+            for (x, y, w, h), score in scan(small, min_side, max_side)
         ]
         if self.min_score is not None:
             detections = [d for d in detections if d.score >= self.min_score]
         return sorted(detections, key=lambda d: d.score, reverse=True)
+
+    def _cascade_once(self, image: np.ndarray, min_side: int, max_side: int | None
+                      ) -> list[tuple[tuple[float, float, float, float], float]]:
+        """OpenCV's own pyramid: ((x, y, w, h), level weight) of faces of min_side..max_side pixels."""
+        rects, _levels, weights = self._raw_hits(image, min_side, max_side, self.min_neighbors)
+        return list(zip((tuple(r) for r in rects.tolist()), weights.tolist(), strict=True))
+
+    def _raw_hits(self, image: np.ndarray, min_side: int, max_side: int | None, min_neighbors: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """detectMultiScale3 as arrays: rects [N,4] float, reject levels [N], level weights [N]."""
+        rects, levels, weights = self._cascade().detectMultiScale3(
+            image,
+            scaleFactor=self.scale_factor,
+            minNeighbors=min_neighbors,
+            minSize=(min_side, min_side),
+            maxSize=(0, 0) if max_side is None else (max_side, max_side),
+            outputRejectLevels=True,
+        )
+        return (np.asarray(rects, dtype=np.float64).reshape(-1, 4), np.asarray(levels, dtype=np.int64).reshape(-1),
+                np.asarray(weights, dtype=np.float64).reshape(-1))
+
+    def _cascade_octaves(self, image: np.ndarray, min_side: int, max_side: int | None
+                         ) -> list[tuple[tuple[float, float, float, float], float]]:
+        """The same search, one octave of face sizes at a time on a copy halved per octave.
+
+        OpenCV slides its window 2 pixels at a time at scales below 2 windows but 1 pixel at a time above
+        (on the scaled image): most of a whole-range call goes to the large faces, at a density they do not
+        need. Here every octave sees its faces at 1 to 2 windows (the 2-pixel stride). The raw hits of all
+        octaves are grouped together as OpenCV groups them, so a face on an octave boundary is one box."""
+        window = self._window[0]
+        hits: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        scale, low = 1.0, float(min_side)  # `image` pixels per octave pixel; the octave's smallest face
+        while True:
+            high = OCTAVE_SPAN * window * scale  # the octave's largest face (image px)
+            last = min(image.shape) < OCTAVE_SPAN * window or (max_side is not None and high >= max_side)
+            top = max_side if last else high
+            if top is None or top >= low:
+                rects, levels, weights = self._raw_hits(
+                    image, max(window, math.ceil(low / scale)),
+                    None if top is None else max(window, math.floor(top / scale)), 0)
+                hits.append((rects * scale, levels, weights))
+            if last:
+                break
+            image = cv2.resize(image, (max(1, image.shape[1] // 2), max(1, image.shape[0] // 2)),
+                               interpolation=cv2.INTER_AREA)
+            scale, low = scale * 2.0, max(low, high)
+        rects, levels, weights = (np.concatenate(parts) for parts in zip(*hits, strict=True))
+        return group_hits(rects, levels, weights, self.min_neighbors)
 
     def copy_factor(self, width: int, height: int) -> float:
         """Scale of the detection copy (<= 1): max_side and min_face_windows, whichever shrinks more."""
@@ -211,6 +255,64 @@ class HaarDetector:
     def __repr__(self) -> str:
         knobs = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
         return f"HaarDetector({knobs})"
+
+
+def group_hits(rects: np.ndarray, levels: np.ndarray, weights: np.ndarray, min_neighbors: int, eps: float = 0.2
+               ) -> list[tuple[tuple[float, float, float, float], float]]:
+    """OpenCV's groupRectangles with reject levels (what detectMultiScale3(..., outputRejectLevels=True) does
+    to its raw hits): hits whose corners lie within eps of the smaller side of each other are one face (the
+    transitive closure), its box the mean, its score the level weight of its deepest hit; a face is kept
+    when it has more than min_neighbors hits and does not sit inside a face of many more hits."""
+    if min_neighbors <= 0 or len(rects) == 0:
+        return list(zip((tuple(r) for r in rects.tolist()), weights.tolist(), strict=True))
+    x0, y0, w, h = rects.T
+    delta = eps * (np.minimum.outer(w, w) + np.minimum.outer(h, h)) * 0.5
+    near = ((np.abs(np.subtract.outer(x0, x0)) <= delta) & (np.abs(np.subtract.outer(y0, y0)) <= delta)
+            & (np.abs(np.subtract.outer(x0 + w, x0 + w)) <= delta)
+            & (np.abs(np.subtract.outer(y0 + h, y0 + h)) <= delta))
+    labels = _components(near)
+    groups = []
+    for label in range(labels.max() + 1):
+        members = np.flatnonzero(labels == label)
+        deepest = levels[members].max()
+        best = weights[members][levels[members] == deepest].max()
+        # OpenCV's mean: the float32 sum times float32 1/n, rounded half to even
+        box = np.rint(rects[members].sum(axis=0).astype(np.float32) * np.float32(1.0 / len(members)))
+        groups.append((box, int(deepest), float(best), len(members)))
+    kept = []
+    for i, (box, _level, score, hits) in enumerate(groups):
+        if hits <= min_neighbors:
+            continue
+        inside = False
+        for j, (other, _level, _score, count) in enumerate(groups):
+            if j == i or count <= min_neighbors:
+                continue
+            dx, dy = round(other[2] * eps), round(other[3] * eps)
+            if (box[0] >= other[0] - dx and box[1] >= other[1] - dy and box[0] + box[2] <= other[0] + other[2] + dx
+                    and box[1] + box[3] <= other[1] + other[3] + dy and (count > max(3, hits) or hits < 3)):
+                inside = True
+                break
+        if not inside:
+            kept.append((tuple(float(v) for v in box), score))
+    return kept
+
+
+def _components(adjacent: np.ndarray) -> np.ndarray:
+    """Connected-component label of each node of a symmetric boolean adjacency matrix."""
+    labels = np.full(len(adjacent), -1, dtype=np.int64)
+    label = 0
+    for start in range(len(adjacent)):
+        if labels[start] >= 0:
+            continue
+        labels[start] = label
+        frontier = [start]
+        while frontier:
+            node = frontier.pop()
+            for neighbour in np.flatnonzero(adjacent[node] & (labels < 0)):
+                labels[neighbour] = label
+                frontier.append(int(neighbour))
+        label += 1
+    return labels
 
 
 def _cascade_path(cascade: str | os.PathLike | None) -> Path:

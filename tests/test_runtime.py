@@ -23,7 +23,7 @@ from facemark.errors import ImageError, ModelError, ProviderError
 from facemark.imageio import read_gray, read_image, to_gray
 from facemark.runtime import session
 from facemark.runtime.calibration import detect_records, fit_calibration, haar_box_source, match_detection
-from facemark.runtime.detector import Detection, HaarDetector
+from facemark.runtime.detector import Detection, HaarDetector, default_cascade_path
 from facemark.runtime.landmarker import Face, FaceLandmarker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -474,6 +474,46 @@ def test_haar_on_a_smaller_copy_finds_the_same_faces_in_image_pixels():
     assert small and len(small) == len(full)
     for a, b in zip(sorted(d.box for d in full), sorted(d.box for d in small), strict=True):
         np.testing.assert_allclose(b, a, atol=0.15 * a[2])
+
+
+@pytest.mark.parametrize("min_neighbors", [1, 4])
+def test_group_hits_groups_raw_cascade_hits_as_opencv_does(min_neighbors):
+    from facemark.runtime.detector import group_hits
+
+    cascade = cv2.CascadeClassifier(str(default_cascade_path()))
+    for name in ("2009_004587.jpg", "2008_002470.jpg"):
+        gray = read_gray(SAMPLES / name)
+        raw = cascade.detectMultiScale3(gray, 1.1, 0, minSize=(30, 30), outputRejectLevels=True)
+        grouped = cascade.detectMultiScale3(gray, 1.1, min_neighbors, minSize=(30, 30), outputRejectLevels=True)
+        rects, levels, weights = (np.asarray(a, dtype=np.float64).reshape(len(raw[0]), -1) for a in raw)
+        mine = group_hits(rects, levels.ravel().astype(int), weights.ravel(), min_neighbors)
+        theirs = [(tuple(map(float, r)), float(w)) for r, w in zip(np.asarray(grouped[0]).reshape(-1, 4),
+                                                                   np.asarray(grouped[2]).ravel(), strict=True)]
+        assert len(rects) > len(theirs) > 0
+        assert len(mine) == len(theirs)
+        for (box, score), (their_box, their_score) in zip(sorted(mine), sorted(theirs), strict=True):
+            np.testing.assert_allclose(box, their_box, atol=1)  # OpenCV rounds a float32 mean
+            assert score == pytest.approx(their_score)
+
+
+def test_haar_octaves_find_the_faces_of_the_one_call_search_faster_per_window():
+    records = load_records([SAMPLE_XML], warn=pytest.fail)
+    plain = detect_records(records, HaarDetector())
+    octaves = detect_records(records, HaarDetector(octaves=True))
+    found_plain = sum(d is not None for _, d in plain)
+    found_octaves = sum(d is not None for _, d in octaves)
+    assert found_octaves >= found_plain - 1, f"octaves found {found_octaves}, one call {found_plain}"
+    for (_, a), (_, b) in zip(plain, octaves, strict=True):
+        if a is not None and b is not None:  # the same face, about the same box
+            np.testing.assert_allclose(b.box, a.box, atol=0.2 * a.box[2])
+    detector = HaarDetector(octaves=True)
+    assert detector.detect(read_gray(SAMPLES / "dogs.jpg")) == []
+    assert detector.config()["octaves"] is True
+    # A face of every size, from the smallest searched to the whole copy, is searched by one octave or another.
+    gray = read_gray(SAMPLES / "2009_004587.jpg")
+    for size in (0.5, 1.0, 2.0, 3.0):
+        scaled = cv2.resize(gray, None, fx=size, fy=size, interpolation=cv2.INTER_AREA)
+        assert len(detector.detect(scaled)) >= 2, f"scale {size}"
 
 
 def test_sessions_do_not_spin_unless_asked(tiny_onnx):
