@@ -63,7 +63,8 @@ def time_models(models: list[Path], threads: list[int], rounds: int = 15, block:
         for m in models:
             stats, pid = results[model_key(m, n)]
             rows.append({"model": str(m), "threads": n, "ms_per_face": round(stats.median_ms, 3),
-                         "min": round(stats.min_ms, 3), "p90": round(stats.p90_ms, 3), "samples": stats.repeats,
+                         "min": round(stats.min_ms, 3), "p90": round(stats.p90_ms, 3), "p99": round(stats.p99_ms, 3),
+                         "samples": stats.repeats,
                          "rounds": rounds, "block": block, "worker_pid": pid,
                          "ratio_to_first": round(stats.median_ms / base, 3)})
     return rows

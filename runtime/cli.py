@@ -32,11 +32,12 @@ MODEL_HELP = "facemark ONNX model (default: the model shipped in facemark/assets
 
 
 def _detector_options(scale_factor: float | None, min_neighbors: int | None, min_face: float, max_side: int,
-                      min_score: float | None, cascade: str | None = None, min_face_windows: float = 0.0) -> dict:
+                      min_score: float | None, cascade: str | None = None, min_face_windows: float = 0.0,
+                      octaves: bool = haar.DEFAULT_OCTAVES) -> dict:
     """The detector knobs given on the command line; unset ones take the model-dependent defaults."""
     options = {"min_face_fraction": min_face, "max_side": max_side or None, "min_score": min_score,
                "cascade": cascade, "scale_factor": scale_factor, "min_neighbors": min_neighbors,
-               "min_face_windows": min_face_windows or None}
+               "min_face_windows": min_face_windows or None, "octaves": octaves}
     return {k: v for k, v in options.items() if v is not None or k in ("max_side", "min_face_windows")}
 
 
@@ -71,13 +72,15 @@ MIN_FACE_WINDOWS_HELP = ("Detect on a copy downscaled until the smallest face wa
 CASCADE_HELP = (f"Cascade file or OpenCV cascade name (default {haar.DEFAULT_CASCADE}; the tutorial's: "
                 f"{haar.TUTORIAL_CASCADE}).")
 MAX_FACES_HELP = "Keep the N most confident faces."
+OCTAVES_HELP = ("Haar: one halved copy per octave of face sizes (the same faces for less work) instead of "
+                "OpenCV's single pyramid.")
 
 
 SERVER_HELP = ("Send the images to a `facemark serve` server (http://HOST:PORT) instead of running the model here; "
                "same JSON, JSONL, CSV and pictures. Model, detector and refinement are the server's settings.")
 # predict options that only the server can set once --server is given
 LOCAL_ONLY = ("model", "provider", "threads", "scale_factor", "min_neighbors", "min_face", "max_side",
-              "min_face_windows", "min_detector_score", "min_score", "refine", "tta", "cascade", "max_faces",
+              "min_face_windows", "octaves", "min_detector_score", "min_score", "refine", "tta", "cascade", "max_faces",
               "trt_fp16", "trt_cache")
 
 
@@ -110,6 +113,7 @@ def predict_command(
     refine: int = typer.Option(DEFAULT_REFINE, "--refine", min=0, help=REFINE_HELP),
     tta: Tta = typer.Option("none", "--tta", help=TTA_HELP),
     cascade: str | None = typer.Option(None, "--cascade", help=CASCADE_HELP),
+    octaves: bool = typer.Option(haar.DEFAULT_OCTAVES, "--octaves/--no-octaves", help=OCTAVES_HELP),
     max_faces: int | None = typer.Option(None, "--max-faces", min=1, help=MAX_FACES_HELP),
     jsonl: Path | None = typer.Option(None, "--jsonl", help="Stream one JSON line per input (the images[] entry), "
                                       "flushed as each input is done."),
@@ -162,7 +166,7 @@ def predict_command(
         steps = landmarker.steps()
     else:
         detector = _detector_options(scale_factor, min_neighbors, min_face, max_side, min_detector_score, cascade,
-                                     min_face_windows)
+                                     min_face_windows, octaves)
         landmarker = steps = _landmarker(model, provider, threads, detector, trt_fp16, trt_cache, max_faces, refine,
                                          tta, min_score)
     files, failures = collect_inputs(inputs)
@@ -279,6 +283,7 @@ def video_command(
     min_face_windows: float = typer.Option(haar.DEFAULT_MIN_FACE_WINDOWS or 0.0, "--min-face-windows", min=0.0,
                                            help=MIN_FACE_WINDOWS_HELP),
     cascade: str | None = typer.Option(None, "--cascade", help=CASCADE_HELP),
+    octaves: bool = typer.Option(haar.DEFAULT_OCTAVES, "--octaves/--no-octaves", help=OCTAVES_HELP),
     max_faces: int | None = typer.Option(None, "--max-faces", min=1, help=MAX_FACES_HELP),
     min_score: float = typer.Option(DEFAULT_MIN_SCORE, "--min-score", min=0.0, max=1.0,
                                     help=MIN_SCORE_HELP + " A track below it is dropped at once."),
@@ -289,7 +294,8 @@ def video_command(
     from facemark.runtime.predict import dumps
     from facemark.runtime.video import run_video
 
-    detector = _detector_options(scale_factor, min_neighbors, min_face, max_side, None, cascade, min_face_windows)
+    detector = _detector_options(scale_factor, min_neighbors, min_face, max_side, None, cascade, min_face_windows,
+                                 octaves)
     landmarker = _landmarker(model, provider, threads, detector, False, None, max_faces=max_faces, refine=refine,
                              min_score=min_score)
 

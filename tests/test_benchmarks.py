@@ -286,6 +286,7 @@ def test_bench_model_runs_without_a_checkpoint_and_without_torch(tiny_checkpoint
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert [row["threads"] for row in report["rows"]] == [1, 2]
+    assert all(row["min_ms"] <= row["ms_per_face"] <= row["p90_ms"] <= row["p99_ms"] for row in report["rows"])
     assert report["environment"]["versions"]["torch"] == "not installed"
     assert report["pipeline"] and report["throughput"]["rows"] and report["verdict"] is False
     assert "Harness check only" in (out / "report.md").read_text()
