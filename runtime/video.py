@@ -179,8 +179,11 @@ class FaceTracker:
         faces = None
         if not full:
             self._near_scans += 1
-            faces = self.landmarker.detect_near(frame, [box_from_landmarks(t.landmarks) for t in self.tracks])
-            if len(faces) < len(self.tracks):
+            found = self.landmarker.find(frame, near=[box_from_landmarks(t.landmarks) for t in self.tracks])
+            # Fewer boxes than tracks: no model pass on them, the whole frame is scanned next anyway.
+            if len(found.detections) >= len(self.tracks):
+                faces = self.landmarker.landmarks_for_found([found])[0].faces
+            if faces is not None and len(faces) < len(self.tracks):
                 faces = None  # a tracked face was not found near its track: it may be anywhere, scan the frame
         if faces is None:
             self.full_scans += 1

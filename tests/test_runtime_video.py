@@ -245,6 +245,22 @@ def test_periodic_detections_scan_near_the_tracks_and_the_whole_frame_every_nth(
     assert tracker.detections == 6 and tracker.full_scans == full_scans and tracker.losses == 0
 
 
+def test_a_track_not_found_near_it_is_searched_whole_frame_with_no_model_pass_wasted(tmp_path, monkeypatch):
+    model = mean_shape_model(tmp_path / "stable.onnx", span=1 / CropContract().scale)
+    landmarker = FaceLandmarker(model, provider="cpu", threads=1)
+    tracker = FaceTracker(landmarker, detect_every=2, smooth=False, full_scan_every=3)
+    frames = still_face_frames(3, noise=0.0)
+    tracker.process(frames[0], 0, 0.0)  # a whole-frame scan finds the face
+    tracker.process(frames[1], 1, 0.04)  # followed from its landmarks
+    monkeypatch.setattr(landmarker.detector, "detect_near", lambda gray, boxes, margin=0.5: [])
+    passes = []
+    model_pass = landmarker.landmarks_for_found
+    monkeypatch.setattr(landmarker, "landmarks_for_found", lambda found: passes.append(len(found)) or model_pass(found))
+    result = tracker.process(frames[2], 2, 0.08)  # a region-of-interest detection that finds nothing
+    assert result.detected and len(result.faces) == 1
+    assert tracker.full_scans == 2 and passes == [1]  # the whole-frame scan's model pass only
+
+
 def test_default_smoothing_follows_a_moving_face_and_the_roi_pass_keeps_it(tmp_path):
     """The shipped model on the benchmark's moving-face clip: One-Euro smoothing may not lag the face (the
     previous defaults cost 4.5 NME points here), and tracking with region-of-interest re-detection keeps the face
