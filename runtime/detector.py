@@ -218,22 +218,26 @@ class HaarDetector:
         need. Here every octave sees its faces at 1 to 2 windows (the 2-pixel stride). The raw hits of all
         octaves are grouped together as OpenCV groups them, so a face on an octave boundary is one box."""
         window = self._window[0]
+        full_height, full_width = image.shape
         hits: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        scale, low = 1.0, float(min_side)  # `image` pixels per octave pixel; the octave's smallest face
+        octave, low = image, float(min_side)  # the octave's copy; its smallest face (in `image` pixels)
         while True:
+            # `image` pixels per octave pixel, per axis (halving an odd side is not exactly 2)
+            scale_x, scale_y = full_width / octave.shape[1], full_height / octave.shape[0]
+            scale = (scale_x + scale_y) / 2
             high = OCTAVE_SPAN * window * scale  # the octave's largest face (image px)
-            last = min(image.shape) < OCTAVE_SPAN * window or (max_side is not None and high >= max_side)
+            last = min(octave.shape) < OCTAVE_SPAN * window or (max_side is not None and high >= max_side)
             top = max_side if last else high
             if top is None or top >= low:
                 rects, levels, weights = self._raw_hits(
-                    image, max(window, math.ceil(low / scale)),
+                    octave, max(window, math.ceil(low / scale)),
                     None if top is None else max(window, math.floor(top / scale)), 0)
-                hits.append((rects * scale, levels, weights))
+                hits.append((rects * (scale_x, scale_y, scale_x, scale_y), levels, weights))
             if last:
                 break
-            image = cv2.resize(image, (max(1, image.shape[1] // 2), max(1, image.shape[0] // 2)),
-                               interpolation=cv2.INTER_AREA)
-            scale, low = scale * 2.0, max(low, high)
+            octave = cv2.resize(octave, (max(1, octave.shape[1] // 2), max(1, octave.shape[0] // 2)),
+                                interpolation=cv2.INTER_AREA)
+            low = max(low, high)
         rects, levels, weights = (np.concatenate(parts) for parts in zip(*hits, strict=True))
         return group_hits(rects, levels, weights, self.min_neighbors)
 
