@@ -99,6 +99,9 @@ def time_scenes(detector: HaarDetector, landmarker, repeats: int, folder: Path) 
 def grid(scales: str, windows: str, neighbors: int, cascade: str, pyramids: str = "opencv") -> list[dict]:
     """Detector settings for --grid: every scale step x copy size x pyramid (opencv: one detectMultiScale
     call; octaves: HaarDetector(octaves=True))."""
+    unknown = {p.strip() for p in pyramids.split(",")} - {"opencv", "octaves"}
+    if unknown:
+        raise typer.BadParameter(f"--pyramids: {', '.join(sorted(unknown))}? choose opencv and/or octaves")
     return [{"cascade": cascade, "scale_factor": float(s), "min_neighbors": neighbors,
              "min_face_windows": None if w.strip().lower() == "none" else float(w),
              "octaves": p.strip() == "octaves"}

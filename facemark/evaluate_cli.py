@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from facemark.choices import EvalBoxes, EvalSplit, Provider, Tta
-from facemark.data import load_records, split_records
+from facemark.data import load_records, split_of, split_records
 from facemark.errors import DataError
 from facemark.reporting import progress_display, summarize_warnings
 
@@ -38,8 +38,10 @@ def evaluate_command(
     model: Path = typer.Option(..., "--model", help="Checkpoint (.pt) or exported model (.onnx)."),
     data: list[Path] = typer.Option(..., "--data", help="dlib XML file or folder of .pts files; repeatable."),
     split: EvalSplit = typer.Option("val", "--split", help="The deterministic split of --data."),
-    val_fraction: float = typer.Option(0.1, "--val-fraction"),
-    seed: int = typer.Option(0, "--split-seed", "--seed", help="Split seed (training's default: 0)."),
+    val_fraction: float | None = typer.Option(None, "--val-fraction", help="Default: a checkpoint's own split, "
+                                              "else 0.1 (training's default)."),
+    seed: int | None = typer.Option(None, "--split-seed", "--seed", help="Split seed. Default: a checkpoint's own "
+                                    "split, else 0 (training's default)."),
     boxes: EvalBoxes = typer.Option("gt", "--boxes", help="gt: landmark boxes | haar: Haar detector boxes | pipeline: "
                               "the whole runtime (FaceLandmarker.detect, presence threshold, false faces on "
                               "face-free background crops; .onnx only)."),
@@ -65,10 +67,13 @@ def evaluate_command(
     for w in summarize_warnings(warnings, verbose):
         console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
     split, boxes, tta, provider = split.value, boxes.value, tta.value, provider.value
-    if split != "all":
-        train_part, val_part = split_records(records, val_fraction, seed)
-        records = {"val": val_part, "train": train_part}[split]
     predictor, calibration, model_meta = _load_predictor(model, provider)
+    if split != "all":
+        # A checkpoint knows the split it was trained on; an .onnx model does not (training's defaults).
+        own_fraction, own_seed = split_of(getattr(predictor, "checkpoint", {}).get("train") or {})
+        train_part, val_part = split_records(records, own_fraction if val_fraction is None else val_fraction,
+                                             own_seed if seed is None else seed)
+        records = {"val": val_part, "train": train_part}[split]
     if boxes == "pipeline":
         _evaluate_pipeline(model, provider, records, refine, tta == "flip", min_score, json_path)
         return

@@ -238,6 +238,8 @@ class HaarDetector:
             octave = cv2.resize(octave, (max(1, octave.shape[1] // 2), max(1, octave.shape[0] // 2)),
                                 interpolation=cv2.INTER_AREA)
             low = max(low, high)
+        if not hits:
+            return []  # the sizes asked for fit no octave (a region smaller than the cascade window)
         rects, levels, weights = (np.concatenate(parts) for parts in zip(*hits, strict=True))
         return group_hits(rects, levels, weights, self.min_neighbors)
 
@@ -272,7 +274,7 @@ def group_hits(rects: np.ndarray, levels: np.ndarray, weights: np.ndarray, min_n
     when it has more than min_neighbors hits and does not sit inside a face of many more hits."""
     if min_neighbors <= 0 or len(rects) == 0:
         return list(zip((tuple(r) for r in rects.tolist()), weights.tolist(), strict=True))
-    x0, y0, w, h = rects.T
+    x0, y0, w, h = rects.astype(np.float32).T  # N x N comparisons: float32 halves their memory
     delta = eps * (np.minimum.outer(w, w) + np.minimum.outer(h, h)) * 0.5
     near = ((np.abs(np.subtract.outer(x0, x0)) <= delta) & (np.abs(np.subtract.outer(y0, y0)) <= delta)
             & (np.abs(np.subtract.outer(x0 + w, x0 + w)) <= delta)

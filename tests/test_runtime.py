@@ -17,7 +17,7 @@ import pytest
 from conftest import DLIB_EXAMPLES, SAMPLES, TINY_SIZE, requires_dlib_examples
 
 from facemark import metadata as md
-from facemark.contract import BoxCalibration, CropContract, box_from_landmarks
+from facemark.contract import BoxCalibration, CropContract, box_from_landmarks, box_iou
 from facemark.data import FaceRecord, load_records
 from facemark.errors import ImageError, ModelError, ProviderError
 from facemark.imageio import read_gray, read_image, to_gray
@@ -257,7 +257,6 @@ def test_fit_calibration_on_real_haar_boxes_moves_them_onto_the_landmark_box():
     calibration = fit_calibration(records, detector)
     assert calibration.detector == detector.name and calibration.samples >= 1
     pairs = [(r, d) for r, d in detect_records(records, detector) if d is not None]
-    from facemark.contract import box_iou
 
     before = np.mean([box_iou(d.box, box_from_landmarks(r.landmarks)) for r, d in pairs])
     after = np.mean([box_iou(calibration.apply(d.box), box_from_landmarks(r.landmarks)) for r, d in pairs])
@@ -509,11 +508,20 @@ def test_haar_octaves_find_the_faces_of_the_one_call_search_faster_per_window():
     detector = HaarDetector(octaves=True)
     assert detector.detect(read_gray(SAMPLES / "dogs.jpg")) == []
     assert detector.config()["octaves"] is True
-    # A face of every size, from the smallest searched to the whole copy, is searched by one octave or another.
+    # Faces of every size, on a copy the detector does not shrink, are searched by one octave or another.
     gray = read_gray(SAMPLES / "2009_004587.jpg")
+    whole = {"min_face_fraction": 0.0, "max_side": None, "min_face_windows": None}
     for size in (0.5, 1.0, 2.0, 3.0):
-        scaled = cv2.resize(gray, None, fx=size, fy=size, interpolation=cv2.INTER_AREA)
-        assert len(detector.detect(scaled)) >= 2, f"scale {size}"
+        scaled = cv2.resize(gray, None, fx=size, fy=size, interpolation=cv2.INTER_CUBIC)
+        one_call = HaarDetector(**whole).detect(scaled)
+        by_octave = HaarDetector(**whole, octaves=True).detect(scaled)
+        assert len(one_call) >= 2 and len(by_octave) >= len(one_call) - 1, f"scale {size}"
+        for d in one_call[:2]:  # the two most confident faces of one call are found by octaves too
+            assert max(box_iou(d.box, o.box) for o in by_octave) > 0.5, f"scale {size}"
+    # around a tracked face too, down to regions no octave fits
+    x, y, w, h = one_call[0].box
+    assert HaarDetector(octaves=True).detect_near(scaled, [(x, y, w, h)])
+    assert HaarDetector(octaves=True).detect_near(scaled, [(x, y, 11, 11)]) == []
 
 
 def test_sessions_do_not_spin_unless_asked(tiny_onnx):

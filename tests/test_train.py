@@ -308,9 +308,9 @@ def test_the_validation_split_has_its_own_seed(tmp_path):
     assert TrainConfig.from_dict({"data": [], "seed": 3, "split_seed": 0}).split_seed == 0
 
 
-def test_init_keeps_the_checkpoints_validation_split(tmp_path):
+def test_init_and_evaluate_keep_the_checkpoints_validation_split(tmp_path):
     from facemark.errors import DataError
-    from facemark.train.loop import resolve_init
+    from facemark.train.loop import load_split, resolve_init
 
     source = train(tiny_config(tmp_path, epochs=1, val_data=[], split_seed=1, out=str(tmp_path / "src")))
     tuned = tiny_config(tmp_path, val_data=[], init=str(source.best_path))
@@ -318,6 +318,15 @@ def test_init_keeps_the_checkpoints_validation_split(tmp_path):
     assert tuned.split_seed == 1  # not the default 0: its validation faces stay out of training
     with pytest.raises(DataError, match="--split-seed 2 would train on the checkpoint's validation faces"):
         resolve_init(source.best_path, tiny_config(tmp_path, val_data=[], split_seed=2), explicit={"split_seed"})
+    # evaluate scores a checkpoint on its own validation faces unless told otherwise
+    _, own = load_split(tiny_config(tmp_path, val_data=[], max_images=None, split_seed=1), lambda _line: None)
+    _, other = load_split(tiny_config(tmp_path, val_data=[], max_images=None), lambda _line: None)
+    assert len(own) != len(other)
+    for extra, faces in (([], len(own)), (["--split-seed", "0"], len(other))):
+        report = tmp_path / f"eval{len(extra)}.json"
+        assert run(["evaluate", "--model", str(source.best_path), "--data", SAMPLES_XML, "--json", str(report),
+                    *extra]) == 0
+        assert json.loads(report.read_text())["faces"] == faces
 
 
 def test_init_starts_a_new_run_from_a_checkpoints_weights_and_network(tmp_path):
