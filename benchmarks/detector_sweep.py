@@ -29,6 +29,7 @@ from facemark.contract import box_from_landmarks
 from facemark.data import load_records, other_faces, split_records
 from facemark.imageio import read_gray
 from facemark.runtime.calibration import match_detection
+from facemark.runtime.defaults import DEFAULT_MIN_SCORE
 from facemark.runtime.detector import HaarDetector
 from facemark.runtime.evaluation import background_boxes
 
@@ -43,7 +44,7 @@ CONFIGS = (
     ("haarcascade_frontalface_default.xml", 1.1, 2),
     ("haarcascade_frontalface_alt.xml", 1.1, 2),
 )
-THRESHOLDS = (0.0, 0.3, 0.5, 0.7, 0.9)
+THRESHOLDS = (0.0, 0.3, 0.5, 0.7, 0.9, DEFAULT_MIN_SCORE)  # the last: the runtime's default
 
 
 def detector_only(records, detector: HaarDetector) -> dict:
