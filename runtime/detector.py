@@ -47,7 +47,7 @@ ROI_SIZE_RANGE = 1.6
 # HaarDetector(octaves=True): each octave of face sizes is searched on its own halved copy, over faces of 1 to
 # OCTAVE_SPAN cascade windows there (2: every scale below OpenCV's switch to a 1-pixel stride).
 OCTAVE_SPAN = 2.0
-DEFAULT_OCTAVES = False
+DEFAULT_OCTAVES = False  # half the Haar time, 9 points fewer faces found (docs/MODEL.md, "An octave pyramid")
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,8 @@ class HaarDetector:
         with the copy's pixels; boxes found on a smaller copy are coarser, which the refinement pass repairs.
     min_score: drop boxes whose level weight is below it (None = keep all).
     octaves: search each octave of face sizes on its own halved copy (`_cascade_octaves`) instead of one
-        OpenCV pyramid: the same faces at OpenCV's finer stride only where it pays.
+        OpenCV pyramid: about half the time, but faces above 2 windows are searched at coarser positions and
+        some are lost (about 9 points of detection rate on the validation split: docs/MODEL.md), so off.
     """
 
     def __init__(
