@@ -110,7 +110,8 @@ def print_report(report: dict) -> None:
         st = s["landmarks"]
         errors = (f"{st[k]:.2g}" for k in ("max_abs", "mean_abs", "p99_abs", "max_rel"))
         pixels = (f"{st['px'][k]:.3g}" for k in ("max_abs", "p99_abs"))
-        table.add_row(s["source"], str(s["batch"]), *errors, *pixels, str(st["nan"] + st["inf"]))
+        ties = f" ({s['ties_excluded']} tied left out)" if s.get("ties_excluded") else ""
+        table.add_row(s["source"] + ties, str(s["batch"]), *errors, *pixels, str(st["nan"] + st["inf"]))
     console.print(table)
     gates = Table(title="gates", box=box.SIMPLE_HEAD, pad_edge=False)
     for column in ("gate", "value", "limit", "unit", "result"):
