@@ -50,7 +50,7 @@ def run_model_benchmark(model: Path, out: Path, threads: Sequence[int], data: Se
         progress("NME")
         val = validation_records(data)
         nme = evaluate(landmark_model, val).summary()["nme"]
-        nme_source = f"{len(val)} validation faces of {', '.join(map(str, data))} (val_fraction 0.1, seed 0)"
+        nme_source = f"{len(val)} validation faces of {', '.join(map(str, data))} (val_fraction 0.1, split seed 0)"
     progress("model timing")
     timed = time_models([model], list(threads), rounds=3 if quick else 15, block=5 if quick else 20)
     fastest = min(timed, key=lambda t: t["ms_per_face"])

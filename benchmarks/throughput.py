@@ -38,7 +38,7 @@ def benchmark_files(val_records: Sequence[FaceRecord], limit: int = 200) -> list
 
 
 def validation_records(data: Sequence[Path]) -> list[FaceRecord]:
-    """The deterministic validation split (val_fraction 0.1, seed 0: training's defaults) of `data`."""
+    """The deterministic validation split (val_fraction 0.1, split seed 0: training's defaults) of `data`."""
     return split_records(load_records(list(data), lambda _m: None), 0.1, 0)[1] if data else []
 
 
