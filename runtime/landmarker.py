@@ -213,11 +213,6 @@ class FaceLandmarker:
                 found = list(pool.map(lambda item: self.find(item, color), items))
         return self.landmarks_for_found(found)
 
-    def detect_near(self, image, boxes: Sequence[Box], color: str = "bgr") -> list[Face]:
-        """`detect` with the detector searching only around `boxes` (HaarDetector.detect_near): video's
-        region-of-interest pass around the tracked faces."""
-        return self.landmarks_for_found([self.find(image, color, near=boxes)])[0].faces
-
     def find(self, image, color: str = "bgr", near: Sequence[Box] | None = None) -> Found:
         """The first half of `detect_full`: the grayscale image and its Haar detections (no model call);
         `near`: search only around these boxes."""
