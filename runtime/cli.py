@@ -32,13 +32,16 @@ MODEL_HELP = "facemark ONNX model (default: the model shipped in facemark/assets
 
 
 def _detector_options(scale_factor: float | None, min_neighbors: int | None, min_face: float, max_side: int,
-                      min_score: float | None, cascade: str | None = None, min_face_windows: float = 0.0,
+                      min_score: float | None, cascade: str | None = None, min_face_windows: float | None = None,
                       octaves: bool = haar.DEFAULT_OCTAVES) -> dict:
-    """The detector knobs given on the command line; unset ones take the model-dependent defaults."""
+    """The detector knobs given on the command line; unset ones (None) take the model-dependent defaults."""
     options = {"min_face_fraction": min_face, "max_side": max_side or None, "min_score": min_score,
                "cascade": cascade, "scale_factor": scale_factor, "min_neighbors": min_neighbors,
-               "min_face_windows": min_face_windows or None, "octaves": octaves}
-    return {k: v for k, v in options.items() if v is not None or k in ("max_side", "min_face_windows")}
+               "min_face_windows": min_face_windows, "octaves": octaves}
+    chosen = {k: v for k, v in options.items() if v is not None or k == "max_side"}
+    if min_face_windows == 0.0:  # 0 = no such downscale
+        chosen["min_face_windows"] = None
+    return chosen
 
 
 def _landmarker(model: Path | None, provider: Provider, threads: int | None, detector_options: dict,
@@ -63,12 +66,14 @@ MIN_SCORE_HELP = "Drop faces whose presence score (0-1, models with a presence h
 
 SCALE_FACTOR_HELP = (f"Haar pyramid step (bigger = faster, fewer faces); default {haar.PRESENCE_SCALE_FACTOR} with "
                      f"a presence model, else {haar.DEFAULT_SCALE_FACTOR}.")
-MIN_NEIGHBORS_HELP = (f"Haar neighbours (bigger = fewer false boxes); default {haar.PRESENCE_MIN_NEIGHBORS} with a "
-                      f"presence model (it rejects false boxes), else {haar.DEFAULT_MIN_NEIGHBORS}.")
+MIN_NEIGHBORS_HELP = (f"Haar neighbours (bigger = fewer false boxes; 0 keeps a face hit once); default "
+                      f"{haar.PRESENCE_MIN_NEIGHBORS} with a presence model (it rejects false boxes), else "
+                      f"{haar.DEFAULT_MIN_NEIGHBORS}.")
 MIN_FACE_HELP = "Smallest face, as a fraction of the shorter side (the speed knob)."
 MAX_SIDE_HELP = "Detect on a copy downscaled to this longer side at most (0 = off)."
 MIN_FACE_WINDOWS_HELP = ("Detect on a copy downscaled until the smallest face wanted spans this many cascade windows "
-                         "(0 = off; the speed knob that keeps --min-face).")
+                         f"(0 = off; the speed knob that keeps --min-face); default {haar.PRESENCE_MIN_FACE_WINDOWS} "
+                         f"with a presence model, else {haar.DEFAULT_MIN_FACE_WINDOWS}.")
 CASCADE_HELP = (f"Cascade file or OpenCV cascade name (default {haar.DEFAULT_CASCADE}; the tutorial's: "
                 f"{haar.TUTORIAL_CASCADE}).")
 MAX_FACES_HELP = "Keep the N most confident faces."
@@ -102,11 +107,10 @@ def predict_command(
     draw: DrawChoice = typer.Option("points", "--draw", help="How --out pictures show the landmarks."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for the model."),
     scale_factor: float | None = typer.Option(None, "--scale-factor", help=SCALE_FACTOR_HELP),
-    min_neighbors: int | None = typer.Option(None, "--min-neighbors", help=MIN_NEIGHBORS_HELP),
+    min_neighbors: int | None = typer.Option(None, "--min-neighbors", min=0, help=MIN_NEIGHBORS_HELP),
     min_face: float = typer.Option(haar.DEFAULT_MIN_FACE_FRACTION, "--min-face", help=MIN_FACE_HELP),
     max_side: int = typer.Option(haar.DEFAULT_MAX_SIDE, "--max-side", help=MAX_SIDE_HELP),
-    min_face_windows: float = typer.Option(haar.DEFAULT_MIN_FACE_WINDOWS or 0.0, "--min-face-windows", min=0.0,
-                                           help=MIN_FACE_WINDOWS_HELP),
+    min_face_windows: float | None = typer.Option(None, "--min-face-windows", min=0.0, help=MIN_FACE_WINDOWS_HELP),
     min_detector_score: float | None = typer.Option(
         None, "--min-detector-score", help="Drop Haar boxes below this cascade level weight (not a probability)."),
     min_score: float = typer.Option(DEFAULT_MIN_SCORE, "--min-score", min=0.0, max=1.0, help=MIN_SCORE_HELP),
@@ -277,11 +281,10 @@ def video_command(
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for the model."),
     draw: DrawChoice = typer.Option("points", "--draw", help="How --out shows the landmarks."),
     scale_factor: float | None = typer.Option(None, "--scale-factor", help=SCALE_FACTOR_HELP),
-    min_neighbors: int | None = typer.Option(None, "--min-neighbors", help=MIN_NEIGHBORS_HELP),
+    min_neighbors: int | None = typer.Option(None, "--min-neighbors", min=0, help=MIN_NEIGHBORS_HELP),
     min_face: float = typer.Option(haar.DEFAULT_MIN_FACE_FRACTION, "--min-face", help=MIN_FACE_HELP),
     max_side: int = typer.Option(haar.DEFAULT_MAX_SIDE, "--max-side", help=MAX_SIDE_HELP),
-    min_face_windows: float = typer.Option(haar.DEFAULT_MIN_FACE_WINDOWS or 0.0, "--min-face-windows", min=0.0,
-                                           help=MIN_FACE_WINDOWS_HELP),
+    min_face_windows: float | None = typer.Option(None, "--min-face-windows", min=0.0, help=MIN_FACE_WINDOWS_HELP),
     cascade: str | None = typer.Option(None, "--cascade", help=CASCADE_HELP),
     octaves: bool = typer.Option(haar.DEFAULT_OCTAVES, "--octaves/--no-octaves", help=OCTAVES_HELP),
     max_faces: int | None = typer.Option(None, "--max-faces", min=1, help=MAX_FACES_HELP),

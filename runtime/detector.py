@@ -30,10 +30,14 @@ DEFAULT_CASCADE = "haarcascade_frontalface_alt2.xml"
 TUTORIAL_CASCADE = "haarcascade_frontalface_default.xml"
 DEFAULT_SCALE_FACTOR = 1.1
 DEFAULT_MIN_NEIGHBORS = 4  # for models without a presence score: nothing downstream rejects a false box
-# With a presence score the model rejects false boxes, so the cascade can be permissive (more faces found):
-# measured with `python -m facemark.benchmarks.detector_sweep` (docs/MODEL.md, "Detector and presence").
-PRESENCE_SCALE_FACTOR = 1.1
-PRESENCE_MIN_NEIGHBORS = 1
+# With a presence score the model rejects false boxes, so the cascade can be permissive: a face hit once is kept
+# (min_neighbors 0), which finds the faces a coarse scale step leaves with a single hit, so the step can be 1.25
+# on a copy where the smallest face spans 2 windows. Measured with `python -m facemark.benchmarks.detector_sweep`
+# (docs/MODEL.md, "Detector and presence"): Haar about 2x faster than step 1.1 / 1 neighbour / 1.5 windows, more
+# faces found at 8 % of the frame, one face fewer of the 205 validation faces.
+PRESENCE_SCALE_FACTOR = 1.25
+PRESENCE_MIN_NEIGHBORS = 0
+PRESENCE_MIN_FACE_WINDOWS = 2.0
 DEFAULT_MIN_FACE_FRACTION = 0.08
 DEFAULT_MAX_SIDE = 640
 # The detection copy: the smallest face wanted spans 1.5 cascade windows (640x480 with min_face 0.08 -> a 500x375
@@ -59,8 +63,10 @@ class Detection:
 def default_detector_options(has_presence_score: bool) -> dict:
     """The detector knobs FaceLandmarker uses unless told otherwise, by whether the model scores presence."""
     if has_presence_score:
-        return {"scale_factor": PRESENCE_SCALE_FACTOR, "min_neighbors": PRESENCE_MIN_NEIGHBORS}
-    return {"scale_factor": DEFAULT_SCALE_FACTOR, "min_neighbors": DEFAULT_MIN_NEIGHBORS}
+        return {"scale_factor": PRESENCE_SCALE_FACTOR, "min_neighbors": PRESENCE_MIN_NEIGHBORS,
+                "min_face_windows": PRESENCE_MIN_FACE_WINDOWS}
+    return {"scale_factor": DEFAULT_SCALE_FACTOR, "min_neighbors": DEFAULT_MIN_NEIGHBORS,
+            "min_face_windows": DEFAULT_MIN_FACE_WINDOWS}
 
 
 def default_cascade_path(name: str = DEFAULT_CASCADE) -> Path:
@@ -79,6 +85,9 @@ class HaarDetector:
     min_face_windows: search a copy downscaled until the smallest face wanted (min_face_fraction of the
         shorter side) spans this many cascade windows (None = no such downscale). The cascade's cost grows
         with the copy's pixels; boxes found on a smaller copy are coarser, which the refinement pass repairs.
+    min_neighbors: a face needs more than this many raw cascade hits (OpenCV's minNeighbors); 0 keeps a face
+        hit once, grouped like the others (OpenCV would return every raw hit): for models whose presence
+        score rejects the false boxes that lets in.
     min_score: drop boxes whose level weight is below it (None = keep all).
     octaves: search each octave of face sizes on its own halved copy (`_cascade_octaves`) instead of one
         OpenCV pyramid: about half the time, but faces above 2 windows are searched at coarser positions and
@@ -96,6 +105,8 @@ class HaarDetector:
         min_face_windows: float | None = DEFAULT_MIN_FACE_WINDOWS,
         octaves: bool = DEFAULT_OCTAVES,
     ) -> None:
+        if min_neighbors < 0:
+            raise ValueError(f"min_neighbors must be >= 0 (got {min_neighbors})")
         if scale_factor <= 1.0:
             raise ValueError(f"scale_factor must be > 1 (got {scale_factor})")
         if not 0.0 <= min_face_fraction < 1.0:
@@ -193,6 +204,8 @@ class HaarDetector:
     def _cascade_once(self, image: np.ndarray, min_side: int, max_side: int | None
                       ) -> list[tuple[tuple[float, float, float, float], float]]:
         """OpenCV's own pyramid: ((x, y, w, h), level weight) of faces of min_side..max_side pixels."""
+        if self.min_neighbors == 0:  # OpenCV does not group at 0; every group of hits is a face here
+            return group_hits(*self._raw_hits(image, min_side, max_side, 0), 0)
         rects, _levels, weights = self._raw_hits(image, min_side, max_side, self.min_neighbors)
         return list(zip((tuple(r) for r in rects.tolist()), weights.tolist(), strict=True))
 
@@ -272,9 +285,11 @@ def group_hits(rects: np.ndarray, levels: np.ndarray, weights: np.ndarray, min_n
     """OpenCV's groupRectangles with reject levels (what detectMultiScale3(..., outputRejectLevels=True) does
     to its raw hits): hits whose corners lie within eps of the smaller side of each other are one face (the
     transitive closure), its box the mean, its score the level weight of its deepest hit; a face is kept
-    when it has more than min_neighbors hits and does not sit inside a face of many more hits."""
-    if min_neighbors <= 0 or len(rects) == 0:
-        return list(zip((tuple(r) for r in rects.tolist()), weights.tolist(), strict=True))
+    when it has more than min_neighbors hits and does not sit inside a face of many more hits.
+
+    min_neighbors 0 keeps every group, a single hit too (OpenCV would return the raw hits ungrouped)."""
+    if len(rects) == 0:
+        return []
     x0, y0, w, h = rects.astype(np.float32).T  # N x N comparisons: float32 halves their memory
     delta = eps * (np.minimum.outer(w, w) + np.minimum.outer(h, h)) * 0.5
     near = ((np.abs(np.subtract.outer(x0, x0)) <= delta) & (np.abs(np.subtract.outer(y0, y0)) <= delta)

@@ -96,7 +96,8 @@ def test_folder_throughput_rows_compare_runners_on_identical_landmarks(bench):
         assert row["images"] == 12 and row["errors"] == 0 and row["images_per_s"] > 0 and row["faces"] > 0
     assert throughput["rows"][-1]["workers"] >= 1
     assert throughput["max_landmark_diff_px"] <= 0.05
-    assert throughput["previous_detector"]["min_face_windows"] is None
+    previous = throughput["previous_detector"]
+    assert previous["min_face_windows"] is None and previous["scale_factor"] == 1.1 and previous["min_neighbors"] == 1
     assert "## Folder throughput" in (out / "report.md").read_text()
 
 
