@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facemark.contract import Box, BoxCalibration
+from facemark.contract import Box, BoxCalibration, box_from_landmarks, box_iou
 from facemark.errors import ModelError
 from facemark.geometry import ARCFACE_SIZE, Pose, Template, aligned_chip, head_pose
 from facemark.imageio import image_to_gray, to_gray
@@ -32,6 +32,7 @@ DEFAULT_MODEL_PATH = Path(str(resources.files("facemark") / "assets" / DEFAULT_M
 IDENTITY = BoxCalibration()
 TIMING_KEYS = ("detect", "landmarks")
 MAX_DEFAULT_WORKERS = 8
+DUPLICATE_IOU = 0.5  # two faces whose landmark boxes overlap more are one (distinct_faces)
 
 
 
@@ -90,6 +91,19 @@ class Detections:
     faces: list[Face]
     times: dict[str, float]  # milliseconds: detect, landmarks
     problems: list[str]  # one line each, e.g. faces dropped for non-finite model output
+
+
+def distinct_faces(faces: Sequence[Face]) -> list[Face]:
+    """One face per face: two detector boxes on one face (a single-hit box around a well-hit one, which grouping
+    keeps apart) converge to the same landmarks under refinement; of faces whose landmark boxes overlap by more
+    than DUPLICATE_IOU, the one with the higher presence score (then the earlier) is kept, in input order."""
+    ranked = sorted(range(len(faces)), key=lambda i: (-(faces[i].score or 0.0), i))
+    boxes = [box_from_landmarks(face.landmarks) for face in faces]
+    kept: list[int] = []
+    for i in ranked:
+        if all(box_iou(boxes[i], boxes[k]) <= DUPLICATE_IOU for k in kept):
+            kept.append(i)
+    return [faces[i] for i in sorted(kept)]
 
 
 def _rounded(value, digits: int):
@@ -239,8 +253,10 @@ class FaceLandmarker:
             dropped = len(mine) - len(faces)
             if self.min_score is not None:
                 faces = [face for face in faces if face.score is not None and face.score >= self.min_score]
-                if self.max_faces is not None:
-                    faces = faces[: self.max_faces]
+            if self.model.has_face_score:  # its permissive detector defaults can put two boxes on one face
+                faces = distinct_faces(faces)
+            if self.min_score is not None and self.max_faces is not None:
+                faces = faces[: self.max_faces]
             share = len(mine) / len(entries) if entries else 0.0
             problems = [f"{dropped} face(s) dropped: the model returned non-finite values (NaN/Inf) for them"] \
                 if dropped else []

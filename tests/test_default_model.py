@@ -127,3 +127,22 @@ def test_video_drops_the_track_at_a_cut_to_a_face_free_scene(tmp_path, landmarke
     assert late == [], f"faces reported after the cut at frames {late}"
     assert summary.losses >= 1
     assert all(0 <= face["score"] <= 1 for frame in frames for face in frame["faces"])
+
+
+def test_two_detector_boxes_on_one_face_give_one_face(landmarker):
+    """A single-hit box around a well-hit face survives grouping; refinement brings both onto the same face,
+    which must be reported once. Two different faces stay two."""
+    from facemark.runtime.detector import Detection
+    from facemark.runtime.landmarker import Found
+
+    image = read_image(SAMPLES / "2008_002470.jpg")
+    found = landmarker.find(image)
+    faces = landmarker.landmarks_for_found([found])[0].faces
+    assert len(faces) >= 2
+    x, y, w, h = found.detections[0].box
+    wider = Detection((x - 0.15 * w, y - 0.2 * h, 1.35 * w, 1.35 * h), found.detections[0].score - 1)
+    doubled = Found(found.gray, [*found.detections, wider], found.detect_ms)
+    again = landmarker.landmarks_for_found([doubled])[0].faces
+    assert len(again) == len(faces)
+    for a, b in zip(faces, again, strict=True):
+        np.testing.assert_allclose(a.landmarks, b.landmarks, atol=0.5)
