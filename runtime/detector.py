@@ -33,8 +33,8 @@ DEFAULT_MIN_NEIGHBORS = 4  # for models without a presence score: nothing downst
 # With a presence score the model rejects false boxes, so the cascade can be permissive: a face hit once is kept
 # (min_neighbors 0), which finds the faces a coarse scale step leaves with a single hit, so the step can be 1.25
 # on a copy where the smallest face spans 2 windows. Measured with `python -m facemark.benchmarks.detector_sweep`
-# (docs/MODEL.md, "Detector and presence"): Haar about 2x faster than step 1.1 / 1 neighbour / 1.5 windows, more
-# faces found at 8 % of the frame, one face fewer of the 205 validation faces.
+# (docs/MODEL.md, "Single cascade hits and a coarser step"): Haar about 2x faster than step 1.1 / 1 neighbour /
+# 1.5 windows, more faces found at 8 % of the frame, as many of the validation faces (93.2 %).
 PRESENCE_SCALE_FACTOR = 1.25
 PRESENCE_MIN_NEIGHBORS = 0
 PRESENCE_MIN_FACE_WINDOWS = 2.0
@@ -51,6 +51,7 @@ ROI_SIZE_RANGE = 1.6
 # HaarDetector(octaves=True): each octave of face sizes is searched on its own halved copy, over faces of 1 to
 # OCTAVE_SPAN cascade windows there (2: every scale below OpenCV's switch to a 1-pixel stride).
 OCTAVE_SPAN = 2.0
+GROUP_ROWS = 512  # group_hits compares this many hits with all the others at a time
 DEFAULT_OCTAVES = False  # half the Haar time, 9 points fewer faces found (docs/MODEL.md, "An octave pyramid")
 
 
@@ -290,11 +291,18 @@ def group_hits(rects: np.ndarray, levels: np.ndarray, weights: np.ndarray, min_n
     min_neighbors 0 keeps every group, a single hit too (OpenCV would return the raw hits ungrouped)."""
     if len(rects) == 0:
         return []
-    x0, y0, w, h = rects.astype(np.float32).T  # N x N comparisons: float32 halves their memory
-    delta = eps * (np.minimum.outer(w, w) + np.minimum.outer(h, h)) * 0.5
-    near = ((np.abs(np.subtract.outer(x0, x0)) <= delta) & (np.abs(np.subtract.outer(y0, y0)) <= delta)
-            & (np.abs(np.subtract.outer(x0 + w, x0 + w)) <= delta)
-            & (np.abs(np.subtract.outer(y0 + h, y0 + h)) <= delta))
+    x0, y0, w, h = rects.astype(np.float32).T  # float32: OpenCV's arithmetic, half the memory
+    x1, y1 = x0 + w, y0 + h
+    near = np.empty((len(rects), len(rects)), dtype=bool)
+    # In row blocks: the float temporaries stay GROUP_ROWS x N however many hits a busy photo gives (at
+    # min_neighbors 0 every raw hit is grouped; a few hundred on a crowd photo, more without --min-face).
+    for start in range(0, len(rects), GROUP_ROWS):
+        rows = slice(start, start + GROUP_ROWS)
+        delta = eps * (np.minimum.outer(w[rows], w) + np.minimum.outer(h[rows], h)) * 0.5
+        near[rows] = ((np.abs(np.subtract.outer(x0[rows], x0)) <= delta)
+                      & (np.abs(np.subtract.outer(y0[rows], y0)) <= delta)
+                      & (np.abs(np.subtract.outer(x1[rows], x1)) <= delta)
+                      & (np.abs(np.subtract.outer(y1[rows], y1)) <= delta))
     labels = _components(near)
     groups = []
     for label in range(labels.max() + 1):

@@ -511,6 +511,19 @@ def test_group_hits_at_zero_neighbours_groups_and_keeps_a_single_hit():
     assert group_hits(np.zeros((0, 4)), np.zeros(0, np.int64), np.zeros(0), 0) == []
 
 
+def test_group_hits_in_row_blocks_equals_one_block(monkeypatch):
+    from facemark.runtime import detector
+
+    cascade = cv2.CascadeClassifier(str(default_cascade_path()))
+    raw = cascade.detectMultiScale3(read_gray(SAMPLES / "2008_002470.jpg"), 1.1, 0, minSize=(30, 30),
+                                    outputRejectLevels=True)
+    rects, levels, weights = (np.asarray(a, dtype=np.float64).reshape(len(raw[0]), -1) for a in raw)
+    assert len(rects) > 50
+    whole = detector.group_hits(rects, levels.ravel().astype(int), weights.ravel(), 0)
+    monkeypatch.setattr(detector, "GROUP_ROWS", 7)
+    assert detector.group_hits(rects, levels.ravel().astype(int), weights.ravel(), 0) == whole
+
+
 def test_haar_at_zero_neighbours_finds_every_face_of_one_neighbour_and_more():
     for name in ("2009_004587.jpg", "2008_002470.jpg"):
         gray = read_gray(SAMPLES / name)
