@@ -200,3 +200,13 @@ def box_iou(a: Box, b: Box) -> float:
     inter = ix * iy
     union = aw * ah + bw * bh - inter
     return inter / union if union > 0 else 0.0
+
+
+def non_max_suppression(boxes: Sequence[Box], scores: Sequence[float], max_iou: float = 0.5) -> list[int]:
+    """Greedy non-maximum suppression: indices of the boxes kept, highest score first (ties: the earlier box);
+    a box overlapping an already kept one by IoU `max_iou` or more is dropped."""
+    kept: list[int] = []
+    for i in sorted(range(len(boxes)), key=lambda i: -scores[i]):
+        if all(box_iou(boxes[i], boxes[k]) < max_iou for k in kept):
+            kept.append(i)
+    return kept

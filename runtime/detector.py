@@ -21,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from facemark.contract import Box, box_iou
+from facemark.contract import Box, non_max_suppression
 from facemark.errors import ModelError
 
 # Defaults, measured on the 300-W validation split and dlib's example photos (see HaarDetector's docstring).
@@ -175,11 +175,7 @@ class HaarDetector:
             factor = min(1.0, windows * self._window[0] / smallest)
             found += self._scan(gray, (x0, y0, x1 - x0, y1 - y0), factor, round(smallest * factor),
                                 round(face * ROI_SIZE_RANGE * factor))
-        kept: list[Detection] = []
-        for d in sorted(found, key=lambda d: d.score, reverse=True):
-            if all(box_iou(d.box, k.box) < 0.5 for k in kept):
-                kept.append(d)
-        return kept
+        return [found[i] for i in non_max_suppression([d.box for d in found], [d.score for d in found])]
 
     def _scan(self, gray: np.ndarray, region: Box, factor: float, min_side: int, max_side: int | None
               ) -> list[Detection]:

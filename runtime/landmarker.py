@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facemark.contract import Box, BoxCalibration, box_from_landmarks, box_iou
+from facemark.contract import Box, BoxCalibration, box_from_landmarks, non_max_suppression
 from facemark.errors import ModelError
 from facemark.geometry import ARCFACE_SIZE, Pose, Template, aligned_chip, head_pose
 from facemark.imageio import image_to_gray, to_gray
@@ -32,7 +32,7 @@ DEFAULT_MODEL_PATH = Path(str(resources.files("facemark") / "assets" / DEFAULT_M
 IDENTITY = BoxCalibration()
 TIMING_KEYS = ("detect", "landmarks")
 MAX_DEFAULT_WORKERS = 8
-DUPLICATE_IOU = 0.5  # two faces whose landmark boxes overlap more are one (distinct_faces)
+DUPLICATE_IOU = 0.5  # two faces whose landmark boxes overlap this much are one (distinct_faces)
 
 
 
@@ -95,14 +95,10 @@ class Detections:
 
 def distinct_faces(faces: Sequence[Face]) -> list[Face]:
     """One face per face: two detector boxes on one face (a single-hit box around a well-hit one, which grouping
-    keeps apart) converge to the same landmarks under refinement; of faces whose landmark boxes overlap by more
-    than DUPLICATE_IOU, the one with the higher presence score (then the earlier) is kept, in input order."""
-    ranked = sorted(range(len(faces)), key=lambda i: (-(faces[i].score or 0.0), i))
-    boxes = [box_from_landmarks(face.landmarks) for face in faces]
-    kept: list[int] = []
-    for i in ranked:
-        if all(box_iou(boxes[i], boxes[k]) <= DUPLICATE_IOU for k in kept):
-            kept.append(i)
+    keeps apart) converge to the same landmarks under refinement; of faces whose landmark boxes overlap by
+    DUPLICATE_IOU or more, the one with the higher presence score (then the earlier) is kept, in input order."""
+    kept = non_max_suppression([box_from_landmarks(face.landmarks) for face in faces],
+                               [face.score or 0.0 for face in faces], DUPLICATE_IOU)
     return [faces[i] for i in sorted(kept)]
 
 

@@ -11,7 +11,14 @@ import pytest
 from conftest import DATA_300W, DLIB_EXAMPLES, SAMPLES, requires_300w, requires_dlib_examples
 from PIL import Image
 
-from facemark.contract import BoxCalibration, CropContract, apply_affine, box_from_landmarks, box_iou
+from facemark.contract import (
+    BoxCalibration,
+    CropContract,
+    apply_affine,
+    box_from_landmarks,
+    box_iou,
+    non_max_suppression,
+)
 from facemark.data import FaceRecord, load_records, read_dlib_xml, read_pts, split_records
 from facemark.errors import DataError, ImageError
 from facemark.evaluation import evaluate
@@ -305,3 +312,12 @@ def test_evaluation_skips_unreadable_images_with_one_line_each(tmp_path):
     summary = result.summary()
     assert summary["faces"] == 3 and summary["unreadable"] == 1 and summary["detection_rate"] == 1.0
     assert len(result.unreadable) == 1 and "broken.jpg" in result.unreadable[0]
+
+
+def test_non_max_suppression_keeps_the_best_of_each_overlapping_set_best_first():
+    boxes = [(0, 0, 10, 10), (1, 1, 10, 10), (50, 50, 10, 10), (0, 0, 10, 20)]
+    scores = [0.5, 0.9, 0.1, 0.9]
+    # box 1 (0.9) beats box 0; box 3 ties box 1, comes later, overlaps it by IoU 90/210 < 0.5: kept
+    assert non_max_suppression(boxes, scores) == [1, 3, 2]
+    assert non_max_suppression(boxes, scores, max_iou=0.3) == [1, 2]
+    assert non_max_suppression([], []) == []
