@@ -2,7 +2,8 @@
 
     python -m facemark.benchmarks.detector_sweep --data ../shared/data/300w [--model M.onnx] [--json out.json]
     python -m facemark.benchmarks.detector_sweep --data ../shared/data/300w --model M.onnx \
-        --grid --scales 1.1,1.2 --windows none,1.5,2 [--neighbors 1] [--pyramids opencv,octaves]
+        --grid --scales 1.1,1.2 --windows none,1.5,2 [--neighbors 1] [--pyramids opencv,octaves] \
+        [--min-faces 0.08,0.12]
 
 Without --model: the Haar cascade alone (recall = a detection with IoU >= 0.3 to the landmark box; every box
 on a face-free background strip of the same photos is a false face). With --model: the whole pipeline per
@@ -16,7 +17,8 @@ lacks (its faces fill their crops).
 --grid: the cascade of the model's defaults (alt2) at every scale step x detection-copy size
 (HaarDetector.min_face_windows; "none" = the full image up to max_side), each row also timed on the
 composed 640x480 and 1920x1080 one-face scenes of facemark.benchmarks.pipeline (Haar alone and the whole
-pipeline, median ms) -- the speed/recall trade-off behind the detector defaults.
+pipeline, median ms; the pipeline's CPU ms summed over threads too) -- the speed/recall trade-off behind the
+detector defaults. --min-faces adds the smallest face searched (HaarDetector.min_face_fraction) to the grid.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from facemark.data import load_records, other_faces, split_records
 from facemark.imageio import read_gray
 from facemark.runtime.calibration import match_detection
 from facemark.runtime.defaults import DEFAULT_MIN_SCORE
-from facemark.runtime.detector import HaarDetector
+from facemark.runtime.detector import DEFAULT_MIN_FACE_FRACTION, HaarDetector
 from facemark.runtime.evaluation import background_boxes
 
 # (cascade, scale factor, min neighbours): the shipped default first, then more permissive ones.
@@ -125,34 +127,38 @@ def time_scenes(detector: HaarDetector, landmarker, repeats: int, folder: Path) 
         scene = compose_scene(width, height, faces, folder)
         image = read_image(scene.path)
         gray = read_gray(scene.path)
-        haar, whole, found = [], [], 0
+        haar, whole, cpu, found = [], [], [], 0
         for i in range(repeats + 1):
             t0 = time.perf_counter()
             detector.detect(gray)
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             if timed is not None:
                 found = len(timed.detect(image))
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.process_time()
             if i:  # the first run warms up
                 haar.append((t1 - t0) * 1e3)
                 whole.append((t2 - t1) * 1e3)
+                cpu.append((c2 - c1) * 1e3)
         row[f"haar_ms_{width}x{height}"] = float(np.median(haar))
         if timed is not None:
             row[f"pipeline_ms_{width}x{height}"] = float(np.median(whole))
+            row[f"pipeline_cpu_ms_{width}x{height}"] = float(np.median(cpu))  # summed over threads
             row[f"faces_found_{width}x{height}"] = found
     return row
 
 
-def grid(scales: str, windows: str, neighbors: int, cascade: str, pyramids: str = "opencv") -> list[dict]:
-    """Detector settings for --grid: every scale step x copy size x pyramid (opencv: one detectMultiScale
-    call; octaves: HaarDetector(octaves=True))."""
+def grid(scales: str, windows: str, neighbors: int, cascade: str, pyramids: str = "opencv",
+         min_faces: str = str(DEFAULT_MIN_FACE_FRACTION)) -> list[dict]:
+    """Detector settings for --grid: every smallest face searched x scale step x copy size x pyramid (opencv:
+    one detectMultiScale call; octaves: HaarDetector(octaves=True))."""
     unknown = {p.strip() for p in pyramids.split(",")} - {"opencv", "octaves"}
     if unknown:
         raise typer.BadParameter(f"--pyramids: {', '.join(sorted(unknown))}? choose opencv and/or octaves")
     return [{"cascade": cascade, "scale_factor": float(s), "min_neighbors": neighbors,
              "min_face_windows": None if w.strip().lower() == "none" else float(w),
-             "octaves": p.strip() == "octaves"}
-            for s in scales.split(",") for w in windows.split(",") for p in pyramids.split(",")]
+             "octaves": p.strip() == "octaves", "min_face_fraction": float(m)}
+            for m in min_faces.split(",") for s in scales.split(",") for w in windows.split(",")
+            for p in pyramids.split(",")]
 
 
 def main(data: list[Path] = typer.Option(..., "--data"), model: Path | None = typer.Option(None, "--model"),
@@ -163,6 +169,8 @@ def main(data: list[Path] = typer.Option(..., "--data"), model: Path | None = ty
          windows: str = typer.Option("none,1.25,1.5,2", "--windows"),
          neighbors: int = typer.Option(1, "--neighbors"),
          pyramids: str = typer.Option("opencv", "--pyramids", help="opencv,octaves (--grid)."),
+         min_faces: str = typer.Option(str(DEFAULT_MIN_FACE_FRACTION), "--min-faces",
+                                       help="Smallest faces searched, fractions of the shorter side (--grid)."),
          repeats: int = typer.Option(15, "--repeats", help="Timed runs per scene (--grid)."),
          small_faces: bool = typer.Option(True, "--small-faces/--no-small-faces",
                                           help="Also the cascade's recall of validation faces shrunk to "
@@ -171,7 +179,7 @@ def main(data: list[Path] = typer.Option(..., "--data"), model: Path | None = ty
     train, val = split_records(load_records(data, lambda _m: None), 0.1, 0)
     shrunk = {f: shrunk_face_scenes(val, f) for f in SMALL_FACE_FRACTIONS} if small_faces else {}
     if use_grid:
-        chosen = grid(scales, windows, neighbors, "haarcascade_frontalface_alt2.xml", pyramids)
+        chosen = grid(scales, windows, neighbors, "haarcascade_frontalface_alt2.xml", pyramids, min_faces)
     else:
         chosen = [{"cascade": c, "scale_factor": s, "min_neighbors": n}
                   for c, s, n in ([CONFIGS[int(i)] for i in configs.split(",")] if configs else CONFIGS)]

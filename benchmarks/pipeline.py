@@ -7,6 +7,7 @@ faces and the background has real texture without faces of its own.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,16 +82,29 @@ def compose_scene(width: int, height: int, faces: int, out_dir: Path) -> Scene:
 DEFAULT_SCENES = ((640, 480, 1), (640, 480, 4), (1920, 1080, 1), (1920, 1080, 4))
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity; the machine's count where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def time_pipeline(landmarker, scene: Scene, repeats: int, warmup: int = 1) -> dict:
-    """Median ms per stage over `repeats` runs of decode + `landmarker.detect_timed` on one scene."""
-    samples: dict[str, list[float]] = {stage: [] for stage in (*STAGES, "total")}
+    """Median ms per stage over `repeats` runs of decode + `landmarker.detect_timed` on one scene.
+
+    Also the CPU time per image summed over all threads (`cpu_ms`) and the frame rate it allows even with
+    every core always busy (`fps_bound` = cores x 1000 / cpu_ms): wall time tells how fast it runs, CPU time
+    how far any scheduling of the same work could go on this machine."""
+    samples: dict[str, list[float]] = {stage: [] for stage in (*STAGES, "total", "cpu")}
     found = 0
     for i in range(warmup + repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         image = read_image(scene.path)
         decode_ms = (time.perf_counter() - t0) * 1000.0
         faces, stages = landmarker.detect_timed(image)
         total_ms = (time.perf_counter() - t0) * 1000.0
+        cpu_ms = (time.process_time() - c0) * 1000.0
         found = len(faces)
         if i < warmup:
             continue
@@ -98,7 +112,9 @@ def time_pipeline(landmarker, scene: Scene, repeats: int, warmup: int = 1) -> di
         for stage in STAGES[1:]:
             samples[stage].append(float(stages.get(stage, float("nan"))))
         samples["total"].append(total_ms)
+        samples["cpu"].append(cpu_ms)
     medians = {f"{stage}_ms": float(np.median(v)) for stage, v in samples.items()}
+    cores = usable_cores()
     return {
         "scene": scene.name,
         "width": scene.width,
@@ -108,5 +124,7 @@ def time_pipeline(landmarker, scene: Scene, repeats: int, warmup: int = 1) -> di
         **medians,
         "p90_total_ms": float(np.percentile(samples["total"], 90)),
         "fps": 1000.0 / medians["total_ms"] if medians["total_ms"] > 0 else float("nan"),
+        "cores": cores,
+        "fps_bound": cores * 1000.0 / medians["cpu_ms"] if medians["cpu_ms"] > 0 else float("nan"),
         "repeats": repeats,
     }

@@ -87,10 +87,11 @@ def _calibration_text(peer: dict) -> str:
 
 def pipeline_table(pipeline: list[dict]) -> str:
     header = ["Image", "Faces found / placed", "decode ms", "detect ms", "landmarks ms (all passes)",
-              "total ms (median)", "p90 ms", "fps"]
+              "total ms (median)", "p90 ms", "fps", "CPU ms (all threads)", "fps bound (cores x 1000 / CPU ms)"]
     body = [[p["scene"], f"{p['faces_found']} / {p['faces_placed']}", _num(p["decode_ms"]), _num(p["detect_ms"]),
              _num(p["landmarks_ms"]), _num(p["total_ms"]),
-             _num(p["p90_total_ms"]), _num(p["fps"], 1)] for p in pipeline]
+             _num(p["p90_total_ms"]), _num(p["fps"], 1), _num(p.get("cpu_ms")),
+             f"{_num(p.get('fps_bound'), 1)} ({p['cores']} cores)" if "fps_bound" in p else "-"] for p in pipeline]
     return markdown_table(header, body)
 
 

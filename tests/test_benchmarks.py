@@ -114,12 +114,16 @@ def test_quick_run_is_a_harness_check_that_claims_nothing(bench):
 
 
 def test_pipeline_rows_find_the_composed_faces(bench):
-    report, _ = bench
+    report, out = bench
     (row,) = report["pipeline"]
     assert row["scene"] == "640x480-1face" and row["faces_found"] == row["faces_placed"] == 1
     stages = ("decode_ms", "detect_ms", "landmarks_ms")
     assert sum(row[s] for s in stages) <= row["total_ms"] * 1.05 + 0.5
     assert row["fps"] == pytest.approx(1000.0 / row["total_ms"])
+    # CPU time summed over threads: more than nothing, never more than every core busy for the whole wall time
+    assert 0 < row["cpu_ms"] <= row["cores"] * row["total_ms"] * 1.1 + 1.0
+    assert row["fps_bound"] == pytest.approx(row["cores"] * 1000.0 / row["cpu_ms"])
+    assert f"({row['cores']} cores)" in (out / "report.md").read_text()
 
 
 def test_peer_rows_or_reason(bench):
@@ -231,12 +235,14 @@ def test_targets_are_read_not_asserted():
              "ms_per_face": 9.0},
             {"variant": "ort-fp32", "provider": "cpu", "batch": 1, "threads": 2, "gated": True, "speedup": 2.0,
              "ms_per_face": 20.0}]
-    pipeline = [{"width": 640, "faces_placed": 1, "fps": 12.0, "total_ms": 83.3}]
+    pipeline = [{"width": 640, "faces_placed": 1, "fps": 12.0, "total_ms": 83.3, "cpu_ms": 160.0, "cores": 2,
+                 "fps_bound": 12.5}]
     peer = {"rows": [{"protocol": "landmark boxes", "ms": 3.0, "ratio_vs_best": 3.0, "compared_with": "ort-int8",
                       "compared_ms": 9.0}]}
     targets = read_targets(rows, pipeline, peer)
     assert [t["met"] for t in targets] == ["yes", "no", "no"]
     assert "ort-int8" in targets[0]["measured"]
+    assert "at most 12.5 fps on 2 cores" in targets[2]["measured"]
     rows[0]["gated"] = False  # a failed gate never counts; unverified rows count only when nothing was verified
     assert "ort-fp32:" in read_targets(rows, [], None)[0]["measured"]
     for row in rows:

@@ -564,6 +564,19 @@ def test_presence_detector_defaults_find_every_sample_face_at_the_smallest_size_
     assert min(recall.values()) >= 0.95, recall
 
 
+def test_sweep_grid_searches_each_smallest_face_asked_for():
+    """--min-faces is a grid dimension: a detector of the 13 % row does not search 8 % faces, the 8 % row does."""
+    from facemark.benchmarks.detector_sweep import grid, shrunk_face_scenes, small_face_recall
+
+    rows = grid("1.25", "2", 0, "haarcascade_frontalface_alt2.xml", min_faces="0.08,0.13")
+    assert [r["min_face_fraction"] for r in rows] == [0.08, 0.13]
+    records = load_records([SAMPLE_XML], warn=pytest.fail)
+    scenes = {f: shrunk_face_scenes(records, f) for f in (0.08, 0.13)}
+    fine, coarse = (small_face_recall(HaarDetector(**row), scenes) for row in rows)
+    assert fine["0.08"] >= 0.9 and coarse["0.08"] == 0.0, (fine, coarse)
+    assert coarse["0.13"] >= 0.9, coarse
+
+
 def test_haar_octaves_find_the_faces_of_the_one_call_search_faster_per_window():
     records = load_records([SAMPLE_XML], warn=pytest.fail)
     plain = detect_records(records, HaarDetector())
