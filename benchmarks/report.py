@@ -87,12 +87,20 @@ def _calibration_text(peer: dict) -> str:
 
 def pipeline_table(pipeline: list[dict]) -> str:
     header = ["Image", "Faces found / placed", "decode ms", "detect ms", "landmarks ms (all passes)",
-              "total ms (median)", "p90 ms", "fps", "CPU ms (all threads)", "fps bound (cores x 1000 / CPU ms)"]
+              "total ms (median)", "p90 ms", "fps", "CPU ms, all threads (decode / detect / landmarks)",
+              "fps bound (cores x 1000 / CPU ms)"]
     body = [[p["scene"], f"{p['faces_found']} / {p['faces_placed']}", _num(p["decode_ms"]), _num(p["detect_ms"]),
              _num(p["landmarks_ms"]), _num(p["total_ms"]),
-             _num(p["p90_total_ms"]), _num(p["fps"], 1), _num(p.get("cpu_ms")),
+             _num(p["p90_total_ms"]), _num(p["fps"], 1), _cpu_cell(p),
              f"{_num(p.get('fps_bound'), 1)} ({p['cores']} cores)" if "fps_bound" in p else "-"] for p in pipeline]
     return markdown_table(header, body)
+
+
+def _cpu_cell(row: dict) -> str:
+    """CPU ms of a pipeline row, then per stage where the row has them (older reports have neither)."""
+    stages = [row.get(f"{stage}_cpu_ms") for stage in ("decode", "detect", "landmarks")]
+    split = f" ({' / '.join(_num(v, 1) for v in stages)})" if all(v is not None for v in stages) else ""
+    return _num(row.get("cpu_ms")) + split
 
 
 def video_table(video: list[dict]) -> str:

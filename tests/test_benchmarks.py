@@ -123,6 +123,9 @@ def test_pipeline_rows_find_the_composed_faces(bench):
     # CPU time summed over threads: more than nothing, never more than every core busy for the whole wall time
     assert 0 < row["cpu_ms"] <= row["cores"] * row["total_ms"] * 1.1 + 1.0
     assert row["fps_bound"] == pytest.approx(row["cores"] * 1000.0 / row["cpu_ms"])
+    # one timed run: the stages' CPU times add up to the whole, and detection is never free
+    parts = [row[f"{s}_cpu_ms"] for s in ("decode", "detect", "landmarks")]
+    assert sum(parts) == pytest.approx(row["cpu_ms"], rel=0.02) and row["detect_cpu_ms"] > 0
     assert f"({row['cores']} cores)" in (out / "report.md").read_text()
 
 
