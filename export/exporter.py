@@ -310,6 +310,7 @@ def _metadata(contract: CropContract, doc: dict, precision: str, source_sha: str
         meta.HEAD: str(doc["model"].get("head", "regression")),
         meta.PRECISION: precision,
         meta.TRAIN_DATA: meta.dumps(train.get("data")),
+        meta.TRAIN_SPLIT: meta.dumps(dict(zip(("val_fraction", "split_seed"), split_of(train), strict=True))),
         meta.VAL_NME: meta.dumps((doc.get("metrics") or {}).get("val_nme")),
         meta.SOURCE_SHA256: source_sha,
         meta.VERSIONS: meta.dumps(_versions()),

@@ -20,6 +20,7 @@ ARCH = PREFIX + "arch"
 HEAD = PREFIX + "head"  # regression | pip
 PRECISION = PREFIX + "precision"  # fp32 | fp16 | fp16w | int8
 TRAIN_DATA = PREFIX + "train_data"
+TRAIN_SPLIT = PREFIX + "train_split"  # JSON {"val_fraction", "split_seed"}: the run's validation split
 VAL_NME = PREFIX + "val_nme"
 SOURCE_SHA256 = PREFIX + "source_sha256"
 VERSIONS = PREFIX + "versions"  # JSON
@@ -27,7 +28,7 @@ EXPORTED_AT = PREFIX + "exported_at"
 PARITY = PREFIX + "parity"  # JSON summary
 DETECTOR_CALIBRATION = PREFIX + "detector_calibration"  # JSON of BoxCalibration
 
-ALL_KEYS = (FORMAT, CONTRACT, POINTS, ARCH, HEAD, PRECISION, TRAIN_DATA, VAL_NME, SOURCE_SHA256, VERSIONS,
+ALL_KEYS = (FORMAT, CONTRACT, POINTS, ARCH, HEAD, PRECISION, TRAIN_DATA, TRAIN_SPLIT, VAL_NME, SOURCE_SHA256, VERSIONS,
             EXPORTED_AT, PARITY, DETECTOR_CALIBRATION)
 
 INPUT_NAME = "image"

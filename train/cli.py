@@ -20,7 +20,7 @@ console = Console(soft_wrap=True)  # a log file gets whole lines, not 80-column 
 # Options that are TrainConfig fields of the same name: a resumed run compares those given with its saved ones.
 CONFIG_FIELDS = ("data", "val_data", "out", "epochs", "batch_size", "image_size", "loss", "head", "pip_stride",
                  "presence", "lr", "optimizer", "schedule", "device", "amp", "max_images", "seed", "split_seed",
-                 "workers")
+                 "workers", "val_boxes", "ema")
 
 
 def train_command(
@@ -56,7 +56,13 @@ def train_command(
     resume: Path | None = typer.Option(None, "--resume", help="Continue a run from its last.pt, in its own folder "
                                        "with its saved settings."),
     init: Path | None = typer.Option(None, "--init", help="Start a new run from this checkpoint's weights "
-                                     "(fine-tuning): its network, a new optimizer and schedule, these options."),
+                                     "(fine-tuning): its network, a new optimizer and schedule, these options. "
+                                     "An exported .onnx works too (its folded BatchNorms are re-estimated)."),
+    val_boxes: str = typer.Option("landmarks", "--val-boxes", help="Select the best epoch on landmark boxes (a "
+                                  "refinement pass's crops) or detector (seeded Haar-like box error: one-pass "
+                                  "inference's crops); both are logged."),
+    ema: float = typer.Option(0.0, "--ema", min=0.0, max=0.9999, help="Validate and keep an exponential moving "
+                              "average of the weights with this decay per step (0 = off; e.g. 0.998)."),
     max_images: int | None = typer.Option(None, "--max-images", help="Use at most N training faces (the "
                                           "validation split stays whole)."),
     verbose: bool = typer.Option(False, "--verbose", help="List every data warning (default: one line per kind)."),
@@ -87,7 +93,7 @@ def train_command(
         batch_size=batch_size, image_size=image_size, loss=loss.value, head=head.value, pip_stride=pip_stride,
         presence=presence, lr=lr, optimizer=optimizer.value, schedule=schedule.value,
         device=device.value, amp=amp, max_images=max_images, seed=seed, split_seed=split_seed,
-        workers=workers, augment=asdict(aug),
+        workers=workers, augment=asdict(aug), val_boxes=val_boxes, ema=ema,
         init=str(init or ""),
     )
     stop = {"requested": False}
@@ -157,6 +163,9 @@ class _ProgressCallbacks:
     def on_epoch_end(self, stats) -> None:
         mark = " *" if stats.best else ""
         auc = "" if stats.val_presence_auc is None else f"  presence AUC {stats.val_presence_auc:.4f}"
+        if stats.val_nme_detector_boxes is not None:
+            auc += (f"  landmark/detector boxes {100 * stats.val_nme_landmark_boxes:.2f}/"
+                    f"{100 * stats.val_nme_detector_boxes:.2f}%")
         self.progress.console.print(
             f"epoch {stats.epoch:3d}  loss {stats.train_loss:.4f}  val NME {100 * stats.val_nme:.2f}% "
             f"(median {100 * stats.val_nme_median:.2f}%){auc}  lr {stats.lr:.2e}  {stats.images_per_s:.0f} img/s  "

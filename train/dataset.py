@@ -245,14 +245,39 @@ def validation_negatives(records: Sequence[FaceRecord], contract: CropContract, 
     return contract.normalize(np.stack(crops))
 
 
+def detector_like_box(box: Box, rng: np.random.Generator, shift_x: float = HAAR_SHIFT_X,
+                      shift_y: float = HAAR_SHIFT_Y, log_scale: float = HAAR_LOG_SCALE) -> Box:
+    """`box` moved and resized like a calibrated Haar box (the measured error model of AugmentConfig.det_*)."""
+    x, y, w, h = box
+    side = max(w, h)
+    cx = x + w / 2 + rng.normal(0.0, shift_x) * side
+    cy = y + h / 2 + rng.normal(0.0, shift_y) * side
+    k = math.exp(rng.normal(0.0, log_scale))
+    return (cx - w * k / 2, cy - h * k / 2, w * k, h * k)
+
+
+VAL_BOXES = ("landmarks", "detector")
+
+
 def validation_tensors(records: Sequence[FaceRecord], contract: CropContract,
-                       progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Validation inputs and crop-space targets through the runtime's own preprocessing (no cache)."""
+                       progress: Callable[[int], None] | None = None, boxes: str = "landmarks",
+                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Validation inputs and crop-space targets through the runtime's own preprocessing (no cache).
+
+    boxes="landmarks": each face's landmark box (what a refinement pass sees); "detector": that box with one
+    seeded draw of the calibrated Haar box error per face (what the runtime's first pass sees), the same draw
+    in every epoch and run with this `seed`."""
+    if boxes not in VAL_BOXES:
+        raise ValueError(f"unknown validation boxes {boxes!r} ({', '.join(VAL_BOXES)})")
+    rng = np.random.default_rng(seed)
     inputs = np.empty((len(records), 1, contract.size, contract.size), np.float32)
     targets = np.empty((len(records), 68, 2), np.float32)
     for i, record in enumerate(records):
         gray = read_gray(record.image_path)
-        batch, (m,) = contract.prepare(gray, [box_from_landmarks(record.landmarks)])
+        box = box_from_landmarks(record.landmarks)
+        if boxes == "detector":
+            box = detector_like_box(box, rng)
+        batch, (m,) = contract.prepare(gray, [box])
         inputs[i] = batch[0]
         targets[i] = contract.encode_points(record.landmarks, m)
         if progress:

@@ -35,6 +35,7 @@ from facemark.reporting import summarize_warnings
 from facemark.train.checkpoint import load_checkpoint, save_checkpoint
 from facemark.train.codecs import nearest_neighbors
 from facemark.train.dataset import (
+    VAL_BOXES,
     AugmentConfig,
     AugmentedFaces,
     FaceCache,
@@ -43,6 +44,7 @@ from facemark.train.dataset import (
     validation_tensors,
 )
 from facemark.train.model import LandmarkNet, build_model
+from facemark.train.onnx_init import FOLDED_BATCHNORM, calibrate_folded_batchnorm, checkpoint_from_onnx, is_onnx
 from facemark.train.options import DEVICES, HEADS, LOSSES, OPTIMIZERS, PIP_STRIDES, SCHEDULES
 
 
@@ -76,7 +78,11 @@ class TrainConfig:
     val_fraction: float = 0.1
     workers: int = 1
     augment: dict = field(default_factory=lambda: asdict(AugmentConfig()))
-    init: str = ""  # a checkpoint whose weights start this run (fine-tuning); fresh optimizer and schedule
+    init: str = ""  # a checkpoint (or exported .onnx) whose weights start this run; fresh optimizer and schedule
+    # Model selection: NME on landmark boxes (a refinement pass's crops) or on seeded detector-like boxes (the
+    # first pass's crops: what one-pass inference sees). Both are reported every epoch.
+    val_boxes: str = "landmarks"
+    ema: float = 0.0  # > 0: validate and keep an exponential moving average of the weights with this decay
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -96,6 +102,10 @@ class TrainConfig:
             raise DataError(f"--device {self.device!r}: choose one of {', '.join(DEVICES)} (or cuda:N)")
         if self.epochs < 1 or self.batch_size < 1 or self.image_size < 16:
             raise DataError("--epochs and --batch-size must be >= 1 and --image-size >= 16")
+        if self.val_boxes not in VAL_BOXES:
+            raise DataError(f"--val-boxes {self.val_boxes!r}: choose one of {', '.join(VAL_BOXES)}")
+        if not 0.0 <= self.ema < 1.0:
+            raise DataError(f"--ema {self.ema}: a decay in [0, 1) (0 = off)")
         if self.head == "pip" and self.image_size % self.pip_stride:
             raise DataError(f"--image-size {self.image_size} must be a multiple of the pip stride {self.pip_stride}")
 
@@ -112,6 +122,8 @@ class EpochStats:
     seconds: float
     best: bool
     val_presence_auc: float | None = None  # face crops vs face-free crops of the validation photos
+    val_nme_landmark_boxes: float | None = None  # both box kinds, whichever `val_boxes` selects on
+    val_nme_detector_boxes: float | None = None
 
 
 @dataclass
@@ -247,7 +259,7 @@ def resolve_init(init: str | os.PathLike, cfg: TrainConfig, explicit: set[str]) 
     """The checkpoint that starts a fine-tuning run; `cfg` takes its architecture (an explicit contradicting
     option is refused with one line). Everything else (data, schedule, augmentation) is this run's own."""
     path = Path(init)
-    doc = load_checkpoint(path)
+    doc = checkpoint_from_onnx(path) if is_onnx(path) else load_checkpoint(path)
     saved = TrainConfig.from_dict({"data": [], **doc["train"]})
     for name in ARCHITECTURE_FIELDS:
         mine, theirs = getattr(cfg, name), getattr(saved, name)
@@ -369,6 +381,24 @@ def presence_auc(model: LandmarkNet, faces: np.ndarray, negatives: np.ndarray, d
     return roc_auc(pos, neg)
 
 
+BN_CALIBRATION_CROPS = 512
+
+
+def _sample_inputs(dataset: AugmentedFaces, seed: int, count: int = BN_CALIBRATION_CROPS) -> torch.Tensor:
+    """`count` augmented face crops (as training draws them), for BatchNorm statistics."""
+    rng = np.random.default_rng(seed)
+    faces = len(dataset.cache)
+    picks = rng.choice(faces, size=min(count, faces), replace=False)
+    return torch.stack([dataset[int(i)][0] for i in picks])
+
+
+def _ema_model(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """An exponential moving average of the weights and BatchNorm statistics (validated and kept as best.pt)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def mean_shape_neighbors(records: Sequence[FaceRecord], contract: CropContract, k: int) -> list[list[int]]:
     """PIP's neighbour lists: the k nearest points of each point in the training faces' mean shape."""
     shapes = [contract.encode_points(r.landmarks, contract.crop_matrix(box_from_landmarks(r.landmarks)))
@@ -429,7 +459,10 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
         cb.on_cache_progress(done[0], total_decode)
 
     cache = FaceCache(train_records, contract, progress=tick if is_main else None)
-    val_inputs, val_targets = validation_tensors(val_records, contract, progress=tick if is_main else None)
+    val_sets = {kind: validation_tensors(val_records, contract, progress=tick if is_main and kind == "landmarks"
+                                         else None, boxes=kind, seed=cfg.split_seed)
+                for kind in VAL_BOXES}
+    val_inputs = val_sets["landmarks"][0]
     negatives, val_negatives = None, np.zeros((0, 1, contract.size, contract.size), np.float32)
     if cfg.presence:
         negatives = NegativeSource(train_records, contract)
@@ -453,7 +486,12 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
         neighbors = mean_shape_neighbors(train_records, contract, cfg.pip_neighbors) if cfg.head == "pip" else None
         model = LandmarkNet(image_size=cfg.image_size, head=cfg.head, pip_stride=cfg.pip_stride,
                             neighbors=neighbors, presence=cfg.presence)
+    if start_from is initial and initial is not None and initial.get(FOLDED_BATCHNORM):
+        # An exported model's BatchNorms are folded into its convolutions: give them statistics first.
+        calibrate_folded_batchnorm(model, _sample_inputs(dataset, cfg.seed))
+        log(f"BatchNorm statistics of the folded export re-estimated on {BN_CALIBRATION_CROPS} training crops")
     model = model.to(device).to(memory_format=torch.channels_last)
+    ema = _ema_model(model, cfg.ema) if cfg.ema else None
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay if cfg.optimizer == "adamw" else 0)
     scheduler = _build_scheduler(cfg, optimizer, len(loader))
@@ -472,6 +510,8 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
         # else: --epochs extended the run: the new schedule (built above for cfg.epochs) at the saved step
         scheduler.last_epoch, scheduler._step_count = saved_steps, saved_steps + 1
         scaler.load_state_dict(state["scaler"])
+        if ema is not None and "ema" in state:
+            ema.module.load_state_dict(state["ema"])
         torch.set_rng_state(state["rng"]["torch"])
         start_epoch, best_nme = state["next_epoch"], state["best_val_nme"]
         history = [EpochStats(**h) for h in state["history"]]
@@ -488,6 +528,8 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler_state or scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "rng": _rng_state(), "next_epoch": next_epoch,
                  "best_val_nme": best_nme, "history": [asdict(h) for h in history]}
+        if ema is not None:
+            state["ema"] = {k: v.detach().cpu() for k, v in ema.module.state_dict().items()}
         metrics = asdict(history[-1]) if history else {"epoch": next_epoch}
         save_checkpoint(last_path, model, contract, train_dict, metrics, state)
 
@@ -510,6 +552,8 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
                 loss = train_step(train_model, optimizer, scaler, batch, cfg.loss, amp_dtype, device,
                                   cfg.presence_weight)
                 scheduler.step()
+                if ema is not None:
+                    ema.update_parameters(model)
                 loss_sum += loss.item() * len(x)
                 seen += len(x)
                 if is_main:
@@ -524,19 +568,21 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
                     log(f"interrupted: saved {last_path}; continue with --resume {last_path}")
                 break
             seconds = time.perf_counter() - t0
-            errors = validate(model, val_inputs, val_targets, device)
+            judged = ema.module if ema is not None else model
+            by_boxes = {kind: validate(judged, inputs, targets, device) for kind, (inputs, targets) in val_sets.items()}
+            errors = by_boxes[cfg.val_boxes]
             val_nme = float(errors.mean())
-            auc = presence_auc(model, val_inputs, val_negatives, device)
+            auc = presence_auc(judged, val_inputs, val_negatives, device)
             is_best = val_nme < best_nme
             best_nme = min(best_nme, val_nme)
             stats = EpochStats(epoch + 1, loss_sum / max(seen, 1), val_nme, float(np.median(errors)),
                                optimizer.param_groups[0]["lr"], seen * world / seconds, wait / seconds, seconds,
-                               is_best, auc)
+                               is_best, auc, float(by_boxes["landmarks"].mean()), float(by_boxes["detector"].mean()))
             history.append(stats)
             if is_main:
                 metrics = asdict(stats)
                 if is_best:
-                    save_checkpoint(best_path, model, contract, train_dict, metrics)
+                    save_checkpoint(best_path, judged, contract, train_dict, metrics)
                 save_last(epoch + 1)
                 with open(metrics_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(metrics) + "\n")
