@@ -30,7 +30,7 @@ from facemark.contract import BoxCalibration, CropContract, box_from_landmarks
 from facemark.data import FaceRecord, load_records, split_of, split_records
 from facemark.errors import FacemarkError, ImageError, ParityError
 from facemark.evaluation import evaluate
-from facemark.export import parity
+from facemark.export import consumers, parity
 from facemark.export.onnx_export import DEFAULT_OPSET, check_model, export_fp32, set_metadata
 from facemark.export.variants import CALIBRATION_FACES, CALIBRATION_METHOD, to_fp16, to_fp16_weights, to_int8
 from facemark.fileio import check_writable, write_text_atomic, write_with_atomic
@@ -124,9 +124,17 @@ def export_model(checkpoint: Path, output: Path, *, opset: int = DEFAULT_OPSET, 
             "--calib-data (no validation faces)" if calib_data else f"bundled samples {SAMPLES_XML.name}")
     report["summary"] = parity.summary_line(report)
     passed = bool(verify and report["passed"])
+    if len(real_crops) and (passed or not verify):
+        say("checking the file in every consumer (ONNX Runtime without optimisations, OpenCV DNN, onnx.checker)")
+        report["consumers"] = consumers.check_consumers(candidate, real_crops, precision)
+        for line in consumers.summary_lines(report["consumers"]):
+            say(line)
 
     source_sha = file_sha256(checkpoint)
-    set_metadata(candidate, _metadata(contract, doc, precision, source_sha, report, calibration))
+    props = _metadata(contract, doc, precision, source_sha, report, calibration)
+    if "consumers" in report:
+        props[meta.CONSUMERS] = meta.dumps(consumers.consumers_summary(report["consumers"]))
+    set_metadata(candidate, props)
     data = candidate.SerializeToString()
     report.update(source_sha256=source_sha, size_bytes=len(data), written=passed or not verify)
     write_text_atomic(report_path(output), json.dumps(report, indent=2, default=_json_default) + "\n")

@@ -27,9 +27,11 @@ VERSIONS = PREFIX + "versions"  # JSON
 EXPORTED_AT = PREFIX + "exported_at"
 PARITY = PREFIX + "parity"  # JSON summary
 DETECTOR_CALIBRATION = PREFIX + "detector_calibration"  # JSON of BoxCalibration
+CONSUMERS = PREFIX + "consumers"  # JSON: which runtimes load the file and how closely they agree
 
 ALL_KEYS = (FORMAT, CONTRACT, POINTS, ARCH, HEAD, PRECISION, TRAIN_DATA, TRAIN_SPLIT, VAL_NME, SOURCE_SHA256, VERSIONS,
-            EXPORTED_AT, PARITY, DETECTOR_CALIBRATION)
+            EXPORTED_AT, PARITY, DETECTOR_CALIBRATION,
+            CONSUMERS)
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "landmarks"  # always the first output, [N, 68, 2]

@@ -57,6 +57,22 @@ def test_file_declares_opset_17_passes_checker_and_has_the_interface(exported, p
     assert in_dims == ["batch", 1, TINY_SIZE, TINY_SIZE] and out_dims == ["batch", 68, 2]
 
 
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_every_variant_runs_in_every_consumer_within_its_gate(exported, precision):
+    """OpenCV DNN, ORT without graph optimisations and onnx's full checker load each export and agree with ORT
+    within the precision's parity gate; every op is on TensorRT 10's parser list; metadata says so."""
+    from facemark.export.consumers import not_on_tensorrt_list
+
+    report = exported[precision].report["consumers"]
+    rows = {r["name"]: r for r in report["consumers"]}
+    assert all(r["loads"] for r in rows.values()), [r["error"] for r in rows.values()]
+    assert rows["opencv dnn"]["agrees"] and rows["onnxruntime ORT_DISABLE_ALL"]["agrees"], rows
+    proto = onnx.load(str(exported[precision].path))
+    assert not_on_tensorrt_list(proto) == []
+    stored = json.loads({p.key: p.value for p in proto.metadata_props}[meta.CONSUMERS])
+    assert set(stored["consumers"]) == set(rows)
+
 def test_variants_really_change_the_weights(exported):
     def initializer_types(precision: str) -> set[int]:
         return {t.data_type for t in onnx.load(exported[precision].path).graph.initializer}

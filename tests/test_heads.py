@@ -46,10 +46,10 @@ def perfect_raw(codec: PipCodec, target: torch.Tensor) -> dict[str, torch.Tensor
 
     nb_index = enc["index"][:, :, None].expand(n, p, codec.k).reshape(n, -1)
     return {"scores": scores.view(n, p, g, g),
-            "offset_x": at_cell(enc["offset"][..., 0], enc["index"]),
-            "offset_y": at_cell(enc["offset"][..., 1], enc["index"]),
-            "neighbor_x": at_cell(enc["neighbors"][..., 0].reshape(n, -1), nb_index),
-            "neighbor_y": at_cell(enc["neighbors"][..., 1].reshape(n, -1), nb_index)}
+            "offsets": torch.cat([at_cell(enc["offset"][..., 0], enc["index"]),
+                                  at_cell(enc["offset"][..., 1], enc["index"])], dim=1),
+            "neighbors": torch.cat([at_cell(enc["neighbors"][..., 0].reshape(n, -1), nb_index),
+                                    at_cell(enc["neighbors"][..., 1].reshape(n, -1), nb_index)], dim=1)}
 
 
 @pytest.mark.parametrize("grid", [4, 8, 10])
@@ -71,7 +71,7 @@ def test_neighbour_votes_pull_a_point_whose_own_offset_is_wrong():
     codec = PipCodec(8, nearest_neighbors(mean_shape(), 10))
     target = torch.tensor(mean_shape()[None], dtype=torch.float32)
     raw = perfect_raw(codec, target)
-    raw["offset_x"] = raw["offset_x"] + 1.0  # every own x offset one cell off
+    raw["offsets"][:, :68] += 1.0  # every own x offset one cell off
     decoded = codec.decode(raw)["landmarks"]
     # Own estimates are off by 1/8 of the crop; the average with the (correct) votes is off by less.
     assert ((decoded - target)[..., 0].abs() < 1 / 8 - 1e-3).all()
@@ -224,3 +224,22 @@ def test_noise_crops_decoding_to_a_tie_are_left_out_of_parity_and_counted(pip_ch
             assert (s["ties_excluded"], s["samples"]) == (tied, len(noise) - tied)
         else:
             assert s["ties_excluded"] == 0 and s["samples"] == 16
+
+
+def test_pip_export_runs_in_every_consumer(pip_onnx):
+    """The export's consumer check on a pip model: OpenCV DNN and ORT without optimisations load it and agree
+    with ORT, the full checker passes, every op is on TensorRT 10's list, the metadata says so. (Reduced
+    precisions of a random pip head flip argmax cells on real faces; the trained weights' fp16 and int8 exports
+    are checked in test_consumers.py.)"""
+    import onnx
+
+    from facemark.export.consumers import not_on_tensorrt_list
+
+    report = pip_onnx.report["consumers"]
+    rows = {r["name"]: r for r in report["consumers"]}
+    assert all(r["loads"] for r in rows.values()), [r["error"] for r in rows.values()]
+    assert rows["opencv dnn"]["agrees"] and rows["onnxruntime ORT_DISABLE_ALL"]["agrees"], rows
+    proto = onnx.load(str(pip_onnx.path))
+    assert not_on_tensorrt_list(proto) == []
+    stored = json.loads({p.key: p.value for p in proto.metadata_props}[md.CONSUMERS])
+    assert stored["consumers"]["opencv dnn"]["agrees"] is True

@@ -72,20 +72,50 @@ class RegressionCodec:
 
 
 class PipCodec:
-    """Pixel-in-pixel: score maps + in-cell offsets + neighbour offsets on a G x G grid (see module doc)."""
+    """Pixel-in-pixel: score maps + in-cell offsets + neighbour offsets on a G x G grid (see module doc).
+
+    Raw head outputs: `scores` (N, P, G, G), `offsets` (N, 2P, G, G) = own x of every point, then own y, and
+    `neighbors` (N, 2PK, G, G) = x of neighbour m of point i at channel i*K + m, then the y's.
+
+    Decoding is written for every ONNX consumer (docs/DESIGN.md, section 6): all shapes are static
+    but the batch, no shape arithmetic, no integer division. One gather reads every offset map at its point's
+    best cell; the cell's own coordinates come from a constant table; neighbour voting, the average and the
+    grid-to-crop scaling are one constant matrix. Graph: Reshape, ReduceMax, Sigmoid, Gather, ArgMax, Concat,
+    Reshape, Add, GatherElements, Add, Gather, Reshape, Add, MatMul, Sub, Reshape."""
 
     name = "pip"
 
     def __init__(self, grid: int, neighbors: list[list[int]]) -> None:
         self.grid = grid
         self.neighbors = torch.tensor(neighbors, dtype=torch.long)  # (P, K)
-        num_points, k = self.neighbors.shape
-        self.num_points, self.k = num_points, k
-        # votes[j, i*K + m] = 1 when point j is the m-th neighbour of point i: one matmul sums all votes for j.
-        votes = torch.zeros(num_points, num_points * k)
-        votes[self.neighbors.reshape(-1), torch.arange(num_points * k)] = 1.0
-        self.votes = votes
-        self.vote_count = votes.sum(dim=1, keepdim=True) + 1.0  # + the point's own estimate
+        p, k = self.neighbors.shape
+        self.num_points, self.k = p, k
+        cells = grid * grid
+        self.cells = cells
+        own = torch.arange(p)
+        voter = own.repeat_interleave(k)  # point i for its K neighbour votes
+        # Gathered layout J = [own x (P), own y (P), vote x (PK), vote y (PK)]: the channels of
+        # cat(offsets, neighbors). Entry j reads its map at the best cell of point `point_of[j]`.
+        self.point_of = torch.cat([own, own, voter, voter])
+        self.map_base = torch.arange(len(self.point_of)) * cells  # where map j starts in the flattened maps
+        is_y = torch.cat([torch.zeros(p), torch.ones(p), torch.zeros(p * k), torch.ones(p * k)]).long()
+        self.coord_base = is_y * cells  # into cell_table = [x of every cell, y of every cell]
+        index = torch.arange(cells)
+        self.cell_table = torch.cat([index % grid, index // grid]).float()
+        # Estimates per point: its own + one for every point that has it among its K neighbours.
+        self.vote_count = torch.bincount(self.neighbors.reshape(-1), minlength=p).float()[:, None] + 1.0
+        self.decode_matrix = self._decode_matrix()
+
+    def _decode_matrix(self) -> torch.Tensor:
+        """(J, 2P): gathered cell + offset values -> landmark (x0, y0, x1, y1, ...) in normalised crop units
+        minus the -0.5 shift: each point averages its own estimate with the K-neighbour votes cast for it."""
+        p, k = self.num_points, self.k
+        count = self.vote_count[:, 0]
+        matrix = torch.zeros(len(self.point_of), 2 * p)
+        target = torch.cat([torch.arange(p), torch.arange(p), self.neighbors.reshape(-1), self.neighbors.reshape(-1)])
+        coord = torch.cat([torch.zeros(p), torch.ones(p), torch.zeros(p * k), torch.ones(p * k)]).long()
+        matrix[torch.arange(len(target)), 2 * target + coord] = 1.0 / count[target]
+        return matrix / self.grid
 
     # --- targets -----------------------------------------------------------------------------------------
     def encode(self, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -113,30 +143,31 @@ class PipCodec:
         return (PIP_SCORE_WEIGHT * masked_mean(score_loss, mask)
                 + self.grid * (masked_mean(own_loss, mask) + masked_mean(nb_loss, mask)))
 
+    def _gather(self, raw: dict[str, torch.Tensor], at_point: torch.Tensor) -> torch.Tensor:
+        """Every offset map read at its point's cell: (N, J) for `at_point` = the cell index of point_of[j]."""
+        maps = torch.cat([raw["offsets"], raw["neighbors"]], dim=1).reshape(-1, len(self.point_of) * self.cells)
+        return maps.gather(1, at_point + self.map_base.to(at_point.device))
+
     def _offsets_at(self, raw: dict[str, torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Own offsets (N, P, 2) and neighbour offsets (N, P, K, 2) read at one cell per point (`index`, (N, P):
-        the true cell for the loss, the best one for decoding). Shapes stay symbolic in the batch (-1)."""
-        p, cells = raw["scores"].shape[1], raw["scores"].shape[2] * raw["scores"].shape[3]
-        at = index[..., None]
-        own = torch.stack([raw["offset_x"].flatten(2).gather(2, at)[..., 0],
-                           raw["offset_y"].flatten(2).gather(2, at)[..., 0]], dim=-1)
-        at_nb = at[:, :, None, :].expand(-1, -1, self.k, -1)
-        nb = torch.stack([raw["neighbor_x"].flatten(2).view(-1, p, self.k, cells).gather(3, at_nb)[..., 0],
-                          raw["neighbor_y"].flatten(2).view(-1, p, self.k, cells).gather(3, at_nb)[..., 0]],
-                         dim=-1)
+        """Own offsets (N, P, 2) and neighbour offsets (N, P, K, 2) read at one cell per point (`index`, (N, P))."""
+        p, k = self.num_points, self.k
+        values = self._gather(raw, index[:, self.point_of.to(index.device)])
+        own = torch.stack([values[:, :p], values[:, p:2 * p]], dim=-1)
+        nb = torch.stack([values[:, 2 * p:2 * p + p * k], values[:, 2 * p + p * k:]], dim=-1).reshape(-1, p, k, 2)
         return own, nb
 
     # --- decoding (torch ops only: it runs inside the exported graph) -------------------------------------
     def decode(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         scores = raw["scores"]
-        _, p, _, gw = scores.shape  # the batch stays symbolic (-1) for the dynamic ONNX axis
-        best, index = scores.flatten(2).max(dim=2)  # (N, P)
-        cy = torch.div(index, gw, rounding_mode="floor")
-        cx = index - cy * gw
-        cell = torch.stack([cx, cy], dim=-1).to(scores.dtype)  # (N, P, 2)
-        own, nb = self._offsets_at(raw, index)
-        votes_from = (cell[:, :, None, :] + nb).reshape(-1, p * self.k, 2)
-        votes = self.votes.to(scores.device, scores.dtype)
-        summed = torch.matmul(votes, votes_from)  # (N, P, 2)
-        g = (cell + own + summed) / self.vote_count.to(scores.device, scores.dtype)
-        return {"landmarks": g / self.grid - 0.5, "landmark_scores": torch.sigmoid(best)}
+        device, dtype = scores.device, scores.dtype
+        flat = scores.reshape(-1, self.num_points, self.cells)
+        best = flat.amax(dim=2)  # (N, P)
+        # Each of the J estimates takes the argmax of its point's map; the maps are gathered before the argmax,
+        # not the argmax after it: OpenCV DNN 4.x mis-shapes a Gather on an ArgMax output at batch 1.
+        at_point = flat[:, self.point_of.to(device)].argmax(dim=2)  # (N, J)
+        # A (2C, 1) table: consumers that keep 1-D tensors as (n, 1) (OpenCV DNN) gather the same shape.
+        cell = self.cell_table[:, None].to(device, dtype)[at_point + self.coord_base.to(device)]
+        cell = cell.reshape(-1, len(self.point_of))
+        values = self._gather(raw, at_point) + cell  # (N, J): grid coordinates of every estimate
+        points = torch.matmul(values, self.decode_matrix.to(device, dtype)) - 0.5
+        return {"landmarks": points.reshape(-1, self.num_points, 2), "landmark_scores": torch.sigmoid(best)}

@@ -101,13 +101,10 @@ class LandmarkNet(nn.Module):
             feats = c4
             if hasattr(self, "lateral"):
                 feats = self.smooth(c3 + F.interpolate(self.lateral(c4), scale_factor=2.0, mode="nearest"))
-            p, k = self.num_points, self.codec.k
-            offsets = self.offset_head(feats)
-            neighbors = self.neighbor_head(feats)
-            out.update(scores=self.score_head(feats), offset_x=offsets[:, :p], offset_y=offsets[:, p:],
-                       neighbor_x=neighbors[:, : p * k], neighbor_y=neighbors[:, p * k:])
+            out.update(scores=self.score_head(feats), offsets=self.offset_head(feats),
+                       neighbors=self.neighbor_head(feats))
         if self.config["presence"]:
-            out["face_logit"] = self.presence_fc(pooled)[:, 0]
+            out["face_logit"] = self.presence_fc(pooled).reshape(-1)  # (N,): a Reshape, not a Gather (OpenCV DNN)
         return out
 
     def decode(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

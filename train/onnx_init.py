@@ -64,20 +64,27 @@ class _Constants:
 
 
 def _vote_neighbors(graph: onnx.GraphProto, consts: _Constants, points: int) -> list[list[int]]:
-    """PIP neighbour lists from the decode's vote matrix votes[j, i*K + m] = 1 (j is the m-th neighbour of i)."""
+    """PIP neighbour lists from the decode's constant matrix (facemark.train.codecs.PipCodec): the decode matrix
+    (J, 2P), whose vote rows 2P + i*K + m (x) point at column 2j for neighbour j, or the older vote matrix
+    (P, PK) with votes[j, i*K + m] = 1."""
     for node in graph.node:
-        if node.op_type != "MatMul":
+        if node.op_type not in ("MatMul", "Gemm"):
             continue
         for name in node.input:
             try:
-                votes = consts.value(name)
+                matrix = consts.value(name)
             except (ModelError, KeyError):
                 continue
-            if votes.ndim == 2 and votes.shape[0] == points and votes.shape[1] % points == 0:
-                k = votes.shape[1] // points
-                owner = votes.argmax(axis=0)  # column i*K + m -> j
-                return owner.reshape(points, k).astype(int).tolist()
-    raise ModelError("no PIP vote matrix in the graph")
+            if matrix.ndim != 2:
+                continue
+            rows, cols = matrix.shape
+            if cols == 2 * points and (rows - 2 * points) % (2 * points) == 0 and rows > 2 * points:
+                k = (rows - 2 * points) // (2 * points)
+                vote_rows = matrix[2 * points:2 * points + points * k]
+                return (vote_rows.argmax(axis=1) // 2).reshape(points, k).astype(int).tolist()
+            if rows == points and cols % points == 0:
+                return matrix.argmax(axis=0).reshape(points, cols // points).astype(int).tolist()
+    raise ModelError("no PIP decode matrix in the graph")
 
 
 def _module_path(node_name: str) -> str:
