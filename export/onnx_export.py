@@ -1,4 +1,4 @@
-"""PyTorch -> ONNX (fp32): the graph, its interface (GUIDE section 4) and its checks.
+"""PyTorch -> ONNX (fp32): the graph, its interface (docs/DESIGN.md section 4) and its checks.
 
 Exporter choice: the TorchScript exporter (`torch.onnx.export(..., dynamo=False)`). Measured with torch 2.14.1
 / onnx 1.23 on LandmarkNet: the dynamo exporter has no opset-17 implementations, builds at opset 18 and hands
@@ -29,7 +29,7 @@ BATCH_DIM = "batch"
 MAX_PROTOBUF_BYTES = 2**31 - 1  # one self-contained file: no external-data sidecar possible above this
 
 
-# Every output the graph may have (GUIDE section 4), with its shape after the batch axis.
+# Every output the graph may have (docs/DESIGN.md section 4), with its shape after the batch axis.
 OUTPUT_SHAPES: dict[str, tuple[int, ...]] = {OUTPUT_NAME: (NUM_POINTS, 2), LANDMARK_SCORES: (NUM_POINTS,),
                                              FACE_SCORE: ()}
 

@@ -1,4 +1,4 @@
-"""The preprocessing contract shared by train, export and runtime (GUIDE section 2).
+"""The preprocessing contract shared by train, export and runtime (docs/DESIGN.md section 2).
 
 Every number of the crop lives in `CropContract`; it travels inside checkpoints and ONNX metadata as JSON.
 

@@ -1,4 +1,4 @@
-"""ONNX `metadata_props` keys (GUIDE section 4): written by export, read by the runtime. One place for all."""
+"""ONNX `metadata_props` keys (docs/DESIGN.md section 4): written by export, read by the runtime. One place for all."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Detector box -> training box calibration (GUIDE section 2).
+"""Detector box -> training box calibration (docs/DESIGN.md section 2).
 
 Haar boxes are square, sit higher and are wider than the landmarks' tight bounding box the network was trained
 on. `fit_calibration` runs the detector on annotated faces, pairs each face with its best-overlapping detection

@@ -261,7 +261,7 @@ def _contract_of(data: bytes, source: str) -> CropContract:
 
 def _check_io(session: ort.InferenceSession, contract: CropContract, source: str
               ) -> tuple[type, dict[str, tuple[int, ...]]]:
-    """Check the model's input/outputs against its contract and GUIDE section 4; return the input dtype (fp16
+    """Check the model's input/outputs against its contract and docs/DESIGN.md section 4; return the input dtype (fp16
     models take fp16) and the known outputs with their shapes after the batch axis."""
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name: o for o in session.get_outputs()}

@@ -1,4 +1,4 @@
-"""Checkpoints (GUIDE section 3): plain types only, loadable with weights_only=True, written atomically."""
+"""Checkpoints (docs/DESIGN.md section 3): plain types only, loadable with weights_only=True, written atomically."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         doc = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
         # torch's message suggests weights_only=False: arbitrary code execution for an untrusted file. Never
-        # relayed; facemark checkpoints hold plain types only (GUIDE section 3).
+        # relayed; facemark checkpoints hold plain types only (docs/DESIGN.md section 3).
         kind = "holds objects other than tensors and plain types" if "weights_only" in str(exc) else "is damaged"
         raise ModelError(f"{p}: not a facemark checkpoint: it {kind} ({exc.__class__.__name__}); facemark only "
                          "loads plain-type checkpoints written by `facemark train`") from None

@@ -1,5 +1,5 @@
 """Keypoint codecs, one per head (mmpose style): `encode` landmarks -> training targets, `loss`, `decode` raw head
-outputs -> landmarks in the normalised crop units of the contract (GUIDE section 2).
+outputs -> landmarks in the normalised crop units of the contract (docs/DESIGN.md section 2).
 
 `decode` is written in plain torch ops (max/argmax, gather, matmul with a constant) so the same code runs in
 validation and inside the exported ONNX graph: every consumer of the model gets points, never maps.

@@ -9,7 +9,7 @@
 
 `forward(x)` returns the landmarks (N, 68, 2) in the contract's normalised units for every head, so
 evaluation, parity and the eager predictor never care which head it is; `outputs(x)` gives every ONNX output
-by name (GUIDE section 4) and `raw(x)` the undecoded tensors the codec's loss wants.
+by name (docs/DESIGN.md section 4) and `raw(x)` the undecoded tensors the codec's loss wants.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class LandmarkNet(nn.Module):
 
     @property
     def output_names(self) -> list[str]:
-        """The ONNX outputs, in order: landmarks first (GUIDE section 4)."""
+        """The ONNX outputs, in order: landmarks first (docs/DESIGN.md section 4)."""
         names = ["landmarks"]
         if self.head == "pip":
             names.append("landmark_scores")
