@@ -259,3 +259,55 @@ def _threads() -> int:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return f"{exc.__class__.__name__}: {text[:300]}"
+
+
+def _sample_crops(proto: onnx.ModelProto) -> np.ndarray:
+    """The bundled sample faces on their landmark boxes, cropped by the model's own contract."""
+    import facemark
+    from facemark.contract import CropContract, box_from_landmarks
+    from facemark.data import load_records
+    from facemark.imageio import read_gray
+    from facemark.metadata import CONTRACT
+
+    contract = CropContract.from_json({p.key: p.value for p in proto.metadata_props}[CONTRACT])
+    samples = Path(facemark.__file__).parent / "assets" / "samples" / "landmarks.xml"
+    crops = [contract.prepare(read_gray(r.image_path), [box_from_landmarks(r.landmarks)])[0]
+             for r in load_records([samples], lambda _m: None)]
+    return np.concatenate(crops)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m facemark.export.consumers MODEL.onnx ...`: the consumer check of exported files, on the
+    bundled sample faces, one Markdown row per consumer (the README's "Where the exported file runs")."""
+    import argparse
+
+    from facemark.metadata import PRECISION
+
+    parser = argparse.ArgumentParser(prog="python -m facemark.export.consumers", description=main.__doc__)
+    parser.add_argument("models", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    print("| file | precision | consumer | version | loads | agrees (gate) | max / p99 abs diff | ms per face | "
+          "int8 kernels |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for path in args.models:
+        proto = onnx.load(str(path))
+        precision = {p.key: p.value for p in proto.metadata_props}.get(PRECISION, "fp32")
+        report = check_consumers(proto, _sample_crops(proto), precision)
+        gate = f"{report['gate']['stat']} <= {report['gate']['limit']:.2g}"
+        for r in report["consumers"]:
+            diff = "-" if r["max_abs"] is None else f"{r['max_abs']:.2g} / {r['p99_abs']:.2g}"
+            agrees = "-" if r["agrees"] is None else ("yes" if r["agrees"] else "NO") + f" ({gate})"
+            ms = "-" if r["ms_per_face"] is None else f"{r['ms_per_face']:.2f}"
+            kernels = {None: "-", True: "yes", False: "no (Q/DQ in float)"}[r["quantized_kernels"]]
+            loads = "yes" if r["loads"] else f"NO: {r['error']}"
+            print(f"| {path.name} | {precision} | {r['name']} | {r['version']} | {loads} | {agrees} | {diff} | {ms} "
+                  f"| {kernels} |")
+        trt = report["tensorrt"]
+        print(f"| {path.name} | {precision} | TensorRT 10 op list | - | "
+              f"{'every op listed' if not trt['ops_not_supported'] else ', '.join(trt['ops_not_supported'])} | "
+              f"{'; '.join(trt['notes']) or '-'} | - | - | - |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
