@@ -30,6 +30,7 @@ from facemark.benchmarks.isolated import (
     self_check,
     time_isolated,
 )
+from facemark.benchmarks.mediapipe_peer import mediapipe_document
 from facemark.benchmarks.peer import DlibPeer, find_dlib_predictor, fit_dlib_calibration, peer_nme, peer_nme_hog
 from facemark.benchmarks.variants import REFERENCE, EagerVariant, OrtVariant, Variant, file_size_mb
 from facemark.contract import CropContract, box_from_landmarks
@@ -424,6 +425,10 @@ def run_benchmark(cfg: BenchConfig, progress: Progress = lambda _msg: None) -> d
     if peer is not None:
         progress("dlib NME")
         peer_doc = peer_document(peer, timed, rows, val_records)
+    mediapipe_doc = None
+    if cfg.peer:
+        progress("MediaPipe peer")
+        mediapipe_doc = mediapipe_document(val_records, 1, repeats=1 if cfg.quick else 3)
 
     pipeline_rows: list[dict] = []
     video: list[dict] = []
@@ -465,7 +470,7 @@ def run_benchmark(cfg: BenchConfig, progress: Progress = lambda _msg: None) -> d
         "nme_source": nme_note if random_weights else nme_source,
         "environment": describe_environment(budget, hashes),
         "rows": rows, "pipeline": pipeline_rows, "video": video, "throughput": throughput, "peer": peer_doc,
-        "limit": limit,
+        "mediapipe": mediapipe_doc, "limit": limit,
         "notes": notes, "self_check": check, "thread_budgets": list(cfg.threads),
     }
     # A quick or random-weight run shows that the harness works; it is no performance verdict (no claims).

@@ -19,6 +19,7 @@ from pathlib import Path
 from facemark.benchmarks import pipeline as pipeline_mod
 from facemark.benchmarks.environment import describe_environment
 from facemark.benchmarks.isolated import ORT, Payload, WorkerSpec, self_check
+from facemark.benchmarks.mediapipe_peer import mediapipe_document
 from facemark.benchmarks.model_speed import sample_inputs, time_models
 from facemark.benchmarks.throughput import benchmark_files, folder_throughput, validation_records
 from facemark.benchmarks.video_bench import bench_video_rows
@@ -86,11 +87,13 @@ def run_model_benchmark(model: Path, out: Path, threads: Sequence[int], data: Se
         if quick:
             serve = {**serve, "requests": min(serve["requests"], 48)}
         serve_section = serve_benchmark(model, files[:12] if quick else files, log=out / "serve.log", **serve)
+    progress("MediaPipe peer")
+    mediapipe_doc = mediapipe_document(val, 1, repeats=1 if quick else 3)
     notes.append("ONNX-only benchmark (--model): no eager PyTorch or re-exported rows; pass --checkpoint for those.")
     return {"command": "facemark " + shlex.join(sys.argv[1:]), "quick": quick,
             "model_label": f"{model} ({info.contract.size} px, {info.precision})", "nme_source": nme_source,
             "environment": describe_environment(max(threads), {model.name: file_sha256(model)}),
             "rows": rows, "pipeline": pipeline_rows, "video": video, "throughput": throughput,
-            "serve": serve_section, "peer": None,
+            "serve": serve_section, "peer": None, "mediapipe": mediapipe_doc,
             "limit": {},
             "notes": notes, "verdict": not quick, "targets": [], "self_check": check}

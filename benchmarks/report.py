@@ -155,6 +155,17 @@ def render_markdown(report: dict) -> str:
                     f"({_calibration_text(peer)}); compared per face with our fastest ONNX CPU variant at the same "
                     "thread count (1). HOG detector: dlib as users run it, its own detector on each photo and the "
                     "predictor on the face it finds (NME over the faces found).", ""]
+    mediapipe = report.get("mediapipe")
+    if mediapipe:
+        out += ["## Peer: MediaPipe Face Mesh (468 points, its own environment and worker process, one core)", ""]
+        if mediapipe.get("skipped"):
+            out += [f"Skipped: {mediapipe['skipped']}", ""]
+        else:
+            rows = mediapipe["rows"]
+            out += [peer_table(rows, claims=False), "",
+                    f"MediaPipe {rows[0]['version']}, the same validation faces. NME: {rows[0]['nme_note']}. Face "
+                    "regions: Face Mesh on a region of twice each face's landmark box (its detector needs context). "
+                    "Own detector: BlazeFace + Face Mesh on each whole photo (NME over the faces found).", ""]
     if report.get("pipeline"):
         out += ["## End to end (decode + Haar detection + crops + inference + decoding, per image)", "",
                 pipeline_table(report["pipeline"]), ""]
