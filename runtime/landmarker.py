@@ -179,12 +179,16 @@ class FaceLandmarker:
         return self.model.providers
 
     def describe(self) -> dict:
-        """The header of predict's JSON document: the model (metadata summary, path, providers) and the
-        detector settings (a server hands this to its clients)."""
+        """The header of predict's JSON document: the model (metadata summary, path, providers), the detector
+        and pipeline settings (a server hands this to its clients)."""
         path = self.model.path
         model = {**self.info.summary(), "path": None if path is None else str(path),
                  "providers": list(self.providers)}
-        return {"model": model, "detector": self.detector.config()}
+        return {"model": model, "detector": self.detector.config(), "pipeline": self.pipeline_settings()}
+
+    def pipeline_settings(self) -> dict:
+        """The landmark settings that change results, as recorded in every output (JSON, JSONL, serving)."""
+        return {"refine": self.refine, "tta": "flip" if self.flip else "none", "min_score": self.min_score}
 
     def detect(self, image, color: str = "bgr") -> list[Face]:
         """All faces of one image, most confident first; [] when there is none.

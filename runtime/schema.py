@@ -60,9 +60,17 @@ IMAGE = {
     },
 }
 
+PIPELINE = {
+    "type": "object", "required": ["refine", "tta", "min_score"], "additionalProperties": False,
+    "properties": {"refine": {"type": "integer", "minimum": 0, "description": "landmark passes after the first"},
+                   "tta": {"enum": ["none", "flip"], "description": "test-time augmentation"},
+                   "min_score": _nullable(_UNIT)},
+    "description": "the landmark settings that change results (FaceLandmarker.describe)",
+}
+
 PREDICT = {
     "type": "object",
-    "required": ["model", "detector", "complete", "images"],
+    "required": ["model", "detector", "pipeline", "complete", "images"],
     "additionalProperties": False,
     "properties": {
         "model": {"type": "object", "required": ["path", "providers"],
@@ -71,6 +79,7 @@ PREDICT = {
                   "description": "the model's facemark metadata summary, its file and the active providers"},
         "detector": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}},
                      "description": "HaarDetector.config()"},
+        "pipeline": PIPELINE,
         "complete": {"type": "boolean", "description": "false when the run was interrupted"},
         "images": {"type": "array", "items": {"$ref": "#/$defs/image"}},
     },

@@ -32,7 +32,8 @@ def predict(tmp_path: Path, model: Path, *args: str) -> tuple[int, dict]:
 
 
 def check_schema(doc: dict) -> None:
-    assert set(doc) == {"model", "detector", "complete", "images"}
+    assert set(doc) == {"model", "detector", "pipeline", "complete", "images"}
+    assert doc["pipeline"]["refine"] == 1 and doc["pipeline"]["tta"] == "none"  # the defaults, recorded
     assert {"path", "providers", "precision", "points"} <= set(doc["model"])
     assert doc["model"]["providers"][0] == "CPUExecutionProvider"
     for image in doc["images"]:
