@@ -126,3 +126,36 @@ def test_format_is_told_by_the_bytes_and_jpeg2000_never_reaches_opencv(head, exp
     data = head + bytes(32)
     assert sniff_format(data) == expected
     assert decoder_for(data) == ("pillow" if expected in ("jpeg2000", "gif", "other") else "opencv")
+
+
+# Runs the real `facemark` CLI in an interpreter where the train extra's modules cannot be imported, as in an
+# install without it (`pip install facemark`).
+WITHOUT_TRAIN_EXTRA = r"""
+import sys
+from importlib.abc import MetaPathFinder
+
+class Absent(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "onnx", "onnxscript"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, Absent())
+from facemark.cli import main
+sys.argv = ["facemark", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "--data", str(SAMPLES / "landmarks.xml"), "--epochs", "1"],
+    ["export", str(SAMPLES / "missing.pt")],
+    ["bench", "--quick"],
+    ["evaluate", "--model", "best.pt", "--data", str(SAMPLES / "landmarks.xml")],
+])
+def test_a_command_of_a_missing_extra_says_how_to_install_it_in_one_line(tmp_path, command):
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_TRAIN_EXTRA, *command], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'facemark[train]'" in lines[0] and "train extra" in lines[0], lines
+    assert not any(tmp_path.iterdir())  # nothing written
