@@ -15,6 +15,11 @@ class ImageError(FacemarkError):
     """An image that cannot be read: missing, corrupt, empty, not an image, or too large."""
 
 
+class WriteError(FacemarkError):
+    """An output that could not be written (disk full, file too large, permission, read-only, I/O error).
+    Unlike a bad input it ends the run: every later write would fail the same way."""
+
+
 class ModelError(FacemarkError):
     """A model file that is missing, corrupt, or not a facemark model."""
 
