@@ -438,11 +438,12 @@ def dumps(document: dict, indent: int | None = None) -> str:
 
 def run_identity(header: dict, settings: Mapping[str, object]) -> dict:
     """What a JSONL line records of its run: the model's sha256 (of the file here; a server's header names its
-    own) and every setting that changes a result (the detector's, then `settings`)."""
+    own), every setting that changes a result (the detector's, then `settings`) and the folder relative input
+    paths were given from (so --resume from elsewhere still knows the files)."""
     model = header["model"]
     path = model.get("path")
     sha = model.get("sha256") or (file_sha256(path) if path and Path(path).is_file() else model.get("source_sha256"))
-    return {"model_sha256": sha, "detector": header["detector"], **settings}
+    return {"model_sha256": sha, "detector": header["detector"], **settings, "cwd": os.getcwd()}
 
 
 def _first_difference(theirs: object, ours: dict) -> str | None:
@@ -452,7 +453,7 @@ def _first_difference(theirs: object, ours: dict) -> str | None:
     flat_theirs = {**theirs, **{f"detector {k}": v for k, v in (theirs.get("detector") or {}).items()}}
     flat_ours = {**ours, **{f"detector {k}": v for k, v in ours["detector"].items()}}
     for key in sorted(set(flat_theirs) | set(flat_ours)):
-        if key != "detector" and flat_theirs.get(key) != flat_ours.get(key):
+        if key not in ("detector", "cwd") and flat_theirs.get(key) != flat_ours.get(key):
             return f"{key}: {flat_theirs.get(key)!r} (now {flat_ours.get(key)!r})"
     return None
 
@@ -482,8 +483,9 @@ def read_jsonl_entries(path: str | os.PathLike, run: dict | None = None, force: 
             if difference is not None:
                 raise FacemarkError(f"{target}: --resume with other settings than its lines ({difference}); "
                                     "use the same ones, another --jsonl, or --force to mix them")
-        entry.pop("run", None)
-        entries[os.path.realpath(entry["path"])] = entry
+        recorded = entry.pop("run", None)
+        given_in = str(recorded.get("cwd") or "") if isinstance(recorded, dict) else ""
+        entries[os.path.realpath(os.path.join(given_in, entry["path"]))] = entry
         kept.append(line)
     if sum(map(len, kept)) < len(data):
         write_text_atomic(target, b"".join(kept).decode("utf-8"))
