@@ -336,3 +336,40 @@ def test_control_characters_in_a_file_name_are_printed_escaped(tmp_path):
     assert proc.returncode == 1
     line = _one_error_line(proc)
     assert "evil\\x1b[31m\\nname.jpg" in line and "\x1b" not in proc.stderr
+
+
+def test_a_face_whose_outer_eye_corners_coincide_is_reported_and_skipped_by_evaluate(tmp_path):
+    import cv2
+
+    from facemark.data import read_pts_folder
+    from facemark.scheme import OUTER_EYE_CORNERS
+
+    source = sorted(SAMPLES.glob("*.jpg"))[0]
+    height, width = cv2.imread(str(source)).shape[:2]
+    angles = np.linspace(0, 2 * np.pi, 68, endpoint=False)
+    points = np.stack([width / 2 + 60 * np.cos(angles), height / 2 + 60 * np.sin(angles)], axis=1)
+    for name, corners_apart in (("good", True), ("degenerate", False)):
+        (tmp_path / f"{name}.jpg").write_bytes(source.read_bytes())
+        face = points.copy()
+        if not corners_apart:
+            face[OUTER_EYE_CORNERS[1]] = face[OUTER_EYE_CORNERS[0]]
+        body = "\n".join(f"{x + 1} {y + 1}" for x, y in face)
+        (tmp_path / f"{name}.pts").write_text(f"version: 1\nn_points: 68\n{{\n{body}\n}}")
+    warnings: list[str] = []
+    assert [r.image_path.name for r in read_pts_folder(tmp_path, warnings.append)] == ["good.jpg"]
+    assert len(warnings) == 1 and "degenerate.pts" in warnings[0] and "outer eye corners" in warnings[0]
+    proc = subprocess.run([sys.executable, "-m", "facemark", "evaluate", "--model",
+                           str(SAMPLES.parent / "facemark-68.onnx"), "--data", str(tmp_path), "--split", "all",
+                           "--provider", "cpu"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "degenerate.pts" in proc.stdout and "1 faces" in proc.stdout
+    nme = float(proc.stdout.split("): NME ")[1].split("%")[0])
+    assert nme < 1000, "the NME of one plain face, not divided by a zero distance"
+
+
+def test_two_training_runs_started_with_one_out_claim_different_folders(tmp_path):
+    pytest.importorskip("torch")
+    from facemark.train.loop import next_free_folder
+
+    first, second = next_free_folder(tmp_path / "run"), next_free_folder(tmp_path / "run")
+    assert first == tmp_path / "run" and second == tmp_path / "run-2"
