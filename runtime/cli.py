@@ -130,7 +130,8 @@ def predict_command(
     force: bool = typer.Option(False, "--force", help="With --resume: append even to lines of another model or "
                                "other settings."),
     aligned: Path | None = typer.Option(None, "--aligned", help="Folder for each face's similarity-aligned chip "
-                                        "(PNG, NAME-faceI.png; dlib get_face_chips / InsightFace norm_crop)."),
+                                        "(PNG, NAME-faceI.png; dlib get_face_chips / InsightFace norm_crop); not the --out "
+                                        "folder."),
     aligned_size: int = typer.Option(112, "--aligned-size", min=8, help="Side of the aligned chips in pixels."),
     aligned_template: AlignTemplate = typer.Option("arcface", "--aligned-template",
                                                    help="arcface: the five-point ArcFace layout; eyes: eye centres."),
@@ -147,11 +148,9 @@ def predict_command(
 ) -> None:
     """Landmarks for every face in photos: annotated images (--out), one JSON document (--json), JSON lines
     streamed per image (--jsonl, resumable with --resume), CSV (--csv), aligned face chips (--aligned);
-    locally or on a `facemark serve` server (--server).
-
-    Writes only what is asked for, each file complete or not at all (a temporary file renamed into place); never
-    an input, never a picture it did not write itself (its folders' facemark-outputs.json says which). Messages
-    and the summary go to stderr."""
+    locally or on a `facemark serve` server (--server). Writes only what is asked for, each file complete or not
+    at all; never an input, never a picture it did not write itself (its folders' facemark-outputs.json says
+    which). Messages and the summary go to stderr."""
     from facemark.errors import printable
     from facemark.fileio import check_writable, is_stdout, write_output_text
     from facemark.runtime.predict import (
