@@ -130,8 +130,8 @@ def predict_command(
     force: bool = typer.Option(False, "--force", help="With --resume: append even to lines of another model or "
                                "other settings."),
     aligned: Path | None = typer.Option(None, "--aligned", help="Folder for each face's similarity-aligned chip "
-                                        "(PNG, NAME-faceI.png; dlib get_face_chips / InsightFace norm_crop); not the --out "
-                                        "folder."),
+                                        "(PNG, NAME-faceI.png; dlib get_face_chips / InsightFace norm_crop); "
+                                        "not the --out folder."),
     aligned_size: int = typer.Option(112, "--aligned-size", min=8, help="Side of the aligned chips in pixels."),
     aligned_template: AlignTemplate = typer.Option("arcface", "--aligned-template",
                                                    help="arcface: the five-point ArcFace layout; eyes: eye centres."),
