@@ -267,9 +267,8 @@ def claim_output_stems(files: Sequence[Path], folders: Sequence[OutputFolder]) -
     taken = {stem.lower() for stem in mine.values()}
     for folder in folders:
         taken |= {folder.stem_of(name) for name in os.listdir(folder.path) if name != OUTPUTS_MANIFEST}
-    taken -= {mine[real].lower() for real in resolved.values() if real in mine}  # stems this run owns already
     stems: dict[str, str] = {}
-    for path in files:
+    for path in dict.fromkeys(files):  # a file listed twice is one input
         stem = mine.get(resolved[str(path)])
         if stem is None:
             stem, index = Path(path).stem, 1
