@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from facemark.contract import CropContract, box_from_landmarks
 from facemark.data import FaceRecord, load_records, split_of, split_records
 from facemark.errors import DataError
+from facemark.fileio import check_writable_folder
 from facemark.metrics import nme_per_face, roc_auc
 from facemark.reporting import summarize_warnings
 from facemark.train.checkpoint import load_checkpoint, save_checkpoint
@@ -293,7 +294,7 @@ def next_free_folder(out: str | os.PathLike) -> Path:
 
 
 def _claim(folder: Path) -> bool:
-    folder.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(folder, "run folder")  # one line, before any data is read
     try:
         (folder / RUN_CLAIM).mkdir()
     except FileExistsError:
