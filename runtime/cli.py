@@ -195,8 +195,7 @@ def predict_command(
     stems = claim_output_stems(files, output_folders(out, chips))  # refuses unsafe folders before any work
     for failure in failures:
         console.print(f"[red]error:[/red] {escape(printable(failure.error))}")
-    run = run_identity(landmarker.describe(), {"refine": refine, "tta": tta.value, "min_score": min_score,
-                                               "max_faces": max_faces, "pose": pose})
+    run = run_identity(landmarker.describe(), {"max_faces": max_faces, "pose": pose})
     earlier = read_jsonl_entries(jsonl, run, force) if resume and jsonl is not None else {}
     todo = [f for f in files if os.path.realpath(f) not in earlier]
     if earlier:

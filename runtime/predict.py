@@ -437,22 +437,24 @@ def dumps(document: dict, indent: int | None = None) -> str:
 
 def run_identity(header: dict, settings: Mapping[str, object]) -> dict:
     """What a JSONL line records of its run: the model's sha256 (of the file here; a server's header names its
-    own), every setting that changes a result (the detector's, then `settings`) and the folder relative input
-    paths were given from (so --resume from elsewhere still knows the files)."""
+    own), every setting that changes a result (the detector's, the landmark pipeline's -- written as the line's
+    top-level `pipeline` -- then `settings`) and the folder relative input paths were given from (so --resume
+    from elsewhere still knows the files)."""
     model = header["model"]
     path = model.get("path")
     sha = model.get("sha256") or (file_sha256(path) if path and Path(path).is_file() else model.get("source_sha256"))
-    return {"model_sha256": sha, "detector": header["detector"], **settings, "cwd": os.getcwd()}
+    return {"model_sha256": sha, "detector": header["detector"], "pipeline": header.get("pipeline"), **settings,
+            "cwd": os.getcwd()}
 
 
 def _first_difference(theirs: object, ours: dict) -> str | None:
     """`name: theirs (now ours)` for the first setting that differs, None when equal."""
     if not isinstance(theirs, dict):
         return "run settings: none recorded (a line of an older facemark)"
-    flat_theirs = {**theirs, **{f"detector {k}": v for k, v in (theirs.get("detector") or {}).items()}}
-    flat_ours = {**ours, **{f"detector {k}": v for k, v in ours["detector"].items()}}
+    flat_theirs, flat_ours = ({**d, **{f"{group} {k}": v for group in ("detector", "pipeline")
+                                        for k, v in (d.get(group) or {}).items()}} for d in (theirs, ours))
     for key in sorted(set(flat_theirs) | set(flat_ours)):
-        if key not in ("detector", "cwd") and flat_theirs.get(key) != flat_ours.get(key):
+        if key not in ("detector", "pipeline", "cwd") and flat_theirs.get(key) != flat_ours.get(key):
             return f"{key}: {flat_theirs.get(key)!r} (now {flat_ours.get(key)!r})"
     return None
 
@@ -477,6 +479,8 @@ def read_jsonl_entries(path: str | os.PathLike, run: dict | None = None, force: 
             entry = None
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or entry.get("error"):
             continue
+        if isinstance(entry.get("run"), dict):  # the line's own pipeline belongs to its run
+            entry["run"]["pipeline"] = entry.pop("pipeline", None)
         if run is not None and not force:
             difference = _first_difference(entry.get("run"), run)
             if difference is not None:
@@ -512,7 +516,10 @@ class JsonlWriter:
         self._regular = not is_stdout(path) and not is_stream(path)
 
     def write(self, result: ImageResult) -> None:
-        entry = result.to_json() if self.run is None else {**result.to_json(), "run": self.run}
+        entry = result.to_json()
+        if self.run is not None:  # the settings as the document header has them: pipeline on top, then the run
+            entry.update(pipeline=self.run.get("pipeline"),
+                         run={k: v for k, v in self.run.items() if k != "pipeline"})
         data = (dumps(entry) + "\n").encode("utf-8")
         start = os.lseek(self._fd, 0, os.SEEK_END) if self._regular else None
         try:

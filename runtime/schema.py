@@ -47,6 +47,14 @@ FACE = {
     },
 }
 
+PIPELINE = {
+    "type": "object", "required": ["refine", "tta", "min_score"], "additionalProperties": False,
+    "properties": {"refine": {"type": "integer", "minimum": 0, "description": "landmark passes after the first"},
+                   "tta": {"enum": ["none", "flip"], "description": "test-time augmentation"},
+                   "min_score": _nullable(_UNIT)},
+    "description": "the landmark settings that change results (FaceLandmarker.describe)",
+}
+
 IMAGE = {
     "type": "object",
     "required": ["path", "width", "height", "faces", "error"],
@@ -57,18 +65,11 @@ IMAGE = {
         "height": _nullable({"type": "integer", "minimum": 1}),
         "faces": {"type": "array", "items": {"$ref": "#/$defs/face"}},
         "error": {**_nullable({"type": "string"}), "description": "one line naming the file and the problem"},
+        "pipeline": {**PIPELINE, "description": "--jsonl lines only: " + PIPELINE["description"]},
         "run": {"type": "object", "required": ["model_sha256", "detector"],
                 "description": "--jsonl lines only: the model's sha256 and the settings that change results "
                                "(--resume refuses lines of other ones)"},
     },
-}
-
-PIPELINE = {
-    "type": "object", "required": ["refine", "tta", "min_score"], "additionalProperties": False,
-    "properties": {"refine": {"type": "integer", "minimum": 0, "description": "landmark passes after the first"},
-                   "tta": {"enum": ["none", "flip"], "description": "test-time augmentation"},
-                   "min_score": _nullable(_UNIT)},
-    "description": "the landmark settings that change results (FaceLandmarker.describe)",
 }
 
 PREDICT = {

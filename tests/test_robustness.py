@@ -64,6 +64,7 @@ def test_jsonl_has_one_line_per_input_in_order_and_equals_the_json_entries(tmp_p
     doc = json.loads(doc_path.read_text())
     assert [entry["path"] for entry in lines] == inputs
     runs = [entry.pop("run") for entry in lines]
+    assert all(entry.pop("pipeline") == doc["pipeline"] for entry in lines)  # each line records its settings
     assert lines == doc["images"] and doc["complete"] is True
     assert all(set(entry) == {"path", "width", "height", "faces", "error"} for entry in lines)
     assert all(run == runs[0] for run in runs) and len(runs[0]["model_sha256"]) == 64
