@@ -17,7 +17,15 @@ from rich.markup import escape  # file names may hold brackets: text, not markup
 from facemark.choices import AlignTemplate, DrawChoice, Provider, Tta
 from facemark.reporting import progress_display
 from facemark.runtime import detector as haar
-from facemark.runtime.defaults import DEFAULT_FULL_SCAN_EVERY, DEFAULT_MIN_SCORE, DEFAULT_REFINE
+from facemark.runtime.defaults import (
+    DEFAULT_FULL_SCAN_EVERY,
+    DEFAULT_GRACE_S,
+    DEFAULT_MAX_IMAGES,
+    DEFAULT_MAX_MEGAPIXELS,
+    DEFAULT_MAX_REQUEST_MB,
+    DEFAULT_MIN_SCORE,
+    DEFAULT_REFINE,
+)
 
 app = typer.Typer(
     help="Run a facemark ONNX model on photos or video (ONNX Runtime + OpenCV Haar; no torch).",
@@ -342,26 +350,49 @@ def serve_command(
     refine: int = typer.Option(DEFAULT_REFINE, "--refine", min=0, help=REFINE_HELP),
     min_score: float = typer.Option(DEFAULT_MIN_SCORE, "--min-score", min=0.0, max=1.0, help=MIN_SCORE_HELP),
     max_faces: int | None = typer.Option(None, "--max-faces", min=1, help=MAX_FACES_HELP),
+    grace: int = typer.Option(DEFAULT_GRACE_S, "--grace", min=0, help="On SIGTERM: seconds the requests in flight "
+                              "may take to finish (no new connections are taken meanwhile); then exit 0."),
+    max_request_mb: float = typer.Option(DEFAULT_MAX_REQUEST_MB, "--max-request-mb", min=0.001,
+                                         help="Refuse a request whose images total more encoded megabytes."),
+    max_images: int = typer.Option(DEFAULT_MAX_IMAGES, "--max-images", min=1,
+                                   help="Refuse a request with more images (at most --max-batch)."),
+    max_megapixels: float = typer.Option(DEFAULT_MAX_MEGAPIXELS, "--max-megapixels", min=0.001,
+                                         help="Refuse a request whose images decode to more megapixels in all "
+                                         "(read from the image headers, before decoding)."),
+    decoders: int = typer.Option(2, "--decoders", min=1, help="Processes decoding uploads (a decoder crash on a "
+                                 "damaged file costs that image, not the server)."),
+    verbose: bool = typer.Option(False, "--verbose", help="Triton's whole log on stderr (default: its warnings and "
+                                 "errors, one line each)."),
 ) -> None:
     """Serve the pipeline (model `facemark`: encoded images in, faces out) and the landmark model (model
-    `facemark_crops`) on NVIDIA Triton Inference Server (PyTriton; extra facemark[serve]) until SIGINT/SIGTERM.
-    Prints one JSON line {"ready": true, ...} on stdout once every model is ready."""
+    `facemark_crops`) on NVIDIA Triton Inference Server (PyTriton; extra facemark[serve]) until SIGINT/SIGTERM,
+    which drains the requests in flight (--grace). Prints one JSON line {"ready": true, ...} on stdout once every
+    model is ready; /v2/health/ready answers 200 from then until shutdown begins (the readiness probe),
+    /v2/health/live is the liveness probe."""
     import logging
+    import threading
 
-    from facemark.runtime.serve import FacemarkServer, ServeConfig, summary_line
+    from facemark.runtime.serve import FacemarkServer, ServeConfig, ServeLimits
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # from now on: a signal drains, even during start-up
+        signal.signal(signum, lambda *_: stop.set())
+    limits = ServeLimits(max_request_mb=max_request_mb, max_images=max_images, max_megapixels=max_megapixels)
     config = ServeConfig(model=model, provider=provider.value, host=host, http_port=http_port, grpc_port=grpc_port,
                          metrics_port=metrics_port, max_batch=max_batch, instances=instances, threads=threads,
-                         refine=refine, min_score=min_score or None, max_faces=max_faces)
+                         refine=refine, min_score=min_score or None, max_faces=max_faces, limits=limits,
+                         grace_s=grace, decoders=decoders, verbose=verbose)
     server = FacemarkServer(config)
     try:
         server.start()
     except BaseException:
         server.stop()
         raise
-    console.print(summary_line(server))
-    sys.stdout.write(json.dumps({"ready": True, **server.urls()}) + "\n")
+    sys.stdout.write(json.dumps(server.ready_line()) + "\n")
     sys.stdout.flush()
-    server.wait()
+    code = server.wait(stop)
     console.print("facemark serve: stopped")
+    if code:
+        raise typer.Exit(code=code)
