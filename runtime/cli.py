@@ -92,6 +92,7 @@ OCTAVES_HELP = ("Haar: one halved copy per octave of face sizes instead of OpenC
 SERVER_HELP = ("Send the images to a `facemark serve` server (http://HOST:PORT) instead of running the model here; "
                "same JSON, JSONL, CSV and pictures. Model, detector and refinement are the server's settings.")
 # predict options that only the server can set once --server is given
+SERVER_ONLY = ("wait", "timeout")  # predict options that need --server
 LOCAL_ONLY = ("model", "provider", "threads", "scale_factor", "min_neighbors", "min_face", "max_side",
               "min_face_windows", "octaves", "min_detector_score", "min_score", "refine", "tta", "cascade", "max_faces",
               "trt_fp16", "trt_cache")
@@ -146,6 +147,10 @@ def predict_command(
     trt_fp16: bool = typer.Option(False, "--trt-fp16", help="TensorRT: build an fp16 engine."),
     trt_cache: Path | None = typer.Option(None, "--trt-cache", help="TensorRT: engine cache folder."),
     server: str | None = typer.Option(None, "--server", help=SERVER_HELP),
+    wait: float = typer.Option(60.0, "--wait", min=0.0, help="With --server: seconds to wait for the server and its "
+                               "model to be ready (one progress line) before giving up."),
+    timeout: float = typer.Option(30.0, "--timeout", min=0.1, help="With --server: seconds one request may take; "
+                                  "a server that stops answering ends the run, the images not done failed."),
 ) -> None:
     """Landmarks for every face in photos: annotated images (--out), one JSON document (--json), JSON lines
     streamed per image (--jsonl, resumable with --resume), CSV (--csv), aligned face chips (--aligned);
@@ -167,6 +172,7 @@ def predict_command(
     for path, what in ((json_path, "--json document"), (jsonl, "--jsonl file"), (csv_path, "--csv file")):
         if path is not None:
             check_writable(path, what)  # before any image is processed
+    remote = None
     if server is not None:
         from facemark.runtime.remote import TritonLandmarker
 
@@ -174,9 +180,13 @@ def predict_command(
         if clash:
             names = ", ".join("--" + n.replace("_", "-") for n in clash)
             raise typer.BadParameter(f"{names}: set on the server (`facemark serve`), not with --server")
-        landmarker = TritonLandmarker(server)
-        steps = landmarker.steps()
+        landmarker = TritonLandmarker(server, timeout_s=timeout, wait_s=wait, on_wait=lambda line: console.print(
+            escape(line)))
+        steps = remote = landmarker.steps()
     else:
+        unused = _given(ctx, SERVER_ONLY)
+        if unused:
+            raise typer.BadParameter(f"{', '.join('--' + n for n in unused)}: only with --server")
         detector = _detector_options(scale_factor, min_neighbors, min_face, max_side, min_detector_score, cascade,
                                      min_face_windows, octaves)
         landmarker = steps = _landmarker(model, provider, threads, detector, trt_fp16, trt_cache, max_faces, refine,
@@ -196,15 +206,18 @@ def predict_command(
             task = progress.add_task("landmarks", total=len(todo))
 
             def report(result) -> None:
-                if result.error:
+                if result.error and (remote is None or result.path not in remote.not_done):  # those: one line
                     progress.console.print(f"[red]error:[/red] {escape(result.error)}")
                 if writer is not None:
                     writer.write(result)
                 progress.advance(task)
 
             chips = ChipOptions(aligned, aligned_size, aligned_template.value) if aligned else None
+            stopping = stop.requested if remote is None else lambda: stop.requested() or remote.stopped()
             results = predict_files(steps, todo, out, draw.value, on_result=report,  # type: ignore[arg-type]
-                                    stop_requested=stop.requested, workers=workers, chips=chips, pose=pose)
+                                    stop_requested=stopping, workers=workers, chips=chips, pose=pose)
+            if remote is not None and remote.gone is not None:
+                results += _not_done(remote, todo, results, writer)
     finally:
         if writer is not None:
             writer.close()
@@ -226,6 +239,22 @@ def predict_command(
         raise typer.Exit(code=128 + stop.signal.value)
     if any((r.error if not isinstance(r, dict) else r.get("error")) for r in everything):
         raise typer.Exit(code=1)  # exit code 1 whichever way the root CLI runs typer
+
+
+def _not_done(remote, todo: list[Path], results: list, writer) -> list:
+    """The server stopped answering: every file it did not answer fails with that reason, in the JSON and JSONL
+    too (so --resume retries them), and one line says so."""
+    from facemark.runtime.predict import ImageResult
+
+    done = {r.path for r in results}
+    missing = [ImageResult(str(f), error=f"{f}: not done: {remote.gone}") for f in todo if str(f) not in done]
+    for result in missing:
+        if writer is not None:
+            writer.write(result)
+    count = len(missing) + sum(r.path in remote.not_done for r in results)
+    console.print(f"[red]error:[/red] {escape(remote.gone)}; {count} of {len(todo)} images not done "
+                  "(listed as failed)")
+    return missing
 
 
 class _StopFlag:
@@ -372,10 +401,12 @@ def serve_command(
     import logging
     import threading
 
-    from facemark.runtime.serve import FacemarkServer, ServeConfig, ServeLimits
+    from facemark.runtime.serve import FacemarkServer, OneLineFormatter, ServeConfig, ServeLimits
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    log_format = "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format=log_format)
+    if not verbose:
+        logging.getLogger().handlers[0].setFormatter(OneLineFormatter(log_format))
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):  # from now on: a signal drains, even during start-up
         signal.signal(signum, lambda *_: stop.set())

@@ -59,7 +59,9 @@ from facemark.runtime.serving import (
     INFO_INPUT,
     INFO_MODEL,
     INFO_OUTPUT,
+    OPTIONAL_FIELDS,
     PIPELINE_MODEL,
+    PRESENT,
     info_json,
     pack_detections,
     serve_extra,
@@ -228,12 +230,23 @@ def check_ports_free(host: str, ports: dict[str, int]) -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((host, port))
+                probe.listen(1)  # listening, so the same port given twice is caught too
             except OSError as exc:
                 raise ServeError(f"{host}:{port} (--{what}-port): {exc.strerror or exc}; another server listens "
                                  f"there: stop it or choose another port") from None
     finally:
         for probe in held:
             probe.close()
+
+
+class OneLineFormatter(logging.Formatter):
+    """`facemark serve`'s log without --verbose: every record one line (a traceback, say from a request PyTriton
+    failed, is cut to its first line: the client got the error already)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.exc_info = record.exc_text = None
+        lines = super().format(record).splitlines() or [""]
+        return lines[0][:400] + (" ..." if len(lines) > 1 or len(lines[0]) > 400 else "")
 
 
 TRITON_LOG_LINE = re.compile(r"^([IWE])\d{4} [\d:.]+\s+\d+ [^\]]+\] (.*)$")
@@ -332,7 +345,8 @@ class FacemarkServer:
         batcher = pt.model_config.DynamicBatcher(max_queue_delay_microseconds=c.queue_delay_us)
         batching = ModelConfig(max_batch_size=c.max_batch, batcher=batcher)
         outputs = [Tensor(name=name, dtype=dtype, shape=(-1, *shape)) for name, (dtype, shape) in FACE_OUTPUTS.items()]
-        outputs += [Tensor(name=FACE_COUNT, dtype=np.int32, shape=(1,)), Tensor(name=ERROR, dtype=bytes, shape=(1,))]
+        outputs += [Tensor(name=PRESENT, dtype=np.uint8, shape=(-1, len(OPTIONAL_FIELDS))),
+                    Tensor(name=FACE_COUNT, dtype=np.int32, shape=(1,)), Tensor(name=ERROR, dtype=bytes, shape=(1,))]
         self._triton.bind(model_name=PIPELINE_MODEL,
                           infer_func=[pipeline_callable(lm, self.decoders, c.limits) for lm in self.landmarkers],
                           inputs=[Tensor(name=IMAGE_INPUT, dtype=bytes, shape=(1,))], outputs=outputs,
