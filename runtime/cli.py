@@ -9,6 +9,7 @@ import json
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -26,6 +27,10 @@ from facemark.runtime.defaults import (
     DEFAULT_MIN_SCORE,
     DEFAULT_REFINE,
 )
+
+if TYPE_CHECKING:  # annotations only: the CLI module stays light
+    from facemark.runtime.predict import ImageResult, JsonlWriter
+    from facemark.runtime.remote import RemoteSteps
 
 app = typer.Typer(
     help="Run a facemark ONNX model on photos or video (ONNX Runtime + OpenCV Haar; no torch).",
@@ -241,7 +246,8 @@ def predict_command(
         raise typer.Exit(code=1)  # exit code 1 whichever way the root CLI runs typer
 
 
-def _not_done(remote, todo: list[Path], results: list, writer) -> list:
+def _not_done(remote: RemoteSteps, todo: list[Path], results: list[ImageResult], writer: JsonlWriter | None
+              ) -> list[ImageResult]:
     """The server stopped answering: every file it did not answer fails with that reason, in the JSON and JSONL
     too (so --resume retries them), and one line says so."""
     from facemark.runtime.predict import ImageResult
@@ -252,7 +258,7 @@ def _not_done(remote, todo: list[Path], results: list, writer) -> list:
         if writer is not None:
             writer.write(result)
     count = len(missing) + sum(r.path in remote.not_done for r in results)
-    console.print(f"[red]error:[/red] {escape(remote.gone)}; {count} of {len(todo)} images not done "
+    console.print(f"[red]error:[/red] {escape(remote.gone or '')}; {count} of {len(todo)} images not done "
                   "(listed as failed)")
     return missing
 

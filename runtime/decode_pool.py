@@ -75,6 +75,7 @@ class DecoderPool:
         self.timeout_s = timeout_s
         self.max_pixels = max_pixels
         self.replaced = 0  # workers lost to a crash or a hang
+        self._closed = False
         self._lock = threading.Lock()
         self._idle: queue.Queue[_Worker] = queue.Queue()
         self._all: list[_Worker] = []
@@ -99,6 +100,8 @@ class DecoderPool:
             worker.process.wait()
         worker.close()
         with self._lock:
+            if self._closed:  # shutting down: no new worker
+                return worker
             self._all.remove(worker)
             self.replaced += 1
         return self._spawn()
@@ -124,6 +127,7 @@ class DecoderPool:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             workers, self._all = self._all, []
         for worker in workers:
             worker.close()  # the worker's recv ends: it returns

@@ -40,15 +40,9 @@ import numpy as np
 
 from facemark.errors import FacemarkError, ImageError
 from facemark.imageio import probe_size
+from facemark.runtime import defaults
 from facemark.runtime.decode_pool import DecoderPool
-from facemark.runtime.defaults import (
-    DEFAULT_GRACE_S,
-    DEFAULT_MAX_IMAGES,
-    DEFAULT_MAX_MEGAPIXELS,
-    DEFAULT_MAX_REQUEST_MB,
-    DEFAULT_MIN_SCORE,
-    DEFAULT_REFINE,
-)
+from facemark.runtime.defaults import DEFAULT_MIN_SCORE, DEFAULT_REFINE
 from facemark.runtime.landmarker import Detections, FaceLandmarker
 from facemark.runtime.serving import (
     CROPS_MODEL,
@@ -80,9 +74,9 @@ class ServeError(FacemarkError):
 class ServeLimits:
     """What one request of model `facemark` may hold (defaults: facemark.runtime.defaults)."""
 
-    max_request_mb: float = DEFAULT_MAX_REQUEST_MB
-    max_images: int = DEFAULT_MAX_IMAGES
-    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
+    max_request_mb: float = defaults.DEFAULT_MAX_REQUEST_MB
+    max_images: int = defaults.DEFAULT_MAX_IMAGES
+    max_megapixels: float = defaults.DEFAULT_MAX_MEGAPIXELS
 
     @property
     def max_pixels(self) -> int:
@@ -127,7 +121,7 @@ class ServeConfig:
     queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
     detector_options: dict = field(default_factory=dict)
     limits: ServeLimits = ServeLimits()
-    grace_s: int = DEFAULT_GRACE_S  # SIGTERM: how long requests in flight may take to finish
+    grace_s: int = defaults.DEFAULT_GRACE_S  # SIGTERM: how long requests in flight may take to finish
     decoders: int = 2  # decoding worker processes
     verbose: bool = False  # all of Triton's log, not only its warnings and errors
 
