@@ -157,11 +157,17 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http}"
 
-    def stop(self) -> int:
-        """SIGTERM (the server drains and stops Triton), then wait; the exit code."""
+    def stop(self, timeout_s: float = 120.0) -> int:
+        """SIGTERM (the server drains and stops Triton), then wait; the exit code. One that does not stop in
+        `timeout_s` is killed with its whole process tree."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(60)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            for pid in reversed(process_tree(self.proc.pid)):
+                os.kill(pid, signal.SIGKILL)
+            return self.proc.wait()
 
     def __enter__(self) -> ServerProcess:
         return self

@@ -413,15 +413,15 @@ def serve_command(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format=log_format)
     if not verbose:
         logging.getLogger().handlers[0].setFormatter(OneLineFormatter(log_format))
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):  # from now on: a signal drains, even during start-up
-        signal.signal(signum, lambda *_: stop.set())
     limits = ServeLimits(max_request_mb=max_request_mb, max_images=max_images, max_megapixels=max_megapixels)
     config = ServeConfig(model=model, provider=provider.value, host=host, http_port=http_port, grpc_port=grpc_port,
                          metrics_port=metrics_port, max_batch=max_batch, instances=instances, threads=threads,
                          refine=refine, min_score=min_score or None, max_faces=max_faces, limits=limits,
                          grace_s=grace, decoders=decoders, verbose=verbose)
-    server = FacemarkServer(config)
+    server = FacemarkServer(config)  # the checks that need no Triton: one line, exit 2
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # from now on: a signal drains, even during start-up
+        signal.signal(signum, lambda *_: stop.set())
     try:
         server.start()
     except BaseException:
