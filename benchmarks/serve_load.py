@@ -13,6 +13,7 @@ requests: each must fail alone, and the server must not exit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -166,7 +167,8 @@ class ServerProcess:
             return self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             for pid in reversed(process_tree(self.proc.pid)):
-                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):  # gone meanwhile
+                    os.kill(pid, signal.SIGKILL)
             return self.proc.wait()
 
     def __enter__(self) -> ServerProcess:

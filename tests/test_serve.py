@@ -8,6 +8,7 @@ use, request limits, damaged uploads, a server that dies mid-run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -39,6 +40,12 @@ def _descendants(pid: int) -> list[int]:
     return process_tree(pid)[1:]
 
 
+def _kill(pids: list[int], signum: int = signal.SIGKILL) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # gone meanwhile
+            os.kill(pid, signum)
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -54,8 +61,7 @@ def server(tmp_path_factory):
     started = ServerProcess(["--max-batch", "8", *LIMITS], log=tmp_path_factory.mktemp("serve") / "serve.log")
     yield started
     started.stop()
-    for pid in process_tree(started.proc.pid)[1:]:  # nothing may outlive a failed test
-        os.kill(pid, signal.SIGKILL)
+    _kill(_descendants(started.proc.pid))  # nothing may outlive a failed test
 
 
 def _predict(tmp: Path, name: str, inputs: list[str], *extra: str) -> tuple[int, dict]:
@@ -298,7 +304,8 @@ def test_readiness_waits_for_the_model_and_a_client_started_with_the_server_wait
         assert server.stop() == 0
 
 
-def test_a_server_that_dies_mid_run_ends_it_in_one_line_with_the_rest_failed(tmp_path):
+@pytest.mark.parametrize("fate", ["killed", "hung"])
+def test_a_server_that_dies_or_hangs_mid_run_ends_it_in_one_line_with_the_rest_failed(fate, tmp_path):
     pytest.importorskip("pytriton", reason="the serve extra is not installed (pip install 'facemark[serve]')")
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -308,22 +315,23 @@ def test_a_server_that_dies_mid_run_ends_it_in_one_line_with_the_rest_failed(tmp
     jsonl = tmp_path / "out.jsonl"
     try:
         client = subprocess.Popen([sys.executable, "-m", "facemark", "runtime", "predict", str(photos), "--server",
-                                   server.url, "--jsonl", str(jsonl), "--workers", "2", "--timeout", "10"],
+                                   server.url, "--jsonl", str(jsonl), "--workers", "2", "--timeout", "3"],
                                   stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
         while (not jsonl.exists() or len(jsonl.read_text().splitlines()) < 3) and time.monotonic() < deadline:
             time.sleep(0.05)
-        for pid in reversed(process_tree(server.proc.pid)):  # killed, tritonserver and all: no drain
-            os.kill(pid, signal.SIGKILL)
+        # tritonserver and all, no drain; stopped processes accept connections but never answer
+        _kill(process_tree(server.proc.pid)[::-1], signal.SIGKILL if fate == "killed" else signal.SIGSTOP)
         code = client.wait(120)
         err = client.stderr.read()
     finally:
-        server.proc.kill()
+        _kill(process_tree(server.proc.pid))
         server.proc.wait()
     lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert code == 1 and "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "not done (listed as failed)" in errors[0], err
+    assert "the server stopped answering" in errors[0]
     assert len(lines) == 60 and sum(line["error"] is None for line in lines) >= 3
     assert all("not done: " in line["error"] for line in lines if line["error"])
 
