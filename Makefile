@@ -28,7 +28,15 @@ demo: $(VENV)/.stamp-runtime
 lint: $(VENV)/.stamp-all
 	$(BIN)/ruff check .
 
-pytest: $(VENV)/.stamp-all
+# A second OpenCV major for the exported-graph tests (tests/test_consumers.py): OpenCV 5 needs numpy 2, so it
+# gets a small venv of its own (about 100 MB).
+CV5_VENV := .venv-cv5
+$(CV5_VENV)/.stamp:
+	$(PYTHON) -m venv $(CV5_VENV)
+	$(CV5_VENV)/bin/python -m pip --disable-pip-version-check -q install "opencv-python-headless>=5,<6" "numpy>=2"
+	touch $@
+
+pytest: $(VENV)/.stamp-all $(CV5_VENV)/.stamp
 	$(BIN)/python -m pytest -q
 
 test: lint pytest
@@ -49,4 +57,4 @@ bench-quick: $(VENV)/.stamp-all
 	$(BIN)/facemark bench --quick --out bench-out
 
 clean:
-	rm -rf $(VENV) $(MP_VENV) demo bench-out .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(MP_VENV) $(CV5_VENV) demo bench-out .pytest_cache .ruff_cache

@@ -2,7 +2,9 @@
 
 Rows: the model at batch 1 at each thread count of --threads (its own ONNX Runtime session per count, explicit
 intra-op threads, no spinning, alternating blocks: facemark.benchmarks.model_speed), NME on the validation split
-of --data; end to end on the composed scenes (FaceLandmarker defaults); video (runtime video's tracking
+of --data; end to end on the composed scenes (FaceLandmarker defaults); the frontier of landmark settings (passes,
+flip) -> validation NME end to end, ms per face and 640x480 fps at each thread count (facemark.benchmarks.frontier);
+video (runtime video's tracking
 policies on a composed clip of a moving face: facemark.benchmarks.video_bench); folder throughput (previous runner vs
 one-by-one vs pipelined); with --serve, a loopback load test of `facemark serve`
 (facemark.benchmarks.serve_load). The same report format as the checkpoint benchmark (facemark.benchmarks.report).
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from facemark.benchmarks import pipeline as pipeline_mod
 from facemark.benchmarks.environment import describe_environment
+from facemark.benchmarks.frontier import frontier_rows
 from facemark.benchmarks.isolated import ORT, Payload, WorkerSpec, self_check
 from facemark.benchmarks.mediapipe_peer import mediapipe_document
 from facemark.benchmarks.model_speed import sample_inputs, time_models
@@ -73,6 +76,7 @@ def run_model_benchmark(model: Path, out: Path, threads: Sequence[int], data: Se
         row = pipeline_mod.time_pipeline(landmarker, pipeline_mod.compose_scene(width, height, faces, scenes_dir),
                                          3 if quick else 20)
         pipeline_rows.append({**row, "model": model.name})
+    frontier = frontier_rows(model, val, threads, scenes_dir, repeats=3 if quick else 20, progress=progress)
     progress("video")
     video = bench_video_rows(landmarker, out / "clips", quick)
     progress("folder throughput")
@@ -94,6 +98,6 @@ def run_model_benchmark(model: Path, out: Path, threads: Sequence[int], data: Se
             "model_label": f"{model} ({info.contract.size} px, {info.precision})", "nme_source": nme_source,
             "environment": describe_environment(max(threads), {model.name: file_sha256(model)}),
             "rows": rows, "pipeline": pipeline_rows, "video": video, "throughput": throughput,
-            "serve": serve_section, "peer": None, "mediapipe": mediapipe_doc,
+            "serve": serve_section, "peer": None, "mediapipe": mediapipe_doc, "frontier": frontier,
             "limit": {},
             "notes": notes, "verdict": not quick, "targets": [], "self_check": check}

@@ -77,6 +77,18 @@ def peer_table(rows: list[dict], claims: bool = True) -> str:
                            "Ours vs dlib (1 thread)"], body)
 
 
+def frontier_table(rows: list[dict]) -> str:
+    threads = sorted({int(k.split("@")[1]) for r in rows for k in r if k.startswith("fps@")})
+    header = ["Input", "Precision", "Passes", "TTA", "NME end to end", "Found",
+              *(f"ms/face, {t} thr" for t in threads), *(f"640x480 fps, {t} thr" for t in threads)]
+    body = [[f"{r['input']} px", r["precision"], r["passes"], r["tta"],
+             _num(100 * r["nme"], 2, " %") if r.get("nme") is not None else "n/a (no --data)",
+             f"{100 * r['detection_rate']:.1f} %" if r.get("detection_rate") is not None else "-",
+             *(_num(r[f"ms_per_face@{t}"]) for t in threads), *(_num(r[f"fps@{t}"], 1) for t in threads)]
+            for r in rows]
+    return markdown_table(header, body)
+
+
 def _calibration_text(peer: dict) -> str:
     try:
         c = json.loads(peer.get("calibration") or "{}")
@@ -161,6 +173,12 @@ def render_markdown(report: dict) -> str:
                     f"({_calibration_text(peer)}); compared per face with our fastest ONNX CPU variant at the same "
                     "thread count (1). HOG detector: dlib as users run it, its own detector on each photo and the "
                     "predictor on the face it finds (NME over the faces found).", ""]
+    if report.get("frontier"):
+        out += ["## Frontier: accuracy per millisecond (one model, its landmark settings; composed 640x480 one-face "
+                "photo)", "", frontier_table(report["frontier"]), "",
+                "NME end to end on the validation faces found (detection rate beside it), the runtime's defaults "
+                "otherwise; ms per face = the landmark stage (every pass and flip) for the one face; fps = the whole "
+                "photo: decoding, Haar, landmarks.", ""]
     mediapipe = report.get("mediapipe")
     if mediapipe:
         out += ["## Peer: MediaPipe Face Mesh (468 points, its own environment and worker process, one core)", ""]

@@ -79,7 +79,34 @@ def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
 
     converted = OnnxModel(convert_float_to_float16(proto, keep_io_types=True))
     converted.topological_sort()  # the converter appends the input/output Casts at the end of the graph
-    return converted.model
+    return fold_constant_casts(converted.model)
+
+
+def fold_constant_casts(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace each Cast of a constant (initializer or Constant node) by the cast value as an initializer. The
+    fp16 converter stores Resize's scales as fp16 behind a Cast back to fp32; consumers that need the scales as
+    a constant (OpenCV DNN 5) then fail."""
+    from onnx import helper, numpy_helper
+
+    constants = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    kept = []
+    for node in proto.graph.node:
+        if node.op_type == "Cast" and node.input and node.input[0] in constants:
+            to = next(a.i for a in node.attribute if a.name == "to")
+            value = constants[node.input[0]].astype(helper.tensor_dtype_to_np_dtype(to))
+            proto.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        else:
+            kept.append(node)
+    used = {name for node in kept for name in node.input} | {o.name for o in proto.graph.output}
+    kept = [n for n in kept if n.op_type != "Constant" or n.output[0] in used]  # Constants only the Casts read
+    del proto.graph.node[:]
+    proto.graph.node.extend(kept)
+    for tensor in [t for t in proto.graph.initializer if t.name not in used]:
+        proto.graph.initializer.remove(tensor)
+    return proto
 
 
 class _CropReader:

@@ -6,6 +6,7 @@ Stage commands live in each stage's `cli` module, which imports nothing heavy at
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Sequence
 
@@ -14,9 +15,12 @@ from rich.console import Console
 from rich.markup import escape  # messages hold paths and hints like facemark[serve]: text, not markup
 
 from facemark.choices import choice_enum
-from facemark.errors import FacemarkError
+from facemark.errors import FacemarkError, missing_extra_message, printable
+from facemark.fileio import write_error
 from facemark.runtime.schema import SCHEMA_NAMES
 
+# The errors of a write the machine refused: one line and exit 2, like any FacemarkError, never a traceback.
+WRITE_FAILURES = {errno.ENOSPC, errno.EFBIG, errno.EACCES, errno.EROFS, errno.EIO, errno.EDQUOT, errno.EPERM}
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
     name="facemark",
@@ -82,9 +86,24 @@ def run(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # typer's standalone mode ends every run this way
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except FacemarkError as exc:
-        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        print_error(str(exc))
+        return 2
+    except OSError as exc:
+        if exc.errno not in WRITE_FAILURES:
+            raise
+        print_error(str(write_error(exc.filename or "output", exc)))  # a write outside facemark.fileio's helpers
+        return 2
+    except ModuleNotFoundError as exc:  # a command of an extra that this install lacks
+        message = missing_extra_message(exc)
+        if message is None:
+            raise
+        print_error(message)
         return 2
     return 0
+
+
+def print_error(message: str) -> None:
+    err_console.print(f"[red]error:[/red] {escape(printable(message))}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from facemark.contract import Box, box_from_landmarks
 from facemark.errors import DataError, ImageError
 from facemark.imageio import IMAGE_SUFFIXES, probe_size
-from facemark.scheme import NUM_POINTS
+from facemark.scheme import NUM_POINTS, interocular_distance
 
 Warn = Callable[[str], None]
 
@@ -83,7 +83,7 @@ def read_pts_folder(folder: str | os.PathLike, warn: Warn) -> list[FaceRecord]:
             continue
         try:
             points = read_pts(pts)
-            check_inside_image(points, image, str(pts))
+            check_face(points, image, str(pts))
         except (DataError, ImageError) as exc:
             warn(f"{exc}; skipped")
             continue
@@ -93,6 +93,21 @@ def read_pts_folder(folder: str | os.PathLike, warn: Warn) -> list[FaceRecord]:
 
 # Annotations may run a little past the border (300-W's contours do, by < 1 px); half an image is a bug.
 MAX_OUTSIDE_SHARE = 0.5
+
+
+# NME divides by the outer-eye-corner distance: below this many pixels a face's error would be meaningless
+# (two coinciding corners gave an NME of 1.9e9 %), and its training target is degenerate.
+MIN_INTEROCULAR_PX = 1.0
+
+
+def check_face(points: np.ndarray, image: Path, where: str) -> None:
+    """Raise DataError for a face that evaluation and training cannot use: points far outside its image, or
+    outer eye corners (the NME's normalising distance) that (nearly) coincide."""
+    check_inside_image(points, image, where)
+    distance = float(interocular_distance(points))
+    if not distance >= MIN_INTEROCULAR_PX:
+        raise DataError(f"{where}: the outer eye corners are {distance:.3g} px apart (under {MIN_INTEROCULAR_PX:g}); "
+                        "no NME can be normalised by that")
 
 
 def check_inside_image(points: np.ndarray, image: Path, where: str) -> None:
@@ -154,7 +169,7 @@ def _dlib_box_record(xml: Path, image_path: Path, file_attr: str, index: int, bo
     points = np.array([parts[i] for i in range(NUM_POINTS)], dtype=np.float32)  # dlib parts are 0-based
     if not np.isfinite(points).all():
         raise DataError(f"{where}: non-finite landmark coordinate")
-    check_inside_image(points, image_path, where)
+    check_face(points, image_path, where)
     return FaceRecord(image_path, points, key=f"{Path(file_attr).name}#{index}", source_box=box)
 
 

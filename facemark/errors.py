@@ -15,6 +15,11 @@ class ImageError(FacemarkError):
     """An image that cannot be read: missing, corrupt, empty, not an image, or too large."""
 
 
+class WriteError(FacemarkError):
+    """An output that could not be written (disk full, file too large, permission, read-only, I/O error).
+    Unlike a bad input it ends the run: every later write would fail the same way."""
+
+
 class ModelError(FacemarkError):
     """A model file that is missing, corrupt, or not a facemark model."""
 
@@ -25,3 +30,23 @@ class ProviderError(FacemarkError):
 
 class ParityError(FacemarkError):
     """An exported model that fails its numerical parity or accuracy gate."""
+
+
+# The optional extras of pyproject.toml, by the top-level modules only they install.
+EXTRA_OF_MODULE = {"torch": "train", "torchvision": "train", "onnx": "train", "onnxscript": "train",
+                   "matplotlib": "train", "pytriton": "serve", "tritonclient": "serve"}
+
+
+def missing_extra_message(exc: ModuleNotFoundError) -> str | None:
+    """One line naming the extra to install when `exc` is the absence of one of its modules, else None."""
+    module = (exc.name or "").split(".")[0]
+    extra = EXTRA_OF_MODULE.get(module)
+    if extra is None:
+        return None
+    return f"this needs the {extra} extra ({module} is not installed): pip install 'facemark[{extra}]'"
+
+
+def printable(text: str) -> str:
+    """`text` with its control characters (a newline or a terminal escape in a file name) written as a Python
+    repr writes them, so a message stays one honest line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

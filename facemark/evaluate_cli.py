@@ -11,10 +11,11 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from facemark.choices import EvalBoxes, EvalSplit, Provider, Tta
 from facemark.data import load_records, split_of, split_records
-from facemark.errors import DataError
+from facemark.errors import DataError, printable
 from facemark.reporting import progress_display, summarize_warnings
 
 console = Console(soft_wrap=True)
@@ -61,11 +62,15 @@ def evaluate_command(
 ) -> None:
     """NME (inter-ocular), failure rate and AUC at 0.08, per-face CSV and CED plot."""
     from facemark.evaluation import evaluate, ground_truth_box, write_reports
+    from facemark.fileio import check_writable
 
+    for path, what in ((json_path, "--json file"), (csv_path, "--csv file"), (plot_path, "--plot file")):
+        if path is not None:
+            check_writable(path, what)  # before any face is evaluated
     warnings: list[str] = []
     records = load_records(data, warnings.append)
     for w in summarize_warnings(warnings, verbose):
-        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+        console.print(f"[yellow]warning:[/yellow] {escape(printable(w))}", highlight=False)
     split, boxes, tta, provider = split.value, boxes.value, tta.value, provider.value
     predictor, calibration, model_meta = _load_predictor(model, provider)
     if split != "all":
@@ -93,7 +98,7 @@ def evaluate_command(
         result = evaluate(predictor, records, source, batch_size, lambda n: progress.advance(task, n),
                           refine=refine, flip=tta == "flip")
     for line in result.unreadable:
-        console.print(f"[yellow]skipped:[/yellow] {line}", highlight=False)
+        console.print(f"[yellow]skipped:[/yellow] {escape(printable(line))}", highlight=False)
     meta = {"model": model_meta, "data": [str(p) for p in data], "split": split, "boxes": box_label,
             "refine": refine, "tta": tta}
     doc = write_reports(result, meta, json_path, csv_path, plot_path, label=model.name)
@@ -123,7 +128,7 @@ def _evaluate_pipeline(model: Path, provider: str, records, refine: int, flip: b
         task = progress.add_task("pipeline", total=len(records))
         result = evaluate_pipeline(landmarker, records, lambda n: progress.advance(task, n))
     for line in result.unreadable:
-        console.print(f"[yellow]skipped:[/yellow] {line}", highlight=False)
+        console.print(f"[yellow]skipped:[/yellow] {escape(printable(line))}", highlight=False)
     doc = result.summary(landmarker.min_score)
     doc.update(model=str(model), refine=refine, tta="flip" if flip else "none", detector=landmarker.detector.config())
     if json_path:

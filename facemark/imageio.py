@@ -8,7 +8,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from facemark.errors import ImageError
 from facemark.fileio import write_with_atomic
@@ -27,7 +27,7 @@ def probe_size(source: Path | io.BytesIO, name: object = None) -> tuple[int, int
     try:
         with Image.open(source) as im:
             return im.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001  Pillow's parsers raise many kinds on damaged headers
         raise ImageError(f"{name or source}: not a readable image ({exc.__class__.__name__})") from None
 
 
@@ -39,11 +39,51 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     return decode_image(p.read_bytes(), p, max_pixels)
 
 
+# The container formats recognised by their first bytes, and the decoder each one goes to. OpenCV gets only
+# the formats whose decoders survive damaged input (libjpeg-turbo, libpng, libwebp, libtiff and OpenCV's own
+# BMP/PNM readers: the fuzz test in tests/test_safety.py); OpenCV 4.11's OpenJPEG path corrupts memory on a
+# damaged JPEG 2000 file and kills the process, so JPEG 2000, like every format not listed, goes to Pillow.
+OPENCV_FORMATS = ("jpeg", "png", "webp", "tiff", "bmp", "pnm")
+_MAGIC = (
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+    (b"II+\x00", "tiff"),  # BigTIFF
+    (b"MM\x00+", "tiff"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "jpeg2000"),  # JP2 container
+    (b"\xff\x4f\xff\x51", "jpeg2000"),  # raw J2K codestream
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"BM", "bmp"),
+)
+
+
+def sniff_format(data: bytes) -> str:
+    """The image format named by the first bytes of `data` (not by any file name): jpeg, png, webp, tiff,
+    jpeg2000, gif, bmp, pnm, or "other" (Pillow decides whether it can read it)."""
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if len(data) > 2 and data[0:1] == b"P" and data[1:2] in b"123456" and data[2:3].isspace():
+        return "pnm"
+    return "other"
+
+
+def decoder_for(data: bytes) -> str:
+    """"opencv" or "pillow": the decoder that `decode_image` trusts with these bytes."""
+    return "opencv" if sniff_format(data) in OPENCV_FORMATS else "pillow"
+
+
 def decode_image(data: bytes, name: object, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode an encoded image (the bytes of a file; `name` for error messages) as 8-bit BGR (H, W, 3).
 
     Grayscale, 16-bit and RGBA inputs are converted; EXIF orientation is applied (OpenCV's IMREAD_COLOR).
-    The server decodes a client's upload with this, so both sides read a file the same way.
+    The format is told by the bytes, and each format goes only to a decoder that survives damaged input of it
+    (see OPENCV_FORMATS), so no file can end the process. Local predict and the server's uploads both decode
+    with this, so both sides read a file the same way.
     """
     if len(data) == 0:
         raise ImageError(f"{name}: empty file")
@@ -53,9 +93,14 @@ def decode_image(data: bytes, name: object, max_pixels: int = DEFAULT_MAX_PIXELS
             f"{name}: {width}x{height} is larger than the limit of {max_pixels / 1e6:.0f} megapixels; "
             "downscale it first"
         )
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    image = None
+    if decoder_for(data) == "opencv":
+        try:
+            image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+        except cv2.error:
+            image = None
     if image is None or image.size == 0:
-        image = _decode_with_pillow(data)  # formats this OpenCV build lacks (GIF, some PNM variants)
+        image = _decode_with_pillow(data)  # the other formats, and variants this OpenCV build lacks (some PNM)
     if image is None or image.size == 0:
         raise ImageError(f"{name}: corrupt or unsupported image data")
     return image
@@ -68,7 +113,7 @@ def _decode_with_pillow(data: bytes) -> np.ndarray | None:
     try:
         with Image.open(io.BytesIO(data)) as im:
             rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except Exception:  # noqa: BLE001  damaged data raises OSError, SyntaxError, EOFError, struct.error, ...
         return None
     return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
 

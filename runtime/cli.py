@@ -6,6 +6,7 @@ Only typer, rich and facemark core are imported here; onnxruntime and the pipeli
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -114,9 +115,10 @@ def predict_command(
     ctx: typer.Context,
     inputs: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or globs."),
     model: Path | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Folder for the annotated images."),
-    json_path: Path | None = typer.Option(None, "--json", help="Write the JSON document here "
-                                          "(default: stdout when --out is not given either)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Folder for the annotated images (NAME.ext, or "
+                                    "NAME-1.ext when that name is taken; never an input's own file)."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the JSON document here; - for stdout "
+                                          "(default: stdout when no other output is given either)."),
     provider: Provider = typer.Option("auto", "--provider", "-p", help=PROVIDER_HELP),
     draw: DrawChoice = typer.Option("points", "--draw", help="How --out pictures show the landmarks."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for the model."),
@@ -133,19 +135,24 @@ def predict_command(
     cascade: str | None = typer.Option(None, "--cascade", help=CASCADE_HELP),
     octaves: bool = typer.Option(haar.DEFAULT_OCTAVES, "--octaves/--no-octaves", help=OCTAVES_HELP),
     max_faces: int | None = typer.Option(None, "--max-faces", min=1, help=MAX_FACES_HELP),
-    jsonl: Path | None = typer.Option(None, "--jsonl", help="Stream one JSON line per input (the images[] entry), "
-                                      "flushed as each input is done."),
-    resume: bool = typer.Option(False, "--resume", help="With --jsonl: skip inputs that already have a complete "
-                                "line there and append the rest."),
+    jsonl: Path | None = typer.Option(None, "--jsonl", help="Stream one JSON line per input (the images[] entry "
+                                      "and the run's model sha256 and settings), flushed as each input is done; "
+                                      "- for stdout."),
+    resume: bool = typer.Option(False, "--resume", help="With --jsonl: keep its complete lines without an error, "
+                                "redo the other inputs and append them; refused when the lines come from another "
+                                "model or other settings."),
+    force: bool = typer.Option(False, "--force", help="With --resume: append even to lines of another model or "
+                               "other settings."),
     aligned: Path | None = typer.Option(None, "--aligned", help="Folder for each face's similarity-aligned chip "
-                                        "(PNG, NAME-faceI.png; dlib get_face_chips / InsightFace norm_crop)."),
+                                        "(PNG, NAME-faceI.png; dlib get_face_chips / InsightFace norm_crop); "
+                                        "not the --out folder."),
     aligned_size: int = typer.Option(112, "--aligned-size", min=8, help="Side of the aligned chips in pixels."),
     aligned_template: AlignTemplate = typer.Option("arcface", "--aligned-template",
                                                    help="arcface: the five-point ArcFace layout; eyes: eye centres."),
     pose: bool = typer.Option(False, "--pose", help="Add each face's head pose (yaw, pitch, roll in degrees) to the "
                               "JSON, JSONL and CSV."),
     csv_path: Path | None = typer.Option(None, "--csv", help="Write one CSV row per face: path, face, box, score, "
-                                         "x0,y0 .. x67,y67 (and yaw, pitch, roll with --pose)."),
+                                         "x0,y0 .. x67,y67 (and yaw, pitch, roll with --pose); - for stdout."),
     workers: int | None = typer.Option(
         None, "--workers", min=1, help="Threads decoding, detecting and writing while the model runs batched over "
         "several images (default: one per core); 1 = one image after another."),
@@ -159,21 +166,31 @@ def predict_command(
 ) -> None:
     """Landmarks for every face in photos: annotated images (--out), one JSON document (--json), JSON lines
     streamed per image (--jsonl, resumable with --resume), CSV (--csv), aligned face chips (--aligned);
-    locally or on a `facemark serve` server (--server)."""
-    from facemark.fileio import check_writable, write_text_atomic
+    locally or on a `facemark serve` server (--server). Writes only what is asked for, each file complete or not
+    at all; never an input, never a picture it did not write itself (its folders' facemark-outputs.json says
+    which). Messages and the summary go to stderr."""
+    from facemark.errors import printable
+    from facemark.fileio import check_writable, is_stdout, write_output_text
     from facemark.runtime.predict import (
         ChipOptions,
         JsonlWriter,
         build_document,
+        claim_output_stems,
         collect_inputs,
         dumps,
+        output_folders,
         predict_files,
         read_jsonl_entries,
+        run_identity,
         write_csv,
     )
 
     if resume and jsonl is None:
         raise typer.BadParameter("--resume needs --jsonl FILE (the lines it continues)")
+    if resume and is_stdout(jsonl):
+        raise typer.BadParameter("--resume needs a --jsonl file, not - (stdout)")
+    if sum(is_stdout(p) for p in (json_path, jsonl, csv_path)) > 1:
+        raise typer.BadParameter("only one of --json, --jsonl and --csv can be - (stdout)")
     for path, what in ((json_path, "--json document"), (jsonl, "--jsonl file"), (csv_path, "--csv file")):
         if path is not None:
             check_writable(path, what)  # before any image is processed
@@ -197,13 +214,17 @@ def predict_command(
         landmarker = steps = _landmarker(model, provider, threads, detector, trt_fp16, trt_cache, max_faces, refine,
                                          tta, min_score)
     files, failures = collect_inputs(inputs)
+    chips = ChipOptions(aligned, aligned_size, aligned_template.value) if aligned else None
+    stems = claim_output_stems(files, output_folders(out, chips))  # refuses unsafe folders before any work
     for failure in failures:
-        console.print(f"[red]error:[/red] {escape(failure.error)}")
-    earlier = read_jsonl_entries(jsonl) if resume and jsonl is not None else {}
-    todo = [f for f in files if str(f) not in earlier]
+        console.print(f"[red]error:[/red] {escape(printable(failure.error))}")
+    run = run_identity(landmarker.describe(), {"refine": refine, "tta": tta.value, "min_score": min_score,
+                                               "max_faces": max_faces, "pose": pose})
+    earlier = read_jsonl_entries(jsonl, run, force) if resume and jsonl is not None else {}
+    todo = [f for f in files if os.path.realpath(f) not in earlier]
     if earlier:
         console.print(f"--resume: {len(files) - len(todo)} of {len(files)} inputs already in {jsonl}")
-    writer = JsonlWriter(jsonl, append=resume) if jsonl is not None else None
+    writer = JsonlWriter(jsonl, append=resume, run=run) if jsonl is not None else None
     progress = progress_display(console, disable=len(todo) < 2)
     stop = _StopFlag()
     try:
@@ -212,27 +233,26 @@ def predict_command(
 
             def report(result) -> None:
                 if result.error and (remote is None or result.path not in remote.not_done):  # those: one line
-                    progress.console.print(f"[red]error:[/red] {escape(result.error)}")
+                    progress.console.print(f"[red]error:[/red] {escape(printable(result.error))}")
                 if writer is not None:
                     writer.write(result)
                 progress.advance(task)
 
-            chips = ChipOptions(aligned, aligned_size, aligned_template.value) if aligned else None
             stopping = stop.requested if remote is None else lambda: stop.requested() or remote.stopped()
             results = predict_files(steps, todo, out, draw.value, on_result=report,  # type: ignore[arg-type]
-                                    stop_requested=stopping, workers=workers, chips=chips, pose=pose)
+                                    stop_requested=stopping, workers=workers, chips=chips, pose=pose, stems=stems)
             if remote is not None and remote.gone is not None:
                 results += _not_done(remote, todo, results, writer)
     finally:
         if writer is not None:
             writer.close()
-    by_path = {str(r.path): r for r in results}
-    ordered = [by_path.get(str(f)) or earlier.get(str(f)) for f in files]
+    by_path = {os.path.realpath(r.path): r for r in results}
+    ordered = [by_path.get(os.path.realpath(f)) or earlier.get(os.path.realpath(f)) for f in files]
     everything = failures + [r for r in ordered if r is not None]
     document = build_document(landmarker, everything, complete=stop.signal is None)
     text = dumps(document, indent=1) + "\n"
     if json_path is not None:
-        write_text_atomic(json_path, text)
+        write_output_text(json_path, text)
     elif out is None and jsonl is None and csv_path is None and aligned is None:
         sys.stdout.write(text)
     if csv_path is not None:
@@ -250,6 +270,7 @@ def _not_done(remote: RemoteSteps, todo: list[Path], results: list[ImageResult],
               ) -> list[ImageResult]:
     """The server stopped answering: every file it did not answer fails with that reason, in the JSON and JSONL
     too (so --resume retries them), and one line says so."""
+    from facemark.errors import printable
     from facemark.runtime.predict import ImageResult
 
     done = {r.path for r in results}
@@ -258,8 +279,8 @@ def _not_done(remote: RemoteSteps, todo: list[Path], results: list[ImageResult],
         if writer is not None:
             writer.write(result)
     count = len(missing) + sum(r.path in remote.not_done for r in results)
-    console.print(f"[red]error:[/red] {escape(remote.gone or '')}; {count} of {len(todo)} images not done "
-                  "(listed as failed)")
+    console.print(f"[red]error:[/red] {escape(printable(remote.gone or ''))}; {count} of {len(todo)} images not "
+                  "done (listed as failed)")
     return missing
 
 

@@ -16,8 +16,14 @@ per-point confidence (pip head). A bad file gets "error" (one line naming it) an
 face is an empty list, not an error. JSON never holds NaN.
 
 JSONL (`--jsonl`): exactly one `images[]` entry per line, in input order, written and flushed as soon as that
-input is done, so a killed run loses at most the line being written; `--resume` keeps the complete lines,
-drops a truncated last one and processes only the inputs without a line.
+input is done, so a killed run loses at most the line being written. Each line also holds "run": the model's
+sha256 and the settings that change results. `--resume` keeps the complete lines of the same run, drops damaged
+lines (anywhere) and lines with an error, and processes only the inputs without a kept line (paths compared
+resolved); lines of another model or other settings are refused (`force` mixes them).
+
+Pictures (--out, --aligned): each input gets an output stem unique in its folder and stable across runs, kept
+in the folder's OUTPUTS_MANIFEST: a rerun or a resumed run replaces only what it wrote for the same input, a
+file it did not write is never replaced, and a folder where an output would replace an input is refused.
 """
 
 from __future__ import annotations
@@ -27,9 +33,10 @@ import glob
 import io
 import json
 import os
+import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +46,16 @@ import numpy as np
 from imutils.paths import list_files
 
 from facemark.drawing import DrawMode, draw_face
-from facemark.errors import FacemarkError
-from facemark.fileio import write_text_atomic
+from facemark.errors import FacemarkError, ImageError
+from facemark.fileio import (
+    check_writable_folder,
+    file_sha256,
+    is_stdout,
+    is_stream,
+    write_error,
+    write_output_text,
+    write_text_atomic,
+)
 from facemark.geometry import ARCFACE_SIZE, Template
 from facemark.imageio import IMAGE_SUFFIXES, read_image, write_image
 from facemark.runtime.landmarker import Detections, Face, FaceLandmarker, Found, default_workers
@@ -91,7 +106,7 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], lis
     seen: set[str] = set()
 
     def add(path: Path) -> None:
-        key = os.path.normpath(path)
+        key = os.path.realpath(path)  # a relative and an absolute name (or a link) of one file: one input
         if key not in seen:
             seen.add(key)
             files.append(path)
@@ -184,19 +199,98 @@ def _with_landmarks(loaded: LoadedFile, found: Detections) -> ImageResult:
     return result
 
 
-def annotated_name(path: Path, taken: set[str]) -> str:
-    """Output file name for an input: its own name (a writable format) made unique within the run."""
-    suffix = path.suffix.lower() if path.suffix.lower() in WRITABLE_SUFFIXES else ".png"
-    name, index = f"{path.stem}{suffix}", 1
-    while name in taken:
-        name, index = f"{path.stem}-{index}{suffix}", index + 1
-    taken.add(name)
-    return name
+OUTPUTS_MANIFEST = "facemark-outputs.json"  # in each --out / --aligned folder: {resolved input: output stem}
+_CHIP_STEM = re.compile(r"^(.*)-face\d+$", re.IGNORECASE)
+
+
+def annotated_suffix(path: Path) -> str:
+    """The annotated picture keeps its input's format when it is a writable one, else PNG."""
+    return path.suffix.lower() if path.suffix.lower() in WRITABLE_SUFFIXES else ".png"
+
+
+def chip_name(stem: str, index: int) -> str:
+    return f"{stem}-face{index}.png"
+
+
+@dataclass(frozen=True)
+class OutputFolder:
+    """A folder predict writes pictures into: annotated (STEM.ext) or aligned chips (STEM-faceN.png)."""
+
+    path: Path
+    option: str  # "--out" or "--aligned"
+
+    @property
+    def chips(self) -> bool:
+        return self.option == "--aligned"
+
+    def stem_of(self, name: str) -> str:
+        """The output stem a file name of this folder uses (lower case: file systems may ignore case)."""
+        stem = Path(name).stem
+        match = _CHIP_STEM.match(stem) if self.chips else None
+        return (match.group(1) if match else stem).lower()
+
+    def manifest(self) -> dict[str, str]:
+        try:
+            claims = json.loads((self.path / OUTPUTS_MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return {str(k): str(v) for k, v in claims.items()} if isinstance(claims, dict) else {}
+
+    def check_no_input_replaced(self, files: Sequence[Path], resolved: set[str]) -> None:
+        """Refuse (one line, before any work) a folder where an input's output would replace an input."""
+        for path in files:
+            if self.chips:
+                hit = Path(path).parent.resolve() == self.path.resolve() and _CHIP_STEM.match(path.stem)
+            else:
+                hit = os.path.realpath(self.path / f"{path.stem}{annotated_suffix(path)}") in resolved
+            if hit:
+                raise FacemarkError(f"{self.path}: {self.option} would write over the input {path}; "
+                                    "give a folder that holds no inputs")
+
+
+def claim_output_stems(files: Sequence[Path], folders: Sequence[OutputFolder]) -> dict[str, str]:
+    """The output stem of each input (by str(path)) in these folders, saved in each folder's manifest before any
+    picture is written. An input named in a manifest keeps its stem (a rerun or --resume replaces only what it
+    wrote for that input); a new one gets its own stem, or stem-1, stem-2, ... when a file in the folders (one
+    that facemark did not write for it) or another input of the run uses that one. Raises FacemarkError for a
+    folder that cannot be written, that is another option's folder too, or where an output would be an input."""
+    if not folders:
+        return {}
+    if len({os.path.realpath(f.path) for f in folders}) < len(folders):
+        raise FacemarkError(f"{folders[0].path}: --out and --aligned name the same folder; give each its own")
+    resolved = {str(p): os.path.realpath(p) for p in files}
+    for folder in folders:
+        check_writable_folder(folder.path, f"{folder.option} folder")
+        folder.check_no_input_replaced(files, set(resolved.values()))
+    claims = [folder.manifest() for folder in folders]
+    mine = {real: stem for claim in claims for real, stem in claim.items()}
+    taken = {stem.lower() for stem in mine.values()}
+    for folder in folders:
+        taken |= {folder.stem_of(name) for name in os.listdir(folder.path) if name != OUTPUTS_MANIFEST}
+    stems: dict[str, str] = {}
+    for path in dict.fromkeys(files):  # a file listed twice is one input
+        stem = mine.get(resolved[str(path)])
+        if stem is None:
+            stem, index = Path(path).stem, 1
+            while stem.lower() in taken:
+                stem, index = f"{Path(path).stem}-{index}", index + 1
+        taken.add(stem.lower())
+        stems[str(path)] = stem
+    for folder, claim in zip(folders, claims, strict=True):
+        claim.update({resolved[key]: stem for key, stem in stems.items()})
+        write_text_atomic(folder.path / OUTPUTS_MANIFEST, json.dumps(claim, indent=0, sort_keys=True) + "\n")
+    return stems
+
+
+def output_folders(out_dir: str | os.PathLike | None, chips: ChipOptions | None) -> list[OutputFolder]:
+    return ([OutputFolder(Path(out_dir), "--out")] if out_dir is not None else []) + \
+        ([OutputFolder(Path(chips.folder), "--aligned")] if chips is not None else [])
 
 
 def _write_outputs(result: ImageResult, image: np.ndarray, target: Path | None, draw: DrawMode,
                    chips: ChipOptions | None, chip_stem: str) -> ImageResult:
-    """The annotated picture (`target`) and the aligned chips of one image; a failed write is its error."""
+    """The annotated picture (`target`) and the aligned chips of one image. A picture that cannot be encoded is
+    this image's error; a failed write (disk full, ...) raises WriteError: it ends the run."""
     if target is not None:
         canvas = image.copy()
         for face in result.faces:
@@ -204,15 +298,15 @@ def _write_outputs(result: ImageResult, image: np.ndarray, target: Path | None, 
         try:
             write_image(target, canvas)
             result.output = str(target)
-        except (FacemarkError, OSError) as exc:
+        except ImageError as exc:
             result.error = f"{target}: cannot write the annotated image ({exc})"
     if chips is not None:
         for index, face in enumerate(result.faces):
-            chip_path = chips.folder / f"{chip_stem}-face{index}.png"
+            chip_path = chips.folder / chip_name(chip_stem, index)
             try:
                 write_image(chip_path, face.aligned(image, chips.size, chips.template))
                 result.chips.append(str(chip_path))
-            except (FacemarkError, OSError) as exc:
+            except ImageError as exc:
                 result.error = f"{chip_path}: cannot write the aligned face ({exc})"
     return result
 
@@ -227,6 +321,7 @@ def predict_files(
     workers: int | None = None,
     chips: ChipOptions | None = None,
     pose: bool = False,
+    stems: Mapping[str, str] | None = None,
 ) -> list[ImageResult]:
     """Predict every file; results (and `on_result` calls) in input order. A bad file becomes an error result
     and the batch goes on. Stops before the next file once `stop_requested()` is true (the results so far
@@ -236,10 +331,12 @@ def predict_files(
     Haar and writing annotated images of the next files run on that many threads while the landmark model
     runs once per pass over the faces of a group of files. The landmarks equal one-by-one processing.
     chips: also write each face's aligned chip. pose: the results' JSON carries each face's head pose.
+    stems: each file's output stem (default: claim_output_stems over `files`, which refuses unsafe folders).
     `landmarker` may also be other FileSteps (facemark.runtime.remote: a Triton server does the work)."""
     steps = LocalSteps(landmarker) if isinstance(landmarker, FaceLandmarker) else landmarker
     count = workers or default_workers()
-    taken: set[str] = set()
+    if stems is None:
+        stems = claim_output_stems(files, output_folders(out_dir, chips))
     results: list[ImageResult] = []
 
     def finish(loaded: LoadedFile, found: Detections | None, pool: ThreadPoolExecutor | None) -> Future | ImageResult:
@@ -247,9 +344,9 @@ def predict_files(
         result.with_pose = pose
         if loaded.image is None or (out_dir is None and chips is None):
             return result
-        name = annotated_name(Path(result.path), taken)  # unique within the run: also names the chips
-        target = None if out_dir is None else Path(out_dir) / name
-        job = (result, loaded.image, target, draw, chips, Path(name).stem)
+        stem = stems[result.path]  # unique in its folders and stable across runs: also names the chips
+        target = None if out_dir is None else Path(out_dir) / f"{stem}{annotated_suffix(Path(result.path))}"
+        job = (result, loaded.image, target, draw, chips, stem)
         return _write_outputs(*job) if pool is None else pool.submit(_write_outputs, *job)
 
     def deliver(result: ImageResult) -> None:
@@ -330,7 +427,7 @@ def write_csv(path: str | os.PathLike, results: Sequence[ImageResult], pose: boo
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(csv_header(pose))
     writer.writerows(csv_rows(results, pose))
-    write_text_atomic(path, buffer.getvalue())
+    write_output_text(path, buffer.getvalue())
 
 
 def dumps(document: dict, indent: int | None = None) -> str:
@@ -338,44 +435,102 @@ def dumps(document: dict, indent: int | None = None) -> str:
     return json.dumps(document, indent=indent, allow_nan=False)
 
 
-def read_jsonl_entries(path: str | os.PathLike) -> dict[str, dict]:
-    """The complete `images[]` entries of a JSONL file, by path. A last line cut short by a killed run (no
-    newline, or not valid JSON) is removed from the file, so appending continues on a clean line boundary."""
+def run_identity(header: dict, settings: Mapping[str, object]) -> dict:
+    """What a JSONL line records of its run: the model's sha256 (of the file here; a server's header names its
+    own), every setting that changes a result (the detector's, then `settings`) and the folder relative input
+    paths were given from (so --resume from elsewhere still knows the files)."""
+    model = header["model"]
+    path = model.get("path")
+    sha = model.get("sha256") or (file_sha256(path) if path and Path(path).is_file() else model.get("source_sha256"))
+    return {"model_sha256": sha, "detector": header["detector"], **settings, "cwd": os.getcwd()}
+
+
+def _first_difference(theirs: object, ours: dict) -> str | None:
+    """`name: theirs (now ours)` for the first setting that differs, None when equal."""
+    if not isinstance(theirs, dict):
+        return "run settings: none recorded (a line of an older facemark)"
+    flat_theirs = {**theirs, **{f"detector {k}": v for k, v in (theirs.get("detector") or {}).items()}}
+    flat_ours = {**ours, **{f"detector {k}": v for k, v in ours["detector"].items()}}
+    for key in sorted(set(flat_theirs) | set(flat_ours)):
+        if key not in ("detector", "cwd") and flat_theirs.get(key) != flat_ours.get(key):
+            return f"{key}: {flat_theirs.get(key)!r} (now {flat_ours.get(key)!r})"
+    return None
+
+
+def read_jsonl_entries(path: str | os.PathLike, run: dict | None = None, force: bool = False) -> dict[str, dict]:
+    """The entries of a JSONL file to keep on --resume, by resolved path (the "run" field removed).
+
+    A damaged line (cut short by a killed run, not JSON, not an entry) and a line with an error are dropped
+    wherever they are, and the file is rewritten (atomically) without them, so their inputs are redone and
+    appending continues on a clean line boundary. With `run`, a line of another model or other settings raises
+    FacemarkError naming the difference, unless `force`."""
     target = Path(path)
     if not target.is_file():
         return {}
     data = target.read_bytes()
     entries: dict[str, dict] = {}
-    good_end = 0
+    kept: list[bytes] = []
     for line in data.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break
         try:
-            entry = json.loads(line)
+            entry = json.loads(line) if line.endswith(b"\n") else None
         except ValueError:
-            break
-        if not isinstance(entry, dict) or "path" not in entry:
-            break
-        entries[str(entry["path"])] = entry
-        good_end += len(line)
-    if good_end < len(data):
-        with open(target, "r+b") as f:
-            f.truncate(good_end)
+            entry = None
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or entry.get("error"):
+            continue
+        if run is not None and not force:
+            difference = _first_difference(entry.get("run"), run)
+            if difference is not None:
+                raise FacemarkError(f"{target}: --resume with other settings than its lines ({difference}); "
+                                    "use the same ones, another --jsonl, or --force to mix them")
+        recorded = entry.pop("run", None)
+        given_in = str(recorded.get("cwd") or "") if isinstance(recorded, dict) else ""
+        entries[os.path.realpath(os.path.join(given_in, entry["path"]))] = entry
+        kept.append(line)
+    if sum(map(len, kept)) < len(data):
+        write_text_atomic(target, b"".join(kept).decode("utf-8"))
     return entries
 
 
 class JsonlWriter:
-    """Appends one `images[]` entry per line and flushes it to disk at once."""
+    """Appends one `images[]` entry (with `run`, when given) per line and flushes it to disk at once. `-` is
+    standard output; a pipe or FIFO is written as it is. A failed write is undone to the last whole line and
+    raises WriteError."""
 
-    def __init__(self, path: str | os.PathLike, append: bool) -> None:
+    def __init__(self, path: str | os.PathLike, append: bool, run: dict | None = None) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115
+        self.run = run
+        try:
+            if is_stdout(path):
+                self._fd = os.dup(1)
+            else:
+                if not is_stream(path):
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+                self._fd = os.open(self.path, flags, 0o666)
+        except OSError as exc:
+            raise write_error(path, exc, "--jsonl file") from None
+        self._regular = not is_stdout(path) and not is_stream(path)
 
     def write(self, result: ImageResult) -> None:
-        self._file.write(dumps(result.to_json()) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        entry = result.to_json() if self.run is None else {**result.to_json(), "run": self.run}
+        data = (dumps(entry) + "\n").encode("utf-8")
+        start = os.lseek(self._fd, 0, os.SEEK_END) if self._regular else None
+        try:
+            while data:  # unbuffered: nothing is left to be written later, after a failure
+                data = data[os.write(self._fd, data):]
+            if self._regular:
+                os.fsync(self._fd)
+        except OSError as exc:
+            if start is not None:
+                self._undo(start)
+            raise write_error(self.path, exc, "--jsonl file") from None
+
+    def _undo(self, end: int) -> None:
+        """Cut a half-written line: what stays is whole lines only."""
+        try:
+            os.ftruncate(self._fd, end)
+        except OSError:
+            pass
 
     def close(self) -> None:
-        self._file.close()
+        os.close(self._fd)

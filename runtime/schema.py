@@ -57,6 +57,9 @@ IMAGE = {
         "height": _nullable({"type": "integer", "minimum": 1}),
         "faces": {"type": "array", "items": {"$ref": "#/$defs/face"}},
         "error": {**_nullable({"type": "string"}), "description": "one line naming the file and the problem"},
+        "run": {"type": "object", "required": ["model_sha256", "detector"],
+                "description": "--jsonl lines only: the model's sha256 and the settings that change results "
+                               "(--resume refuses lines of other ones)"},
     },
 }
 

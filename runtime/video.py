@@ -32,7 +32,7 @@ import numpy as np
 
 from facemark.contract import Box, box_from_landmarks, box_iou
 from facemark.drawing import DrawMode, draw_face
-from facemark.errors import ImageError
+from facemark.errors import ImageError, WriteError
 from facemark.fileio import atomic_path
 from facemark.runtime.defaults import DEFAULT_FULL_SCAN_EVERY
 from facemark.runtime.landmarker import Face, FaceLandmarker
@@ -356,6 +356,8 @@ def run_video(
             writer.release()
         if summary.frames == 0:
             raise ImageError(f"{source}: no frames could be read")
+        if tmp_video is not None:
+            _check_frames_written(tmp_video, summary.frames, out)
     summary.detections, summary.losses = tracker.detections, tracker.losses
     summary.full_scans = tracker.full_scans
     summary.outputs = [str(p) for p in (out, jsonl) if p is not None]
@@ -367,6 +369,16 @@ def _probe_fps(source: str | int) -> float:
     fps = capture.get(cv2.CAP_PROP_FPS)
     capture.release()
     return fps if fps and fps > 0 else 30.0
+
+
+def _check_frames_written(video: Path, expected: int, target: str | os.PathLike) -> None:
+    """OpenCV's writer reports no failed write (a full disk gives a short or empty file): count the frames."""
+    capture = cv2.VideoCapture(str(video))
+    written = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if capture.isOpened() else 0
+    capture.release()
+    if written != expected:
+        raise WriteError(f"{target}: cannot write the video ({written} of {expected} frames written: "
+                         "is the disk full?)")
 
 
 def _open_writer(tmp: Path, fps: float, width: int, height: int, target: str | os.PathLike) -> cv2.VideoWriter:

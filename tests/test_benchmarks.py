@@ -300,6 +300,13 @@ def test_bench_model_runs_without_a_checkpoint_and_without_torch(tiny_checkpoint
     assert report["environment"]["versions"]["torch"] == "not installed"
     assert report["pipeline"] and report["throughput"]["rows"] and report["verdict"] is False
     assert "Harness check only" in (out / "report.md").read_text()
+    # The frontier: every setting, timed at each thread count (no NME without --data)
+    frontier = report["frontier"]
+    assert [(r["passes"], r["tta"]) for r in frontier] == [(1, "none"), (2, "none"), (3, "none"), (1, "flip"),
+                                                           (2, "flip")]
+    assert all(r[f"ms_per_face@{t}"] > 0 and r[f"fps@{t}"] > 0 for r in frontier for t in (1, 2))
+    assert all(r.get("nme") is None for r in frontier)
+    assert "## Frontier" in (out / "report.md").read_text()
 
 
 def test_video_rows_compare_the_tracking_policies_on_one_clip(bench):

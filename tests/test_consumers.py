@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import SAMPLES
+from conftest import REPO, SAMPLES
 
 onnx = pytest.importorskip("onnx")
 cv2 = pytest.importorskip("cv2")
@@ -58,27 +58,69 @@ def test_shipped_model_runs_in_every_consumer_within_its_gate(shipped):
     assert rows["onnxruntime ORT_ENABLE_ALL"]["quantized_kernels"] is True  # int8 runs int8 kernels in ORT
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
-def test_shipped_weights_exported_again_run_in_every_consumer(shipped, precision, tmp_path):
-    """The shipped network (read back from the file by `train --init`'s reader) exported at full and half
-    precision: every consumer loads it and agrees with ORT within the precision's gate."""
+@pytest.fixture(scope="module")
+def reexported(tmp_path_factory) -> dict:
+    """The shipped network (read back from the file by `train --init`'s reader) exported at each precision."""
     pytest.importorskip("torch")
-    from facemark.contract import CropContract
     from facemark.export.exporter import export_model
     from facemark.train.checkpoint import save_checkpoint
     from facemark.train.model import build_model
     from facemark.train.onnx_init import checkpoint_from_onnx
 
+    out = tmp_path_factory.mktemp("reexport")
     doc = checkpoint_from_onnx(DEFAULT_MODEL_PATH)
     model = build_model(doc["model"])
     model.load_state_dict(doc["state_dict"])
-    checkpoint = tmp_path / "shipped.pt"
+    checkpoint = out / "shipped.pt"
     save_checkpoint(checkpoint, model.eval(), CropContract.from_dict(doc["contract"]), doc["train"], doc["metrics"])
-    result = export_model(checkpoint, tmp_path / f"shipped.{precision}.onnx", precision=precision,
-                          calib_data=[SAMPLES / "landmarks.xml"])
-    rows = {r["name"]: r for r in result.report["consumers"]["consumers"]}
+    return {p: export_model(checkpoint, out / f"shipped.{p}.onnx", precision=p, calib_data=[SAMPLES / "landmarks.xml"])
+            for p in ("fp32", "fp16", "int8")}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_shipped_weights_exported_again_run_in_every_consumer(reexported, precision):
+    """Full, half and int8 precision of the trained network: every consumer loads the file and agrees with ORT
+    within the precision's gate."""
+    rows = {r["name"]: r for r in reexported[precision].report["consumers"]["consumers"]}
     assert all(r["loads"] for r in rows.values()), [r["error"] for r in rows.values()]
     assert rows["opencv dnn"]["agrees"] and rows["onnxruntime ORT_DISABLE_ALL"]["agrees"], rows
+
+
+CV5_PYTHON = REPO / ".venv-cv5" / "bin" / "python"
+CV5_SCRIPT = """
+import sys, numpy as np, cv2
+x, ref = np.load(sys.argv[2]), np.load(sys.argv[3])
+net = cv2.dnn.readNetFromONNX(sys.argv[1])
+net.setInput(x)
+out = net.forward("landmarks").reshape(ref.shape)
+print(cv2.__version__, float(np.percentile(np.abs(out - ref), 99)), float(np.abs(out - ref).max()))
+"""
+
+
+@pytest.mark.skipif(not CV5_PYTHON.is_file(), reason=".venv-cv5 absent: `make test` creates it (OpenCV 5 + numpy)")
+def test_opencv_5_loads_the_shipped_model_and_every_precision(reexported, tmp_path):
+    """A second OpenCV major (5.x, in a venv of its own: it needs numpy 2) loads each file and agrees with ORT."""
+    import subprocess
+
+    import onnxruntime as ort
+
+    from facemark.export.consumers import agreement_limit
+
+    files = {"shipped int8": (DEFAULT_MODEL_PATH, "int8"),
+             **{f"re-exported {p}": (r.path, p) for p, r in reexported.items()}}
+    for label, (path, precision) in files.items():
+        proto = onnx.load(str(path))
+        crops = sample_crops(CropContract.from_json({p.key: p.value for p in proto.metadata_props}[CONTRACT]))
+        ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["landmarks"],
+                                                                                    {"image": crops})[0]
+        np.save(tmp_path / "x.npy", crops)
+        np.save(tmp_path / "ref.npy", ref)
+        done = subprocess.run([str(CV5_PYTHON), "-c", CV5_SCRIPT, str(path), str(tmp_path / "x.npy"),
+                               str(tmp_path / "ref.npy")], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (label, done.stderr[-1500:])
+        version, p99, largest = done.stdout.split()
+        stat, limit = agreement_limit(precision)
+        assert version.startswith("5.") and float(p99 if stat == "p99_abs" else largest) <= limit, (label, done.stdout)
 
 
 def test_shipped_decode_is_plain_ops_on_the_tensorrt_list(shipped):

@@ -4,6 +4,7 @@ predict, interrupted runs, one extension list, bad annotations, bad models, API 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -62,8 +63,10 @@ def test_jsonl_has_one_line_per_input_in_order_and_equals_the_json_entries(tmp_p
     lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
     doc = json.loads(doc_path.read_text())
     assert [entry["path"] for entry in lines] == inputs
+    runs = [entry.pop("run") for entry in lines]
     assert lines == doc["images"] and doc["complete"] is True
     assert all(set(entry) == {"path", "width", "height", "faces", "error"} for entry in lines)
+    assert all(run == runs[0] for run in runs) and len(runs[0]["model_sha256"]) == 64
 
 
 def test_resume_skips_complete_lines_and_redoes_a_truncated_last_line(tmp_path, tiny_onnx):
@@ -74,7 +77,7 @@ def test_resume_skips_complete_lines_and_redoes_a_truncated_last_line(tmp_path, 
     full = jsonl.read_text().splitlines()
     # A run killed while writing its third line: two complete lines and half of the third.
     jsonl.write_text(full[0] + "\n" + full[1] + "\n" + full[2][: len(full[2]) // 2])
-    assert set(read_jsonl_entries(jsonl)) == set(inputs[:2])
+    assert set(read_jsonl_entries(jsonl)) == {os.path.realpath(p) for p in inputs[:2]}
     assert jsonl.read_text().count("\n") == 2  # the cut line is gone
     assert run(["runtime", "predict", *inputs, "--model", str(tiny_onnx), "--provider", "cpu",
                 "--jsonl", str(jsonl), "--resume"]) == 0

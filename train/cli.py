@@ -8,9 +8,10 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from facemark.errors import FacemarkError
+from facemark.errors import FacemarkError, printable
 from facemark.reporting import progress_display
 from facemark.train.options import Device, Head, Loss, Optimizer, Schedule
 
@@ -144,8 +145,8 @@ class _ProgressCallbacks:
     def __exit__(self, *exc) -> None:
         self.progress.__exit__(*exc)
 
-    def on_message(self, text: str) -> None:
-        self.progress.console.print(text, highlight=False)
+    def on_message(self, text: str) -> None:  # plain text holding file names: no markup, control chars escaped
+        self.progress.console.print(escape(printable(text)), highlight=False)
 
     def on_cache_progress(self, done: int, total: int) -> None:
         if self.task is None:

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from facemark.contract import CropContract, box_from_landmarks
 from facemark.data import FaceRecord, load_records, split_of, split_records
 from facemark.errors import DataError
+from facemark.fileio import check_writable_folder
 from facemark.metrics import nme_per_face, roc_auc
 from facemark.reporting import summarize_warnings
 from facemark.train.checkpoint import load_checkpoint, save_checkpoint
@@ -277,15 +278,28 @@ def resolve_init(init: str | os.PathLike, cfg: TrainConfig, explicit: set[str]) 
     return doc
 
 
+RUN_CLAIM = ".claimed"  # a folder made in a run folder by the run that took it: mkdir is atomic
+
+
 def next_free_folder(out: str | os.PathLike) -> Path:
-    """`out` when it holds no run yet, else the first free `out-2`, `out-3`, ..."""
+    """`out` when it holds no run yet, else the first free `out-2`, `out-3`, ...; the folder returned is claimed
+    (an atomic mkdir), so another run started at the same time with the same `out` gets the next one."""
     path = Path(out)
-    if not _holds_run(path):
-        return path
-    k = 2
-    while _holds_run(path.with_name(f"{path.name}-{k}")):
+    k = 1
+    while True:
+        candidate = path if k == 1 else path.with_name(f"{path.name}-{k}")
+        if not _holds_run(candidate) and _claim(candidate):
+            return candidate
         k += 1
-    return path.with_name(f"{path.name}-{k}")
+
+
+def _claim(folder: Path) -> bool:
+    check_writable_folder(folder, "run folder")  # one line, before any data is read
+    try:
+        (folder / RUN_CLAIM).mkdir()
+    except FileExistsError:
+        return False
+    return True
 
 
 def _holds_run(path: Path) -> bool:
