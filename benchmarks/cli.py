@@ -48,6 +48,8 @@ def bench_command(
                                "(default: the shipped model)."),
     serve_requests: int = typer.Option(1000, "--serve-requests", min=1, help="Requests of the --serve load test."),
     serve_clients: int = typer.Option(8, "--serve-clients", min=1, help="Concurrent clients of --serve."),
+    serve_damaged_every: int = typer.Option(100, "--serve-damaged-every", min=0, help="--serve's second load "
+                                            "sends a damaged upload every N requests (0: no second load)."),
 ) -> None:
     """Latency and accuracy of every model variant against eager PyTorch, end to end, and against dlib."""
     import os
@@ -71,7 +73,8 @@ def bench_command(
         with console.status("benchmarking") as status:
             report = run_model_benchmark(model, out, counts, list(data), quick,
                                          progress=lambda msg: status.update(f"benchmarking: {msg}"),
-                                         serve={"requests": serve_requests, "clients": serve_clients} if serve
+                                         serve={"requests": serve_requests, "clients": serve_clients,
+                                                "damaged_every": serve_damaged_every} if serve
                                          else None)
         paths = write_reports(report, out)
         print(render_markdown(report))

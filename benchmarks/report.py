@@ -132,9 +132,15 @@ def throughput_table(throughput: dict, claims: bool = True) -> str:
 
 
 def serve_table(serve: dict) -> str:
-    return markdown_table(["Clients", "Requests", "Requests/s", "p50 ms", "p90 ms", "p99 ms", "Errors"],
-                          [[serve["clients"], serve["requests"], _num(serve["requests_per_s"], 1),
-                            _num(serve["p50_ms"]), _num(serve["p90_ms"]), _num(serve["p99_ms"]), serve["errors"]]])
+    loads = [("photos", serve)]
+    if serve.get("damaged"):
+        loads.append((f"1 damaged upload per {serve['requests'] // max(serve['damaged']['damaged'], 1)}",
+                      serve["damaged"]))
+    return markdown_table(["Load", "Clients", "Requests", "Requests/s", "p50 ms", "p90 ms", "p99 ms", "Errors",
+                           "Server peak RSS MB"],
+                          [[name, load["clients"], load["requests"], _num(load["requests_per_s"], 1),
+                            _num(load["p50_ms"]), _num(load["p90_ms"]), _num(load["p99_ms"]), load["errors"],
+                            _num(load.get("peak_rss_mb"), 0)] for name, load in loads])
 
 
 def render_markdown(report: dict) -> str:
@@ -206,7 +212,8 @@ def render_markdown(report: dict) -> str:
                 f"{serve['requests']} requests of one photo each ({serve['photos']} photos in turn) from "
                 f"{serve['clients']} concurrent HTTP clients against `{serve['server']}`. The server's faces vs "
                 f"local predict on every photo: largest landmark difference {_num(serve['max_landmark_diff_px'], 3)} "
-                f"px, {serve['face_count_mismatches']} face-count mismatches.", ""]
+                f"px, {serve['face_count_mismatches']} face-count mismatches. Server exits during the loads: "
+                f"{serve.get('server_exits')} (peak RSS: the server's whole process tree).", ""]
     limit = report.get("limit") or {}
     if limit:
         out += ["## Limit", "",

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -18,7 +19,19 @@ from rich.markup import escape  # file names may hold brackets: text, not markup
 from facemark.choices import AlignTemplate, DrawChoice, Provider, Tta
 from facemark.reporting import progress_display
 from facemark.runtime import detector as haar
-from facemark.runtime.defaults import DEFAULT_FULL_SCAN_EVERY, DEFAULT_MIN_SCORE, DEFAULT_REFINE
+from facemark.runtime.defaults import (
+    DEFAULT_FULL_SCAN_EVERY,
+    DEFAULT_GRACE_S,
+    DEFAULT_MAX_IMAGES,
+    DEFAULT_MAX_MEGAPIXELS,
+    DEFAULT_MAX_REQUEST_MB,
+    DEFAULT_MIN_SCORE,
+    DEFAULT_REFINE,
+)
+
+if TYPE_CHECKING:  # annotations only: the CLI module stays light
+    from facemark.runtime.predict import ImageResult, JsonlWriter
+    from facemark.runtime.remote import RemoteSteps
 
 app = typer.Typer(
     help="Run a facemark ONNX model on photos or video (ONNX Runtime + OpenCV Haar; no torch).",
@@ -85,6 +98,7 @@ OCTAVES_HELP = ("Haar: one halved copy per octave of face sizes instead of OpenC
 SERVER_HELP = ("Send the images to a `facemark serve` server (http://HOST:PORT) instead of running the model here; "
                "same JSON, JSONL, CSV and pictures. Model, detector and refinement are the server's settings.")
 # predict options that only the server can set once --server is given
+SERVER_ONLY = ("wait", "timeout")  # predict options that need --server
 LOCAL_ONLY = ("model", "provider", "threads", "scale_factor", "min_neighbors", "min_face", "max_side",
               "min_face_windows", "octaves", "min_detector_score", "min_score", "refine", "tta", "cascade", "max_faces",
               "trt_fp16", "trt_cache")
@@ -145,6 +159,10 @@ def predict_command(
     trt_fp16: bool = typer.Option(False, "--trt-fp16", help="TensorRT: build an fp16 engine."),
     trt_cache: Path | None = typer.Option(None, "--trt-cache", help="TensorRT: engine cache folder."),
     server: str | None = typer.Option(None, "--server", help=SERVER_HELP),
+    wait: float = typer.Option(60.0, "--wait", min=0.0, help="With --server: seconds to wait for the server and its "
+                               "model to be ready (one progress line) before giving up."),
+    timeout: float = typer.Option(30.0, "--timeout", min=0.1, help="With --server: seconds one request may take; "
+                                  "a server that stops answering ends the run, the images not done failed."),
 ) -> None:
     """Landmarks for every face in photos: annotated images (--out), one JSON document (--json), JSON lines
     streamed per image (--jsonl, resumable with --resume), CSV (--csv), aligned face chips (--aligned);
@@ -176,6 +194,7 @@ def predict_command(
     for path, what in ((json_path, "--json document"), (jsonl, "--jsonl file"), (csv_path, "--csv file")):
         if path is not None:
             check_writable(path, what)  # before any image is processed
+    remote = None
     if server is not None:
         from facemark.runtime.remote import TritonLandmarker
 
@@ -183,9 +202,13 @@ def predict_command(
         if clash:
             names = ", ".join("--" + n.replace("_", "-") for n in clash)
             raise typer.BadParameter(f"{names}: set on the server (`facemark serve`), not with --server")
-        landmarker = TritonLandmarker(server)
-        steps = landmarker.steps()
+        landmarker = TritonLandmarker(server, timeout_s=timeout, wait_s=wait, on_wait=lambda line: console.print(
+            escape(line)))
+        steps = remote = landmarker.steps()
     else:
+        unused = _given(ctx, SERVER_ONLY)
+        if unused:
+            raise typer.BadParameter(f"{', '.join('--' + n for n in unused)}: only with --server")
         detector = _detector_options(scale_factor, min_neighbors, min_face, max_side, min_detector_score, cascade,
                                      min_face_windows, octaves)
         landmarker = steps = _landmarker(model, provider, threads, detector, trt_fp16, trt_cache, max_faces, refine,
@@ -208,15 +231,17 @@ def predict_command(
             task = progress.add_task("landmarks", total=len(todo))
 
             def report(result) -> None:
-                if result.error:
+                if result.error and (remote is None or result.path not in remote.not_done):  # those: one line
                     progress.console.print(f"[red]error:[/red] {escape(printable(result.error))}")
                 if writer is not None:
                     writer.write(result)
                 progress.advance(task)
 
+            stopping = stop.requested if remote is None else lambda: stop.requested() or remote.stopped()
             results = predict_files(steps, todo, out, draw.value, on_result=report,  # type: ignore[arg-type]
-                                    stop_requested=stop.requested, workers=workers, chips=chips, pose=pose,
-                                    stems=stems)
+                                    stop_requested=stopping, workers=workers, chips=chips, pose=pose, stems=stems)
+            if remote is not None and remote.gone is not None:
+                results += _not_done(remote, todo, results, writer)
     finally:
         if writer is not None:
             writer.close()
@@ -238,6 +263,24 @@ def predict_command(
         raise typer.Exit(code=128 + stop.signal.value)
     if any((r.error if not isinstance(r, dict) else r.get("error")) for r in everything):
         raise typer.Exit(code=1)  # exit code 1 whichever way the root CLI runs typer
+
+
+def _not_done(remote: RemoteSteps, todo: list[Path], results: list[ImageResult], writer: JsonlWriter | None
+              ) -> list[ImageResult]:
+    """The server stopped answering: every file it did not answer fails with that reason, in the JSON and JSONL
+    too (so --resume retries them), and one line says so."""
+    from facemark.errors import printable
+    from facemark.runtime.predict import ImageResult
+
+    done = {r.path for r in results}
+    missing = [ImageResult(str(f), error=f"{f}: not done: {remote.gone}") for f in todo if str(f) not in done]
+    for result in missing:
+        if writer is not None:
+            writer.write(result)
+    count = len(missing) + sum(r.path in remote.not_done for r in results)
+    console.print(f"[red]error:[/red] {escape(printable(remote.gone or ''))}; {count} of {len(todo)} images not "
+                  "done (listed as failed)")
+    return missing
 
 
 class _StopFlag:
@@ -362,26 +405,51 @@ def serve_command(
     refine: int = typer.Option(DEFAULT_REFINE, "--refine", min=0, help=REFINE_HELP),
     min_score: float = typer.Option(DEFAULT_MIN_SCORE, "--min-score", min=0.0, max=1.0, help=MIN_SCORE_HELP),
     max_faces: int | None = typer.Option(None, "--max-faces", min=1, help=MAX_FACES_HELP),
+    grace: int = typer.Option(DEFAULT_GRACE_S, "--grace", min=0, help="On SIGTERM: seconds the requests in flight "
+                              "may take to finish (no new connections are taken meanwhile); then exit 0."),
+    max_request_mb: float = typer.Option(DEFAULT_MAX_REQUEST_MB, "--max-request-mb", min=0.001,
+                                         help="Refuse a request whose images total more encoded megabytes."),
+    max_images: int = typer.Option(DEFAULT_MAX_IMAGES, "--max-images", min=1,
+                                   help="Refuse a request with more images (at most --max-batch)."),
+    max_megapixels: float = typer.Option(DEFAULT_MAX_MEGAPIXELS, "--max-megapixels", min=0.001,
+                                         help="Refuse a request whose images decode to more megapixels in all "
+                                         "(read from the image headers, before decoding)."),
+    decoders: int = typer.Option(2, "--decoders", min=1, help="Processes decoding uploads (a decoder crash on a "
+                                 "damaged file costs that image, not the server)."),
+    verbose: bool = typer.Option(False, "--verbose", help="Triton's whole log on stderr (default: its warnings and "
+                                 "errors, one line each)."),
 ) -> None:
     """Serve the pipeline (model `facemark`: encoded images in, faces out) and the landmark model (model
-    `facemark_crops`) on NVIDIA Triton Inference Server (PyTriton; extra facemark[serve]) until SIGINT/SIGTERM.
-    Prints one JSON line {"ready": true, ...} on stdout once every model is ready."""
+    `facemark_crops`) on NVIDIA Triton Inference Server (PyTriton; extra facemark[serve]) until SIGINT/SIGTERM,
+    which drains the requests in flight (--grace). Prints one JSON line {"ready": true, ...} on stdout once every
+    model is ready; /v2/health/ready answers 200 from then until shutdown begins (the readiness probe),
+    /v2/health/live is the liveness probe."""
     import logging
+    import threading
 
-    from facemark.runtime.serve import FacemarkServer, ServeConfig, summary_line
+    from facemark.runtime.serve import FacemarkServer, OneLineFormatter, ServeConfig, ServeLimits
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log_format = "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format=log_format)
+    if not verbose:
+        logging.getLogger().handlers[0].setFormatter(OneLineFormatter(log_format))
+    limits = ServeLimits(max_request_mb=max_request_mb, max_images=max_images, max_megapixels=max_megapixels)
     config = ServeConfig(model=model, provider=provider.value, host=host, http_port=http_port, grpc_port=grpc_port,
                          metrics_port=metrics_port, max_batch=max_batch, instances=instances, threads=threads,
-                         refine=refine, min_score=min_score or None, max_faces=max_faces)
-    server = FacemarkServer(config)
+                         refine=refine, min_score=min_score or None, max_faces=max_faces, limits=limits,
+                         grace_s=grace, decoders=decoders, verbose=verbose)
+    server = FacemarkServer(config)  # the checks that need no Triton: one line, exit 2
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # from now on: a signal drains, even during start-up
+        signal.signal(signum, lambda *_: stop.set())
     try:
         server.start()
     except BaseException:
         server.stop()
         raise
-    console.print(summary_line(server))
-    sys.stdout.write(json.dumps({"ready": True, **server.urls()}) + "\n")
+    sys.stdout.write(json.dumps(server.ready_line()) + "\n")
     sys.stdout.flush()
-    server.wait()
+    code = server.wait(stop)
     console.print("facemark serve: stopped")
+    if code:
+        raise typer.Exit(code=code)

@@ -7,23 +7,41 @@ the torch-free pipeline of this package. The models and tensors are facemark.run
 Dynamic batching: Triton gathers the requests that arrive within `queue_delay_us` (up to `max_batch` images)
 into one call; the pipeline model then runs Haar on a thread pool and the landmark model once over the faces of
 every image of those requests (FaceLandmarker.detect_many), so concurrent clients share one model call.
+
+Behind a load balancer:
+- Readiness: the model repository is written before tritonserver starts and every model is loaded at its
+  start-up, and Triton opens its HTTP and gRPC ports only after that. So `/v2/health/ready` (and gRPC
+  ServerReady) refuses connections until every facemark model answers, then says 200 until shutdown begins.
+- Drain: SIGTERM (or SIGINT) makes Triton close its ports to new connections and finish the requests in flight
+  within `grace_s`; then the process exits 0.
+- Limits: a request over `ServeLimits` is refused (every image of it gets the reason) before any decoding;
+  uploads are decoded in worker processes (facemark.runtime.decode_pool), so a decoder crash costs one image.
+- Logs: Triton's log goes to a file; its warnings and errors are forwarded one line each (all of it with
+  `verbose`).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
-import signal
+import re
+import socket
+import sys
 import sysconfig
-import time
+import tempfile
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from facemark.errors import FacemarkError
-from facemark.imageio import decode_image
+from facemark.errors import FacemarkError, ImageError
+from facemark.imageio import probe_size
+from facemark.runtime import defaults
+from facemark.runtime.decode_pool import DecoderPool
 from facemark.runtime.defaults import DEFAULT_MIN_SCORE, DEFAULT_REFINE
 from facemark.runtime.landmarker import Detections, FaceLandmarker
 from facemark.runtime.serving import (
@@ -35,7 +53,9 @@ from facemark.runtime.serving import (
     INFO_INPUT,
     INFO_MODEL,
     INFO_OUTPUT,
+    OPTIONAL_FIELDS,
     PIPELINE_MODEL,
+    PRESENT,
     info_json,
     pack_detections,
     serve_extra,
@@ -44,6 +64,44 @@ from facemark.runtime.serving import (
 LOGGER = logging.getLogger("facemark.serve")
 DEFAULT_MAX_BATCH = 16
 DEFAULT_QUEUE_DELAY_US = 2000  # how long Triton holds a request for others to batch with it
+
+
+class ServeError(FacemarkError):
+    """`facemark serve` cannot start: a port in use, Triton failing to come up."""
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one request of model `facemark` may hold (defaults: facemark.runtime.defaults)."""
+
+    max_request_mb: float = defaults.DEFAULT_MAX_REQUEST_MB
+    max_images: int = defaults.DEFAULT_MAX_IMAGES
+    max_megapixels: float = defaults.DEFAULT_MAX_MEGAPIXELS
+
+    @property
+    def max_pixels(self) -> int:
+        return int(self.max_megapixels * 1e6)
+
+    def refusal(self, files: Sequence[bytes]) -> str | None:
+        """Why a request is refused, from its sizes and image headers alone (nothing decoded); None: accepted.
+        An image whose header cannot be read counts 0 pixels here and fails on its own when decoded."""
+        if len(files) > self.max_images:
+            return f"request refused: {len(files)} images, the limit is {self.max_images} per request (--max-images)"
+        size = sum(len(f) for f in files)
+        if size > self.max_request_mb * 1e6:
+            return (f"request refused: {size / 1e6:.1f} MB of images, the limit is {self.max_request_mb:g} MB per "
+                    "request (--max-request-mb)")
+        pixels = 0
+        for data in files:
+            try:
+                width, height = probe_size(io.BytesIO(data))
+            except ImageError:
+                continue
+            pixels += width * height
+        if pixels > self.max_pixels:
+            return (f"request refused: {pixels / 1e6:.1f} megapixels decoded, the limit is {self.max_megapixels:g} "
+                    "per request (--max-megapixels)")
+        return None
 
 
 @dataclass(frozen=True)
@@ -62,6 +120,10 @@ class ServeConfig:
     max_faces: int | None = None
     queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
     detector_options: dict = field(default_factory=dict)
+    limits: ServeLimits = ServeLimits()
+    grace_s: int = defaults.DEFAULT_GRACE_S  # SIGTERM: how long requests in flight may take to finish
+    decoders: int = 2  # decoding worker processes
+    verbose: bool = False  # all of Triton's log, not only its warnings and errors
 
 
 def use_own_libpython() -> str:
@@ -76,7 +138,7 @@ def use_own_libpython() -> str:
 
 
 def _pytriton():
-    for module in ("pytriton.triton", "pytriton.model_config", "pytriton.decorators"):
+    for module in ("pytriton.triton", "pytriton.model_config", "pytriton.decorators", "pytriton.server.triton_server"):
         serve_extra(module, "facemark serve")
     return serve_extra("pytriton", "facemark serve")
 
@@ -96,18 +158,25 @@ def _request_bytes(request_images: np.ndarray) -> list[bytes]:
     return [bytes(item) for item in request_images.reshape(-1)]
 
 
-def pipeline_callable(landmarker: FaceLandmarker) -> Callable[[Sequence], list[dict[str, np.ndarray]]]:
-    """The `facemark` model: every image of every request in the batch, detected together (one model call)."""
+def pipeline_callable(landmarker: FaceLandmarker, decoders: DecoderPool, limits: ServeLimits
+                      ) -> Callable[[Sequence], list[dict[str, np.ndarray]]]:
+    """The `facemark` model: every image of every request in the batch, detected together (one model call).
+    A request over the limits gets its reason as every image's error; the other requests go on."""
+    threads = ThreadPoolExecutor(max(1, decoders.workers), thread_name_prefix="facemark-decode")
+
+    def decode(data: bytes, index: int) -> np.ndarray | str:
+        try:
+            return decoders.decode(data, f"image {index} of the request")
+        except ImageError as exc:
+            return str(exc)
 
     def infer(requests: Sequence) -> list[dict[str, np.ndarray]]:
         per_request: list[list[bytes]] = [_request_bytes(r[IMAGE_INPUT]) for r in requests]
-        decoded: list[np.ndarray | str] = []
-        for files in per_request:
-            for index, data in enumerate(files):
-                try:
-                    decoded.append(decode_image(data, f"image {index} of the request"))
-                except FacemarkError as exc:
-                    decoded.append(str(exc))
+        refusals = [limits.refusal(files) for files in per_request]
+        jobs = [threads.submit(decode, data, index) if refusal is None else None
+                for files, refusal in zip(per_request, refusals, strict=True) for index, data in enumerate(files)]
+        refused = iter(r for files, r in zip(per_request, refusals, strict=True) for _ in files)
+        decoded: list[np.ndarray | str] = [next(refused) if job is None else job.result() for job in jobs]
         images = [d for d in decoded if not isinstance(d, str)]
         found = iter(landmarker.detect_many(images))
         outcomes: list[Detections | str] = [d if isinstance(d, str) else next(found) for d in decoded]
@@ -121,12 +190,17 @@ def pipeline_callable(landmarker: FaceLandmarker) -> Callable[[Sequence], list[d
 
 
 def crops_callable(landmarker: FaceLandmarker) -> Callable:
-    """The `facemark_crops` model: the landmark model alone, batched by Triton."""
+    """The `facemark_crops` model: the landmark model alone, batched by Triton. Crops holding NaN or Inf are
+    refused (Triton answers the batch with the error), and so is a non-finite answer: none leaves the server."""
     batch = _pytriton().decorators.batch
 
     @batch
     def infer(image: np.ndarray) -> dict[str, np.ndarray]:
+        if not np.isfinite(image).all():
+            raise ValueError("refused: the crops hold NaN or Inf values (expected finite floats)")
         outputs = landmarker.model.predict_outputs(image)
+        if not all(np.isfinite(value).all() for value in outputs.values()):
+            raise ValueError("the landmark model gave non-finite values for these crops")
         return {name: value.reshape(len(image), *(value.shape[1:] or (1,))) for name, value in outputs.items()}
 
     return infer
@@ -139,17 +213,94 @@ def info_callable(header: dict) -> Callable:
     return infer
 
 
+def check_ports_free(host: str, ports: dict[str, int]) -> None:
+    """Refuse, before anything loads, a port that another process listens on (or one given twice): otherwise
+    PyTriton would talk to that other server. SO_REUSEADDR: a port left in TIME_WAIT is free on Linux."""
+    held: list[socket.socket] = []
+    try:
+        for what, port in ports.items():
+            probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            held.append(probe)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+                probe.listen(1)  # listening, so the same port given twice is caught too
+            except OSError as exc:
+                raise ServeError(f"{host}:{port} (--{what}-port): {exc.strerror or exc}; another server listens "
+                                 f"there: stop it or choose another port") from None
+    finally:
+        for probe in held:
+            probe.close()
+
+
+class OneLineFormatter(logging.Formatter):
+    """`facemark serve`'s log without --verbose: every record one line (a traceback, say from a request PyTriton
+    failed, is cut to its first line: the client got the error already)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.exc_info = record.exc_text = None
+        lines = super().format(record).splitlines() or [""]
+        return lines[0][:400] + (" ..." if len(lines) > 1 or len(lines[0]) > 400 else "")
+
+
+TRITON_LOG_LINE = re.compile(r"^([IWE])\d{4} [\d:.]+\s+\d+ [^\]]+\] (.*)$")
+
+
+def follow_triton_log(path: Path, stop: threading.Event, verbose: bool, poll_s: float = 0.2) -> threading.Thread:
+    """Forward Triton's log file as it grows: its warnings and errors one line each (the quoted message), or
+    every line with `verbose`."""
+
+    def forward(line: str) -> None:
+        match = TRITON_LOG_LINE.match(line)
+        if verbose:
+            sys.stderr.write(line + "\n")
+        elif match and match.group(1) in "WE":
+            LOGGER.warning("triton %s: %s", "warning" if match.group(1) == "W" else "error",
+                           match.group(2).strip().strip('"'))
+
+    def run() -> None:
+        while not path.exists() and not stop.wait(poll_s):
+            pass
+        with open(path, encoding="utf-8", errors="replace") as log:
+            while True:
+                line = log.readline()
+                if line:
+                    forward(line.rstrip("\n"))
+                elif stop.wait(poll_s):
+                    for rest in log:  # what Triton wrote while stopping
+                        forward(rest.rstrip("\n"))
+                    return
+
+    thread = threading.Thread(target=run, name="facemark-triton-log", daemon=True)
+    thread.start()
+    return thread
+
+
 class FacemarkServer:
     """The Triton server with facemark's three models; `start()` returns once every model is ready.
 
+    Everything that can fail without Triton is checked in the constructor, before Triton starts: the serve
+    extra, the ports, the model (FaceLandmarker loads it).
+
     >>> with FacemarkServer(ServeConfig(http_port=8000)) as server:  # doctest: +SKIP
-    ...     server.wait()  # until SIGINT / SIGTERM
+    ...     server.wait(stop_event)  # until SIGINT / SIGTERM, then drain
     """
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
+        _pytriton()
+        check_ports_free(config.host, {"http": config.http_port, "grpc": config.grpc_port,
+                                       "metrics": config.metrics_port})
+        if config.limits.max_images > config.max_batch:
+            raise ServeError(f"--max-images {config.limits.max_images} is above --max-batch {config.max_batch} "
+                             "(Triton refuses a request larger than its batch)")
         self.landmarkers = [build_landmarker(config) for _ in range(max(1, config.instances))]
+        self.decoders = DecoderPool(config.decoders, max_pixels=config.limits.max_pixels)
         self._triton = None
+        self._log_dir = tempfile.TemporaryDirectory(prefix="facemark-serve-")
+        self.triton_log = Path(self._log_dir.name) / "triton.log"
+        self._log_stop = threading.Event()
+        self._log_thread: threading.Thread | None = None
 
     def describe(self) -> dict:
         return self.landmarkers[0].describe()
@@ -158,13 +309,29 @@ class FacemarkServer:
         pt = _pytriton()
         use_own_libpython()
         c = self.config
+        # PyTriton kills tritonserver 30 s after asking it to stop; the drain may take `grace_s`.
+        pt.server.triton_server.SERVER_OUTPUT_TIMEOUT_SECS = c.grace_s + 15
         triton_config = pt.triton.TritonConfig(
             http_address=c.host, http_port=c.http_port, grpc_address=c.host, grpc_port=c.grpc_port,
             metrics_address=c.host, metrics_port=c.metrics_port, allow_metrics=True, allow_gpu_metrics=False,
-            allow_cpu_metrics=True, exit_timeout_secs=5, log_verbose=0)
-        self._triton = pt.triton.Triton(config=triton_config)
+            allow_cpu_metrics=True, exit_timeout_secs=c.grace_s, log_verbose=1 if c.verbose else 0,
+            log_file=self.triton_log)
+        # Models written to the repository before tritonserver starts and loaded at its start-up: Triton opens
+        # its ports only once all of them are ready (honest readiness, see the module docstring).
+        policy = pt.triton.TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=True)
+        self._triton = _quiet(pt)(config=triton_config, triton_lifecycle_policy=policy)
+        self._log_thread = follow_triton_log(self.triton_log, self._log_stop, c.verbose)
         self._bind(pt)
-        self._triton.run()
+        try:
+            self._triton.run()
+        except Exception as exc:  # PyTriton's TimeoutError and friends: one line with Triton's last error
+            raise ServeError(f"Triton did not start ({exc.__class__.__name__}: {exc}){self._last_triton_error()}"
+                             ) from None
+
+    def _last_triton_error(self) -> str:
+        lines = self.triton_log.read_text(errors="replace").splitlines() if self.triton_log.exists() else []
+        errors = [m.group(2) for m in map(TRITON_LOG_LINE.match, lines) if m and m.group(1) == "E"]
+        return f"; Triton's last error: {errors[-1][:300]}" if errors else ""
 
     def _bind(self, pt) -> None:
         Tensor, ModelConfig = pt.model_config.Tensor, pt.model_config.ModelConfig
@@ -172,8 +339,10 @@ class FacemarkServer:
         batcher = pt.model_config.DynamicBatcher(max_queue_delay_microseconds=c.queue_delay_us)
         batching = ModelConfig(max_batch_size=c.max_batch, batcher=batcher)
         outputs = [Tensor(name=name, dtype=dtype, shape=(-1, *shape)) for name, (dtype, shape) in FACE_OUTPUTS.items()]
-        outputs += [Tensor(name=FACE_COUNT, dtype=np.int32, shape=(1,)), Tensor(name=ERROR, dtype=bytes, shape=(1,))]
-        self._triton.bind(model_name=PIPELINE_MODEL, infer_func=[pipeline_callable(lm) for lm in self.landmarkers],
+        outputs += [Tensor(name=PRESENT, dtype=np.uint8, shape=(-1, len(OPTIONAL_FIELDS))),
+                    Tensor(name=FACE_COUNT, dtype=np.int32, shape=(1,)), Tensor(name=ERROR, dtype=bytes, shape=(1,))]
+        self._triton.bind(model_name=PIPELINE_MODEL,
+                          infer_func=[pipeline_callable(lm, self.decoders, c.limits) for lm in self.landmarkers],
                           inputs=[Tensor(name=IMAGE_INPUT, dtype=bytes, shape=(1,))], outputs=outputs,
                           config=batching)
         size = first.contract.size
@@ -188,25 +357,26 @@ class FacemarkServer:
                           outputs=[Tensor(name=INFO_OUTPUT, dtype=bytes, shape=(1,))],
                           config=ModelConfig(batching=False))
 
-    def wait(self, poll_s: float = 1.0) -> None:
-        """Serve until SIGINT or SIGTERM, or until Triton dies; then stop it (in-flight requests drain)."""
-        def interrupt(_signum, _frame):
-            raise KeyboardInterrupt
-
-        previous = signal.signal(signal.SIGTERM, interrupt)
-        try:
-            while self._triton.is_alive():
-                time.sleep(poll_s)
-            LOGGER.error("Triton or a model stopped on its own")
-        except KeyboardInterrupt:
-            LOGGER.info("stopping")
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-            self.stop()
+    def wait(self, stop: threading.Event, poll_s: float = 0.5) -> int:
+        """Serve until `stop` is set (SIGTERM / SIGINT: drain, then 0) or until Triton dies (1)."""
+        while not stop.wait(poll_s):
+            if not self._triton.is_alive():
+                LOGGER.error("Triton or a model stopped on its own%s", self._last_triton_error())
+                self.stop()
+                return 1
+        LOGGER.warning("draining: no new connections; requests in flight have up to %d s", self.config.grace_s)
+        self.stop()
+        return 0
 
     def stop(self) -> None:
+        """Stop Triton (it finishes the requests in flight within grace_s first), the decoders, the log."""
         if self._triton is not None:
             self._triton.stop()
+        self.decoders.close()
+        self._log_stop.set()
+        if self._log_thread is not None:
+            self._log_thread.join(5)
+        self._log_dir.cleanup()
 
     def __enter__(self) -> FacemarkServer:
         self.start()
@@ -220,11 +390,24 @@ class FacemarkServer:
         return {"http": f"http://{c.host}:{c.http_port}", "grpc": f"{c.host}:{c.grpc_port}",
                 "metrics": f"http://{c.host}:{c.metrics_port}/metrics"}
 
+    def ready_line(self) -> dict:
+        """The one line `facemark serve` prints on stdout once every model is ready."""
+        c, model = self.config, self.describe()["model"]
+        return {"ready": True, **self.urls(), "models": [PIPELINE_MODEL, CROPS_MODEL, INFO_MODEL],
+                "model": model.get("path"), "providers": model["providers"], "instances": c.instances,
+                "max_batch": c.max_batch, "limits": {"max_request_mb": c.limits.max_request_mb,
+                                                     "max_images": c.limits.max_images,
+                                                     "max_megapixels": c.limits.max_megapixels},
+                "grace_s": c.grace_s, "probes": {"readiness": "/v2/health/ready", "liveness": "/v2/health/live"}}
 
-def summary_line(server: FacemarkServer) -> str:
-    urls = server.urls()
-    model = server.describe()["model"]
-    return (f"facemark serve: models {PIPELINE_MODEL}, {CROPS_MODEL}, {INFO_MODEL} ready; HTTP {urls['http']}, "
-            f"gRPC {urls['grpc']}, metrics {urls['metrics']}; model {model.get('path')} on "
-            f"{', '.join(model['providers'])}; {server.config.instances} instance(s), max batch "
-            f"{server.config.max_batch}")
+
+def _quiet(pt):
+    """PyTriton's Triton, except that tritonserver's own stdout (lines Triton prints outside its log file, such
+    as "Signal (2) received.") is kept rather than echoed onto ours, where the ready line goes."""
+
+    class QuietTriton(pt.triton.Triton):
+        def _initialize_server(self) -> None:
+            super()._initialize_server()
+            self._triton_server._verbose = False
+
+    return QuietTriton

@@ -10,11 +10,13 @@ Model `facemark` (the whole pipeline), per image of a request (the batch dimensi
          scores           FP64   [F']       face presence in [0, 1] (NaN: the model has no presence head)
          detector_scores  FP64   [F']       the cascade's level weight
          landmarks        FP32   [F', 68, 2] image pixels
-         landmark_scores  FP32   [F', 68]   per-point confidence (NaN: the model's head has none)
+         landmark_scores  FP32   [F', 68]   per-point confidence
+         present          UINT8  [F', 4]    1 where score, detector_score, detector_box, landmark_scores (in that
+                                            order) has a value; 0: none (e.g. a model without a presence head)
          error            BYTES  [1]        "" or the problem (the client prefixes the file name)
 F' is the largest F of the request's images (at least 1: PyTriton cannot ship an empty tensor); rows past an
-image's own F are NaN padding. Boxes and scores
-travel as float64, so the client rounds exactly the numbers local predict rounds.
+image's own F, and values `present` marks absent, are 0: no response holds NaN (JSON-encoded outputs stay valid
+JSON). Boxes and scores travel as float64, so the client rounds exactly the numbers local predict rounds.
 Model `facemark_crops`: the landmark model alone, as exported (image [N, 1, S, S] -> landmarks [N, 68, 2] and
 the model's other outputs). Model `facemark_info`: any `request` -> `info`, the JSON header of predict's
 document (model summary, providers, detector settings) so a client writes the same document as local predict.
@@ -49,35 +51,33 @@ FACE_OUTPUTS: dict[str, tuple[type, tuple[int, ...]]] = {
     "landmark_scores": (np.float32, (NUM_POINTS,)),
 }
 FACE_COUNT = "face_count"
+PRESENT = "present"
+# face field -> its output; `present` has one column per field, in this order
+OPTIONAL_FIELDS = {"score": "scores", "detector_score": "detector_scores", "detector_box": "detector_boxes",
+                   "landmark_scores": "landmark_scores"}
 ERROR = "error"
-
-
-def _or_nan(value, shape: tuple[int, ...]) -> np.ndarray:
-    return np.full(shape, np.nan) if value is None else np.asarray(value, dtype=np.float64).reshape(shape)
 
 
 def pack_detections(images: Sequence[Detections | str]) -> dict[str, np.ndarray]:
     """One request's response: each image's Detections, or the error text of an image that failed."""
     faces = [[] if isinstance(d, str) else d.faces for d in images]
     width = max(1, *(len(f) for f in faces))  # never 0 wide: PyTriton cannot ship an empty tensor
-    packed = {name: np.full((len(images), width, *shape), np.nan, dtype=dtype)
+    packed = {name: np.zeros((len(images), width, *shape), dtype=dtype)
               for name, (dtype, shape) in FACE_OUTPUTS.items()}
+    packed[PRESENT] = np.zeros((len(images), width, len(OPTIONAL_FIELDS)), dtype=np.uint8)
     for i, image_faces in enumerate(faces):
         for j, face in enumerate(image_faces):
             packed["boxes"][i, j] = face.box
-            packed["detector_boxes"][i, j] = _or_nan(face.detector_box, (4,))
-            packed["scores"][i, j] = _or_nan(face.score, ())
-            packed["detector_scores"][i, j] = _or_nan(face.detector_score, ())
             packed["landmarks"][i, j] = face.landmarks
-            packed["landmark_scores"][i, j] = _or_nan(face.landmark_scores, (NUM_POINTS,))
+            for column, (field_name, output) in enumerate(OPTIONAL_FIELDS.items()):
+                value = getattr(face, field_name)
+                if value is not None:
+                    packed[output][i, j] = value
+                    packed[PRESENT][i, j, column] = 1
     packed[FACE_COUNT] = np.array([[len(f)] for f in faces], dtype=np.int32)
     errors = [d if isinstance(d, str) else "; ".join(d.problems) for d in images]
     packed[ERROR] = np.array([[e.encode()] for e in errors], dtype=np.object_)
     return packed
-
-
-def _number(value: np.ndarray) -> float | None:
-    return None if np.isnan(value) else float(value)
 
 
 def unpack_image(outputs: dict[str, np.ndarray], index: int, image_size: tuple[int, int]) -> tuple[list[Face], str]:
@@ -85,15 +85,16 @@ def unpack_image(outputs: dict[str, np.ndarray], index: int, image_size: tuple[i
     count = int(outputs[FACE_COUNT][index].reshape(-1)[0])
     faces = []
     for j in range(count):
+        present = dict(zip(OPTIONAL_FIELDS, outputs[PRESENT][index, j].astype(bool), strict=True))
         scores = outputs["landmark_scores"][index, j]
-        detector_box = outputs["detector_boxes"][index, j]
         faces.append(Face(
             box=tuple(float(v) for v in outputs["boxes"][index, j]),  # type: ignore[arg-type]
             landmarks=outputs["landmarks"][index, j].astype(np.float32),
-            score=_number(outputs["scores"][index, j]),
-            detector_score=_number(outputs["detector_scores"][index, j]),
-            detector_box=None if np.isnan(detector_box).any() else tuple(float(v) for v in detector_box),
-            landmark_scores=None if np.isnan(scores).any() else scores.astype(np.float32),
+            score=float(outputs["scores"][index, j]) if present["score"] else None,
+            detector_score=float(outputs["detector_scores"][index, j]) if present["detector_score"] else None,
+            detector_box=(tuple(float(v) for v in outputs["detector_boxes"][index, j])  # type: ignore[arg-type]
+                          if present["detector_box"] else None),
+            landmark_scores=scores.astype(np.float32) if present["landmark_scores"] else None,
             image_size=image_size,
         ))
     error = outputs[ERROR][index].reshape(-1)[0]
