@@ -195,9 +195,10 @@ def test_markdown_tables_are_well_formed(bench):
     markdown = (out / "report.md").read_text()
     assert markdown.startswith("# facemark benchmark")
     tables = _tables(markdown)
-    # model, pipeline, video, throughput, environment, and the peer table when dlib (extra `peer`) is installed; a
-    # quick run has no targets table (no claims)
-    assert len(tables) == (5 if report["peer"].get("skipped") else 6)
+    # model, pipeline, video, throughput, environment, the dlib table when dlib (extra `peer`) is installed and the
+    # MediaPipe table when its environment exists (`make bench`); a quick run has no targets table (no claims)
+    peers = [doc for doc in (report["peer"], report["mediapipe"]) if not doc.get("skipped")]
+    assert len(tables) == 5 + len(peers)
     for table in tables:
         width = _columns(table[0])
         assert all(_columns(line) == width for line in table), table
