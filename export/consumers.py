@@ -92,16 +92,18 @@ def check_consumers(proto: onnx.ModelProto, crops: np.ndarray, precision: str) -
     Returns {"reference", "faces", "gate", "consumers": [{name, version, loads, error, max_abs, mean_abs, p99_abs,
     agrees, ms_per_face, quantized_kernels}], "ops", "decode_nodes", "tensorrt": {...}}; a consumer that fails
     is reported, never raised."""
-    crops = _fit_batch(np.ascontiguousarray(crops[:CONSUMER_FACES], dtype=np.float32), _fixed_batch(proto))
+    fixed = _fixed_batch(proto)
+    crops = _fit_batch(np.ascontiguousarray(crops[:CONSUMER_FACES], dtype=np.float32), fixed)
+    batch = fixed or len(crops)  # crops per call: the static batch, or all at once
     stat, limit = agreement_limit(precision)
     data = proto.SerializeToString()
     quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node)
     rows = [_checker_row(proto)]
-    reference, ref_row = _ort_row(data, crops, "ORT_ENABLE_ALL", quantized)
+    reference, ref_row = _ort_row(data, crops, batch, "ORT_ENABLE_ALL", quantized)
     rows.append(ref_row)
-    _, row = _ort_row(data, crops, "ORT_DISABLE_ALL", quantized, reference)
+    _, row = _ort_row(data, crops, batch, "ORT_DISABLE_ALL", quantized, reference)
     rows.append(row)
-    rows.append(_opencv_row(data, crops, quantized, reference))
+    rows.append(_opencv_row(data, crops, batch, quantized, reference))
     for row in rows:
         if row.get(stat) is not None:
             row["agrees"] = bool(row[stat] <= limit)
@@ -159,7 +161,7 @@ def _checker_row(proto: onnx.ModelProto) -> dict:
         return _row("onnx.checker full_check", onnx.__version__, loads=False, error=_one_line(exc))
 
 
-def _ort_row(data: bytes, crops: np.ndarray, level: str, quantized: bool,
+def _ort_row(data: bytes, crops: np.ndarray, batch: int, level: str, quantized: bool,
              reference: np.ndarray | None = None) -> tuple[np.ndarray | None, dict]:
     import onnxruntime as ort
 
@@ -170,14 +172,13 @@ def _ort_row(data: bytes, crops: np.ndarray, level: str, quantized: bool,
     options.log_severity_level = 3  # saving the optimised graph warns that it is machine-specific: we know
     with tempfile.TemporaryDirectory() as tmp:
         optimized = Path(tmp) / "optimized.onnx"
-        options.optimized_model_filepath = str(optimized)
+        if quantized:  # the optimised graph tells whether int8 kernels run; nothing to learn from it otherwise
+            options.optimized_model_filepath = str(optimized)
         try:
             session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 -- ORT raises its own types for a graph it cannot load
             return None, _row(name, ort.__version__, loads=False, error=_one_line(exc))
         kernels = _ort_runs_int8(onnx.load(str(optimized))) if quantized and optimized.exists() else None
-    batch = session.get_inputs()[0].shape[0]
-    batch = batch if isinstance(batch, int) else len(crops)
     run = lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]  # noqa: E731
     landmarks = _batched(run, crops, batch)
     values = _compare(landmarks, reference if reference is not None else landmarks)
@@ -189,7 +190,7 @@ def _ort_runs_int8(optimized: onnx.ModelProto) -> bool:
     return any(n.op_type.startswith("QLinear") or n.op_type.endswith("Integer") for n in optimized.graph.node)
 
 
-def _opencv_row(data: bytes, crops: np.ndarray, quantized: bool, reference: np.ndarray | None) -> dict:
+def _opencv_row(data: bytes, crops: np.ndarray, batch: int, quantized: bool, reference: np.ndarray | None) -> dict:
     try:
         import cv2
     except ImportError:
@@ -204,7 +205,6 @@ def _opencv_row(data: bytes, crops: np.ndarray, quantized: bool, reference: np.n
             net.setInput(x)
             return net.forward(OUTPUT_NAME)
 
-        batch = _fixed_batch(onnx.load_from_string(data)) or len(crops)
         landmarks = _batched(run, crops, batch).reshape(len(crops), -1, 2)
         if reference is None:
             return _row("opencv dnn", cv2.__version__, error="no reference output")
@@ -261,15 +261,13 @@ def _one_line(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {text[:300]}"
 
 
-def _sample_crops(proto: onnx.ModelProto) -> np.ndarray:
-    """The bundled sample faces on their landmark boxes, cropped by the model's own contract."""
+def sample_face_crops(contract) -> np.ndarray:
+    """The bundled sample faces on their landmark boxes, cropped by `contract` (a CropContract)."""
     import facemark
-    from facemark.contract import CropContract, box_from_landmarks
+    from facemark.contract import box_from_landmarks
     from facemark.data import load_records
     from facemark.imageio import read_gray
-    from facemark.metadata import CONTRACT
 
-    contract = CropContract.from_json({p.key: p.value for p in proto.metadata_props}[CONTRACT])
     samples = Path(facemark.__file__).parent / "assets" / "samples" / "landmarks.xml"
     crops = [contract.prepare(read_gray(r.image_path), [box_from_landmarks(r.landmarks)])[0]
              for r in load_records([samples], lambda _m: None)]
@@ -281,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     bundled sample faces, one Markdown row per consumer (the README's "Where the exported file runs")."""
     import argparse
 
-    from facemark.metadata import PRECISION
+    from facemark.contract import CropContract
+    from facemark.metadata import CONTRACT, PRECISION
 
     parser = argparse.ArgumentParser(prog="python -m facemark.export.consumers", description=main.__doc__)
     parser.add_argument("models", nargs="+", type=Path)
@@ -291,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for path in args.models:
         proto = onnx.load(str(path))
-        precision = {p.key: p.value for p in proto.metadata_props}.get(PRECISION, "fp32")
-        report = check_consumers(proto, _sample_crops(proto), precision)
+        props = {p.key: p.value for p in proto.metadata_props}
+        precision = props.get(PRECISION, "fp32")
+        report = check_consumers(proto, sample_face_crops(CropContract.from_json(props[CONTRACT])), precision)
         gate = f"{report['gate']['stat']} <= {report['gate']['limit']:.2g}"
         for r in report["consumers"]:
             diff = "-" if r["max_abs"] is None else f"{r['max_abs']:.2g} / {r['p99_abs']:.2g}"

@@ -11,15 +11,14 @@ from conftest import REPO, SAMPLES
 onnx = pytest.importorskip("onnx")
 cv2 = pytest.importorskip("cv2")
 
-from facemark.contract import CropContract, box_from_landmarks  # noqa: E402
-from facemark.data import load_records  # noqa: E402
+from facemark.contract import CropContract  # noqa: E402
 from facemark.export.consumers import (  # noqa: E402
     check_consumers,
     decode_nodes,
     not_on_tensorrt_list,
     op_inventory,
+    sample_face_crops,
 )
-from facemark.imageio import read_gray  # noqa: E402
 from facemark.metadata import CONTRACT, PRECISION  # noqa: E402
 from facemark.runtime.landmarker import DEFAULT_MODEL_PATH  # noqa: E402
 
@@ -27,15 +26,6 @@ from facemark.runtime.landmarker import DEFAULT_MODEL_PATH  # noqa: E402
 # plain ops (decode_nodes on the previous facemark-68.onnx).
 DECODE_NODES_BEFORE = 91
 SHAPE_ARITHMETIC_OPS = {"Shape", "Xor", "Mod", "Where", "Not", "And", "Equal", "Less", "Expand", "ConstantOfShape"}
-
-
-def sample_crops(contract: CropContract) -> np.ndarray:
-    """The bundled sample faces on their landmark boxes, through the runtime's preprocessing."""
-    crops = []
-    for record in load_records([SAMPLES / "landmarks.xml"], lambda _m: None):
-        tensor, _ = contract.prepare(read_gray(record.image_path), [box_from_landmarks(record.landmarks)])
-        crops.append(tensor)
-    return np.concatenate(crops)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +37,7 @@ def shipped():
 
 def test_shipped_model_runs_in_every_consumer_within_its_gate(shipped):
     proto, props = shipped
-    crops = sample_crops(CropContract.from_json(props[CONTRACT]))
+    crops = sample_face_crops(CropContract.from_json(props[CONTRACT]))
     report = check_consumers(proto, crops, props[PRECISION])
     rows = {r["name"]: r for r in report["consumers"]}
     assert set(rows) == {"onnx.checker full_check", "onnxruntime ORT_ENABLE_ALL", "onnxruntime ORT_DISABLE_ALL",
@@ -110,7 +100,7 @@ def test_opencv_5_loads_the_shipped_model_and_every_precision(reexported, tmp_pa
              **{f"re-exported {p}": (r.path, p) for p, r in reexported.items()}}
     for label, (path, precision) in files.items():
         proto = onnx.load(str(path))
-        crops = sample_crops(CropContract.from_json({p.key: p.value for p in proto.metadata_props}[CONTRACT]))
+        crops = sample_face_crops(CropContract.from_json({p.key: p.value for p in proto.metadata_props}[CONTRACT]))
         ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["landmarks"],
                                                                                     {"image": crops})[0]
         np.save(tmp_path / "x.npy", crops)

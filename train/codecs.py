@@ -98,8 +98,8 @@ class PipCodec:
         # cat(offsets, neighbors). Entry j reads its map at the best cell of point `point_of[j]`.
         self.point_of = torch.cat([own, own, voter, voter])
         self.map_base = torch.arange(len(self.point_of)) * cells  # where map j starts in the flattened maps
-        is_y = torch.cat([torch.zeros(p), torch.ones(p), torch.zeros(p * k), torch.ones(p * k)]).long()
-        self.coord_base = is_y * cells  # into cell_table = [x of every cell, y of every cell]
+        self.is_y = torch.cat([torch.zeros(p), torch.ones(p), torch.zeros(p * k), torch.ones(p * k)]).long()
+        self.coord_base = self.is_y * cells  # into cell_table = [x of every cell, y of every cell]
         index = torch.arange(cells)
         self.cell_table = torch.cat([index % grid, index // grid]).float()
         # Estimates per point: its own + one for every point that has it among its K neighbours.
@@ -109,12 +109,11 @@ class PipCodec:
     def _decode_matrix(self) -> torch.Tensor:
         """(J, 2P): gathered cell + offset values -> landmark (x0, y0, x1, y1, ...) in normalised crop units
         minus the -0.5 shift: each point averages its own estimate with the K-neighbour votes cast for it."""
-        p, k = self.num_points, self.k
+        p = self.num_points
         count = self.vote_count[:, 0]
         matrix = torch.zeros(len(self.point_of), 2 * p)
         target = torch.cat([torch.arange(p), torch.arange(p), self.neighbors.reshape(-1), self.neighbors.reshape(-1)])
-        coord = torch.cat([torch.zeros(p), torch.ones(p), torch.zeros(p * k), torch.ones(p * k)]).long()
-        matrix[torch.arange(len(target)), 2 * target + coord] = 1.0 / count[target]
+        matrix[torch.arange(len(target)), 2 * target + self.is_y] = 1.0 / count[target]
         return matrix / self.grid
 
     # --- targets -----------------------------------------------------------------------------------------

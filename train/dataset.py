@@ -260,26 +260,24 @@ VAL_BOXES = ("landmarks", "detector")
 
 
 def validation_tensors(records: Sequence[FaceRecord], contract: CropContract,
-                       progress: Callable[[int], None] | None = None, boxes: str = "landmarks",
-                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Validation inputs and crop-space targets through the runtime's own preprocessing (no cache).
+                       progress: Callable[[int], None] | None = None, seed: int = 0
+                       ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Validation inputs and crop-space targets through the runtime's own preprocessing (no cache), for each
+    kind of box in VAL_BOXES, every photo read once.
 
-    boxes="landmarks": each face's landmark box (what a refinement pass sees); "detector": that box with one
-    seeded draw of the calibrated Haar box error per face (what the runtime's first pass sees), the same draw
-    in every epoch and run with this `seed`."""
-    if boxes not in VAL_BOXES:
-        raise ValueError(f"unknown validation boxes {boxes!r} ({', '.join(VAL_BOXES)})")
+    "landmarks": each face's landmark box (what a refinement pass sees); "detector": that box with one seeded
+    draw of the calibrated Haar box error per face (what the runtime's first pass sees), the same draw in every
+    epoch and run with this `seed`."""
     rng = np.random.default_rng(seed)
-    inputs = np.empty((len(records), 1, contract.size, contract.size), np.float32)
-    targets = np.empty((len(records), 68, 2), np.float32)
+    sets = {kind: (np.empty((len(records), 1, contract.size, contract.size), np.float32),
+                   np.empty((len(records), 68, 2), np.float32)) for kind in VAL_BOXES}
     for i, record in enumerate(records):
         gray = read_gray(record.image_path)
         box = box_from_landmarks(record.landmarks)
-        if boxes == "detector":
-            box = detector_like_box(box, rng)
-        batch, (m,) = contract.prepare(gray, [box])
-        inputs[i] = batch[0]
-        targets[i] = contract.encode_points(record.landmarks, m)
+        for kind, (inputs, targets) in sets.items():
+            batch, (m,) = contract.prepare(gray, [detector_like_box(box, rng) if kind == "detector" else box])
+            inputs[i] = batch[0]
+            targets[i] = contract.encode_points(record.landmarks, m)
         if progress:
             progress(1)
-    return inputs, targets
+    return sets

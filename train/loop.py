@@ -473,9 +473,7 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
         cb.on_cache_progress(done[0], total_decode)
 
     cache = FaceCache(train_records, contract, progress=tick if is_main else None)
-    val_sets = {kind: validation_tensors(val_records, contract, progress=tick if is_main and kind == "landmarks"
-                                         else None, boxes=kind, seed=cfg.split_seed)
-                for kind in VAL_BOXES}
+    val_sets = validation_tensors(val_records, contract, progress=tick if is_main else None, seed=cfg.split_seed)
     val_inputs = val_sets["landmarks"][0]
     negatives, val_negatives = None, np.zeros((0, 1, contract.size, contract.size), np.float32)
     if cfg.presence:
