@@ -43,7 +43,9 @@ def export_fp32(model: torch.nn.Module, size: int, opset: int = DEFAULT_OPSET,
     """
     model = model.eval()
     names = list(getattr(model, "output_names", [OUTPUT_NAME]))
-    graph = ExportGraph(model) if hasattr(model, "output_names") else model
+    # The wrapper in eval mode too: the exporter restores the traced module's mode afterwards, and a wrapper left in
+    # train mode would put the caller's model back in train mode with it.
+    graph = ExportGraph(model).eval() if hasattr(model, "output_names") else model
     example = torch.zeros(batch or 1, 1, size, size, dtype=torch.float32)
     dynamic_axes = {name: {0: BATCH_DIM} for name in (INPUT_NAME, *names)} if batch is None else None
     buffer = io.BytesIO()

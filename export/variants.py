@@ -88,10 +88,9 @@ def fold_constant_casts(proto: onnx.ModelProto) -> onnx.ModelProto:
     a constant (OpenCV DNN 5) then fail."""
     from onnx import helper, numpy_helper
 
-    constants = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    for node in proto.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    from facemark.train.onnx_init import graph_constants
+
+    constants = graph_constants(proto.graph)
     kept = []
     for node in proto.graph.node:
         if node.op_type == "Cast" and node.input and node.input[0] in constants:

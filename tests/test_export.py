@@ -260,3 +260,12 @@ def test_uint8_7bit_int8_keeps_weights_in_seven_bits_and_passes_its_gates(tiny_c
     assert max(int(np.abs(w).max()) for w in weights) == 64, "the range is used, not collapsed"
     activations = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.UINT8]
     assert activations, "uint8 activation zero points (U8S8)"
+
+
+def test_export_leaves_the_callers_model_in_eval_mode():
+    from facemark.export.onnx_export import export_fp32
+    from facemark.train.model import LandmarkNet
+
+    model = LandmarkNet(image_size=TINY_SIZE).eval()
+    export_fp32(model, TINY_SIZE)
+    assert not any(m.training for m in model.modules())

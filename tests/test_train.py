@@ -348,3 +348,68 @@ def test_init_starts_a_new_run_from_a_checkpoints_weights_and_network(tmp_path):
     with pytest.raises(DataError, match="--image-size 128 contradicts"):
         train(tiny_config(tmp_path, epochs=1, image_size=128, init=str(source.best_path)),
               explicit={"image_size"})
+
+
+def _pip_model(size: int = 64):
+    from facemark.train.codecs import nearest_neighbors
+    from facemark.train.model import LandmarkNet
+
+    torch.manual_seed(0)
+    model = LandmarkNet(image_size=size, head="pip", presence=True,
+                        neighbors=nearest_neighbors(np.random.default_rng(0).uniform(size=(68, 2)), 10)).eval()
+    torch.nn.init.normal_(model.score_head.weight, std=0.05)
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # non-trivial statistics
+        bn.running_mean.uniform_(-0.1, 0.1)
+        bn.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def test_an_exported_model_is_read_back_as_the_same_network(tmp_path):
+    """`train --init model.onnx`'s reader: folded BatchNorms become identity BatchNorms; the network computes what
+    the export computes, and re-estimating the BatchNorm statistics leaves the eval-mode outputs unchanged."""
+    import onnx
+
+    from facemark.export.onnx_export import export_fp32, set_metadata
+    from facemark.metadata import CONTRACT, HEAD, TRAIN_DATA
+    from facemark.train.model import build_model
+    from facemark.train.onnx_init import FOLDED_BATCHNORM, calibrate_folded_batchnorm, checkpoint_from_onnx
+
+    original = _pip_model()
+    proto = export_fp32(original, 64)
+    set_metadata(proto, {CONTRACT: CropContract(size=64).to_json(), HEAD: "pip", TRAIN_DATA: json.dumps([SAMPLES_XML])})
+    path = tmp_path / "pip.onnx"
+    onnx.save(proto, str(path))
+    doc = checkpoint_from_onnx(path)
+    assert doc[FOLDED_BATCHNORM] and doc["model"]["neighbors"] == original.config["neighbors"]
+    rebuilt = build_model(doc["model"])
+    rebuilt.load_state_dict(doc["state_dict"])
+    rebuilt.eval()
+    x = torch.from_numpy(np.random.default_rng(1).uniform(-1, 1, (4, 1, 64, 64)).astype(np.float32))
+    with torch.no_grad():
+        want, got = original.outputs(x), rebuilt.outputs(x)
+        for name in ("landmarks", "landmark_scores", "face_score"):
+            assert torch.allclose(want[name], got[name], atol=1e-4), name
+        calibrate_folded_batchnorm(rebuilt, x)
+        after = rebuilt.eval().outputs(x)
+    assert torch.allclose(after["landmarks"], got["landmarks"], atol=1e-4)
+    bn = rebuilt.backbone.bn1
+    assert not torch.allclose(bn.running_var, torch.full_like(bn.running_var, 1 - bn.eps))  # statistics were set
+
+
+def test_init_from_onnx_with_detector_boxes_and_ema_logs_both_validation_nmes(tmp_path):
+    import onnx
+
+    from facemark.export.onnx_export import export_fp32, set_metadata
+    from facemark.metadata import CONTRACT, HEAD, TRAIN_DATA
+
+    proto = export_fp32(_pip_model(), 64)
+    set_metadata(proto, {CONTRACT: CropContract(size=64).to_json(), HEAD: "pip", TRAIN_DATA: json.dumps([SAMPLES_XML])})
+    onnx.save(proto, str(tmp_path / "start.onnx"))
+    cfg = tiny_config(tmp_path, epochs=2, head="pip", presence=True, init=str(tmp_path / "start.onnx"),
+                      val_boxes="detector", ema=0.9)
+    result = train(cfg)
+    for stats in result.history:
+        assert stats.val_nme == stats.val_nme_detector_boxes != stats.val_nme_landmark_boxes
+    assert result.best_path.is_file()
+    with pytest.raises(Exception, match="val-boxes"):
+        train(tiny_config(tmp_path, val_boxes="nope"))

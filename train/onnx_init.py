@@ -37,11 +37,21 @@ def is_onnx(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() == ".onnx"
 
 
+def graph_constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """The graph's constant tensors by name: its initializers and the outputs of its Constant nodes (a traced
+    export keeps some constants as nodes; an ORT-optimised one makes them initializers)."""
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
 class _Constants:
-    """Values of graph tensors that are initializers or DequantizeLinear of initializers."""
+    """Values of graph tensors that are constants (graph_constants) or DequantizeLinear of constants."""
 
     def __init__(self, graph: onnx.GraphProto) -> None:
-        self.init = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        self.init = graph_constants(graph)
         self.producer = {out: node for node in graph.node for out in node.output}
 
     def value(self, name: str) -> np.ndarray:
