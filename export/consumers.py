@@ -69,11 +69,11 @@ def tensorrt_notes(proto: onnx.ModelProto) -> list[str]:
 def decode_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
     """The decode tail: every node downstream of the output layers (facemark.export.variants.fp32_head_nodes),
     without those layers (the head convolutions, the fully connected layers) themselves."""
-    from facemark.export.variants import FP32_HEAD_MODULES, fp32_head_nodes
+    from facemark.export.variants import fp32_head_nodes, fp32_output_modules
 
     names = set(fp32_head_nodes(proto))
     return [n for n in proto.graph.node if n.name in names and not (
-        n.op_type in ("Conv", "Gemm") and any(h in n.name for h in FP32_HEAD_MODULES))]
+        n.op_type in ("Conv", "Gemm") and any(h in n.name for h in fp32_output_modules()))]
 
 
 def agreement_limit(precision: str) -> tuple[str, float]:
