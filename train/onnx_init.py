@@ -15,7 +15,6 @@ module turns it back into a checkpoint dict that `train --init` starts from:
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -168,8 +167,8 @@ def checkpoint_from_onnx(path: str | os.PathLike) -> dict:
             trans_b = next((a.i for a in gemm.attribute if a.name == "transB"), 0)
             linear.weight.copy_(torch.from_numpy(w if trans_b else w.T))
             linear.bias.copy_(torch.from_numpy(consts.value(gemm.input[2]).reshape(-1)))
-    train_data = json.loads(props.get(meta.TRAIN_DATA, "[]"))
-    split = json.loads(props.get(meta.TRAIN_SPLIT, '{"val_fraction": 0.1, "split_seed": 0}'))
+    train_data = info.train_data
+    split = info.train_split or {"val_fraction": 0.1, "split_seed": 0}
     train = {"data": train_data, "image_size": config["image_size"], "crop_scale": info.contract.scale,
              "head": head, **unit.train_options(config), "presence": config["presence"], **split}
     val_nme = float(props.get(meta.VAL_NME, "nan"))
