@@ -27,11 +27,12 @@ from facemark.contract import CropContract, box_from_landmarks
 from facemark.data import load_records, split_of, split_records
 from facemark.errors import FacemarkError, ProviderError
 from facemark.evaluation import evaluate
+from facemark.export.precisions import PRECISIONS
 from facemark.imageio import read_gray
 from facemark.train.checkpoint import file_sha256, load_model, save_checkpoint
 from facemark.train.model import LandmarkNet
 
-PRECISIONS = ("fp32", "fp16", "int8")
+BENCH_PRECISIONS = ("fp32", "fp16", "int8")  # of facemark.export.precisions.PRECISIONS
 CPU_PROVIDERS = ("torch-cpu", "cpu")
 PROVIDER_KEYS = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda",
                  "TensorrtExecutionProvider": "tensorrt"}
@@ -51,7 +52,7 @@ class BenchConfig:
     quick: bool = False
     threads: int | tuple[int, ...] | None = None  # thread budgets, one row set each (default: 1 and all cores)
     providers: list[str] | None = None  # ORT provider keys; None: every one that loads here
-    precisions: tuple[str, ...] = PRECISIONS
+    precisions: tuple[str, ...] = BENCH_PRECISIONS
     repeats: int | None = None  # timed rounds per batch size (default: 12 quick, 60 full)
     time_budget_s: float | None = None  # per batch size (default: 10 s quick, 90 s full)
     max_val_faces: int | None = None  # default: 40 quick, all full

@@ -78,12 +78,11 @@ def decode_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 def agreement_limit(precision: str) -> tuple[str, float]:
     """(statistic, limit in normalised units) a consumer must meet against the reference: the parity gate of
-    the precision (facemark.export.parity.GATES) on real faces."""
-    from facemark.export.parity import GATES, PIXEL_GATE_CROP
+    the precision (facemark.export.precisions.PRECISIONS) on real faces."""
+    from facemark.export.precisions import PRECISIONS
 
-    gate = GATES[precision]
-    limit = gate.limit / PIXEL_GATE_CROP if gate.unit == "px" else gate.limit
-    return gate.stat, limit
+    gate = PRECISIONS[precision].gate
+    return gate.stat, gate.normalised_limit()
 
 
 def check_consumers(proto: onnx.ModelProto, crops: np.ndarray, precision: str) -> dict:

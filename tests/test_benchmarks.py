@@ -304,7 +304,7 @@ def test_bench_model_runs_without_a_checkpoint_and_without_torch(tiny_checkpoint
     # The frontier: every setting, timed at each thread count (no NME without --data)
     frontier = report["frontier"]
     assert [(r["passes"], r["tta"]) for r in frontier] == [(1, "none"), (2, "none"), (3, "none"), (1, "flip"),
-                                                           (2, "flip")]
+                                                           (2, "flip"), (4, "flip")]
     assert all(r[f"ms_per_face@{t}"] > 0 and r[f"fps@{t}"] > 0 for r in frontier for t in (1, 2))
     assert all(r.get("nme") is None for r in frontier)
     assert "## Frontier" in (out / "report.md").read_text()
