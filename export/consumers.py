@@ -275,7 +275,7 @@ def sample_face_crops(contract) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m facemark.export.consumers MODEL.onnx ...`: the consumer check of exported files, on the
-    bundled sample faces, one Markdown row per consumer (the README's "Where the exported file runs")."""
+    bundled sample faces, one Markdown row per consumer (docs/BENCHMARKS.md, "Where the exported file runs")."""
     import argparse
 
     from facemark.contract import CropContract
