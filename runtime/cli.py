@@ -58,16 +58,21 @@ def _detector_options(scale_factor: float | None, min_neighbors: int | None, min
     return chosen
 
 
-def _landmarker(model: Path | None, provider: Provider, threads: int | None, detector_options: dict,
-                trt_fp16: bool, trt_cache: Path | None, max_faces: int | None = None, refine: int = 0,
-                tta: Tta = Tta.none, min_score: float | None = None):
+def _landmarker_options(provider: Provider, threads: int | None, detector_options: dict, trt_fp16: bool,
+                        trt_cache: Path | None, max_faces: int | None = None, refine: int = 0, tta: Tta = Tta.none,
+                        min_score: float | None = None) -> dict:
+    """FaceLandmarker's keyword arguments from the command line (--ray hands them to every actor)."""
+    return {"provider": provider.value, "threads": threads, "trt_fp16": trt_fp16, "trt_cache_dir": trt_cache,
+            "max_faces": max_faces, "refine": refine, "flip": tta == Tta.flip, "min_score": min_score or None,
+            "detector_options": detector_options}
+
+
+def _landmarker(model: Path | None, *args, **kwargs):
+    """A FaceLandmarker of `_landmarker_options(*args, **kwargs)`; a bad setting is one line."""
     from facemark.runtime.landmarker import FaceLandmarker
 
     try:
-        return FaceLandmarker(model, provider=provider.value, threads=threads, trt_fp16=trt_fp16,
-                              trt_cache_dir=trt_cache, max_faces=max_faces, refine=refine, flip=tta == Tta.flip,
-                              min_score=min_score or None,
-                              detector_options=detector_options)
+        return FaceLandmarker(model, **_landmarker_options(*args, **kwargs))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
 
@@ -102,6 +107,13 @@ SERVER_ONLY = ("wait", "timeout")  # predict options that need --server
 LOCAL_ONLY = ("model", "provider", "threads", "scale_factor", "min_neighbors", "min_face", "max_side",
               "min_face_windows", "octaves", "min_detector_score", "min_score", "refine", "tta", "cascade", "max_faces",
               "trt_fp16", "trt_cache")
+
+
+RAY_HELP = ("Run the job on a Ray cluster (extra facemark[ray]): local (start one here), auto (the cluster this "
+            "machine belongs to) or its address (HOST:6379, ray://HOST:10001); inputs may be URIs (s3://...). "
+            "--workers: actors (default: the cluster's CPUs over --threads); --threads: CPUs per actor (default 1). "
+            "Writes --jsonl and/or --parquet once the job is done.")
+NOT_WITH_RAY = ("out", "json_path", "csv_path", "aligned", "resume", "force", "server")
 
 
 def _given(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
@@ -163,6 +175,9 @@ def predict_command(
                                "model to be ready (one progress line) before giving up."),
     timeout: float = typer.Option(30.0, "--timeout", min=0.1, help="With --server: seconds one request may take; "
                                   "a server that stops answering ends the run, the images not done failed."),
+    ray_address: str | None = typer.Option(None, "--ray", metavar="local|auto|ADDRESS", help=RAY_HELP),
+    parquet: Path | None = typer.Option(None, "--parquet", help="With --ray: the rows as one Parquet file "
+                                        "(path, width, height, faces nested, error)."),
 ) -> None:
     """Landmarks for every face in photos: annotated images (--out), one JSON document (--json), JSON lines
     streamed per image (--jsonl, resumable with --resume), CSV (--csv), aligned face chips (--aligned);
@@ -191,7 +206,8 @@ def predict_command(
         raise typer.BadParameter("--resume needs a --jsonl file, not - (stdout)")
     if sum(is_stdout(p) for p in (json_path, jsonl, csv_path)) > 1:
         raise typer.BadParameter("only one of --json, --jsonl and --csv can be - (stdout)")
-    for path, what in ((json_path, "--json document"), (jsonl, "--jsonl file"), (csv_path, "--csv file")):
+    for path, what in ((json_path, "--json document"), (jsonl, "--jsonl file"), (csv_path, "--csv file"),
+                       (parquet, "--parquet file")):
         if path is not None:
             check_writable(path, what)  # before any image is processed
     remote = None
@@ -211,8 +227,11 @@ def predict_command(
             raise typer.BadParameter(f"{', '.join('--' + n for n in unused)}: only with --server")
         detector = _detector_options(scale_factor, min_neighbors, min_face, max_side, min_detector_score, cascade,
                                      min_face_windows, octaves)
-        landmarker = steps = _landmarker(model, provider, threads, detector, trt_fp16, trt_cache, max_faces, refine,
-                                         tta, min_score)
+        options = (provider, threads, detector, trt_fp16, trt_cache, max_faces, refine, tta, min_score)
+        landmarker = steps = _landmarker(model, *options)
+        if ray_address is not None or parquet is not None:
+            return _predict_on_ray(ctx, inputs, ray_address, landmarker, model, _landmarker_options(*options),
+                                   workers, jsonl, parquet, pose, max_faces)
     files, failures = collect_inputs(inputs)
     chips = ChipOptions(aligned, aligned_size, aligned_template.value) if aligned else None
     stems = claim_output_stems(files, output_folders(out, chips))  # refuses unsafe folders before any work
@@ -281,6 +300,48 @@ def _not_done(remote: RemoteSteps, todo: list[Path], results: list[ImageResult],
     console.print(f"[red]error:[/red] {escape(printable(remote.gone or ''))}; {count} of {len(todo)} images not "
                   "done (listed as failed)")
     return missing
+
+
+def _predict_on_ray(ctx: typer.Context, inputs: list[str], address: str | None, landmarker, model: Path | None,
+                    options: dict, actors: int | None, jsonl: Path | None, parquet: Path | None, pose: bool,
+                    max_faces: int | None) -> None:
+    """--ray: the job on a cluster (facemark.runtime.ray), written as local predict writes its lines; the driver's
+    `landmarker` has checked the settings and names the run before any cluster starts."""
+    from facemark.errors import printable
+    from facemark.runtime.predict import run_identity
+
+    if address is None:
+        raise typer.BadParameter("--parquet: only with --ray")
+    clash = _given(ctx, NOT_WITH_RAY)
+    if clash:
+        raise typer.BadParameter(", ".join("--" + n.removesuffix("_path") for n in clash) + ": not with --ray")
+    if jsonl is None and parquet is None:
+        raise typer.BadParameter("--ray needs --jsonl FILE and/or --parquet FILE")
+    from facemark.runtime.ray import predict_job, write_jsonl_rows, write_parquet
+
+    run = run_identity(landmarker.describe(), {"max_faces": max_faces, "pose": pose})
+    threads = options.pop("threads") or 1
+    with console.status(f"landmarks on Ray ({address})"):
+        model_arg = model if model is None or address == "local" else model.read_bytes()  # nodes need no copy
+        failures, table, times = predict_job(inputs, address, actors, threads, pose=pose, model=model_arg, **options)
+    rows = table.to_pylist()
+    for error in [f.error for f in failures] + [row["error"] for row in rows if row["error"]]:
+        console.print(f"[red]error:[/red] {escape(printable(error))}")
+    if jsonl is not None:
+        write_jsonl_rows(jsonl, rows, run)
+    if parquet is not None:
+        write_parquet(parquet, table)
+    failed = len(failures) + sum(1 for row in rows if row["error"])
+    color = "red" if failed else "green"
+    faces = sum(len(row["faces"]) for row in rows)
+    console.print(f"[{color}]{len(failures) + len(rows)} images, {faces} faces, {failed} failed, "
+                  f"{times.images / max(times.job_s, 1e-9):.1f} images/s on Ray ({times.actors} actors x {threads} "
+                  f"threads; {times.connect_s + times.first_row_s:.1f} s until the first rows)[/{color}]")
+    for what, path in (("JSON lines", jsonl), ("Parquet", parquet)):
+        if path is not None:
+            console.print(f"{what}: {path}")
+    if failed:
+        raise typer.Exit(code=1)
 
 
 class _StopFlag:

@@ -57,7 +57,7 @@ from facemark.fileio import (
     write_text_atomic,
 )
 from facemark.geometry import ARCFACE_SIZE, Template
-from facemark.imageio import IMAGE_SUFFIXES, read_image, write_image
+from facemark.imageio import IMAGE_SUFFIXES, decode_image, read_image, write_image
 from facemark.runtime.landmarker import Detections, Face, FaceLandmarker, Found, default_workers
 from facemark.scheme import NUM_POINTS
 
@@ -144,10 +144,16 @@ class LoadedFile:
     seconds: float = 0.0  # decode + detect
 
 
-def _load_and_find(landmarker: FaceLandmarker, path: Path) -> LoadedFile:
+# How a file's encoded bytes are got when not from the local disk (facemark.runtime.ray: a row's bytes, object
+# storage); it raises ImageError for an unreadable file, and None means "read it from the local disk".
+ReadBytes = Callable[[str], bytes | None]
+
+
+def _load_and_find(landmarker: FaceLandmarker, path: Path | str, read: ReadBytes | None = None) -> LoadedFile:
     start = time.perf_counter()
     try:
-        image = read_image(path)
+        data = read(str(path)) if read is not None else None
+        image = read_image(path) if data is None else decode_image(data, path)
     except FacemarkError as exc:
         return LoadedFile(ImageResult(str(path), error=str(exc)))
     found = landmarker.find(image)
@@ -169,7 +175,7 @@ class FileSteps(Protocol):
     """The two steps predict_files runs: `load` a file on a worker thread (decode, and detect or send it to a
     server), then `landmarks` once for a group of loaded files (None for an unreadable one)."""
 
-    def load(self, path: Path) -> LoadedFile: ...
+    def load(self, path: Path | str) -> LoadedFile: ...
 
     def landmarks(self, group: Sequence[LoadedFile]) -> list[Detections | None]: ...
 
@@ -179,9 +185,10 @@ class LocalSteps:
     """In this process: Haar on the worker threads, the landmark model batched over the group."""
 
     landmarker: FaceLandmarker
+    read: ReadBytes | None = None  # None: every file from the local disk
 
-    def load(self, path: Path) -> LoadedFile:
-        return _load_and_find(self.landmarker, path)
+    def load(self, path: Path | str) -> LoadedFile:
+        return _load_and_find(self.landmarker, path, self.read)
 
     def landmarks(self, group: Sequence[LoadedFile]) -> list[Detections | None]:
         return _landmarks_of(self.landmarker, group)
@@ -313,7 +320,7 @@ def _write_outputs(result: ImageResult, image: np.ndarray, target: Path | None, 
 
 def predict_files(
     landmarker: FaceLandmarker | FileSteps,
-    files: Sequence[Path],
+    files: Sequence[Path | str],  # a str keeps a URI's "//" (facemark.runtime.ray)
     out_dir: str | os.PathLike | None = None,
     draw: DrawMode = "points",
     on_result: Callable[[ImageResult], None] | None = None,
@@ -495,6 +502,14 @@ def read_jsonl_entries(path: str | os.PathLike, run: dict | None = None, force: 
     return entries
 
 
+def jsonl_line(entry: dict, run: dict | None) -> str:
+    """One --jsonl line: an `images[]` entry and, when given, its run's settings as the document header has them
+    (pipeline on top, then the run)."""
+    if run is not None:
+        entry = {**entry, "pipeline": run.get("pipeline"), "run": {k: v for k, v in run.items() if k != "pipeline"}}
+    return dumps(entry) + "\n"
+
+
 class JsonlWriter:
     """Appends one `images[]` entry (with `run`, when given) per line and flushes it to disk at once. `-` is
     standard output; a pipe or FIFO is written as it is. A failed write is undone to the last whole line and
@@ -516,11 +531,7 @@ class JsonlWriter:
         self._regular = not is_stdout(path) and not is_stream(path)
 
     def write(self, result: ImageResult) -> None:
-        entry = result.to_json()
-        if self.run is not None:  # the settings as the document header has them: pipeline on top, then the run
-            entry.update(pipeline=self.run.get("pipeline"),
-                         run={k: v for k, v in self.run.items() if k != "pipeline"})
-        data = (dumps(entry) + "\n").encode("utf-8")
+        data = jsonl_line(result.to_json(), self.run).encode("utf-8")
         start = os.lseek(self._fd, 0, os.SEEK_END) if self._regular else None
         try:
             while data:  # unbuffered: nothing is left to be written later, after a failure
