@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,8 +234,7 @@ class JobTimes:
 
 
 def run_landmarks_job(files: Sequence[str], address: str | None = None, actors: int | None = None,
-                      threads: int = 1, on_batch: Callable[[pa.Table], None] | None = None, **options: Any
-                      ) -> tuple[pa.Table, JobTimes]:
+                      threads: int = 1, **options: Any) -> tuple[pa.Table, JobTimes]:
     """Landmarks of `files` on a Ray cluster (`ray_cluster(address)`): their rows in input order, and the times.
     `options`: landmarks_dataset's. Relative paths are read from this process's folder."""
     start = time.perf_counter()
@@ -247,8 +247,6 @@ def run_landmarks_job(files: Sequence[str], address: str | None = None, actors: 
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             first = first or time.perf_counter()
             batches.append(batch)
-            if on_batch is not None:
-                on_batch(batch)
         done = time.perf_counter()
     empty = image_schema(options.get("faces", "nested"), options.get("pose", False)).empty_table()
     table = in_input_order(pa.concat_tables(batches) if batches else empty, files)
@@ -256,12 +254,16 @@ def run_landmarks_job(files: Sequence[str], address: str | None = None, actors: 
 
 
 def in_input_order(table: pa.Table, files: Sequence[str]) -> pa.Table:
-    """The rows of `table` in the order of `files` (one each); FacemarkError if the job lost or doubled a row."""
-    position = {path: index for index, path in enumerate(files)}
+    """The rows of `table` in the order of `files` (a file listed twice: its rows in turn); FacemarkError if the
+    job lost or doubled a row."""
     paths = table.column("path").to_pylist()
     if sorted(paths) != sorted(files):
         raise FacemarkError(f"the Ray job returned {len(paths)} rows for {len(files)} files (lost or doubled rows)")
-    return table.take(sorted(range(len(paths)), key=lambda row: position[paths[row]]))
+    places: dict[str, deque[int]] = {}
+    for index, path in enumerate(files):
+        places.setdefault(path, deque()).append(index)
+    target = [places[path].popleft() for path in paths]
+    return table.take(sorted(range(len(paths)), key=target.__getitem__))
 
 
 def write_jsonl_rows(path: str | os.PathLike, rows: Sequence[dict], run: dict | None) -> None:

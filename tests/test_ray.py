@@ -15,10 +15,10 @@ import sys
 from importlib.util import find_spec
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import SAMPLES
 
+from facemark.benchmarks.ray_bench import largest_difference
 from facemark.cli import run
 
 requires_ray = pytest.mark.skipif(find_spec("ray") is None,
@@ -39,18 +39,6 @@ def local_lines(tmp_path: Path, *inputs: str) -> list[dict]:
     out = tmp_path / "local.jsonl"
     run(["runtime", "predict", *inputs, "--jsonl", str(out), "--threads", "1"])
     return [json.loads(line) for line in out.read_text().splitlines()]
-
-
-def largest_difference(ours: list[dict], theirs: list[dict]) -> float:
-    """Largest landmark and box difference (px) between two runs' entries; inf when the faces differ in number."""
-    worst = 0.0
-    for a, b in zip(ours, theirs, strict=True):
-        if len(a["faces"]) != len(b["faces"]):
-            return float("inf")
-        for fa, fb in zip(a["faces"], b["faces"], strict=True):
-            for key in ("landmarks", "box"):
-                worst = max(worst, float(np.abs(np.asarray(fa[key]) - np.asarray(fb[key])).max()))
-    return worst
 
 
 def without_faces(entry: dict) -> dict:
@@ -145,7 +133,8 @@ def test_cli_on_two_nodes_matches_local_predict(cluster, tmp_path, capsys):
     ours = [json.loads(line) for line in jsonl.read_text().splitlines()]
     theirs = local_lines(tmp_path, *inputs)
     assert [without_faces(e) for e in ours] == [without_faces(e) for e in theirs]  # paths, sizes, errors, run
-    assert largest_difference(ours, theirs) <= TOLERANCE_PX
+    worst_px, count_mismatches = largest_difference(ours, theirs)
+    assert count_mismatches == 0 and worst_px <= TOLERANCE_PX
     assert sum(len(e["faces"]) for e in ours) >= 20 and ours[-1]["error"].startswith(f"{damaged}: ")
     assert "2 actors" in err and "3 failed" not in err and "2 failed" in err
     import pyarrow.parquet as pq
@@ -197,3 +186,35 @@ def test_a_worker_killed_mid_job_loses_no_row_and_doubles_none(cluster, tmp_path
     for row in rows:  # the copies of one photo got the same faces, whichever actor (or its restart) ran them
         by_photo.setdefault(Path(row["path"]).name.split("-", 1)[1], []).append(row["faces"])
     assert all(all(faces == group[0] for faces in group) for group in by_photo.values())
+
+
+def test_bench_section_without_the_extra_says_why(tmp_path):
+    script = ("import json, sys; sys.modules['ray'] = None\n"
+              "from facemark.benchmarks.ray_bench import ray_benchmark\n"
+              "from facemark.benchmarks.report import ray_section\n"
+              "section = ray_benchmark(None, [])\n"
+              "print(json.dumps({'section': section, 'markdown': ray_section(section)}))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert "pip install 'facemark[ray]'" in result["section"]["skipped"]
+    assert any(line.startswith("Skipped: ") and "facemark[ray]" in line for line in result["markdown"])
+
+
+@requires_ray
+def test_bench_rows_time_the_job_against_the_local_runner(cluster):
+    """With a connection open (the test cluster) the bench's jobs run on it; two jobs give the slope and the
+    intercept."""
+    from facemark.benchmarks.ray_bench import SMALL_JOB, ray_benchmark
+    from facemark.benchmarks.report import ray_section
+
+    files = sorted(SAMPLES.glob("*.jpg")) * 2
+    section = ray_benchmark(None, files)
+    local, job = section["rows"]
+    assert (local["config"], job["config"]) == ("local", "ray") and local["images"] == job["images"] == len(files)
+    assert job["faces"] == local["faces"] >= 40 and job["errors"] == local["errors"] == 0
+    assert section["max_landmark_diff_px"] <= TOLERANCE_PX and section["face_count_mismatches"] == 0
+    assert job["small_job_images"] == SMALL_JOB and job["small_job_s"] < job["seconds"]
+    assert job["steady_images_per_s"] > 0 and job["fixed_s"] == pytest.approx(
+        job["seconds"] - len(files) / job["steady_images_per_s"])
+    assert any(line.startswith("| ray | 12 |") for line in "\n".join(ray_section(section)).splitlines())
