@@ -15,7 +15,6 @@ without the ray extra the section is {"skipped": why}.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,13 +78,9 @@ def ray_benchmark(model: Path | None, files: Sequence[Path], actors: int | None 
 def main(model: Path | None = typer.Option(None, "--model"), data: list[Path] = typer.Option([], "--data"),
          limit: int = typer.Option(200, "--limit"), actors: int | None = typer.Option(None, "--actors"),
          threads: int = typer.Option(1, "--threads"), json_path: Path | None = typer.Option(None, "--json")) -> None:
-    from facemark.benchmarks.throughput import benchmark_files, validation_records
+    from facemark.benchmarks.throughput import benchmark_files, print_json, validation_records
 
-    result = ray_benchmark(model, benchmark_files(validation_records(data), limit), actors, threads)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if json_path:
-        json_path.write_text(text + "\n", encoding="utf-8")
+    print_json(ray_benchmark(model, benchmark_files(validation_records(data), limit), actors, threads), json_path)
 
 
 if __name__ == "__main__":

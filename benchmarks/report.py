@@ -158,7 +158,7 @@ def ray_section(ray: dict) -> list[str]:
             f"local = the pipelined runner ({local['workers']} workers) after a warm-up; ray = a fresh local cluster "
             f"and {job['actors']} actors x {job['threads']} thread, from ray.init to shutdown. Steady and fixed: "
             f"from a second Ray job on {job['small_job_images']} of the photos ({_num(job['small_job_s'], 1)} s), "
-            "the slope and intercept of the two (cluster start {_num(job['cluster_start_s'], 1)} s, first rows after "
+            f"the slope and intercept of the two (cluster start {_num(job['cluster_start_s'], 1)} s, first rows after "
             f"{_num(job['first_rows_s'], 1)} s). Ray vs "
             f"local: largest landmark difference {_num(ray['max_landmark_diff_px'], 3)} px, "
             f"{ray['face_count_mismatches']} face-count mismatches.", ""]

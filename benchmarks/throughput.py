@@ -107,7 +107,11 @@ def folder_throughput(model: Path | None, files: Sequence[Path], rounds: int = 2
 def main(model: Path | None = typer.Option(None, "--model"), data: list[Path] = typer.Option([], "--data"),
          rounds: int = typer.Option(2, "--rounds"), limit: int = typer.Option(200, "--limit"),
          json_path: Path | None = typer.Option(None, "--json")) -> None:
-    result = folder_throughput(model, benchmark_files(validation_records(data), limit), rounds)
+    print_json(folder_throughput(model, benchmark_files(validation_records(data), limit), rounds), json_path)
+
+
+def print_json(result: dict, json_path: Path | None) -> None:
+    """A bench module's result on stdout and, with --json, in that file."""
     text = json.dumps(result, indent=1)
     print(text)
     if json_path:

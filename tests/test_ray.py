@@ -217,4 +217,6 @@ def test_bench_rows_time_the_job_against_the_local_runner(cluster):
     assert job["small_job_images"] == SMALL_JOB and job["small_job_s"] < job["seconds"]
     assert job["steady_images_per_s"] > 0 and job["fixed_s"] == pytest.approx(
         job["seconds"] - len(files) / job["steady_images_per_s"])
-    assert any(line.startswith("| ray | 12 |") for line in "\n".join(ray_section(section)).splitlines())
+    text = "\n".join(ray_section(section))
+    assert any(line.startswith("| ray | 12 |") for line in text.splitlines())
+    assert "cluster start" in text and "{" not in text  # every figure formatted
