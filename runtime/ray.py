@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from facemark.errors import FacemarkError, ImageError, missing_extra_message
 
@@ -37,12 +39,21 @@ except ModuleNotFoundError as exc:  # the extra is absent: one line naming it, f
     raise ModuleNotFoundError(missing_extra_message(exc) or str(exc), name=exc.name) from None
 
 from facemark.imageio import IMAGE_SUFFIXES
-from facemark.runtime.predict import ImageResult, LocalSteps, ReadBytes, collect_inputs, jsonl_line, predict_files
+from facemark.runtime.predict import (
+    ImageResult,
+    LocalSteps,
+    ReadBytes,
+    collect_inputs,
+    dumps,
+    jsonl_line,
+    predict_files,
+)
 from facemark.runtime.schema import FACE
 
 FacesFormat = Literal["nested", "json"]
 DEFAULT_BATCH_SIZE = 16  # images per map_batches call: one actor's model batches their faces when threads > 1
 URI_MARK = "://"
+CONNECT_TIMEOUT_S = 10.0  # for the head node to accept a connection
 
 _POINT = pa.list_(pa.float64())
 # The Arrow type of each face field; the names and their order are the JSON Schema's (facemark.runtime.schema).
@@ -101,8 +112,6 @@ def row_reader(data: Mapping[str, bytes | None], filesystem: pafs.FileSystem | N
 
 def result_rows(results: Sequence[ImageResult], faces: FacesFormat, pose: bool) -> pa.Table:
     """Predict's results as rows of `image_schema`: each row is the result's JSON line entry."""
-    from facemark.runtime.predict import dumps
-
     entries = [result.to_json() for result in results]
     if faces == "json":
         entries = [{**entry, "faces": dumps(entry["faces"])} for entry in entries]
@@ -173,6 +182,8 @@ def ray_cluster(address: str | None = None, quiet: bool = True) -> Iterator[None
         settings.update(logging_level="WARNING", log_to_driver=False)
         logging.getLogger("ray.data").setLevel(logging.ERROR)
         ray.data.DataContext.get_current().enable_progress_bars = False
+    if not local:
+        check_reachable(address)
     try:
         ray.init(address="local" if local else address, **settings)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -182,6 +193,24 @@ def ray_cluster(address: str | None = None, quiet: bool = True) -> Iterator[None
         yield
     finally:
         ray.shutdown()
+
+
+def check_reachable(address: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """FacemarkError (one line) when nothing answers at a HOST:PORT or ray://HOST:PORT address: ray.init would
+    wait minutes for it. "auto" is left to Ray (it fails at once without a cluster)."""
+    if not address or address == "auto":
+        return
+    parsed = urlsplit(address if URI_MARK in address else f"tcp://{address}")
+    try:
+        host, port = parsed.hostname, parsed.port
+    except ValueError:
+        host, port = None, None
+    if not host or not port:
+        raise FacemarkError(f"--ray {address}: expected local, auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise FacemarkError(f"--ray {address}: no Ray cluster answers there ({exc.strerror or exc})") from None
 
 
 def list_uri_images(uri: str) -> list[str]:
@@ -201,24 +230,28 @@ def list_uri_images(uri: str) -> list[str]:
 
 def job_inputs(inputs: Sequence[str]) -> tuple[list[str], list[ImageResult]]:
     """runtime predict's input listing (facemark.runtime.predict.collect_inputs) for local inputs, and the
-    images below each URI (object storage), in the order given; an input that yields nothing is an error."""
-    files: list[str] = []
+    images below each URI (object storage), in the order given, each once; an input that yields nothing is an
+    error."""
+    files: dict[str, str] = {}  # each file once (a local one by its real path), in order
     failures: list[ImageResult] = []
     for item in inputs:
         if not is_uri(item):
             found, failed = collect_inputs([item])
-            files += [str(f) for f in found if str(f) not in files]
+            files.update({os.path.realpath(f): str(f) for f in found if os.path.realpath(f) not in files})
             failures += failed
             continue
         try:
             listed = list_uri_images(item)
+        except FileNotFoundError:
+            listed, why = [], "no such file or folder"
         except (OSError, pa.ArrowException) as exc:
-            failures.append(ImageResult(item, error=f"{item}: cannot be listed ({str(exc).splitlines()[0]})"))
-            continue
+            listed, why = [], f"cannot be listed ({str(exc).splitlines()[0]})"
+        else:
+            why = "no image files below this URI"
         if not listed:
-            failures.append(ImageResult(item, error=f"{item}: no image files below this URI"))
-        files += [uri for uri in listed if uri not in files]
-    return files, failures
+            failures.append(ImageResult(item, error=f"{item}: {why}"))
+        files.update({uri: uri for uri in listed})
+    return list(files.values()), failures
 
 
 @dataclass(frozen=True)

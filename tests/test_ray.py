@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from importlib.util import find_spec
@@ -64,6 +65,20 @@ def test_ray_options_are_refused_where_they_mean_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--parquet: only with --ray" in err and "--out: not with --ray" in err and "--ray needs --jsonl" in err
     assert not list(tmp_path.iterdir())
+
+
+@requires_ray
+def test_an_address_where_nothing_answers_is_one_line(tmp_path):
+    with socket.socket() as probe:  # a port that was free a moment ago: the connection is refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "out.jsonl"
+    done = subprocess.run([sys.executable, "-m", "facemark", "runtime", "predict", str(SAMPLES), "--ray",
+                           f"127.0.0.1:{port}", "--jsonl", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2  # in a process of its own: this one may be connected to the test cluster
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 1 and f"--ray 127.0.0.1:{port}: no Ray cluster answers there" in err[0], done.stderr
+    assert not out.exists()
 
 
 @pytest.fixture(scope="module")
