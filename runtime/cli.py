@@ -113,7 +113,7 @@ RAY_HELP = ("Run the job on a Ray cluster (extra facemark[ray]): local (start on
             "machine belongs to) or its address (HOST:6379, ray://HOST:10001); inputs may be URIs (s3://...). "
             "--workers: actors (default: the cluster's CPUs over --threads); --threads: CPUs per actor (default 1). "
             "Writes --jsonl and/or --parquet once the job is done.")
-NOT_WITH_RAY = ("out", "json_path", "csv_path", "aligned", "resume", "force", "server")
+NOT_WITH_RAY = ("out", "json_path", "csv_path", "aligned", "resume", "force")
 
 
 def _given(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
@@ -210,6 +210,8 @@ def predict_command(
                        (parquet, "--parquet file")):
         if path is not None:
             check_writable(path, what)  # before any image is processed
+    if server is not None and ray_address is not None:
+        raise typer.BadParameter("--server and --ray: give one (where the images go)")
     remote = None
     if server is not None:
         from facemark.runtime.remote import TritonLandmarker
@@ -321,9 +323,14 @@ def _predict_on_ray(ctx: typer.Context, inputs: list[str], address: str | None, 
 
     run = run_identity(landmarker.describe(), {"max_faces": max_faces, "pose": pose})
     threads = options.pop("threads") or 1
-    with console.status(f"landmarks on Ray ({address})"):
-        model_arg = model if model is None or address == "local" else model.read_bytes()  # nodes need no copy
-        failures, table, times = predict_job(inputs, address, actors, threads, pose=pose, model=model_arg, **options)
+    model_arg = model if model is None or address == "local" else model.read_bytes()  # nodes need no copy
+    try:
+        with console.status(f"landmarks on Ray ({address})"):
+            failures, table, times = predict_job(inputs, address, actors, threads, pose=pose, model=model_arg,
+                                                 **options)
+    except KeyboardInterrupt:  # the job is stopped with the connection; its rows come back all or not at all
+        console.print("[yellow]interrupted (SIGINT): the Ray job was stopped, nothing written[/yellow]")
+        raise typer.Exit(code=128 + signal.SIGINT.value) from None
     rows = table.to_pylist()
     for error in [f.error for f in failures] + [row["error"] for row in rows if row["error"]]:
         console.print(f"[red]error:[/red] {escape(printable(error))}")

@@ -62,8 +62,10 @@ def test_ray_options_are_refused_where_they_mean_nothing(tmp_path, capsys):
     assert run(["runtime", "predict", str(SAMPLES), "--parquet", out]) == 2
     assert run(["runtime", "predict", str(SAMPLES), "--ray", "local", "--jsonl", out, "--out", str(tmp_path)]) == 2
     assert run(["runtime", "predict", str(SAMPLES), "--ray", "local"]) == 2
+    assert run(["runtime", "predict", str(SAMPLES), "--ray", "local", "--server", "http://127.0.0.1:9"]) == 2
     err = capsys.readouterr().err
     assert "--parquet: only with --ray" in err and "--out: not with --ray" in err and "--ray needs --jsonl" in err
+    assert "--server and --ray" in err
     assert not list(tmp_path.iterdir())
 
 
