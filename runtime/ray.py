@@ -59,7 +59,7 @@ _POINT = pa.list_(pa.float64())
 # The Arrow type of each face field; the names and their order are the JSON Schema's (facemark.runtime.schema).
 _FACE_FIELD_TYPES = {"box": _POINT, "landmarks": pa.list_(_POINT), "score": pa.float64(),
                      "detector_score": pa.float64(), "detector_box": _POINT, "landmark_scores": _POINT,
-                     "pose": pa.struct([(axis, pa.float64()) for axis in ("yaw", "pitch", "roll")])}
+                     "pose": pa.struct([(axis, pa.float64()) for axis in FACE["properties"]["pose"]["required"]])}
 
 
 def face_type(pose: bool = False) -> pa.DataType:

@@ -124,6 +124,9 @@ def test_reads_paths_uris_and_bytes_and_a_bad_image_is_a_row():
                        "error": "file:///no/such.jpg: no such file"}
     as_json = FaceLandmarks(threads=1, faces="json")(batch.slice(0, 1)).to_pylist()[0]
     assert json.loads(as_json["faces"]) == expected["faces"]
+    with_pose = FaceLandmarks(threads=1, pose=True)(batch.slice(0, 1)).to_pylist()[0]
+    assert with_pose == predict_files(FaceLandmarker(threads=1), [photo], workers=1, pose=True)[0].to_json()
+    assert "yaw" in with_pose["faces"][0]["pose"]
 
 
 @requires_ray
