@@ -109,7 +109,7 @@ LOCAL_ONLY = ("model", "provider", "threads", "scale_factor", "min_neighbors", "
               "trt_fp16", "trt_cache")
 
 
-RAY_HELP = ("Run the job on a Ray cluster (extra facemark[ray]): local (start one here), auto (the cluster this "
+RAY_HELP = ("Run the job on a Ray cluster (the ray extra): local (start one here), auto (the cluster this "
             "machine belongs to) or its address (HOST:6379, ray://HOST:10001); inputs may be URIs (s3://...). "
             "--workers: actors (default: the cluster's CPUs over --threads); --threads: CPUs per actor (default 1). "
             "Writes --jsonl and/or --parquet once the job is done.")
