@@ -31,7 +31,7 @@ import numpy as np
 
 from facemark.imageio import decode_image
 from facemark.runtime.landmarker import DEFAULT_MODEL_PATH, FaceLandmarker, resolve_model_path
-from facemark.runtime.remote import ServerError, TritonLandmarker
+from facemark.runtime.serving.client import ServerError, TritonLandmarker
 
 READY_TIMEOUT_S = 240.0
 DAMAGED_EVERY = 100

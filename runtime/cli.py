@@ -31,7 +31,7 @@ from facemark.runtime.defaults import (
 
 if TYPE_CHECKING:  # annotations only: the CLI module stays light
     from facemark.runtime.predict import ImageResult, JsonlWriter
-    from facemark.runtime.remote import RemoteSteps
+    from facemark.runtime.serving.client import RemoteSteps
 
 app = typer.Typer(
     help="Run a facemark ONNX model on photos or video (ONNX Runtime + OpenCV Haar; no torch).",
@@ -214,7 +214,7 @@ def predict_command(
         raise typer.BadParameter("--server and --ray: give one (where the images go)")
     remote = None
     if server is not None:
-        from facemark.runtime.remote import TritonLandmarker
+        from facemark.runtime.serving.client import TritonLandmarker
 
         clash = _given(ctx, LOCAL_ONLY)
         if clash:
@@ -495,7 +495,7 @@ def serve_command(
     import logging
     import threading
 
-    from facemark.runtime.serve import FacemarkServer, OneLineFormatter, ServeConfig, ServeLimits
+    from facemark.runtime.serving.server import FacemarkServer, OneLineFormatter, ServeConfig, ServeLimits
 
     log_format = "%(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format=log_format)

@@ -140,7 +140,7 @@ class LoadedFile:
     result: ImageResult
     image: np.ndarray | None = None
     found: Found | None = None  # local detection, waiting for the landmark model
-    done: Detections | None = None  # faces already complete (a server made them: facemark.runtime.remote)
+    done: Detections | None = None  # faces already complete (a server made them: facemark.runtime.serving.client)
     seconds: float = 0.0  # decode + detect
 
 
@@ -339,7 +339,7 @@ def predict_files(
     runs once per pass over the faces of a group of files. The landmarks equal one-by-one processing.
     chips: also write each face's aligned chip. pose: the results' JSON carries each face's head pose.
     stems: each file's output stem (default: claim_output_stems over `files`, which refuses unsafe folders).
-    `landmarker` may also be other FileSteps (facemark.runtime.remote: a Triton server does the work)."""
+    `landmarker` may also be other FileSteps (facemark.runtime.serving.client: a Triton server does the work)."""
     steps = LocalSteps(landmarker) if isinstance(landmarker, FaceLandmarker) else landmarker
     count = workers or default_workers()
     if stems is None:

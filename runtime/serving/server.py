@@ -2,7 +2,7 @@
 
 PyTriton starts the real `tritonserver` binary its wheel carries (KServe v2 HTTP and gRPC, dynamic batching,
 Prometheus metrics) with Triton's Python backend forwarding each batch to the callables bound here, which run
-the torch-free pipeline of this package. The models and tensors are facemark.runtime.serving's.
+the torch-free pipeline of this package. The models and tensors are facemark.runtime.serving.protocol's.
 
 Dynamic batching: Triton gathers the requests that arrive within `queue_delay_us` (up to `max_batch` images)
 into one call; the pipeline model then runs Haar on a thread pool and the landmark model once over the faces of
@@ -44,7 +44,7 @@ from facemark.runtime import defaults
 from facemark.runtime.decode_pool import DecoderPool
 from facemark.runtime.defaults import DEFAULT_MIN_SCORE, DEFAULT_REFINE
 from facemark.runtime.landmarker import Detections, FaceLandmarker
-from facemark.runtime.serving import (
+from facemark.runtime.serving.protocol import (
     CROPS_MODEL,
     ERROR,
     FACE_COUNT,
