@@ -22,7 +22,7 @@ from pathlib import Path
 import typer
 
 from facemark.runtime.landmarker import FaceLandmarker, default_workers
-from facemark.runtime.predict import predict_files
+from facemark.runtime.predict.runner import predict_files
 
 SMALL_JOB = 8  # files of the second, short Ray job
 

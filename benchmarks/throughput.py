@@ -27,7 +27,8 @@ from facemark.data import FaceRecord, load_records, split_records
 from facemark.runtime.detector import HaarDetector
 from facemark.runtime.evaluation import with_settings
 from facemark.runtime.landmarker import FaceLandmarker, default_workers
-from facemark.runtime.predict import ImageResult, predict_files
+from facemark.runtime.predict.inputs import ImageResult
+from facemark.runtime.predict.runner import predict_files
 
 
 def benchmark_files(val_records: Sequence[FaceRecord], limit: int = 200) -> list[Path]:

@@ -30,7 +30,8 @@ from facemark.runtime.defaults import (
 )
 
 if TYPE_CHECKING:  # annotations only: the CLI module stays light
-    from facemark.runtime.predict import ImageResult, JsonlWriter
+    from facemark.runtime.predict.inputs import ImageResult
+    from facemark.runtime.predict.writers import JsonlWriter
     from facemark.runtime.serving.client import RemoteSteps
 
 app = typer.Typer(
@@ -186,15 +187,15 @@ def predict_command(
     which). Messages and the summary go to stderr."""
     from facemark.errors import printable
     from facemark.fileio import check_writable, is_stdout, write_output_text
-    from facemark.runtime.predict import (
+    from facemark.runtime.predict.inputs import collect_inputs
+    from facemark.runtime.predict.runner import predict_files
+    from facemark.runtime.predict.writers import (
         ChipOptions,
         JsonlWriter,
         build_document,
         claim_output_stems,
-        collect_inputs,
         dumps,
         output_folders,
-        predict_files,
         read_jsonl_entries,
         run_identity,
         write_csv,
@@ -291,7 +292,7 @@ def _not_done(remote: RemoteSteps, todo: list[Path], results: list[ImageResult],
     """The server stopped answering: every file it did not answer fails with that reason, in the JSON and JSONL
     too (so --resume retries them), and one line says so."""
     from facemark.errors import printable
-    from facemark.runtime.predict import ImageResult
+    from facemark.runtime.predict.inputs import ImageResult
 
     done = {r.path for r in results}
     missing = [ImageResult(str(f), error=f"{f}: not done: {remote.gone}") for f in todo if str(f) not in done]
@@ -310,7 +311,7 @@ def _predict_on_ray(ctx: typer.Context, inputs: list[str], address: str | None, 
     """--ray: the job on a cluster (facemark.runtime.ray), written as local predict writes its lines; the driver's
     `landmarker` has checked the settings and names the run before any cluster starts."""
     from facemark.errors import printable
-    from facemark.runtime.predict import run_identity
+    from facemark.runtime.predict.writers import run_identity
 
     if address is None:
         raise typer.BadParameter("--parquet: only with --ray")
@@ -425,7 +426,7 @@ def video_command(
     max_frames: int | None = typer.Option(None, "--max-frames", min=1, help="Stop after N frames."),
 ) -> None:
     """Per-frame landmarks of a video or camera: JSON lines and an annotated video; prints frames, faces, fps."""
-    from facemark.runtime.predict import dumps
+    from facemark.runtime.predict.writers import dumps
     from facemark.runtime.video import run_video
 
     detector = _detector_options(scale_factor, min_neighbors, min_face, max_side, None, cascade, min_face_windows,

@@ -2,7 +2,7 @@
 
 `FaceLandmarks` is the callable class for `Dataset.map_batches` on an actor pool: each actor builds one
 FaceLandmarker (ONNX Runtime and OpenCV pinned to the actor's `threads`) and runs local predict's own steps
-(facemark.runtime.predict: the same decoding, errors, Haar and batched model) on each batch of rows. A row
+(facemark.runtime.predict.runner: the same decoding, errors, Haar and batched model) on each batch of rows. A row
 names its image in `path` (a local path, a URI such as s3://bucket/a.jpg, or a path of the `filesystem`
 given) and may carry its encoded bytes in `bytes` (as `ray.data.read_binary_files(..., include_paths=True)`
 gives); each output row is one `images[]` entry of `runtime predict`: path, width, height, faces, error. A bad
@@ -39,15 +39,9 @@ except ModuleNotFoundError as exc:  # the extra is absent: one line naming it, f
     raise ModuleNotFoundError(missing_extra_message(exc) or str(exc), name=exc.name) from None
 
 from facemark.imageio import IMAGE_SUFFIXES
-from facemark.runtime.predict import (
-    ImageResult,
-    LocalSteps,
-    ReadBytes,
-    collect_inputs,
-    dumps,
-    jsonl_line,
-    predict_files,
-)
+from facemark.runtime.predict.inputs import ImageResult, collect_inputs
+from facemark.runtime.predict.runner import LocalSteps, ReadBytes, predict_files
+from facemark.runtime.predict.writers import dumps, jsonl_line
 from facemark.runtime.schema import FACE
 
 FacesFormat = Literal["nested", "json"]

@@ -106,7 +106,7 @@ def test_reads_paths_uris_and_bytes_and_a_bad_image_is_a_row():
     import pyarrow as pa
 
     from facemark.runtime.landmarker import FaceLandmarker
-    from facemark.runtime.predict import predict_files
+    from facemark.runtime.predict.runner import predict_files
     from facemark.runtime.ray import FaceLandmarks, image_schema
 
     photo = SAMPLES / "2009_004587.jpg"
@@ -235,9 +235,13 @@ def test_bench_rows_time_the_job_against_the_local_runner(cluster):
     assert (local["config"], job["config"]) == ("local", "ray") and local["images"] == job["images"] == len(files)
     assert job["faces"] == local["faces"] >= 40 and job["errors"] == local["errors"] == 0
     assert section["max_landmark_diff_px"] <= TOLERANCE_PX and section["face_count_mismatches"] == 0
-    assert job["small_job_images"] == SMALL_JOB and job["small_job_s"] < job["seconds"]
-    assert job["steady_images_per_s"] > 0 and job["fixed_s"] == pytest.approx(
-        job["seconds"] - len(files) / job["steady_images_per_s"])
+    assert job["small_job_images"] == SMALL_JOB and job["small_job_s"] > 0
+    # The slope needs the larger job to take longer; on a busy machine 12 vs 8 images may not: then no rate
+    if job["small_job_s"] < job["seconds"]:
+        assert job["steady_images_per_s"] > 0 and job["fixed_s"] == pytest.approx(
+            job["seconds"] - len(files) / job["steady_images_per_s"])
+    else:
+        assert job["steady_images_per_s"] is None and job["fixed_s"] is None
     text = "\n".join(ray_section(section))
     assert any(line.startswith("| ray | 12 |") for line in text.splitlines())
     assert "cluster start" in text and "{" not in text  # every figure formatted

@@ -24,7 +24,8 @@ import numpy as np
 from facemark.errors import FacemarkError, ImageError
 from facemark.imageio import decode_image
 from facemark.runtime.landmarker import Detections, Face
-from facemark.runtime.predict import ImageResult, LoadedFile
+from facemark.runtime.predict.inputs import ImageResult
+from facemark.runtime.predict.runner import LoadedFile
 from facemark.runtime.serving.protocol import (
     ERROR,
     FACE_COUNT,
