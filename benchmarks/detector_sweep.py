@@ -203,7 +203,7 @@ def main(data: list[Path] = typer.Option(..., "--data"), model: Path | None = ty
         else:
             calibration = landmarker.calibration
             if calibration.detector != detector.name:  # boxes of another cascade: its own calibration
-                from facemark.export.exporter import spread
+                from facemark.data import spread
                 from facemark.runtime.calibration import fit_calibration
 
                 calibration = fit_calibration(spread(train, 300), detector)
