@@ -17,6 +17,7 @@ from facemark.choices import EvalBoxes, EvalSplit, Provider, Tta
 from facemark.data import load_records, split_of, split_records
 from facemark.errors import DataError, printable
 from facemark.reporting import progress_display, summarize_warnings
+from facemark.runtime.detectors import HAAR, DetectorChoice
 
 console = Console(soft_wrap=True)
 
@@ -51,6 +52,8 @@ def evaluate_command(
     min_score: float | None = typer.Option(None, "--min-score", min=0.0, max=1.0,
                                            help="--boxes pipeline: presence threshold (0 keeps every detection; "
                                                 "default: the runtime's)."),
+    detector: DetectorChoice = typer.Option(HAAR, "--detector", help="--boxes pipeline: the face detector (haar, "
+                                            "or a CNN detector fetched with `facemark detectors fetch NAME`)."),
     calibrated: bool = typer.Option(True, "--calibrated/--uncalibrated",
                                     help="With --boxes haar: apply the model's detector calibration."),
     provider: Provider = typer.Option("auto", "--provider", help="ONNX Runtime provider for .onnx models."),
@@ -80,8 +83,10 @@ def evaluate_command(
                                              own_seed if seed is None else seed)
         records = {"val": val_part, "train": train_part}[split]
     if boxes == "pipeline":
-        _evaluate_pipeline(model, provider, records, refine, tta == "flip", min_score, json_path)
+        _evaluate_pipeline(model, provider, records, refine, tta == "flip", min_score, json_path, detector.value)
         return
+    if detector.value != HAAR:
+        raise typer.BadParameter(f"--detector {detector.value}: only with --boxes pipeline")
     if boxes == "gt":
         source, box_label = ground_truth_box, "landmark boxes"
     elif boxes == "haar":
@@ -111,7 +116,7 @@ def evaluate_command(
 
 
 def _evaluate_pipeline(model: Path, provider: str, records, refine: int, flip: bool, min_score: float | None,
-                       json_path: Path | None) -> None:
+                       json_path: Path | None, detector: str = HAAR) -> None:
     """`--boxes pipeline`: the runtime end to end (facemark.runtime.evaluation)."""
     import json
 
@@ -123,7 +128,8 @@ def _evaluate_pipeline(model: Path, provider: str, records, refine: int, flip: b
     min_score = DEFAULT_MIN_SCORE if min_score is None else min_score
     if model.suffix != ".onnx":
         raise DataError("--boxes pipeline runs the deployed runtime: pass an exported .onnx model")
-    landmarker = FaceLandmarker(model, provider=provider, refine=refine, flip=flip, min_score=min_score or None)
+    landmarker = FaceLandmarker(model, provider=provider, refine=refine, flip=flip, min_score=min_score or None,
+                                detector=detector)
     with progress_display(console) as progress:
         task = progress.add_task("pipeline", total=len(records))
         result = evaluate_pipeline(landmarker, records, lambda n: progress.advance(task, n))

@@ -18,7 +18,7 @@ import numpy as np
 from facemark.contract import Box, BoxCalibration, box_from_landmarks, box_iou
 from facemark.data import FaceRecord
 from facemark.errors import DataError, FacemarkError
-from facemark.imageio import read_gray
+from facemark.imageio import read_image
 from facemark.runtime.detector import Detection
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ def detect_records(
         key = str(record.image_path)
         if key not in cache:
             try:
-                cache[key] = detector.detect(read_gray(record.image_path))
+                cache[key] = detector.detect(read_image(record.image_path))  # colour for detectors that use it
             except FacemarkError as exc:
                 if warn is None:
                     raise

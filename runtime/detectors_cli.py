@@ -70,13 +70,16 @@ def calibrate_command(
 
     from facemark.data import load_records, split_records, spread
     from facemark.fileio import write_text_atomic
+    from facemark.reporting import summarize_warnings
     from facemark.runtime.calibration import CALIBRATION_FIT_FACES, fit_calibration
     from facemark.runtime.detectors import create_detector
 
     if name not in CNN_DETECTORS:
         raise typer.BadParameter(f"{name}: no such CNN detector ({', '.join(CNN_DETECTORS)})")
-    train, _val = split_records(load_records(data, lambda line: console.print(escape(line))), val_fraction,
-                                split_seed)
+    problems: list[str] = []
+    train, _val = split_records(load_records(data, problems.append), val_fraction, split_seed)
+    for line in summarize_warnings(problems, verbose=False):
+        console.print(f"[yellow]warning:[/yellow] {escape(line)}")
     detector = create_detector(name, True, provider="cpu")
     fit_on = spread(train, CALIBRATION_FIT_FACES)
     calibration = fit_calibration(fit_on, detector, warn=lambda line: console.print(escape(line)))
