@@ -274,3 +274,31 @@ def test_serve_with_a_cnn_detector_answers_as_local_predict(tmp_path):
     served = [f["landmarks"] for f in theirs["images"][0]["faces"]]
     assert len(ours) == len(served) > 0
     assert np.abs(np.asarray(ours) - np.asarray(served)).max() < 0.05
+
+
+def test_colour_reaches_the_detector_in_bgr_whatever_the_input_form(tmp_path):
+    from PIL import Image
+
+    from facemark.imageio import image_to_gray_and_bgr
+
+    bgr = read_image(PHOTO)
+    rgba = np.concatenate([bgr[:, :, ::-1], np.full(bgr.shape[:2] + (1,), 255, np.uint8)], axis=2)
+    for image, color in ((bgr, "bgr"), (np.ascontiguousarray(bgr[:, :, ::-1]), "rgb"), (rgba, "rgb"),
+                         (Image.fromarray(bgr[:, :, ::-1]), "bgr"), (PHOTO, "bgr")):
+        gray, seen = image_to_gray_and_bgr(image, color)
+        assert seen.shape == bgr.shape and np.array_equal(seen, bgr), type(image)
+        assert gray.ndim == 2
+    gray, seen = image_to_gray_and_bgr(bgr[:, :, 1], "gray")
+    assert seen is gray
+
+
+def test_evaluate_takes_a_cnn_detector_end_to_end_only(tmp_path, capsys):
+    fetched("faceboxes")
+    xml = str(SAMPLES / "landmarks.xml")
+    out = tmp_path / "eval.json"
+    assert run(["evaluate", "--model", str(SHIPPED), "--data", xml, "--split", "all", "--boxes", "pipeline",
+                "--detector", "faceboxes", "--provider", "cpu", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["detector"]["name"] == "faceboxes" and doc["detection_rate"] == 1.0
+    assert run(["evaluate", "--model", str(SHIPPED), "--data", xml, "--boxes", "gt", "--detector", "faceboxes"]) == 2
+    assert "only with --boxes pipeline" in capsys.readouterr().err
