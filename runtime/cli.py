@@ -59,21 +59,21 @@ def _detector_options(scale_factor: float | None, min_neighbors: int | None, min
     return chosen
 
 
-HAAR_ONLY = ("scale_factor", "min_neighbors", "min_face", "max_side", "min_face_windows", "octaves",
-             "min_detector_score", "cascade")
+HAAR_ONLY = ("scale_factor", "min_neighbors", "min_face", "max_side", "min_face_windows", "octaves", "cascade")
 DETECTOR_HELP = ("Face detector: haar (OpenCV's cascade, the default) or a CNN detector fetched once with "
                  "`facemark detectors fetch NAME` (README, \"Detectors\").")
 
 
 def _chosen_detector(ctx: typer.Context, detector: DetectorChoice, haar_options: dict) -> tuple[str, dict]:
-    """The detector's name and options: the Haar knobs go to Haar; given with a CNN detector they are refused."""
+    """The detector's name and options: the Haar knobs go to Haar; given with a CNN detector they are refused
+    (the detector score threshold, --min-detector-score, applies to both)."""
     if detector.value == HAAR:
         return HAAR, haar_options
     clash = _given(ctx, HAAR_ONLY)
     if clash:
         names = ", ".join("--" + n.replace("_", "-") for n in clash)
         raise typer.BadParameter(f"{names}: Haar options, not for --detector {detector.value}")
-    return detector.value, {}
+    return detector.value, {k: v for k, v in haar_options.items() if k == "min_score" and v is not None}
 
 
 def _landmarker(model: Path | None, provider: Provider, threads: int | None, detector: tuple[str, dict],
@@ -146,7 +146,8 @@ def predict_command(
     max_side: int = typer.Option(haar.DEFAULT_MAX_SIDE, "--max-side", help=MAX_SIDE_HELP),
     min_face_windows: float | None = typer.Option(None, "--min-face-windows", min=0.0, help=MIN_FACE_WINDOWS_HELP),
     min_detector_score: float | None = typer.Option(
-        None, "--min-detector-score", help="Drop Haar boxes below this cascade level weight (not a probability)."),
+        None, "--min-detector-score", help="Drop detector boxes scoring below this (Haar: a cascade level weight, "
+        "not a probability; a CNN detector: its probability, default in docs/DETECTORS.md)."),
     min_score: float = typer.Option(DEFAULT_MIN_SCORE, "--min-score", min=0.0, max=1.0, help=MIN_SCORE_HELP),
     refine: int = typer.Option(DEFAULT_REFINE, "--refine", min=0, help=REFINE_HELP),
     tta: Tta = typer.Option("none", "--tta", help=TTA_HELP),

@@ -227,6 +227,12 @@ def test_predict_with_a_cnn_detector_records_it_and_refuses_haar_options(tmp_pat
     assert run(["runtime", "predict", str(PHOTO), "--detector", "faceboxes", "--scale-factor", "1.2"]) == 2
     assert "--scale-factor: Haar options, not for --detector faceboxes" in capsys.readouterr().err
     assert run(["runtime", "predict", str(PHOTO), "--detector", "nope"]) == 2
+    strict = tmp_path / "strict.json"
+    assert run(["runtime", "predict", str(PHOTO), "--detector", "faceboxes", "--min-detector-score", "0.999",
+                "--min-score", "0", "--json", str(strict), "--provider", "cpu"]) == 0
+    kept = json.loads(strict.read_text())
+    assert kept["detector"]["min_score"] == 0.999
+    assert all(f["detector_score"] >= 0.999 for f in kept["images"][0]["faces"])
 
 
 def test_predict_without_the_file_is_one_line_naming_the_fetch_command(tmp_path, monkeypatch, capsys):
