@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # annotations only: the CLI module stays light
     from facemark.runtime.remote import RemoteSteps
 
 app = typer.Typer(
-    help="Run a facemark ONNX model on photos or video (ONNX Runtime + OpenCV Haar; no torch).",
+    help="Run a facemark ONNX model on photos or video (ONNX Runtime + a face detector, Haar by default; no torch).",
     no_args_is_help=True,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
