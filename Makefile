@@ -16,10 +16,10 @@ $(VENV)/.stamp-runtime: pyproject.toml | $(BIN)/python
 	$(PIP) install -e .
 	touch $@
 
-# Everything: train extra (torch, torchvision, onnx), dev tools and the serve extra (PyTriton, tritonclient; it
+# Everything: train extra (torch, torchvision, onnx), dev tools, the peer extra (dlib, the bench's peer row) and the serve extra (PyTriton, tritonclient; it
 # holds numpy < 2 and OpenCV 4.11 for the whole venv: the stack a serving user gets, tested as such).
 $(VENV)/.stamp-all: pyproject.toml | $(BIN)/python
-	$(PIP) install -e ".[train,dev,serve]"
+	$(PIP) install -e ".[train,dev,serve,peer]"
 	touch $@ $(VENV)/.stamp-runtime
 
 demo: $(VENV)/.stamp-runtime
@@ -55,11 +55,15 @@ $(MP_VENV)/.stamp:
 		|| echo "MediaPipe could not be installed: its bench row will be skipped"
 	touch $@
 
-bench: $(VENV)/.stamp-all $(MP_VENV)/.stamp
-	$(BIN)/facemark bench --out bench-out
+# The shipped model against its own settings (the frontier), dlib and MediaPipe, in one run; NME on the validation
+# faces of ../shared/data/300w when it is there (speed only otherwise).
+SHARED_300W := ../shared/data/300w
+BENCH_DATA := $(if $(wildcard $(SHARED_300W)),--data $(SHARED_300W),)
+bench: $(VENV)/.stamp-all $(MP_VENV)/.stamp detectors
+	$(BIN)/facemark bench --model facemark/assets/facemark-68.onnx $(BENCH_DATA) --out bench-out
 
-bench-quick: $(VENV)/.stamp-all
-	$(BIN)/facemark bench --quick --out bench-out
+bench-quick: $(VENV)/.stamp-all detectors
+	$(BIN)/facemark bench --model facemark/assets/facemark-68.onnx $(BENCH_DATA) --quick --out bench-out
 
 clean:
 	rm -rf $(VENV) $(MP_VENV) $(CV5_VENV) demo bench-out .pytest_cache .ruff_cache

@@ -42,7 +42,7 @@ def bench_command(
     providers: list[str] = typer.Option([], "--providers", help="ONNX Runtime providers to measure: cpu, "
                                         "cuda, tensorrt; repeatable (default: every one that loads)."),
     no_pipeline: bool = typer.Option(False, "--no-pipeline", help="Skip the end-to-end rows."),
-    no_peer: bool = typer.Option(False, "--no-peer", help="Skip the dlib peer row."),
+    no_peer: bool = typer.Option(False, "--no-peer", help="Skip the peer rows (dlib, MediaPipe)."),
     serve: bool = typer.Option(False, "--serve", help="Add a load test of `facemark serve` on loopback (the serve "
                                "extra): requests/s, p50/p99, errors, identity with local predict. Implies --model "
                                "(default: the shipped model)."),
@@ -75,7 +75,7 @@ def bench_command(
                                          progress=lambda msg: status.update(f"benchmarking: {msg}"),
                                          serve={"requests": serve_requests, "clients": serve_clients,
                                                 "damaged_every": serve_damaged_every} if serve
-                                         else None)
+                                         else None, peers=not no_peer)
         paths = write_reports(report, out)
         print(render_markdown(report))
         console.print(f"wrote {', '.join(map(str, paths.values()))}", highlight=False)

@@ -19,29 +19,20 @@ import torch
 
 from facemark.benchmarks import pipeline as pipeline_mod
 from facemark.benchmarks.environment import describe_environment
-from facemark.benchmarks.isolated import (
-    DLIB,
-    DLIB_HOG,
-    ORT,
-    TORCH,
-    IsolatedResult,
-    Payload,
-    WorkerSpec,
-    self_check,
-    time_isolated,
-)
+from facemark.benchmarks.isolated import ORT, TORCH, IsolatedResult, Payload, WorkerSpec, self_check, time_isolated
 from facemark.benchmarks.mediapipe_peer import mediapipe_document
-from facemark.benchmarks.peer import DlibPeer, find_dlib_predictor, fit_dlib_calibration, peer_nme, peer_nme_hog
+from facemark.benchmarks.peer import best_gated_cpu_row, make_peer, peer_document, peer_specs
 from facemark.benchmarks.variants import REFERENCE, EagerVariant, OrtVariant, Variant, file_size_mb
 from facemark.contract import CropContract, box_from_landmarks
-from facemark.data import FaceRecord, load_records, split_of, split_records
+from facemark.data import load_records, split_of, split_records
 from facemark.errors import FacemarkError, ProviderError
 from facemark.evaluation import evaluate
+from facemark.export.precisions import PRECISIONS
 from facemark.imageio import read_gray
 from facemark.train.checkpoint import file_sha256, load_model, save_checkpoint
 from facemark.train.model import LandmarkNet
 
-PRECISIONS = ("fp32", "fp16", "int8")
+BENCH_PRECISIONS = ("fp32", "fp16", "int8")  # of facemark.export.precisions.PRECISIONS
 CPU_PROVIDERS = ("torch-cpu", "cpu")
 PROVIDER_KEYS = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda",
                  "TensorrtExecutionProvider": "tensorrt"}
@@ -61,7 +52,7 @@ class BenchConfig:
     quick: bool = False
     threads: int | tuple[int, ...] | None = None  # thread budgets, one row set each (default: 1 and all cores)
     providers: list[str] | None = None  # ORT provider keys; None: every one that loads here
-    precisions: tuple[str, ...] = PRECISIONS
+    precisions: tuple[str, ...] = BENCH_PRECISIONS
     repeats: int | None = None  # timed rounds per batch size (default: 12 quick, 60 full)
     time_budget_s: float | None = None  # per batch size (default: 10 s quick, 90 s full)
     max_val_faces: int | None = None  # default: 40 quick, all full
@@ -244,15 +235,6 @@ def build_rows(variants: list[Variant], timed: IsolatedResult, cfg: BenchConfig,
     return rows
 
 
-def make_peer(records_for_calibration: Sequence[FaceRecord], notes: list[str]) -> tuple[DlibPeer | None, str]:
-    found = find_dlib_predictor()
-    if isinstance(found, str):
-        return None, found
-    dlib, path = found
-    calibration = fit_dlib_calibration(dlib, records_for_calibration)
-    return DlibPeer(dlib, path, calibration), ""
-
-
 def run_pipeline(model_path: Path, cfg: BenchConfig, threads: int, progress: Progress, notes: list[str]) -> list[dict]:
     try:
         from facemark.runtime.landmarker import FaceLandmarker
@@ -271,16 +253,6 @@ def run_pipeline(model_path: Path, cfg: BenchConfig, threads: int, progress: Pro
         row["model"] = model_path.name
         rows.append(row)
     return rows
-
-
-def best_gated_cpu_row(rows: list[dict], batch: int = 1, threads: int | None = None) -> dict | None:
-    """The fastest ONNX Runtime CPU row (at `threads`, default the largest budget) that passed its gate; when
-    nothing was verified (--quick), the fastest unverified one (its `gated` is None, and the target line says so)."""
-    budget = threads if threads is not None else max((r["threads"] for r in rows), default=None)
-    ort = [r for r in rows if r["batch"] == batch and r["variant"].startswith("ort-") and r["provider"] == "cpu"
-           and r["threads"] == budget]
-    candidates = [r for r in ort if r["gated"]] or [r for r in ort if r["gated"] is None]
-    return min(candidates, key=lambda r: r["ms_per_face"], default=None)
 
 
 def read_targets(rows: list[dict], pipeline: list[dict], peer: dict | None, video: Sequence[dict] = ()
@@ -315,39 +287,6 @@ def read_targets(rows: list[dict], pipeline: list[dict], peer: dict | None, vide
                         "measured": f"{tracked['fps']:.1f} fps (p99 frame {tracked['p99_frame_ms']:.1f} ms)",
                         "met": "yes" if tracked["fps"] >= TARGET_FPS else "no"})
     return targets
-
-
-def peer_specs(peer: DlibPeer) -> list[WorkerSpec]:
-    """dlib in two worker processes, one thread each (dlib's predictor is single-threaded): on the mapped landmark
-    boxes (per face), and with its own HOG detector on the sample photos (per photo, as users run it)."""
-    calibration = peer.calibration.to_json()
-    return [WorkerSpec("dlib@boxes", DLIB, str(peer.model_path), 1, calibration=calibration),
-            WorkerSpec("dlib@hog", DLIB_HOG, str(peer.model_path), 1, calibration=calibration)]
-
-
-def peer_document(peer: DlibPeer, timed: IsolatedResult, rows: list[dict], val_records: Sequence[FaceRecord]
-                  ) -> dict:
-    """Both dlib protocols: time and NME each, compared with our best ONNX CPU variant at 1 thread."""
-    ours = best_gated_cpu_row(rows, threads=1)
-    documents = []
-    for key, protocol, unit, accuracy in (
-            ("dlib@boxes", "landmark boxes", "ms per face (predictor on the mapped ground-truth box)",
-             lambda: peer_nme(peer, val_records)),
-            ("dlib@hog", "HOG detector", "ms per photo (HOG detector + predictor on every face it finds)",
-             lambda: peer_nme_hog(peer, val_records))):
-        stats = timed.stats.get((key, 1))
-        if stats is None:
-            documents.append({"protocol": protocol, "skipped": timed.errors.get(key, "not timed")})
-            continue
-        summary = accuracy() if val_records else {"nme": None, "faces": 0}
-        documents.append({
-            "protocol": protocol, "unit": unit, "threads": 1, "ms": stats.median_ms, "p90_ms": stats.p90_ms,
-            "min_ms": stats.min_ms, "samples": stats.repeats, "nme": summary["nme"], "nme_faces": summary["faces"],
-            "found": summary.get("found"),
-            "compared_with": ours["variant"] if ours else None, "compared_ms": ours["ms_per_face"] if ours else None,
-            "ratio_vs_best": (ours["ms_per_face"] / stats.median_ms) if ours and protocol == "landmark boxes" else None,
-        })
-    return {"rows": documents, "calibration": peer.calibration.to_json()}
 
 
 def run_self_check(rows: list[dict], variants: list[Variant], checkpoint: Path, payload: Payload, cfg: BenchConfig,

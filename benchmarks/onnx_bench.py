@@ -8,7 +8,8 @@ the detectors (Haar and every fetched CNN detector: speed, recall, false boxes, 
 facemark.benchmarks.detector_bench);
 video (runtime video's tracking
 policies on a composed clip of a moving face: facemark.benchmarks.video_bench); folder throughput (previous runner vs
-one-by-one vs pipelined); with --serve, a loopback load test of `facemark serve`
+one-by-one vs pipelined); the peers: dlib's 68-point predictor (facemark.benchmarks.peer) and MediaPipe
+Face Mesh (facemark.benchmarks.mediapipe_peer); with --serve, a loopback load test of `facemark serve`
 (facemark.benchmarks.serve_load). The same report format as the checkpoint benchmark (facemark.benchmarks.report).
 """
 
@@ -24,13 +25,17 @@ from facemark.benchmarks import pipeline as pipeline_mod
 from facemark.benchmarks.detector_bench import detector_rows
 from facemark.benchmarks.environment import describe_environment
 from facemark.benchmarks.frontier import frontier_rows
-from facemark.benchmarks.isolated import ORT, Payload, WorkerSpec, self_check
+from facemark.benchmarks.isolated import ORT, Payload, WorkerSpec, self_check, time_isolated
 from facemark.benchmarks.mediapipe_peer import mediapipe_document
 from facemark.benchmarks.model_speed import sample_inputs, time_models
-from facemark.benchmarks.throughput import benchmark_files, folder_throughput, validation_records
+from facemark.benchmarks.peer import make_peer, peer_document, peer_specs
+from facemark.benchmarks.throughput import VALIDATION_SPLIT, benchmark_files, folder_throughput
 from facemark.benchmarks.video_bench import bench_video_rows
+from facemark.contract import box_from_landmarks
+from facemark.data import FaceRecord, load_records, split_records
 from facemark.evaluation import evaluate
 from facemark.fileio import file_sha256
+from facemark.imageio import read_gray
 from facemark.metadata import PARITY
 from facemark.runtime.landmarker import FaceLandmarker
 from facemark.runtime.session import LandmarkModel
@@ -44,18 +49,33 @@ def export_gate(metadata: dict[str, str]) -> bool | None:
         return None
 
 
+def dlib_document(rows: list[dict], training: Sequence[FaceRecord], val: Sequence[FaceRecord], quick: bool,
+                  notes: list[str]) -> dict:
+    """dlib's predictor beside the model's rows (facemark.benchmarks.peer): its box calibration fitted on the
+    training faces (never the validation ones; the bundled samples without --data), timed per face and
+    per photo in worker processes of one thread on the bundled sample faces, scored on the validation faces."""
+    peer, reason = make_peer(training or pipeline_mod.largest_sample_faces(30), notes)
+    if peer is None:
+        return {"skipped": reason}
+    faces = tuple((read_gray(r.image_path), box_from_landmarks(r.landmarks))
+                  for r in pipeline_mod.largest_sample_faces(10_000))
+    timed = time_isolated(peer_specs(peer), Payload(faces=faces), (1,), rounds=3 if quick else 10,
+                          block=5 if quick else 20)
+    return peer_document(peer, timed, rows, val)
+
+
 def run_model_benchmark(model: Path, out: Path, threads: Sequence[int], data: Sequence[Path] = (),
                         quick: bool = False, progress: Callable[[str], None] = lambda _m: None,
-                        serve: dict | None = None) -> dict:
+                        serve: dict | None = None, peers: bool = True) -> dict:
     """The report document for one ONNX model (see the module docstring)."""
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     landmark_model = LandmarkModel(model, provider="cpu")
     info = landmark_model.info
-    nme, nme_source, val = None, "n/a (no --data)", []
+    nme, nme_source, training, val = None, "n/a (no --data)", [], []
     if data:
         progress("NME")
-        val = validation_records(data)
+        training, val = split_records(load_records(list(data), lambda _m: None), *VALIDATION_SPLIT)
         nme = evaluate(landmark_model, val).summary()["nme"]
         nme_source = f"{len(val)} validation faces of {', '.join(map(str, data))} (val_fraction 0.1, split seed 0)"
     progress("model timing")
@@ -96,14 +116,18 @@ def run_model_benchmark(model: Path, out: Path, threads: Sequence[int], data: Se
         if quick:
             serve = {**serve, "requests": min(serve["requests"], 48)}
         serve_section = serve_benchmark(model, files[:12] if quick else files, log=out / "serve.log", **serve)
-    progress("MediaPipe peer")
-    mediapipe_doc = mediapipe_document(val, 1, repeats=1 if quick else 3)
+    peer_doc, mediapipe_doc = None, None
+    if peers:
+        progress("dlib peer")
+        peer_doc = dlib_document(rows, training, val, quick, notes)
+        progress("MediaPipe peer")
+        mediapipe_doc = mediapipe_document(val, 1, repeats=1 if quick else 3)
     notes.append("ONNX-only benchmark (--model): no eager PyTorch or re-exported rows; pass --checkpoint for those.")
     return {"command": "facemark " + shlex.join(sys.argv[1:]), "quick": quick,
             "model_label": f"{model} ({info.contract.size} px, {info.precision})", "nme_source": nme_source,
             "environment": describe_environment(max(threads), {model.name: file_sha256(model)}),
             "rows": rows, "pipeline": pipeline_rows, "video": video, "throughput": throughput,
-            "serve": serve_section, "peer": None, "mediapipe": mediapipe_doc, "frontier": frontier,
+            "serve": serve_section, "peer": peer_doc, "mediapipe": mediapipe_doc, "frontier": frontier,
             "detectors": detectors,
             "limit": {},
             "notes": notes, "verdict": not quick, "targets": [], "self_check": check}

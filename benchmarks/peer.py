@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from facemark.benchmarks.isolated import DLIB, DLIB_HOG, IsolatedResult, WorkerSpec
 from facemark.contract import Box, BoxCalibration, box_from_landmarks, box_iou
 from facemark.data import FaceRecord
 from facemark.imageio import read_gray
@@ -102,3 +103,55 @@ def peer_nme_hog(peer: DlibPeer, records: Sequence[FaceRecord], min_iou: float =
         errors.append(float(nme_per_face(points, r.landmarks)[0]))
     summary = summarize(np.asarray(errors)) if errors else {"nme": None, "faces": 0}
     return {**summary, "found": len(errors) / len(records) if records else None}
+
+
+def make_peer(records_for_calibration: Sequence[FaceRecord], notes: list[str]) -> tuple[DlibPeer | None, str]:
+    found = find_dlib_predictor()
+    if isinstance(found, str):
+        return None, found
+    dlib, path = found
+    calibration = fit_dlib_calibration(dlib, records_for_calibration)
+    return DlibPeer(dlib, path, calibration), ""
+
+
+def best_gated_cpu_row(rows: list[dict], batch: int = 1, threads: int | None = None) -> dict | None:
+    """The fastest ONNX Runtime CPU row (at `threads`, default the largest budget) that passed its gate; when
+    nothing was verified (--quick), the fastest unverified one (its `gated` is None, and the target line says so)."""
+    budget = threads if threads is not None else max((r["threads"] for r in rows), default=None)
+    ort = [r for r in rows if r["batch"] == batch and r["variant"].startswith("ort-") and r["provider"] == "cpu"
+           and r["threads"] == budget]
+    candidates = [r for r in ort if r["gated"]] or [r for r in ort if r["gated"] is None]
+    return min(candidates, key=lambda r: r["ms_per_face"], default=None)
+
+
+def peer_specs(peer: DlibPeer) -> list[WorkerSpec]:
+    """dlib in two worker processes, one thread each (dlib's predictor is single-threaded): on the mapped landmark
+    boxes (per face), and with its own HOG detector on the sample photos (per photo, as users run it)."""
+    calibration = peer.calibration.to_json()
+    return [WorkerSpec("dlib@boxes", DLIB, str(peer.model_path), 1, calibration=calibration),
+            WorkerSpec("dlib@hog", DLIB_HOG, str(peer.model_path), 1, calibration=calibration)]
+
+
+def peer_document(peer: DlibPeer, timed: IsolatedResult, rows: list[dict], val_records: Sequence[FaceRecord]
+                  ) -> dict:
+    """Both dlib protocols: time and NME each, compared with our best ONNX CPU variant at 1 thread."""
+    ours = best_gated_cpu_row(rows, threads=1)
+    documents = []
+    for key, protocol, unit, accuracy in (
+            ("dlib@boxes", "landmark boxes", "ms per face (predictor on the mapped ground-truth box)",
+             lambda: peer_nme(peer, val_records)),
+            ("dlib@hog", "HOG detector", "ms per photo (HOG detector + predictor on every face it finds)",
+             lambda: peer_nme_hog(peer, val_records))):
+        stats = timed.stats.get((key, 1))
+        if stats is None:
+            documents.append({"protocol": protocol, "skipped": timed.errors.get(key, "not timed")})
+            continue
+        summary = accuracy() if val_records else {"nme": None, "faces": 0}
+        documents.append({
+            "protocol": protocol, "unit": unit, "threads": 1, "ms": stats.median_ms, "p90_ms": stats.p90_ms,
+            "min_ms": stats.min_ms, "samples": stats.repeats, "nme": summary["nme"], "nme_faces": summary["faces"],
+            "found": summary.get("found"),
+            "compared_with": ours["variant"] if ours else None, "compared_ms": ours["ms_per_face"] if ours else None,
+            "ratio_vs_best": (ours["ms_per_face"] / stats.median_ms) if ours and protocol == "landmark boxes" else None,
+        })
+    return {"rows": documents, "calibration": peer.calibration.to_json()}

@@ -13,10 +13,12 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from facemark.choices import Int8Activations, Precision
+from facemark.choices import Int8Activations, choice_enum
 from facemark.errors import ParityError
+from facemark.export.precisions import PRECISIONS
 
 console = Console(soft_wrap=True)
+Precision = choice_enum("Precision", tuple(PRECISIONS))
 
 
 def default_output(checkpoint: Path, precision: str) -> Path:
@@ -32,8 +34,7 @@ def export_command(
         None, "--output", "-o", help="Model file (default: beside the checkpoint, e.g. best.int8.onnx)."),
     opset: int = typer.Option(17, "--opset", help="Default-domain ONNX opset the file declares."),
     precision: Precision = typer.Option(
-        "fp32", "--precision", help="fp32 | fp16 | fp16w (fp16 weights, fp32 math: half the size at fp32 speed "
-        "on CPUs) or int8."),
+        "fp32", "--precision", help="; ".join(f"{p.name}: {p.help}" for p in PRECISIONS.values())),
     int8_activations: Int8Activations = typer.Option(
         "int8", "--int8-activations",
         help="uint8 (U8S8) is fastest on CPUs with VNNI but saturates on AVX2-only "

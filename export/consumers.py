@@ -69,21 +69,20 @@ def tensorrt_notes(proto: onnx.ModelProto) -> list[str]:
 def decode_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
     """The decode tail: every node downstream of the output layers (facemark.export.variants.fp32_head_nodes),
     without those layers (the head convolutions, the fully connected layers) themselves."""
-    from facemark.export.variants import FP32_HEAD_MODULES, fp32_head_nodes
+    from facemark.export.variants import fp32_head_nodes, fp32_output_modules
 
     names = set(fp32_head_nodes(proto))
     return [n for n in proto.graph.node if n.name in names and not (
-        n.op_type in ("Conv", "Gemm") and any(h in n.name for h in FP32_HEAD_MODULES))]
+        n.op_type in ("Conv", "Gemm") and any(h in n.name for h in fp32_output_modules()))]
 
 
 def agreement_limit(precision: str) -> tuple[str, float]:
     """(statistic, limit in normalised units) a consumer must meet against the reference: the parity gate of
-    the precision (facemark.export.parity.GATES) on real faces."""
-    from facemark.export.parity import GATES, PIXEL_GATE_CROP
+    the precision (facemark.export.precisions.PRECISIONS) on real faces."""
+    from facemark.export.precisions import PRECISIONS
 
-    gate = GATES[precision]
-    limit = gate.limit / PIXEL_GATE_CROP if gate.unit == "px" else gate.limit
-    return gate.stat, limit
+    gate = PRECISIONS[precision].gate
+    return gate.stat, gate.normalised_limit()
 
 
 def check_consumers(proto: onnx.ModelProto, crops: np.ndarray, precision: str) -> dict:
@@ -276,7 +275,7 @@ def sample_face_crops(contract) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m facemark.export.consumers MODEL.onnx ...`: the consumer check of exported files, on the
-    bundled sample faces, one Markdown row per consumer (the README's "Where the exported file runs")."""
+    bundled sample faces, one Markdown row per consumer (docs/BENCHMARKS.md, "Where the exported file runs")."""
     import argparse
 
     from facemark.contract import CropContract

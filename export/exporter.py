@@ -25,13 +25,14 @@ import torch
 
 import facemark
 from facemark import metadata as meta
-from facemark.choices import INT8_ACTIVATIONS, PRECISIONS
+from facemark.choices import INT8_ACTIVATIONS
 from facemark.contract import BoxCalibration, CropContract, box_from_landmarks
 from facemark.data import FaceRecord, load_records, split_of, split_records, spread
 from facemark.errors import FacemarkError, ImageError, ParityError
 from facemark.evaluation import evaluate
 from facemark.export import consumers, parity
 from facemark.export.onnx_export import DEFAULT_OPSET, check_model, export_fp32, set_metadata
+from facemark.export.precisions import PRECISIONS
 from facemark.export.variants import CALIBRATION_FACES, CALIBRATION_METHOD, to_fp16, to_fp16_weights, to_int8
 from facemark.fileio import check_writable, write_text_atomic, write_with_atomic
 from facemark.imageio import read_gray
@@ -253,7 +254,7 @@ def verify_model(candidate: onnx.ModelProto, fp32: onnx.ModelProto, reference: t
         say(f"validation NME on {len(val_records)} faces")
         nme = _validation_nme(session, fp32 if precision != "fp32" else None, contract, batch, val_records)
     gates = parity.check_gate(precision, sets, size, nme)
-    gate = parity.GATES[precision]
+    gate = PRECISIONS[precision].gate
     return {
         "reference": "eager PyTorch, eval mode, fp32, TF32 off",
         "candidate": f"ONNX Runtime {session.get_providers()[0]}",

@@ -8,17 +8,10 @@ Errors per element of `landmarks`: abs = |cand - ref|, rel = abs / |ref| (inf wh
 the minimum tolerances that would pass are the maxima (atol = max abs, rtol = max rel). Pixel figures are abs
 errors times the crop size (normalised units are fractions of the crop).
 
-Gates (`GATES`). Pixel limits are stated for a 224 px crop and scale with the crop size (they are fractions of
-the crop), so a 64 px test model and a 224 px trained one are held to the same geometry:
-- fp32: max abs <= 1e-4 normalised (0.022 px at 224) on every input set, and no NaN/Inf anywhere.
-- fp16: max abs <= 0.5 px at 224 on the real crops (measured: 0.20 px on random 224 px weights, 0.05 px on a
-  96 px 300-W model), and validation NME <= fp32 ONNX + 0.05 points when validation faces are given.
-- fp16w (fp16 weights, fp32 math): the fp16 gates.
-- int8: p99 abs <= 8 px at 224 on the real crops (measured 4.4 px on random 224 px weights, 1.95 px at 96 px
-  on the 300-W model; only a broken quantization exceeds it), and validation NME <= fp32 ONNX + 0.2 points
-  when validation faces are given -- the accuracy gate that matters. Noise inputs are gated for fp32 only:
-  fp16/int8 errors on them are reported but not gated, since noise drives activations far outside what a face
-  produces (int8 is calibrated on faces). NaN/Inf fail every precision.
+Gates: one per precision, in the precision table (facemark.export.precisions.PRECISIONS): fp32 max abs <= 1e-4
+normalised on every input set; fp16 / fp16w max abs <= 0.5 px at 224 on the real crops and validation NME <=
+fp32 ONNX + 0.05 points; int8 p99 abs <= 8 px at 224 on the real crops and validation NME <= fp32 ONNX + 0.2
+points (the accuracy gate that matters). NaN/Inf fail every precision.
 
 The pip head decodes by argmax over grid cells. On a noise crop two cells can score within rounding of each
 other, and then fp32 ONNX and eager fp32 may pick different cells: a landmark jumps by a cell although both
@@ -31,40 +24,21 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from facemark.contract import CropContract
+from facemark.export.precisions import PRECISIONS, RANDOM, REAL
 from facemark.metadata import FACE_SCORE, INPUT_NAME
 
-REAL, RANDOM = "real", "random"
 SCORE_FP32_LIMIT = 1e-4  # landmark_scores / face_score, fp32 vs eager
 SCORE_REDUCED_LIMIT = 0.05  # face_score of fp16 / int8 on real faces
-PIXEL_GATE_CROP = 224  # pixel limits are stated for this crop size
 # A decode whose top two cells are closer than this (logits) is a tie: fp32 rounding (~1e-6) may flip it.
 TIE_MARGIN = 1e-4
 DECODE_MARGIN = "_decode_margin"  # the reference runner's extra output: each crop's smallest top-2 gap
 REAL_FACES = 16
 RANDOM_SAMPLES = 8
 LARGE_BATCH = 8
-
-
-@dataclass(frozen=True)
-class Gate:
-    stat: str  # key of the error statistics
-    limit: float
-    unit: str  # "normalised" | "px" (pixels of a 224 px crop, scaled to the model's crop size)
-    sources: tuple[str, ...]  # input sets the gate applies to
-    nme_increase: float | None = None  # allowed NME increase over fp32 ONNX (a fraction: 0.002 = 0.2 points)
-
-
-GATES: dict[str, Gate] = {
-    "fp32": Gate("max_abs", 1e-4, "normalised", (REAL, RANDOM)),
-    "fp16": Gate("max_abs", 0.5, "px", (REAL,), nme_increase=0.0005),
-    "fp16w": Gate("max_abs", 0.5, "px", (REAL,), nme_increase=0.0005),  # the same fp16 weights, fp32 math
-    "int8": Gate("p99_abs", 8.0, "px", (REAL,), nme_increase=0.002),
-}
 
 
 # --- sessions ----------------------------------------------------------------------------------------------
@@ -179,16 +153,16 @@ def _summary(values: np.ndarray, suffix: str) -> dict[str, float]:
 
 def check_gate(precision: str, sets: Sequence[dict], size: int, nme: dict | None) -> list[dict]:
     """Evaluate the precision's gates; each result names the measure, the limit and whether it passed."""
-    gate = GATES[precision]
+    gate = PRECISIONS[precision].gate
     results = []
     gated = [s for s in sets if s["source"] in gate.sources]
-    limit = gate.limit * size / PIXEL_GATE_CROP if gate.unit == "px" else gate.limit
+    limit = gate.limit_at(size)
     for s in gated:
         stats = s["landmarks"]
         value = stats[gate.stat] * (size if gate.unit == "px" else 1.0)
         results.append({"name": f"{gate.stat} ({s['source']}, batch {s['batch']})", "value": value,
                         "limit": limit, "unit": gate.unit,
-                        "passed": bool(value <= gate.limit) and stats["nan"] == 0 and stats["inf"] == 0})
+                        "passed": bool(value <= limit) and stats["nan"] == 0 and stats["inf"] == 0})
     if not gated:
         results.append({"name": f"{gate.stat} on {'/'.join(gate.sources)} inputs", "value": math.nan,
                         "limit": limit, "unit": gate.unit, "passed": False})

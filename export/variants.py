@@ -38,11 +38,11 @@ CALIBRATION_FACES = 256
 CALIBRATION_METHOD = "Percentile 99.9"
 CALIBRATION_PERCENTILE = 99.9
 CALIBRATION_BATCH = 16
-# LandmarkNet's output layers: the pip head's convolutions, the presence and the regression fully connected
-# layers (node names /presence_fc/Gemm, /fc/Gemm). The last two are kept fp32 since OpenCV DNN 4.x computes a
-# quantised output layer wrongly (max abs 1.47 on `landmarks` of a regression int8 file, every layer before it
-# exact), and a quantised presence score floors near 0.5 on non-faces; both are < 0.1 % of the arithmetic.
-FP32_HEAD_MODULES = ("score_head", "offset_head", "neighbor_head", "presence_fc", "/fc/")
+# The presence layer (node /presence_fc/Gemm) stays fp32: a quantised presence score floors near 0.5 on
+# non-faces, and OpenCV DNN 4.x computes a quantised output layer wrongly (max abs 1.47 on `landmarks` of a
+# regression int8 file, every layer before it exact). Each head names its own output layers
+# (facemark.train.heads.HeadUnit.fp32_modules).
+PRESENCE_MODULES = ("presence_fc",)
 # The stem (7x7 conv1 on the raw image, and its max-pool) stays fp32: on the pip model quantising conv1 alone
 # cost +0.74 NME points (its per-tensor output range is dominated by a few channels); kept fp32 the whole int8
 # model is +0.02 points. It is ~1 % of the network's arithmetic.
@@ -180,19 +180,22 @@ def fp32_nodes(proto: onnx.ModelProto) -> list[str]:
     return sorted(set(stem + fp32_head_nodes(proto)))
 
 
-def fp32_head_nodes(proto: onnx.ModelProto) -> list[str]:
-    """The nodes int8 leaves in fp32: the pip head's 1x1 convolutions and everything downstream of them.
+def fp32_output_modules() -> tuple[str, ...]:
+    """Node-name parts of the output layers int8 keeps fp32: every head's (facemark.train.heads) + presence."""
+    from facemark.train.heads import fp32_head_modules
 
-    The pip decode takes an argmax over the score maps and reads in-cell offsets that are trained only at the
-    winning cell; uint8 offsets over the whole map's range would cost about 0.4 px of a 128 px crop, and a
-    quantised vote matmul more. The heads are a few % of the network's arithmetic. Regression graphs have
-    no such node: they are quantised whole, as before.
-    """
+    return fp32_head_modules() + PRESENCE_MODULES
+
+
+def fp32_head_nodes(proto: onnx.ModelProto) -> list[str]:
+    """The nodes int8 leaves in fp32: the output layers (fp32_output_modules) and everything downstream of them
+    (a head's decode)."""
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in proto.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    seeds = [n for n in proto.graph.node if any(h in n.name for h in FP32_HEAD_MODULES)]
+    modules = fp32_output_modules()
+    seeds = [n for n in proto.graph.node if any(h in n.name for h in modules)]
     keep, stack = {}, list(seeds)
     while stack:
         node = stack.pop()

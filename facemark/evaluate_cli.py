@@ -1,12 +1,18 @@
 """`facemark evaluate`: NME of a checkpoint (.pt, eager PyTorch) or an exported model (.onnx, ONNX Runtime).
 
 Both go through the same torch-free evaluation (facemark.evaluation) and the runtime's preprocessing; an
-.onnx model is scored exactly as deployed. `--boxes haar` scores the whole pipeline: the Haar detector's box
-(mapped by the model's calibration unless --uncalibrated) instead of the landmark box.
+.onnx model is scored exactly as deployed. `--boxes haar` starts from the Haar detector's box (mapped by the
+model's calibration unless --uncalibrated) instead of the landmark box; `--boxes pipeline` runs the whole runtime.
+
+Which faces: every face of --data, unless --data is (part of) the model's own training data (recorded in the
+checkpoint or the export's metadata), where only the faces its training held out are scored (the split is
+seeded per face key, so it is the same within a subfolder); `--split` chooses explicitly. Refinement
+and test-time flip default to the runtime's.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -17,9 +23,40 @@ from facemark.choices import EvalBoxes, EvalSplit, Provider, Tta
 from facemark.data import load_records, split_of, split_records
 from facemark.errors import DataError, printable
 from facemark.reporting import progress_display, summarize_warnings
+from facemark.runtime.defaults import DEFAULT_REFINE
 from facemark.runtime.detectors import HAAR, DetectorChoice
 
 console = Console(soft_wrap=True)
+
+
+def _training_data(predictor) -> tuple[list[str], dict]:
+    """The data paths the model was trained on and its split settings, as recorded (checkpoint or metadata)."""
+    train = getattr(predictor, "checkpoint", {}).get("train")
+    if train is not None:
+        return list(train.get("data") or []), train
+    info = getattr(predictor, "info", None)
+    return (list(info.train_data), info.train_split or {}) if info is not None else ([], {})
+
+
+def _contains(folder: Path, path: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def within_training_data(given: list[Path], recorded: list[str]) -> bool:
+    """Whether every --data path is the recorded training data or inside it (compared resolved; for a model
+    trained on another checkout, by the recorded path's last two components, e.g. data/300w). The split is a
+    function of each face's key, so the model's own split then names exactly its held-out faces among them."""
+    if not recorded or not given:
+        return False
+    roots = [Path(r).resolve() for r in recorded]
+    tails = [Path(os.path.abspath(r)).parts[-2:] for r in recorded]
+
+    def inside(p: Path) -> bool:
+        parts = p.resolve().parts
+        return any(_contains(root, p.resolve()) for root in roots) or any(
+            parts[k:k + len(tail)] == tail for tail in tails for k in range(len(parts)))
+
+    return all(inside(p) for p in given)
 
 
 def _load_predictor(model: Path, provider: str):
@@ -39,7 +76,8 @@ def _load_predictor(model: Path, provider: str):
 def evaluate_command(
     model: Path = typer.Option(..., "--model", help="Checkpoint (.pt) or exported model (.onnx)."),
     data: list[Path] = typer.Option(..., "--data", help="dlib XML file or folder of .pts files; repeatable."),
-    split: EvalSplit = typer.Option("val", "--split", help="The deterministic split of --data."),
+    split: EvalSplit | None = typer.Option(None, "--split", help="The deterministic split of --data (default: val "
+                                           "when --data is (part of) the model's training data, else all)."),
     val_fraction: float | None = typer.Option(None, "--val-fraction", help="Default: a checkpoint's own split, "
                                               "else 0.1 (training's default)."),
     seed: int | None = typer.Option(None, "--split-seed", "--seed", help="Split seed. Default: a checkpoint's own "
@@ -47,7 +85,8 @@ def evaluate_command(
     boxes: EvalBoxes = typer.Option("gt", "--boxes", help="gt: landmark boxes | haar: Haar detector boxes | pipeline: "
                               "the whole runtime (FaceLandmarker.detect, presence threshold, false faces on "
                               "face-free background crops; .onnx only)."),
-    refine: int = typer.Option(0, "--refine", min=0, help="Extra passes re-cropped on the predicted landmarks."),
+    refine: int = typer.Option(DEFAULT_REFINE, "--refine", min=0, help="Extra passes re-cropped on the predicted "
+                               "landmarks (the runtime's default)."),
     tta: Tta = typer.Option("none", "--tta", help="Test-time flip (mirror each crop and average)."),
     min_score: float | None = typer.Option(None, "--min-score", min=0.0, max=1.0,
                                            help="--boxes pipeline: presence threshold (0 keeps every detection; "
@@ -74,16 +113,25 @@ def evaluate_command(
     records = load_records(data, warnings.append)
     for w in summarize_warnings(warnings, verbose):
         console.print(f"[yellow]warning:[/yellow] {escape(printable(w))}", highlight=False)
-    split, boxes, tta, provider = split.value, boxes.value, tta.value, provider.value
+    boxes, tta, provider = boxes.value, tta.value, provider.value
     predictor, calibration, model_meta = _load_predictor(model, provider)
+    recorded, recorded_split = _training_data(predictor)
+    own_data = within_training_data(list(data), recorded)
+    split = split.value if split is not None else ("val" if own_data else "all")
+    total = len(records)
     if split != "all":
-        # A checkpoint knows the split it was trained on; an .onnx model does not (training's defaults).
-        own_fraction, own_seed = split_of(getattr(predictor, "checkpoint", {}).get("train") or {})
+        own_fraction, own_seed = split_of(recorded_split)  # the model's own split (training's defaults if unknown)
         train_part, val_part = split_records(records, own_fraction if val_fraction is None else val_fraction,
                                              own_seed if seed is None else seed)
         records = {"val": val_part, "train": train_part}[split]
+    why = "(part of) the model's training data" if own_data else ("not the model's training data" if recorded else
+                                                             "no training data recorded in the model")
+    console.print(f"faces: {len(records)} of {total} ({split} split; --data is {why}); refine {refine}, tta {tta}",
+                  highlight=False)
     if boxes == "pipeline":
-        _evaluate_pipeline(model, provider, records, refine, tta == "flip", min_score, json_path, detector.value)
+        _evaluate_pipeline(model, provider, records, refine, tta == "flip", min_score,
+                           (json_path, csv_path, plot_path), {"split": split, "data": [str(p) for p in data]},
+                           detector.value)
         return
     if detector.value != HAAR:
         raise typer.BadParameter(f"--detector {detector.value}: only with --boxes pipeline")
@@ -104,9 +152,9 @@ def evaluate_command(
                           refine=refine, flip=tta == "flip")
     for line in result.unreadable:
         console.print(f"[yellow]skipped:[/yellow] {escape(printable(line))}", highlight=False)
-    meta = {"model": model_meta, "data": [str(p) for p in data], "split": split, "boxes": box_label,
-            "refine": refine, "tta": tta}
-    doc = write_reports(result, meta, json_path, csv_path, plot_path, label=model.name)
+    doc = {**result.summary(), "model": model_meta, "data": [str(p) for p in data], "split": split,
+           "boxes": box_label, "refine": refine, "tta": tta}
+    write_reports(doc, result.to_csv(), result.errors, json_path, csv_path, plot_path, label=model.name)
     console.print(
         f"{doc['faces']} faces ({box_label}; detection rate {100 * doc['detection_rate']:.1f}%): "
         f"NME {100 * doc['nme']:.2f}% (median {100 * doc['nme_median']:.2f}%), "
@@ -116,11 +164,10 @@ def evaluate_command(
 
 
 def _evaluate_pipeline(model: Path, provider: str, records, refine: int, flip: bool, min_score: float | None,
-                       json_path: Path | None, detector: str = HAAR) -> None:
-    """`--boxes pipeline`: the runtime end to end (facemark.runtime.evaluation)."""
-    import json
-
-    from facemark.fileio import write_text_atomic
+                       paths: tuple[Path | None, Path | None, Path | None], meta: dict, detector: str = HAAR
+                       ) -> None:
+    """`--boxes pipeline`: the runtime end to end (facemark.runtime.evaluation); paths = (json, csv, plot)."""
+    from facemark.evaluation import write_reports
     from facemark.runtime.defaults import DEFAULT_MIN_SCORE
     from facemark.runtime.evaluation import evaluate_pipeline
     from facemark.runtime.landmarker import FaceLandmarker
@@ -136,9 +183,10 @@ def _evaluate_pipeline(model: Path, provider: str, records, refine: int, flip: b
     for line in result.unreadable:
         console.print(f"[yellow]skipped:[/yellow] {escape(printable(line))}", highlight=False)
     doc = result.summary(landmarker.min_score)
-    doc.update(model=str(model), refine=refine, tta="flip" if flip else "none", detector=landmarker.detector.config())
-    if json_path:
-        write_text_atomic(json_path, json.dumps(doc, indent=2) + "\n")
+    doc.update(model=str(model), **meta, refine=refine, tta="flip" if flip else "none",
+               detector=landmarker.detector.config())
+    write_reports(doc, result.to_csv(landmarker.min_score), result.kept_errors(landmarker.min_score), *paths,
+                  label=model.name)
     auc = "n/a (no presence head)" if doc["presence_auc"] is None else f"{doc['presence_auc']:.4f}"
     console.print(
         f"{doc['annotated_faces']} faces: detection rate {100 * doc['detection_rate']:.1f}%, NME "

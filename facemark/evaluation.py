@@ -10,7 +10,7 @@ import csv
 import io
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,14 +50,19 @@ class Evaluation:
         return s
 
     def to_csv(self) -> str:
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(["key", "image", "nme"])
-        for key, image, err in zip(self.keys, self.images, self.errors, strict=True):
-            writer.writerow([key, image, f"{err:.6f}"])
-        for key in self.missed:
-            writer.writerow([key, "", "missed"])
-        return buf.getvalue()
+        return per_face_csv(zip(self.keys, self.images, self.errors, strict=True), self.missed)
+
+
+def per_face_csv(found: Iterable[tuple[str, str, float]], missed: Iterable[str]) -> str:
+    """key,image,nme: one row per scored face, then `missed` for each face that was not found."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["key", "image", "nme"])
+    for key, image, err in found:
+        writer.writerow([key, image, f"{err:.6f}"])
+    for key in missed:
+        writer.writerow([key, "", "missed"])
+    return buf.getvalue()
 
 
 def evaluate(
@@ -109,21 +114,21 @@ def evaluate(
 
 
 def write_reports(
-    evaluation: Evaluation,
-    meta: dict,
+    doc: dict,
+    per_face_csv_text: str,
+    errors: Sequence[float],
     json_path: str | os.PathLike | None = None,
     csv_path: str | os.PathLike | None = None,
     plot_path: str | os.PathLike | None = None,
     label: str = "model",
-) -> dict:
-    """Write the requested report files (atomically) and return the JSON document."""
-    doc = {**evaluation.summary(), **meta}
+) -> None:
+    """Write the requested report files (atomically): the summary `doc` as JSON, the per-face CSV, the CED plot
+    of `errors` (NME per scored face)."""
     if json_path:
         write_text_atomic(json_path, json.dumps(doc, indent=2) + "\n")
     if csv_path:
-        write_text_atomic(csv_path, evaluation.to_csv())
+        write_text_atomic(csv_path, per_face_csv_text)
     if plot_path:
         from facemark.plots import plot_ced
 
-        plot_ced({label: np.asarray(evaluation.errors)}, plot_path)
-    return doc
+        plot_ced({label: np.asarray(errors)}, plot_path)

@@ -49,6 +49,16 @@ class ModelInfo:
     points: str
     raw: Mapping[str, str] = field(repr=False)
 
+    @property
+    def train_data(self) -> list[str]:
+        """The data paths the model was trained on (empty when not recorded or unreadable)."""
+        return _json_value(self.raw.get(TRAIN_DATA), list) or []
+
+    @property
+    def train_split(self) -> dict | None:
+        """{"val_fraction", "split_seed"} of its training run, when recorded."""
+        return _json_value(self.raw.get(TRAIN_SPLIT), dict)
+
     def summary(self) -> dict:
         """The small JSON-able description used in reports and the runtime's JSON output."""
         keep = (ARCH, HEAD, PRECISION, POINTS, VAL_NME, SOURCE_SHA256, EXPORTED_AT, TRAIN_DATA)
@@ -70,6 +80,15 @@ def parse_metadata(props: Mapping[str, str], source: str) -> ModelInfo:
     if points != "ibug68":
         raise ModelError(f"{source}: point scheme {points!r} is not supported (expected 'ibug68')")
     return ModelInfo(contract, calibration, props.get(PRECISION, "fp32"), points, dict(props))
+
+
+def _json_value(text: str | None, kind: type):
+    """A JSON metadata value of the expected kind, or None (absent or malformed: reading it must not fail)."""
+    try:
+        value = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return value if isinstance(value, kind) else None
 
 
 def dumps(value: object) -> str:

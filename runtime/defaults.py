@@ -1,4 +1,5 @@
-"""Runtime defaults chosen by measurement on the 300-W validation split (docs/MODEL.md "Runtime defaults").
+"""Runtime defaults chosen by measurement on the 300-W validation split (docs/MODEL.md, "Detector and presence
+score (runtime defaults)" and the sections after it).
 
 A light module (no onnxruntime) so the CLI can show them in --help.
 """

@@ -22,6 +22,7 @@ import numpy as np
 from facemark.contract import Box, box_from_landmarks
 from facemark.data import FaceRecord, other_faces
 from facemark.errors import ImageError
+from facemark.evaluation import per_face_csv
 from facemark.imageio import read_image
 from facemark.metrics import DEFAULT_THRESHOLD, nme_per_face, roc_auc, summarize
 from facemark.runtime.calibration import DEFAULT_MIN_IOU, match_detection
@@ -35,6 +36,8 @@ BACKGROUND_MARGIN = 0.15  # keep this share of the face size clear around every 
 @dataclass
 class PipelineEvaluation:
     errors: list[float] = field(default_factory=list)  # NME of each found face
+    found: list[tuple[str, str]] = field(default_factory=list)  # (key, image) of each found face
+    missed: list[str] = field(default_factory=list)  # keys of the annotated faces no detection matched
     true_scores: list[float | None] = field(default_factory=list)  # presence of each found face (None: no head)
     false_scores: list[float | None] = field(default_factory=list)  # one per false face (None: no presence head)
     faces: int = 0  # annotated faces evaluated (readable photos)
@@ -43,7 +46,7 @@ class PipelineEvaluation:
 
     def summary(self, min_score: float | None = None, threshold: float = DEFAULT_THRESHOLD) -> dict:
         """Detection rate, NME of found faces and false faces per background crop at a presence threshold."""
-        errors = np.asarray([e for e, s in zip(self.errors, self.true_scores, strict=True) if _kept(s, min_score)])
+        errors = np.asarray(self.kept_errors(min_score))
         false = sum(1 for s in self.false_scores if _kept(s, min_score))
         positives = [s for s in self.true_scores if s is not None]
         negatives = [s for s in self.false_scores if s is not None]
@@ -58,6 +61,18 @@ class PipelineEvaluation:
             "presence_auc": roc_auc(positives, negatives) if scored else None,
             "min_score": min_score,
         }
+
+    def to_csv(self, min_score: float | None = None) -> str:
+        """Per-face NME (facemark.evaluation.per_face_csv); a face whose presence is below `min_score` is
+        missed, as the runtime drops it."""
+        kept = [(key, image, err) for (key, image), err, s in zip(self.found, self.errors, self.true_scores,
+                                                                  strict=True) if _kept(s, min_score)]
+        dropped = [key for (key, _), s in zip(self.found, self.true_scores, strict=True) if not _kept(s, min_score)]
+        return per_face_csv(kept, [*self.missed, *dropped])
+
+    def kept_errors(self, min_score: float | None = None) -> list[float]:
+        """NME of the found faces that pass the presence threshold."""
+        return [e for e, s in zip(self.errors, self.true_scores, strict=True) if _kept(s, min_score)]
 
 
 
@@ -98,9 +113,12 @@ def evaluate_pipeline(landmarker: FaceLandmarker, records: Sequence[FaceRecord],
         target = box_from_landmarks(record.landmarks)
         faces = landmarker.detect(image)
         matched = _match(faces, target)
-        if matched is not None:
+        if matched is None:
+            result.missed.append(record.key)
+        else:
             result.errors.append(float(nme_per_face(matched.landmarks, record.landmarks)[0]))
             result.true_scores.append(matched.score)
+            result.found.append((record.key, str(record.image_path)))
         height, width = image.shape[:2]
         for x, y, w, h in background_boxes(width, height, [target, *others]):
             result.background_crops += 1

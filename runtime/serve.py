@@ -8,7 +8,7 @@ Dynamic batching: Triton gathers the requests that arrive within `queue_delay_us
 into one call; the pipeline model then runs Haar on a thread pool and the landmark model once over the faces of
 every image of those requests (FaceLandmarker.detect_many), so concurrent clients share one model call.
 
-Behind a load balancer:
+Behind a load balancer (docs/SERVING.md):
 - Readiness: the model repository is written before tritonserver starts and every model is loaded at its
   start-up, and Triton opens its HTTP and gRPC ports only after that. So `/v2/health/ready` (and gRPC
   ServerReady) refuses connections until every facemark model answers, then says 200 until shutdown begins.

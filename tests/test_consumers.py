@@ -134,7 +134,8 @@ def test_pip_decode_equals_a_per_point_reference():
     """The plain-op decode (one gather, a cell table, one matrix) is the PIP decode: argmax cell + own offset,
     averaged with the neighbours' votes, computed here point by point in numpy."""
     torch = pytest.importorskip("torch")
-    from facemark.train.codecs import PipCodec, nearest_neighbors
+    from facemark.train.codecs import nearest_neighbors
+    from facemark.train.head_pip import PipCodec
 
     rng = np.random.default_rng(0)
     grid, p, k, n = 8, 68, 10, 3

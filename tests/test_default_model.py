@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DLIB_EXAMPLES, SAMPLES, requires_dlib_examples
+from conftest import DATA_300W, DLIB_EXAMPLES, SAMPLES, requires_300w, requires_dlib_examples
 
 from facemark.cli import run
 from facemark.contract import box_from_landmarks, box_iou
@@ -146,3 +146,46 @@ def test_two_detector_boxes_on_one_face_give_one_face(landmarker):
     assert len(again) == len(faces)
     for a, b in zip(faces, again, strict=True):
         np.testing.assert_allclose(a.landmarks, b.landmarks, atol=0.5)
+
+
+def _pts_folder(records, folder: Path) -> Path:
+    """The sample faces as a folder of image + .pts pairs (1-based points, the 300-W format)."""
+    import shutil
+
+    folder.mkdir()
+    for i, record in enumerate(records):
+        image = folder / f"face_{i}{record.image_path.suffix}"
+        shutil.copyfile(record.image_path, image)
+        rows = "\n".join(f"{x + 1:.3f} {y + 1:.3f}" for x, y in record.landmarks)
+        image.with_suffix(".pts").write_text(f"version: 1\nn_points: 68\n{{\n{rows}\n}}\n")
+    return folder
+
+
+def test_evaluate_scores_every_face_of_data_the_model_was_not_trained_on(records, tmp_path, capsys):
+    folder = _pts_folder(records[:6], tmp_path / "faces")
+    report, faces_csv, plot = tmp_path / "e.json", tmp_path / "e.csv", tmp_path / "e.png"
+    assert run(["evaluate", "--model", str(DEFAULT_MODEL_PATH), "--data", str(folder), "--json", str(report)]) == 0
+    doc = json.loads(report.read_text())
+    assert doc["faces"] == 6 and doc["split"] == "all" and doc["refine"] == 1  # the runtime's default passes
+    assert "faces: 6 of 6 (all split" in capsys.readouterr().out
+    # --csv and --plot with the whole pipeline too
+    assert run(["evaluate", "--model", str(DEFAULT_MODEL_PATH), "--data", str(folder), "--boxes", "pipeline",
+                "--json", str(report), "--csv", str(faces_csv), "--plot", str(plot)]) == 0
+    rows = faces_csv.read_text().splitlines()
+    doc = json.loads(report.read_text())
+    assert rows[0] == "key,image,nme" and len(rows) == 1 + 6 and doc["annotated_faces"] == 6
+    scored = [r for r in rows[1:] if not r.endswith(",missed")]
+    assert len(scored) == round(doc["detection_rate"] * 6)
+    assert read_image(plot).shape[2] == 3
+
+
+@requires_300w
+def test_evaluate_on_part_of_the_training_data_scores_only_its_held_out_faces(capsys):
+    afw = DATA_300W / "afw"
+    assert run(["evaluate", "--model", str(DEFAULT_MODEL_PATH), "--data", str(afw), "--refine", "0"]) == 0
+    out = capsys.readouterr().out
+    total = len(load_records([afw], lambda _: None))
+    assert f"of {total} (val split; --data is (part of) the model's training data)" in out
+    assert run(["evaluate", "--model", str(DEFAULT_MODEL_PATH), "--data", str(afw), "--refine", "0",
+                "--split", "all"]) == 0
+    assert f"faces: {total} of {total} (all split" in capsys.readouterr().out

@@ -20,17 +20,18 @@ from facemark.contract import CropContract  # noqa: E402
 from facemark.errors import FacemarkError, ParityError  # noqa: E402
 from facemark.export import exporter  # noqa: E402
 from facemark.export.exporter import ExportResult, export_model, report_path  # noqa: E402
-from facemark.export.parity import GATES, OnnxPredictor, error_stats, open_session  # noqa: E402
+from facemark.export.parity import OnnxPredictor, error_stats, open_session  # noqa: E402
+from facemark.export.precisions import PRECISIONS  # noqa: E402
 from facemark.train.checkpoint import file_sha256  # noqa: E402
 
-PRECISIONS = ("fp32", "fp16", "fp16w", "int8")
+ALL_PRECISIONS = tuple(PRECISIONS)
 
 
 @pytest.fixture(scope="module")
 def exported(tiny_checkpoint, tmp_path_factory) -> dict[str, ExportResult]:
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("export")
-    return {p: export_model(tiny_checkpoint, out / f"tiny.{p}.onnx", precision=p) for p in PRECISIONS}
+    return {p: export_model(tiny_checkpoint, out / f"tiny.{p}.onnx", precision=p) for p in ALL_PRECISIONS}
 
 
 def _faces(n: int) -> np.ndarray:
@@ -41,7 +42,7 @@ def _faces(n: int) -> np.ndarray:
     return exporter.face_crops(records, CropContract(size=TINY_SIZE), lambda _m: None)
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("precision", ALL_PRECISIONS)
 def test_file_declares_opset_17_passes_checker_and_has_the_interface(exported, precision):
     result = exported[precision]
     model = onnx.load(result.path)
@@ -58,7 +59,7 @@ def test_file_declares_opset_17_passes_checker_and_has_the_interface(exported, p
 
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("precision", ALL_PRECISIONS)
 def test_every_variant_runs_in_every_consumer_within_its_gate(exported, precision):
     """OpenCV DNN, ORT without graph optimisations and onnx's full checker load each export and agree with ORT
     within the precision's parity gate; every op is on TensorRT 10's parser list; metadata says so."""
@@ -81,7 +82,7 @@ def test_variants_really_change_the_weights(exported):
     assert onnx.TensorProto.INT8 in initializer_types("int8")
     int8_ops = {n.op_type for n in onnx.load(exported["int8"].path).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= int8_ops
-    sizes = {p: exported[p].size_bytes for p in PRECISIONS}
+    sizes = {p: exported[p].size_bytes for p in ALL_PRECISIONS}
     assert sizes["int8"] < sizes["fp16"] < sizes["fp32"]
     assert abs(sizes["fp16w"] - sizes["fp16"]) < 0.02 * sizes["fp32"], "fp16w stores the weights as fp16"
 
@@ -103,7 +104,7 @@ def test_fp16w_folds_to_fp32_arithmetic_in_onnx_runtime(exported, tmp_path):
     assert conv_weights and all(types.get(w) == onnx.TensorProto.FLOAT for w in conv_weights)
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("precision", ALL_PRECISIONS)
 def test_dynamic_batch_runs_at_1_and_5_with_consistent_rows(exported, precision):
     session = open_session(exported[precision].path)
     batch = _faces(5)
@@ -114,7 +115,7 @@ def test_dynamic_batch_runs_at_1_and_5_with_consistent_rows(exported, precision)
     np.testing.assert_allclose(five, ones, atol=1e-5)
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("precision", ALL_PRECISIONS)
 def test_metadata_round_trip(exported, tiny_checkpoint, precision):
     model = onnx.load(exported[precision].path)
     props = {p.key: p.value for p in model.metadata_props}
@@ -132,7 +133,7 @@ def test_metadata_round_trip(exported, tiny_checkpoint, precision):
     assert parity["verified"] and parity["passed"] and parity["max_abs"] >= 0
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("precision", ALL_PRECISIONS)
 def test_parity_report_per_precision(exported, precision):
     result = exported[precision]
     report = result.report
@@ -149,7 +150,7 @@ def test_parity_report_per_precision(exported, precision):
         assert stats["px"]["max_abs"] == pytest.approx(stats["max_abs"] * TINY_SIZE)
         assert stats["median_abs"] <= stats["p99_abs"] <= stats["max_abs"] == stats["min_atol"]
     assert report["inputs"]["real_faces"] == 16 and report["nme"] is None
-    gate = GATES[precision]
+    gate = PRECISIONS[precision].gate
     assert report["gate"]["stat"] == gate.stat and all(g["passed"] for g in report["gates"])
     real_max = max(s["landmarks"]["max_abs"] for s in report["sets"] if s["source"] == "real")
     if precision == "fp32":
@@ -269,3 +270,17 @@ def test_export_leaves_the_callers_model_in_eval_mode():
     model = LandmarkNet(image_size=TINY_SIZE).eval()
     export_fp32(model, TINY_SIZE)
     assert not any(m.training for m in model.modules())
+
+
+def test_pixel_gates_scale_with_the_crop_size():
+    """int8's p99 limit is 8 px of a 224 px crop, so 4 px of a 112 px crop (the same fraction of the crop)."""
+    from facemark.export.parity import check_gate
+
+    def sets(p99_fraction: float) -> list[dict]:
+        return [{"source": "real", "batch": 1, "landmarks": {"p99_abs": p99_fraction, "nan": 0, "inf": 0}}]
+
+    # 6 px at 112 px: within 8 px, beyond the 112 px crop's 4 px limit
+    assert not check_gate("int8", sets(6 / 112), 112, None)[0]["passed"]
+    assert check_gate("int8", sets(3 / 112), 112, None)[0]["passed"]
+    assert check_gate("int8", sets(7 / 224), 224, None)[0]["passed"]
+    assert check_gate("int8", sets(7 / 224), 224, None)[0]["limit"] == 8.0

@@ -19,7 +19,8 @@ from facemark import metadata as md  # noqa: E402
 from facemark.contract import CropContract, box_from_landmarks  # noqa: E402
 from facemark.imageio import read_gray, read_image  # noqa: E402
 from facemark.inference import predict_faces  # noqa: E402
-from facemark.train.codecs import PipCodec, nearest_neighbors  # noqa: E402
+from facemark.train.codecs import nearest_neighbors  # noqa: E402
+from facemark.train.head_pip import PipCodec  # noqa: E402
 from facemark.train.model import LandmarkNet  # noqa: E402
 
 SAMPLE_XML = SAMPLES / "landmarks.xml"

@@ -232,7 +232,7 @@ def test_an_exception_in_a_step_ends_the_run_and_its_loader_workers(tmp_path, mo
 
 
 def test_interrupted_run_resumes_at_the_exact_scheduler_step_and_ends(tmp_path):
-    cfg = tiny_config(tmp_path, epochs=3, batch_size=2, max_images=16, schedule="onecycle")
+    cfg = tiny_config(tmp_path, epochs=3, batch_size=2, max_images=16, schedule="onecycle", ema=0.9)
     steps = {"n": 0}
 
     def stop_in_epoch_two() -> bool:
@@ -241,10 +241,14 @@ def test_interrupted_run_resumes_at_the_exact_scheduler_step_and_ends(tmp_path):
 
     first = train(cfg, stop_requested=stop_in_epoch_two)
     assert first.interrupted and len(first.history) == 1
+    averaged_before = load_checkpoint(first.last_path)["state"]["ema_updates"]
+    assert averaged_before == 8 + 3
     resumed = train(TrainConfig(data=[]), resume=first.last_path)
     assert not resumed.interrupted and [h.epoch for h in resumed.history] == [1, 2, 3]
     state = load_checkpoint(resumed.last_path)["state"]
     assert state["scheduler"]["last_epoch"] == 3 * 8 == state["scheduler"]["total_steps"]
+    # The weight average goes on where it stopped (epoch 2 runs again from its start): it is not restarted
+    assert state["ema_updates"] == averaged_before + 2 * 8
 
 
 def test_resume_stays_in_its_folder_extends_epochs_and_refuses_contradictions(tmp_path, monkeypatch, capsys):

@@ -43,7 +43,7 @@ class AugmentConfig:
     flip: bool = True
     # Detector-like boxes: with probability det_p the box is jittered like a calibrated Haar box instead
     # (normal centre error in units of the landmark box side, log-normal side ratio), measured with
-    # `python -m facemark.benchmarks.box_noise` (README, docs/MODEL.md). 0 = off.
+    # `python -m facemark.benchmarks.box_noise` (docs/MODEL.md). 0 = off.
     det_p: float = 0.0
     det_shift_x: float = 0.0
     det_shift_y: float = 0.0

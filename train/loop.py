@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,14 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from facemark.contract import CropContract, box_from_landmarks
+from facemark.contract import CropContract
 from facemark.data import FaceRecord, load_records, split_of, split_records
 from facemark.errors import DataError
 from facemark.fileio import check_writable_folder
 from facemark.metrics import nme_per_face, roc_auc
 from facemark.reporting import summarize_warnings
 from facemark.train.checkpoint import load_checkpoint, save_checkpoint
-from facemark.train.codecs import nearest_neighbors
 from facemark.train.dataset import (
     VAL_BOXES,
     AugmentConfig,
@@ -44,9 +44,10 @@ from facemark.train.dataset import (
     validation_negatives,
     validation_tensors,
 )
+from facemark.train.heads import head_unit
 from facemark.train.model import LandmarkNet, build_model
 from facemark.train.onnx_init import FOLDED_BATCHNORM, calibrate_folded_batchnorm, checkpoint_from_onnx, is_onnx
-from facemark.train.options import DEVICES, HEADS, LOSSES, OPTIMIZERS, PIP_STRIDES, SCHEDULES
+from facemark.train.options import DEVICES, HEADS, LOSSES, OPTIMIZERS, SCHEDULES
 
 
 @dataclass
@@ -95,8 +96,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Every choice and number checked before any data is read: one DataError naming the option."""
         for name, value, allowed in (("loss", self.loss, LOSSES), ("optimizer", self.optimizer, OPTIMIZERS),
-                                     ("schedule", self.schedule, SCHEDULES), ("head", self.head, HEADS),
-                                     ("pip-stride", self.pip_stride, PIP_STRIDES)):
+                                     ("schedule", self.schedule, SCHEDULES), ("head", self.head, HEADS)):
             if value not in allowed:
                 raise DataError(f"--{name} {value!r}: choose one of {', '.join(map(str, allowed))}")
         if self.device.split(":")[0] not in DEVICES:
@@ -107,8 +107,13 @@ class TrainConfig:
             raise DataError(f"--val-boxes {self.val_boxes!r}: choose one of {', '.join(VAL_BOXES)}")
         if not 0.0 <= self.ema < 1.0:
             raise DataError(f"--ema {self.ema}: a decay in [0, 1) (0 = off)")
-        if self.head == "pip" and self.image_size % self.pip_stride:
-            raise DataError(f"--image-size {self.image_size} must be a multiple of the pip stride {self.pip_stride}")
+        problem = head_unit(self.head).check(self.image_size, self.head_options())
+        if problem:
+            raise DataError(problem)
+
+    def head_options(self) -> dict[str, Any]:
+        """The training options the head reads (its own, e.g. pip_stride)."""
+        return {"pip_stride": self.pip_stride, "pip_neighbors": self.pip_neighbors}
 
 
 @dataclass
@@ -413,13 +418,6 @@ def _ema_model(model: nn.Module, decay: float) -> torch.optim.swa_utils.Averaged
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
-def mean_shape_neighbors(records: Sequence[FaceRecord], contract: CropContract, k: int) -> list[list[int]]:
-    """PIP's neighbour lists: the k nearest points of each point in the training faces' mean shape."""
-    shapes = [contract.encode_points(r.landmarks, contract.crop_matrix(box_from_landmarks(r.landmarks)))
-              for r in records]
-    return nearest_neighbors(np.mean(shapes, axis=0), k)
-
-
 def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os.PathLike | None = None,
           stop_requested: Callable[[], bool] = lambda: False, explicit: set[str] | None = None,
           exist_ok: bool = False, verbose: bool = False) -> TrainResult:
@@ -495,9 +493,8 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
         model = build_model(start_from["model"])
         model.load_state_dict(start_from["state_dict"])
     else:
-        neighbors = mean_shape_neighbors(train_records, contract, cfg.pip_neighbors) if cfg.head == "pip" else None
-        model = LandmarkNet(image_size=cfg.image_size, head=cfg.head, pip_stride=cfg.pip_stride,
-                            neighbors=neighbors, presence=cfg.presence)
+        head_options = head_unit(cfg.head).new_options(cfg.head_options(), train_records, contract)
+        model = LandmarkNet(image_size=cfg.image_size, head=cfg.head, presence=cfg.presence, **head_options)
     if start_from is initial and initial is not None and initial.get(FOLDED_BATCHNORM):
         # An exported model's BatchNorms are folded into its convolutions: give them statistics first.
         calibrate_folded_batchnorm(model, _sample_inputs(dataset, cfg.seed))
@@ -524,6 +521,8 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
         scaler.load_state_dict(state["scaler"])
         if ema is not None and "ema" in state:
             ema.module.load_state_dict(state["ema"])
+            # AveragedModel copies the model on its first update (n_averaged == 0): keep averaging instead.
+            ema.n_averaged.fill_(int(state.get("ema_updates", 1)))
         torch.set_rng_state(state["rng"]["torch"])
         start_epoch, best_nme = state["next_epoch"], state["best_val_nme"]
         history = [EpochStats(**h) for h in state["history"]]
@@ -542,6 +541,7 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
                  "best_val_nme": best_nme, "history": [asdict(h) for h in history]}
         if ema is not None:
             state["ema"] = {k: v.detach().cpu() for k, v in ema.module.state_dict().items()}
+            state["ema_updates"] = int(ema.n_averaged)
         metrics = asdict(history[-1]) if history else {"epoch": next_epoch}
         save_checkpoint(last_path, model, contract, train_dict, metrics, state)
 

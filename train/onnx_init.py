@@ -15,7 +15,6 @@ module turns it back into a checkpoint dict that `train --init` starts from:
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from torch import nn
 from facemark import metadata as meta
 from facemark.errors import ModelError
 from facemark.metadata import CHECKPOINT_FORMAT
+from facemark.train.heads import head_unit
 from facemark.train.model import LandmarkNet
 
 FOLDED_BATCHNORM = "folded_batchnorm"  # checkpoint-dict flag: run calibrate_folded_batchnorm before training
@@ -72,29 +72,12 @@ class _Constants:
             return self.value(node.input[0])
         raise ModelError(f"graph tensor {name!r} is not a constant this reader understands")
 
-
-def _vote_neighbors(graph: onnx.GraphProto, consts: _Constants, points: int) -> list[list[int]]:
-    """PIP neighbour lists from the decode's constant matrix (facemark.train.codecs.PipCodec): the decode matrix
-    (J, 2P), whose vote rows 2P + i*K + m (x) point at column 2j for neighbour j, or the older vote matrix
-    (P, PK) with votes[j, i*K + m] = 1."""
-    for node in graph.node:
-        if node.op_type not in ("MatMul", "Gemm"):
-            continue
-        for name in node.input:
-            try:
-                matrix = consts.value(name)
-            except (ModelError, KeyError):
-                continue
-            if matrix.ndim != 2:
-                continue
-            rows, cols = matrix.shape
-            if cols == 2 * points and (rows - 2 * points) % (2 * points) == 0 and rows > 2 * points:
-                k = (rows - 2 * points) // (2 * points)
-                vote_rows = matrix[2 * points:2 * points + points * k]
-                return (vote_rows.argmax(axis=1) // 2).reshape(points, k).astype(int).tolist()
-            if rows == points and cols % points == 0:
-                return matrix.argmax(axis=0).reshape(points, cols // points).astype(int).tolist()
-    raise ModelError("no PIP decode matrix in the graph")
+    def lookup(self, name: str) -> np.ndarray:
+        """`value`, raising KeyError for a tensor that is not constant (what a head's graph reader expects)."""
+        try:
+            return self.value(name)
+        except ModelError as exc:
+            raise KeyError(name) from exc
 
 
 def _module_path(node_name: str) -> str:
@@ -142,9 +125,11 @@ def checkpoint_from_onnx(path: str | os.PathLike) -> dict:
     names = [o.name for o in graph.output]
     config = {"arch": props.get(meta.ARCH, "resnet18"), "in_channels": 1, "num_points": 68,
               "image_size": info.contract.size, "head": head, "presence": meta.FACE_SCORE in names}
-    if head == "pip":
-        config.update(pip_stride=_pip_stride(graph),
-                      neighbors=_vote_neighbors(graph, consts, config["num_points"]))
+    unit = head_unit(head)
+    try:
+        config.update(unit.options_from_graph(graph, consts.lookup, config["num_points"]))
+    except ValueError as exc:
+        raise ModelError(f"{p}: {exc}") from None
     from facemark.train.model import build_model
 
     model = build_model(config)
@@ -171,31 +156,26 @@ def checkpoint_from_onnx(path: str | os.PathLike) -> dict:
                 bn.running_var.fill_(1.0 - bn.eps)
                 bn.weight.fill_(1.0)
                 bn.bias.copy_(bias)
-        gemm = next((n for n in graph.node if n.op_type == "Gemm"), None)
-        linear = model.presence_fc if config["presence"] else (model.backbone.fc if head == "regression" else None)
-        if linear is not None:
+        gemms = {_module_path(n.name): n for n in graph.node if n.op_type == "Gemm"}
+        for name, linear in model.named_modules():
+            if not isinstance(linear, nn.Linear):
+                continue
+            gemm = gemms.get(_graph_module_name(name))
             if gemm is None:
-                raise ModelError(f"{p}: no Gemm node for the network's fully connected layer")
+                raise ModelError(f"{p}: no Gemm node for the network's fully connected layer {name}")
             w = consts.value(gemm.input[1])
             trans_b = next((a.i for a in gemm.attribute if a.name == "transB"), 0)
             linear.weight.copy_(torch.from_numpy(w if trans_b else w.T))
             linear.bias.copy_(torch.from_numpy(consts.value(gemm.input[2]).reshape(-1)))
-    train_data = json.loads(props.get(meta.TRAIN_DATA, "[]"))
-    split = json.loads(props.get(meta.TRAIN_SPLIT, '{"val_fraction": 0.1, "split_seed": 0}'))
+    train_data = info.train_data
+    split = info.train_split or {"val_fraction": 0.1, "split_seed": 0}
     train = {"data": train_data, "image_size": config["image_size"], "crop_scale": info.contract.scale,
-             "head": head, "pip_stride": config.get("pip_stride", 16),
-             "pip_neighbors": len(config["neighbors"][0]) if head == "pip" else 10,
-             "presence": config["presence"], **split}
+             "head": head, **unit.train_options(config), "presence": config["presence"], **split}
     val_nme = float(props.get(meta.VAL_NME, "nan"))
     return {"format": CHECKPOINT_FORMAT, "model": config, "contract": info.contract.to_dict(),
             "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "train": train, "metrics": {"val_nme": val_nme}, FOLDED_BATCHNORM: True,
             "source": {"onnx": str(p), "precision": info.precision, "split_known": meta.TRAIN_SPLIT in props}}
-
-
-def _pip_stride(graph: onnx.GraphProto) -> int:
-    """The PIP feature stride: the FPN step (its one Resize, layer4 upsampled onto layer3) means stride 16."""
-    return 16 if any(n.op_type == "Resize" for n in graph.node) else 32
 
 
 @torch.no_grad()

@@ -1,0 +1,53 @@
+"""The precisions `facemark export` writes, in one table: what each is and the parity gate it must pass
+(docs/DESIGN.md section 4). Light (no onnx, no torch): the CLI lists the choices from here; the parity check
+(facemark.export.parity) applies the gates, the exporter (facemark.export.exporter) makes the variants.
+
+Pixel limits are stated for a 224 px crop and scale with the crop size (they are fractions of the crop), so a
+64 px test model and a 224 px trained one are held to the same geometry. Measured figures behind each limit:
+fp16 0.20 px on random 224 px weights, 0.05 px on a 96 px 300-W model; int8 4.4 px on random 224 px weights,
+1.95 px at 96 px on the 300-W model (only a broken quantization exceeds 8). Noise inputs are gated for fp32
+only: fp16/int8 errors on them are reported but not gated, since noise drives activations far outside what a
+face produces (int8 is calibrated on faces). NaN/Inf fail every precision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+REAL, RANDOM = "real", "random"  # the parity check's input sets: face crops, seeded uniform noise
+PIXEL_GATE_CROP = 224  # pixel limits are stated for this crop size
+
+
+@dataclass(frozen=True)
+class Gate:
+    stat: str  # key of the error statistics
+    limit: float
+    unit: str  # "normalised" | "px" (pixels of a 224 px crop, scaled to the model's crop size)
+    sources: tuple[str, ...]  # input sets the gate applies to
+    nme_increase: float | None = None  # allowed NME increase over fp32 ONNX (a fraction: 0.002 = 0.2 points)
+
+    def limit_at(self, size: int) -> float:
+        """The limit for a model of `size` px crops, in the gate's unit (pixels of that crop, or normalised)."""
+        return self.limit * size / PIXEL_GATE_CROP if self.unit == "px" else self.limit
+
+    def normalised_limit(self) -> float:
+        """The limit as a fraction of the crop (what a consumer's output is compared in)."""
+        return self.limit / PIXEL_GATE_CROP if self.unit == "px" else self.limit
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    help: str
+    gate: Gate
+
+
+PRECISIONS: dict[str, Precision] = {p.name: p for p in (
+    Precision("fp32", "the traced graph", Gate("max_abs", 1e-4, "normalised", (REAL, RANDOM))),
+    Precision("fp16", "fp16 weights and math, fp32 input/output",
+              Gate("max_abs", 0.5, "px", (REAL,), nme_increase=0.0005)),
+    Precision("fp16w", "fp16 weights, fp32 math: half the size at fp32 speed on CPUs",
+              Gate("max_abs", 0.5, "px", (REAL,), nme_increase=0.0005)),
+    Precision("int8", "static QDQ: per-channel int8 weights, calibrated activations",
+              Gate("p99_abs", 8.0, "px", (REAL,), nme_increase=0.002)),
+)}
