@@ -1,7 +1,7 @@
 """Detector rows of `facemark bench --model`: Haar against every fetched CNN detector, in one run.
 
     python -m facemark.benchmarks.detector_bench --model facemark/assets/facemark-68.onnx \
-        --data ../shared/data/300w [--json out.json] [--quick]
+        --data ../shared/data/300w [--json out.json] [--quick] [--variant faceboxes:min_score=0.3 ...]
 
 Per detector (runtime/detectors.py, its defaults): ms per 640x480 frame at 1 and 2 threads (the composed
 one-face scene of facemark.benchmarks.pipeline; detectors alternate round by round, so a machine's drifting load
@@ -34,17 +34,38 @@ from facemark.runtime.landmarker import IDENTITY, FaceLandmarker
 FRACTIONS = (0.08, 0.12, 0.21)
 THREADS = (1, 2)
 REFINES = (0, 1)
+VARIANT_KEYS = ("input_side", "min_score")  # the CnnDetector settings a --variant may change
 
 
-def _detectors(has_presence: bool, threads: int, notes: list[str]) -> dict:
-    """Haar and every CNN detector that loads, at `threads` (Haar: OpenCV's thread count, set when timed)."""
+def parse_variant(text: str) -> tuple[str, dict]:
+    """"faceboxes:min_score=0.3,input_side=640" -> ("faceboxes", {"min_score": 0.3, "input_side": 640.0})."""
+    name, _, settings = text.partition(":")
+    try:
+        pairs = (item.split("=") for item in settings.split(",") if item)
+        options = {key.strip(): float(value) for key, value in pairs}
+    except ValueError:
+        raise typer.BadParameter(f"--variant {text!r}: expected NAME:key=number,... such as faceboxes:min_score=0.3"
+                                 ) from None
+    if name not in CNN_DETECTORS:
+        raise typer.BadParameter(f"--variant {text!r}: {name!r} is not a CNN detector ({', '.join(CNN_DETECTORS)})")
+    unknown = set(options) - set(VARIANT_KEYS)
+    if unknown:
+        raise typer.BadParameter(f"--variant {text!r}: {', '.join(sorted(unknown))}? settings: "
+                                 f"{', '.join(VARIANT_KEYS)}")
+    return name, options
+
+
+def _detectors(has_presence: bool, threads: int, notes: list[str], variants: Sequence[str] = ()) -> dict:
+    """Haar, every CNN detector that loads and each `variants` entry (a CNN detector with other settings), at
+    `threads` (Haar: OpenCV's thread count, set when timed)."""
     found = {HAAR: create_detector(HAAR, has_presence)}
-    for name in CNN_DETECTORS:
+    for label in [*CNN_DETECTORS, *variants]:
+        name, options = parse_variant(label)
         try:
-            found[name] = create_detector(name, has_presence, provider="cpu", threads=threads)
+            found[label] = create_detector(name, has_presence, options, provider="cpu", threads=threads)
         except ModelError as exc:
             if threads == THREADS[0]:
-                notes.append(f"detector {name} skipped: {exc}")
+                notes.append(f"detector {label} skipped: {exc}")
     return found
 
 
@@ -76,15 +97,17 @@ def _with_threads(threads: int, run: Callable[[], object]) -> Callable[[], None]
 
 
 def detector_rows(model: Path, val: Sequence, scenes_dir: Path, quick: bool = False,
-                  progress: Callable[[str], None] = lambda _m: None) -> tuple[list[dict], list[str]]:
-    """The rows (one per detector) and notes; see the module docstring."""
+                  progress: Callable[[str], None] = lambda _m: None, variants: Sequence[str] = ()
+                  ) -> tuple[list[dict], list[str]]:
+    """The rows (one per detector, then one per variant such as "faceboxes:min_score=0.3") and notes; see the
+    module docstring."""
     notes: list[str] = []
     rounds, block = (2, 3) if quick else (5, 10)
     scene = pipeline_mod.compose_scene(640, 480, 1, scenes_dir)
     image = read_image(scene.path)
     gray = to_gray(image)
     base = FaceLandmarker(model, provider="cpu")
-    by_threads = {t: _detectors(base.model.has_face_score, t, notes) for t in THREADS}
+    by_threads = {t: _detectors(base.model.has_face_score, t, notes, variants) for t in THREADS}
     names = list(by_threads[THREADS[0]])
     rows = {name: {"detector": name} for name in names}
     progress("detector speed")
@@ -121,13 +144,17 @@ def detector_rows(model: Path, val: Sequence, scenes_dir: Path, quick: bool = Fa
 
 
 def main(model: Path = typer.Option(..., "--model"), data: list[Path] = typer.Option([], "--data"),
-         json_path: Path | None = typer.Option(None, "--json"), quick: bool = typer.Option(False, "--quick")) -> None:
+         json_path: Path | None = typer.Option(None, "--json"), quick: bool = typer.Option(False, "--quick"),
+         variants: list[str] = typer.Option([], "--variant", help="Also a CNN detector with other settings, e.g. "
+                                            "faceboxes:min_score=0.3,input_side=640; repeatable.")) -> None:
     import tempfile
 
     from facemark.benchmarks.throughput import validation_records
 
+    for variant in variants:
+        parse_variant(variant)  # refused before any work
     rows, notes = detector_rows(model, validation_records(data), Path(tempfile.mkdtemp(prefix="facemark-det-")),
-                                quick, progress=lambda m: print(m, flush=True))
+                                quick, progress=lambda m: print(m, flush=True), variants=variants)
     text = json.dumps({"rows": rows, "notes": notes}, indent=1)
     print(text)
     if json_path:

