@@ -61,7 +61,7 @@ def _detector_options(scale_factor: float | None, min_neighbors: int | None, min
 
 HAAR_ONLY = ("scale_factor", "min_neighbors", "min_face", "max_side", "min_face_windows", "octaves", "cascade")
 DETECTOR_HELP = ("Face detector: haar (OpenCV's cascade, the default) or a CNN detector fetched once with "
-                 "`facemark detectors fetch NAME` (README, \"Detectors\").")
+                 "`facemark detectors fetch NAME` (docs/DETECTORS.md).")
 
 
 def _chosen_detector(ctx: typer.Context, detector: DetectorChoice, haar_options: dict) -> tuple[str, dict]:
