@@ -2,7 +2,8 @@
 
 Each takes the image scaled so that its longer side is `input_side` (padded to a multiple of 32 at the bottom
 and right, so boxes only need the one scale back), on the same session options and providers as the landmark
-model (runtime/session.py). A grayscale image, what the pipeline detects on, is given as three equal channels.
+model (runtime/session.py). FaceLandmarker hands them the colour image (on gray copies they lose most small
+faces: docs/DETECTORS.md); a grayscale image is given as three equal channels.
 Outputs are decoded in numpy, vectorised: CenterFace's stride-4 heatmap / scale / offset maps, FaceBoxesV2's SSD
 priors with variance decoding; then non-maximum suppression at IoU 0.3.
 """
