@@ -17,8 +17,7 @@ import numpy as np
 import typer
 
 from facemark.contract import BoxCalibration, box_from_landmarks
-from facemark.data import load_records, split_records
-from facemark.export.exporter import spread
+from facemark.data import load_records, split_records, spread
 from facemark.runtime.calibration import detect_records
 from facemark.runtime.detector import HaarDetector
 

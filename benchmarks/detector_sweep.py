@@ -33,10 +33,11 @@ import typer
 
 from facemark.contract import box_from_landmarks
 from facemark.data import load_records, other_faces, split_records
-from facemark.imageio import read_gray
+from facemark.imageio import read_gray, read_image
 from facemark.runtime.calibration import match_detection
 from facemark.runtime.defaults import DEFAULT_MIN_SCORE
 from facemark.runtime.detector import DEFAULT_MIN_FACE_FRACTION, HaarDetector
+from facemark.runtime.detectors import FaceDetector
 from facemark.runtime.evaluation import background_boxes
 
 # (cascade, scale factor, min neighbours): the shipped default first, then more permissive ones.
@@ -53,19 +54,19 @@ CONFIGS = (
 THRESHOLDS = (0.0, 0.3, 0.5, 0.7, 0.9, DEFAULT_MIN_SCORE)  # the last: the runtime's default
 
 
-def detector_only(records, detector: HaarDetector) -> dict:
+def detector_only(records, detector: FaceDetector) -> dict:
     found, false, crops, ms = 0, 0, 0, []
     for record, others in zip(records, other_faces(records), strict=True):
-        gray = read_gray(record.image_path)
+        image = read_image(record.image_path) if detector.color else read_gray(record.image_path)
         target = box_from_landmarks(record.landmarks)
         t0 = time.perf_counter()
-        detections = detector.detect(gray)
+        detections = detector.detect(image)
         ms.append((time.perf_counter() - t0) * 1e3)
         found += match_detection(detections, target) is not None
-        h, w = gray.shape
+        h, w = image.shape[:2]
         for x, y, bw, bh in background_boxes(w, h, [target, *others]):
             crops += 1
-            false += len(detector.detect(np.ascontiguousarray(gray[y:y + bh, x:x + bw])))
+            false += len(detector.detect(np.ascontiguousarray(image[y:y + bh, x:x + bw])))
     return {"detection_rate": found / len(records), "false_faces": false, "background_crops": crops,
             "false_faces_per_crop": false / max(crops, 1), "detect_ms_median": float(np.median(ms))}
 
@@ -77,21 +78,24 @@ SMALL_FACE_FRACTIONS = (0.08, 0.10, 0.13, 0.18)
 SMALL_FACE_FRAME = (640, 480)
 
 
-def shrunk_face_scenes(records, fraction: float, frame: tuple[int, int] = SMALL_FACE_FRAME, seed: int = 0
-                       ) -> list[tuple[np.ndarray, tuple[float, float, float, float]]]:
+def shrunk_face_scenes(records, fraction: float, frame: tuple[int, int] = SMALL_FACE_FRAME, seed: int = 0,
+                       color: bool = False) -> list[tuple[np.ndarray, tuple[float, float, float, float]]]:
     """(grayscale frame, landmark box) per record: its face with one face side of its photo around it, shrunk
     until the landmark box's longer side is `fraction` of the frame's shorter side, pasted at a random spot
-    (fixed by `seed`) on the blurred background of facemark.benchmarks.pipeline."""
+    (fixed by `seed`) on the blurred background of facemark.benchmarks.pipeline. color: BGR frames (for
+    detectors that use colour)."""
     import cv2
 
     from facemark.benchmarks.pipeline import background_canvas
 
     width, height = frame
-    canvas = cv2.cvtColor(background_canvas(width, height), cv2.COLOR_BGR2GRAY)
+    canvas = background_canvas(width, height)
+    if not color:
+        canvas = cv2.cvtColor(canvas, cv2.COLOR_BGR2GRAY)
     rng = np.random.default_rng(seed)
     scenes = []
     for record in records:
-        gray = read_gray(record.image_path)
+        gray = read_image(record.image_path) if color else read_gray(record.image_path)
         x, y, w, h = box_from_landmarks(record.landmarks)
         side = max(w, h)
         scale = fraction * min(width, height) / side
@@ -109,8 +113,8 @@ def shrunk_face_scenes(records, fraction: float, frame: tuple[int, int] = SMALL_
     return scenes
 
 
-def small_face_recall(detector: HaarDetector, scenes_by_fraction: dict) -> dict:
-    """Share of the shrunk faces the cascade finds (IoU >= 0.3 with the landmark box), per fraction."""
+def small_face_recall(detector: FaceDetector, scenes_by_fraction: dict) -> dict:
+    """Share of the shrunk faces the detector finds (IoU >= 0.3 with the landmark box), per fraction."""
     return {str(fraction): sum(match_detection(detector.detect(scene), box) is not None for scene, box in scenes)
             / len(scenes) for fraction, scenes in scenes_by_fraction.items()}
 
@@ -203,7 +207,7 @@ def main(data: list[Path] = typer.Option(..., "--data"), model: Path | None = ty
         else:
             calibration = landmarker.calibration
             if calibration.detector != detector.name:  # boxes of another cascade: its own calibration
-                from facemark.export.exporter import spread
+                from facemark.data import spread
                 from facemark.runtime.calibration import fit_calibration
 
                 calibration = fit_calibration(spread(train, 300), detector)

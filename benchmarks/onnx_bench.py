@@ -4,6 +4,8 @@ Rows: the model at batch 1 at each thread count of --threads (its own ONNX Runti
 intra-op threads, no spinning, alternating blocks: facemark.benchmarks.model_speed), NME on the validation split
 of --data; end to end on the composed scenes (FaceLandmarker defaults); the frontier of landmark settings (passes,
 flip) -> validation NME end to end, ms per face and 640x480 fps at each thread count (facemark.benchmarks.frontier);
+the detectors (Haar and every fetched CNN detector: speed, recall, false boxes, fps and NME end to end:
+facemark.benchmarks.detector_bench);
 video (runtime video's tracking
 policies on a composed clip of a moving face: facemark.benchmarks.video_bench); folder throughput (previous runner vs
 one-by-one vs pipelined); the peers: dlib's 68-point predictor (facemark.benchmarks.peer) and MediaPipe
@@ -21,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from facemark.benchmarks import pipeline as pipeline_mod
+from facemark.benchmarks.detector_bench import detector_rows
 from facemark.benchmarks.environment import describe_environment
 from facemark.benchmarks.frontier import frontier_rows
 from facemark.benchmarks.isolated import ORT, Payload, WorkerSpec, self_check, time_isolated
@@ -98,6 +101,8 @@ def run_model_benchmark(model: Path, out: Path, threads: Sequence[int], data: Se
                                          3 if quick else 20)
         pipeline_rows.append({**row, "model": model.name})
     frontier = frontier_rows(model, val, threads, scenes_dir, repeats=3 if quick else 20, progress=progress)
+    detectors, detector_notes = detector_rows(model, val, scenes_dir, quick, progress)
+    notes += detector_notes
     progress("video")
     video = bench_video_rows(landmarker, out / "clips", quick)
     progress("folder throughput")
@@ -130,6 +135,6 @@ def run_model_benchmark(model: Path, out: Path, threads: Sequence[int], data: Se
             "environment": describe_environment(max(threads), {model.name: file_sha256(model)}),
             "rows": rows, "pipeline": pipeline_rows, "video": video, "throughput": throughput,
             "serve": serve_section, "ray": ray_section, "peer": peer_doc, "mediapipe": mediapipe_doc,
-            "frontier": frontier,
+            "frontier": frontier, "detectors": detectors,
             "limit": {},
             "notes": notes, "verdict": not quick, "targets": [], "self_check": check}

@@ -27,7 +27,7 @@ import facemark
 from facemark import metadata as meta
 from facemark.choices import INT8_ACTIVATIONS
 from facemark.contract import BoxCalibration, CropContract, box_from_landmarks
-from facemark.data import FaceRecord, load_records, split_of, split_records
+from facemark.data import FaceRecord, load_records, split_of, split_records, spread
 from facemark.errors import FacemarkError, ImageError, ParityError
 from facemark.evaluation import evaluate
 from facemark.export import consumers, parity
@@ -42,8 +42,6 @@ from facemark.train.checkpoint import file_sha256, load_model
 
 REPORT_FORMAT = "facemark-parity/1"
 SAMPLES_XML = Path(facemark.__file__).parent / "assets" / "samples" / "landmarks.xml"
-# A median of a few hundred matched boxes is stable to ~0.002 of the box size; all 1807 cost minutes of Haar.
-CALIBRATION_FIT_FACES = 500
 # S8S8 by default: U8S8 saturates on x86 CPUs without VNNI (AVX2 only) -- measured here on an AMD EPYC
 # without AVX-512/VNNI, the previous shipped U8S8 model scored 7.13 % NME instead of its 4.62 % (variants.py).
 # uint8-7bit (facemark.choices.INT8_ACTIVATIONS): U8S8 with 7-bit weights, which cannot saturate there.
@@ -176,7 +174,7 @@ def _records(calib_data: Sequence[Path] | None, train_config: dict, say: Progres
     train, val = split_records(records, fraction, split_seed)
     say(f"{origin}: {len(records)} faces, {len(train)} for calibration, {len(val)} for validation "
         f"(the training run's split: val_fraction {fraction}, split seed {split_seed})")
-    from facemark.runtime.calibration import fit_calibration
+    from facemark.runtime.calibration import CALIBRATION_FIT_FACES, fit_calibration
     from facemark.runtime.detector import HaarDetector, default_detector_options
 
     fit_on = spread(train, CALIBRATION_FIT_FACES)
@@ -201,13 +199,6 @@ def face_crops(records: Sequence[FaceRecord], contract: CropContract, say: Progr
     if not crops:
         return np.zeros((0, 1, contract.size, contract.size), np.float32)
     return np.concatenate(crops)
-
-
-def spread(records: Sequence[FaceRecord], count: int) -> list[FaceRecord]:
-    """`count` records evenly spread over the list (subjects and sources vary along it)."""
-    if len(records) <= count:
-        return list(records)
-    return [records[i] for i in np.linspace(0, len(records) - 1, count).round().astype(int)]
 
 
 # --- variants ----------------------------------------------------------------------------------------------

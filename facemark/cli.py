@@ -53,12 +53,14 @@ def _register() -> None:
     from facemark.benchmarks import cli as bench_cli
     from facemark.export import cli as export_cli
     from facemark.runtime import cli as runtime_cli
+    from facemark.runtime import detectors_cli
     from facemark.train import cli as train_cli
 
     app.command("train")(train_cli.train_command)
     app.command("evaluate")(evaluate_cli.evaluate_command)
     app.command("export")(export_cli.export_command)
     app.add_typer(runtime_cli.app, name="runtime")
+    app.add_typer(detectors_cli.app, name="detectors")
     app.command("bench")(bench_cli.bench_command)
     app.command("serve")(runtime_cli.serve_command)
     app.command("schema")(schema_command)

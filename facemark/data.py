@@ -265,3 +265,10 @@ def _manifest_frames(records: Sequence[FaceRecord]) -> dict[Path, np.ndarray]:
             scale = float(f[col["out_w"]]) / (float(f[col["crop_right"]]) - float(f[col["crop_left"]]))
             frames[root / f[col["file"]]] = np.array([float(f[col["crop_left"]]), float(f[col["crop_top"]]), scale])
     return frames
+
+
+def spread(records: Sequence[FaceRecord], count: int) -> list[FaceRecord]:
+    """`count` records evenly spread over the list (subjects and sources vary along it)."""
+    if len(records) <= count:
+        return list(records)
+    return [records[i] for i in np.linspace(0, len(records) - 1, count).round().astype(int)]

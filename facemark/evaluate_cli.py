@@ -24,6 +24,7 @@ from facemark.data import load_records, split_of, split_records
 from facemark.errors import DataError, printable
 from facemark.reporting import progress_display, summarize_warnings
 from facemark.runtime.defaults import DEFAULT_REFINE
+from facemark.runtime.detectors import HAAR, DetectorChoice
 
 console = Console(soft_wrap=True)
 
@@ -90,6 +91,8 @@ def evaluate_command(
     min_score: float | None = typer.Option(None, "--min-score", min=0.0, max=1.0,
                                            help="--boxes pipeline: presence threshold (0 keeps every detection; "
                                                 "default: the runtime's)."),
+    detector: DetectorChoice = typer.Option(HAAR, "--detector", help="--boxes pipeline: the face detector (haar, "
+                                            "or a CNN detector fetched with `facemark detectors fetch NAME`)."),
     calibrated: bool = typer.Option(True, "--calibrated/--uncalibrated",
                                     help="With --boxes haar: apply the model's detector calibration."),
     provider: Provider = typer.Option("auto", "--provider", help="ONNX Runtime provider for .onnx models."),
@@ -127,8 +130,11 @@ def evaluate_command(
                   highlight=False)
     if boxes == "pipeline":
         _evaluate_pipeline(model, provider, records, refine, tta == "flip", min_score,
-                           (json_path, csv_path, plot_path), {"split": split, "data": [str(p) for p in data]})
+                           (json_path, csv_path, plot_path), {"split": split, "data": [str(p) for p in data]},
+                           detector.value)
         return
+    if detector.value != HAAR:
+        raise typer.BadParameter(f"--detector {detector.value}: only with --boxes pipeline")
     if boxes == "gt":
         source, box_label = ground_truth_box, "landmark boxes"
     elif boxes == "haar":
@@ -158,7 +164,8 @@ def evaluate_command(
 
 
 def _evaluate_pipeline(model: Path, provider: str, records, refine: int, flip: bool, min_score: float | None,
-                       paths: tuple[Path | None, Path | None, Path | None], meta: dict) -> None:
+                       paths: tuple[Path | None, Path | None, Path | None], meta: dict, detector: str = HAAR
+                       ) -> None:
     """`--boxes pipeline`: the runtime end to end (facemark.runtime.evaluation); paths = (json, csv, plot)."""
     from facemark.evaluation import write_reports
     from facemark.runtime.defaults import DEFAULT_MIN_SCORE
@@ -168,7 +175,8 @@ def _evaluate_pipeline(model: Path, provider: str, records, refine: int, flip: b
     min_score = DEFAULT_MIN_SCORE if min_score is None else min_score
     if model.suffix != ".onnx":
         raise DataError("--boxes pipeline runs the deployed runtime: pass an exported .onnx model")
-    landmarker = FaceLandmarker(model, provider=provider, refine=refine, flip=flip, min_score=min_score or None)
+    landmarker = FaceLandmarker(model, provider=provider, refine=refine, flip=flip, min_score=min_score or None,
+                                detector=detector)
     with progress_display(console) as progress:
         task = progress.add_task("pipeline", total=len(records))
         result = evaluate_pipeline(landmarker, records, lambda n: progress.advance(task, n))

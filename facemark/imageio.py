@@ -170,6 +170,25 @@ def image_to_gray(image, color: str = "bgr") -> np.ndarray:
     return to_gray(image)
 
 
+_TO_BGR = {("bgr", 3): None, ("bgr", 4): cv2.COLOR_BGRA2BGR, ("rgb", 3): cv2.COLOR_RGB2BGR,
+           ("rgb", 4): cv2.COLOR_RGBA2BGR}
+
+
+def image_to_gray_and_bgr(image, color: str = "bgr") -> tuple[np.ndarray, np.ndarray]:
+    """`image_to_gray` and the image as uint8 BGR for detectors that use colour (the gray array itself when
+    the image has none). Accepts what `image_to_gray` accepts; a file is read once."""
+    if isinstance(image, (str, os.PathLike)):
+        image, color = read_image(image), "bgr"
+    elif isinstance(image, Image.Image):
+        image, color = np.asarray(image.convert("RGB")), "rgb"
+    gray = image_to_gray(image, color)
+    if color == "gray" or image.ndim != 3 or image.shape[2] not in (3, 4):
+        return gray, gray
+    pixels = (image >> 8).astype(np.uint8) if image.dtype == np.uint16 else image
+    code = _TO_BGR[(color, image.shape[2])]
+    return gray, pixels if code is None else cv2.cvtColor(pixels, code)
+
+
 def read_gray(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     return to_gray(read_image(path, max_pixels))
 

@@ -1,4 +1,5 @@
-"""facemark.runtime: the torch-free pipeline (OpenCV Haar detector + ONNX Runtime landmark model).
+"""facemark.runtime: the torch-free pipeline (a face detector: OpenCV's Haar cascade or an ONNX CNN; the ONNX Runtime
+landmark model).
 
 Names are imported on first use, so `facemark runtime --help` does not load onnxruntime.
 """
@@ -16,6 +17,9 @@ _EXPORTS = {
     "resolve_providers": "session",
     "HaarDetector": "detector",
     "Detection": "detector",
+    "FaceDetector": "detectors",
+    "create_detector": "detectors",
+    "DETECTOR_NAMES": "detectors",
     "match_detection": "calibration",
     "fit_calibration": "calibration",
 }

@@ -28,6 +28,7 @@ from facemark.runtime.defaults import (
     DEFAULT_MIN_SCORE,
     DEFAULT_REFINE,
 )
+from facemark.runtime.detectors import HAAR, DetectorChoice
 
 if TYPE_CHECKING:  # annotations only: the CLI module stays light
     from facemark.runtime.predict.inputs import ImageResult
@@ -35,7 +36,7 @@ if TYPE_CHECKING:  # annotations only: the CLI module stays light
     from facemark.runtime.serving.client import RemoteSteps
 
 app = typer.Typer(
-    help="Run a facemark ONNX model on photos or video (ONNX Runtime + OpenCV Haar; no torch).",
+    help="Run a facemark ONNX model on photos or video (ONNX Runtime + a face detector, Haar by default; no torch).",
     no_args_is_help=True,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -59,13 +60,30 @@ def _detector_options(scale_factor: float | None, min_neighbors: int | None, min
     return chosen
 
 
-def _landmarker_options(provider: Provider, threads: int | None, detector_options: dict, trt_fp16: bool,
+HAAR_ONLY = ("scale_factor", "min_neighbors", "min_face", "max_side", "min_face_windows", "octaves", "cascade")
+DETECTOR_HELP = ("Face detector: haar (OpenCV's cascade, the default) or a CNN detector fetched once with "
+                 "`facemark detectors fetch NAME` (docs/DETECTORS.md).")
+
+
+def _chosen_detector(ctx: typer.Context, detector: DetectorChoice, haar_options: dict) -> tuple[str, dict]:
+    """The detector's name and options: the Haar knobs go to Haar; given with a CNN detector they are refused
+    (the detector score threshold, --min-detector-score, applies to both)."""
+    if detector.value == HAAR:
+        return HAAR, haar_options
+    clash = _given(ctx, HAAR_ONLY)
+    if clash:
+        names = ", ".join("--" + n.replace("_", "-") for n in clash)
+        raise typer.BadParameter(f"{names}: Haar options, not for --detector {detector.value}")
+    return detector.value, {k: v for k, v in haar_options.items() if k == "min_score" and v is not None}
+
+
+def _landmarker_options(provider: Provider, threads: int | None, detector: tuple[str, dict], trt_fp16: bool,
                         trt_cache: Path | None, max_faces: int | None = None, refine: int = 0, tta: Tta = Tta.none,
                         min_score: float | None = None) -> dict:
     """FaceLandmarker's keyword arguments from the command line (--ray hands them to every actor)."""
     return {"provider": provider.value, "threads": threads, "trt_fp16": trt_fp16, "trt_cache_dir": trt_cache,
             "max_faces": max_faces, "refine": refine, "flip": tta == Tta.flip, "min_score": min_score or None,
-            "detector_options": detector_options}
+            "detector": detector[0], "detector_options": detector[1]}
 
 
 def _landmarker(model: Path | None, *args, **kwargs):
@@ -105,7 +123,7 @@ SERVER_HELP = ("Send the images to a `facemark serve` server (http://HOST:PORT) 
                "same JSON, JSONL, CSV and pictures. Model, detector and refinement are the server's settings.")
 # predict options that only the server can set once --server is given
 SERVER_ONLY = ("wait", "timeout")  # predict options that need --server
-LOCAL_ONLY = ("model", "provider", "threads", "scale_factor", "min_neighbors", "min_face", "max_side",
+LOCAL_ONLY = ("model", "provider", "threads", "detector", "scale_factor", "min_neighbors", "min_face", "max_side",
               "min_face_windows", "octaves", "min_detector_score", "min_score", "refine", "tta", "cascade", "max_faces",
               "trt_fp16", "trt_cache")
 
@@ -135,13 +153,15 @@ def predict_command(
     provider: Provider = typer.Option("auto", "--provider", "-p", help=PROVIDER_HELP),
     draw: DrawChoice = typer.Option("points", "--draw", help="How --out pictures show the landmarks."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for the model."),
+    detector: DetectorChoice = typer.Option(HAAR, "--detector", help=DETECTOR_HELP),
     scale_factor: float | None = typer.Option(None, "--scale-factor", help=SCALE_FACTOR_HELP),
     min_neighbors: int | None = typer.Option(None, "--min-neighbors", min=0, help=MIN_NEIGHBORS_HELP),
     min_face: float = typer.Option(haar.DEFAULT_MIN_FACE_FRACTION, "--min-face", help=MIN_FACE_HELP),
     max_side: int = typer.Option(haar.DEFAULT_MAX_SIDE, "--max-side", help=MAX_SIDE_HELP),
     min_face_windows: float | None = typer.Option(None, "--min-face-windows", min=0.0, help=MIN_FACE_WINDOWS_HELP),
     min_detector_score: float | None = typer.Option(
-        None, "--min-detector-score", help="Drop Haar boxes below this cascade level weight (not a probability)."),
+        None, "--min-detector-score", help="Drop detector boxes scoring below this (Haar: a cascade level weight, "
+        "not a probability; a CNN detector: its probability, default in docs/DETECTORS.md)."),
     min_score: float = typer.Option(DEFAULT_MIN_SCORE, "--min-score", min=0.0, max=1.0, help=MIN_SCORE_HELP),
     refine: int = typer.Option(DEFAULT_REFINE, "--refine", min=0, help=REFINE_HELP),
     tta: Tta = typer.Option("none", "--tta", help=TTA_HELP),
@@ -228,9 +248,9 @@ def predict_command(
         unused = _given(ctx, SERVER_ONLY)
         if unused:
             raise typer.BadParameter(f"{', '.join('--' + n for n in unused)}: only with --server")
-        detector = _detector_options(scale_factor, min_neighbors, min_face, max_side, min_detector_score, cascade,
-                                     min_face_windows, octaves)
-        options = (provider, threads, detector, trt_fp16, trt_cache, max_faces, refine, tta, min_score)
+        chosen = _chosen_detector(ctx, detector, _detector_options(
+            scale_factor, min_neighbors, min_face, max_side, min_detector_score, cascade, min_face_windows, octaves))
+        options = (provider, threads, chosen, trt_fp16, trt_cache, max_faces, refine, tta, min_score)
         landmarker = steps = _landmarker(model, *options)
         if ray_address is not None or parquet is not None:
             return _predict_on_ray(ctx, inputs, ray_address, landmarker, model, _landmarker_options(*options),
@@ -399,12 +419,14 @@ def _print_summary(results, providers: list[str], out: Path | None, json_path: P
 
 @app.command("video")
 def video_command(
+    ctx: typer.Context,
     source: str = typer.Argument(..., help="A video file, or a camera index such as 0."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Annotated video (.mp4, mp4v codec)."),
     jsonl: Path | None = typer.Option(None, "--jsonl", help="Per-frame landmarks as JSON lines (with neither "
                                       "--out nor --jsonl: JSON lines on stdout)."),
     smooth: bool = typer.Option(True, "--smooth/--no-smooth", help="One-Euro smoothing of the points."),
-    detect_every: int = typer.Option(10, "--detect-every", min=1, help="Run Haar every N frames (and on loss)."),
+    detect_every: int = typer.Option(10, "--detect-every", min=1, help="Run the detector every N frames (and on "
+                                     "loss)."),
     full_scan_every: int = typer.Option(DEFAULT_FULL_SCAN_EVERY, "--full-scan-every", min=1,
                                         help="Every Nth of those detections scans the whole frame for new faces; "
                                         "the others search only around the tracked faces (1: always whole)."),
@@ -412,6 +434,7 @@ def video_command(
     provider: Provider = typer.Option("auto", "--provider", "-p", help=PROVIDER_HELP),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for the model."),
     draw: DrawChoice = typer.Option("points", "--draw", help="How --out shows the landmarks."),
+    detector: DetectorChoice = typer.Option(HAAR, "--detector", help=DETECTOR_HELP),
     scale_factor: float | None = typer.Option(None, "--scale-factor", help=SCALE_FACTOR_HELP),
     min_neighbors: int | None = typer.Option(None, "--min-neighbors", min=0, help=MIN_NEIGHBORS_HELP),
     min_face: float = typer.Option(haar.DEFAULT_MIN_FACE_FRACTION, "--min-face", help=MIN_FACE_HELP),
@@ -429,9 +452,9 @@ def video_command(
     from facemark.runtime.predict.writers import dumps
     from facemark.runtime.video import run_video
 
-    detector = _detector_options(scale_factor, min_neighbors, min_face, max_side, None, cascade, min_face_windows,
-                                 octaves)
-    landmarker = _landmarker(model, provider, threads, detector, False, None, max_faces=max_faces, refine=refine,
+    chosen = _chosen_detector(ctx, detector, _detector_options(scale_factor, min_neighbors, min_face, max_side, None,
+                                                               cascade, min_face_windows, octaves))
+    landmarker = _landmarker(model, provider, threads, chosen, False, None, max_faces=max_faces, refine=refine,
                              min_score=min_score)
 
     def to_stdout(frame) -> None:  # nothing asked to be saved: stream the frames as JSON lines
@@ -447,8 +470,8 @@ def video_command(
                             on_skip=lambda i: console.print(f"[yellow]frame {i}: cannot be decoded; skipped[/yellow]"))
     color = "yellow" if summary.skipped or summary.interrupted else "green"
     console.print(f"[{color}]{summary.frames} frames, {summary.faces} faces, {summary.fps:.1f} fps, "
-                  f"{summary.skipped} skipped[/{color}] (Haar on {summary.detections} frames, {summary.full_scans} of "
-                  f"them whole, {summary.losses} tracks lost) on {landmarker.providers[0]}")
+                  f"{summary.skipped} skipped[/{color}] (detector on {summary.detections} frames, "
+                  f"{summary.full_scans} of them whole, {summary.losses} tracks lost) on {landmarker.providers[0]}")
     for path in summary.outputs:
         console.print(f"written: {path}")
     if summary.interrupted:
@@ -471,6 +494,7 @@ def serve_command(
     threads: int | None = typer.Option(None, "--threads", min=1, help="ONNX Runtime threads per instance "
                                        "(default: the cores shared among the instances)."),
     provider: Provider = typer.Option("auto", "--provider", "-p", help=PROVIDER_HELP),
+    detector: DetectorChoice = typer.Option(HAAR, "--detector", help=DETECTOR_HELP),
     refine: int = typer.Option(DEFAULT_REFINE, "--refine", min=0, help=REFINE_HELP),
     min_score: float = typer.Option(DEFAULT_MIN_SCORE, "--min-score", min=0.0, max=1.0, help=MIN_SCORE_HELP),
     max_faces: int | None = typer.Option(None, "--max-faces", min=1, help=MAX_FACES_HELP),
@@ -505,7 +529,8 @@ def serve_command(
     limits = ServeLimits(max_request_mb=max_request_mb, max_images=max_images, max_megapixels=max_megapixels)
     config = ServeConfig(model=model, provider=provider.value, host=host, http_port=http_port, grpc_port=grpc_port,
                          metrics_port=metrics_port, max_batch=max_batch, instances=instances, threads=threads,
-                         refine=refine, min_score=min_score or None, max_faces=max_faces, limits=limits,
+                         refine=refine, min_score=min_score or None, max_faces=max_faces, detector=detector.value,
+                         limits=limits,
                          grace_s=grace, decoders=decoders, verbose=verbose)
     server = FacemarkServer(config)  # the checks that need no Triton: one line, exit 2
     stop = threading.Event()

@@ -21,8 +21,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from facemark.contract import Box, non_max_suppression
+from facemark.contract import Box, BoxCalibration, non_max_suppression
 from facemark.errors import ModelError
+from facemark.imageio import to_gray
 
 # Defaults, measured on the 300-W validation split and dlib's example photos (see HaarDetector's docstring).
 # alt2 finds about as many faces as the tutorial's frontalface_default but gives far fewer non-face boxes.
@@ -95,6 +96,9 @@ class HaarDetector:
         some are lost (about 9 points of detection rate on the validation split: docs/MODEL.md), so off.
     """
 
+    calibration: BoxCalibration | None = None  # Haar's is fitted at export and embedded in each model
+    color = False  # detects on gray (a BGR image is converted)
+
     def __init__(
         self,
         scale_factor: float = DEFAULT_SCALE_FACTOR,
@@ -141,7 +145,9 @@ class HaarDetector:
                 "min_face_windows": self.min_face_windows, "min_score": self.min_score, "octaves": self.octaves}
 
     def detect(self, gray: np.ndarray) -> list[Detection]:
-        """Faces in a grayscale uint8 image, most confident first."""
+        """Faces in a grayscale (or BGR) uint8 image, most confident first."""
+        if gray.ndim == 3:
+            gray = to_gray(gray)
         if gray.ndim != 2:
             raise ValueError(f"HaarDetector.detect expects a grayscale image, got shape {gray.shape}")
         height, width = gray.shape
@@ -158,6 +164,8 @@ class HaarDetector:
         between 1/ROI_SIZE_RANGE and ROI_SIZE_RANGE times its side, on a copy where the smallest of those spans
         min_face_windows cascade windows: a fraction of a millisecond instead of a whole-frame scan. A face
         found by two overlapping regions is kept once."""
+        if gray.ndim == 3:
+            gray = to_gray(gray)
         if gray.ndim != 2:
             raise ValueError(f"HaarDetector.detect_near expects a grayscale image, got shape {gray.shape}")
         height, width = gray.shape

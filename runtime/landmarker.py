@@ -1,6 +1,7 @@
 """`FaceLandmarker`: one object, one call, numpy in and out (dlib's style), torch-free.
 
-detect(image): Haar boxes -> the model's detector calibration (identity when the model has none) -> crops of
+detect(image): detector boxes (Haar by default, or a CNN detector: runtime/detectors.py) -> their calibration
+(the model's for Haar, the detector's own for a CNN; identity when there is none) -> crops of
 all faces of the image in one batch -> the model (facemark.inference: `refine` extra passes on the landmark
 box of the previous pass, optional test-time flip) -> image pixels -> faces whose presence score is below
 `min_score` dropped (models with a presence head).
@@ -21,10 +22,11 @@ import numpy as np
 from facemark.contract import Box, BoxCalibration, box_from_landmarks, non_max_suppression
 from facemark.errors import ModelError
 from facemark.geometry import ARCFACE_SIZE, Pose, Template, aligned_chip, head_pose
-from facemark.imageio import image_to_gray, to_gray
+from facemark.imageio import image_to_gray, image_to_gray_and_bgr, to_gray
 from facemark.inference import predict_faces
 from facemark.runtime.defaults import DEFAULT_MIN_SCORE, DEFAULT_REFINE
-from facemark.runtime.detector import Detection, HaarDetector, default_detector_options
+from facemark.runtime.detector import Detection
+from facemark.runtime.detectors import HAAR, FaceDetector, calibration_for, create_detector
 from facemark.runtime.session import DEFAULT_MAX_BATCH, LandmarkModel
 
 DEFAULT_MODEL_NAME = "facemark-68.onnx"
@@ -41,7 +43,7 @@ class Face:
     box: Box  # the box the (last) crop was made from: the calibrated detector box, or the box given, refined
     landmarks: np.ndarray = field(repr=False)  # (68, 2) float32, image pixels
     score: float | None = None  # face presence in [0, 1] (models with a presence head; else None)
-    detector_score: float | None = None  # the Haar cascade's level weight (not a probability); None if no detector
+    detector_score: float | None = None  # the detector's score (Haar: a level weight, not a probability); None if none
     detector_box: Box | None = None  # the raw detector box, before calibration
     landmark_scores: np.ndarray | None = field(default=None, repr=False)  # (68,) in [0, 1] (pip head)
     image_size: tuple[int, int] | None = None  # (width, height) of the image the face was found in
@@ -133,7 +135,7 @@ class FaceLandmarker:
         self,
         model_path: str | os.PathLike | bytes | None = None,
         provider: str = "auto",
-        detector: HaarDetector | None = None,
+        detector: FaceDetector | str | None = None,
         threads: int | None = None,
         trt_fp16: bool = False,
         trt_cache_dir: str | os.PathLike | None = None,
@@ -149,17 +151,19 @@ class FaceLandmarker:
         """calibration: overrides the model's embedded detector calibration. max_faces: keep only the most
         confident detections (None = all). refine: extra passes re-cropped on the previous pass's landmarks
         (facemark.inference). flip: test-time flip. min_score: drop detections whose face presence score is
-        below it (models with a presence head; None or 0 keeps every detection). detector: a ready detector;
-        else a HaarDetector with `detector_options` over the defaults for this model (a permissive cascade when
-        the model scores presence: runtime.detector.default_detector_options). spin: see LandmarkModel."""
+        below it (models with a presence head; None or 0 keeps every detection). detector: a ready detector, or
+        a name from runtime.detectors.DETECTOR_NAMES (default "haar") made with `detector_options` over its
+        defaults (Haar's: a permissive cascade when the model scores presence; a CNN detector runs on this
+        model's provider, threads and TensorRT settings). spin: see LandmarkModel."""
         self.model = LandmarkModel(resolve_model_path(model_path), provider=provider, threads=threads,
                                    trt_fp16=trt_fp16, trt_cache_dir=trt_cache_dir, max_batch=max_batch,
                                    spin=spin)
-        if detector is None:
-            options = {**default_detector_options(self.model.has_face_score), **(detector_options or {})}
-            detector = HaarDetector(**options)
+        if detector is None or isinstance(detector, str):
+            detector = create_detector(detector or HAAR, self.model.has_face_score, detector_options,
+                                       provider=provider, threads=threads, trt_fp16=trt_fp16,
+                                       trt_cache_dir=trt_cache_dir, spin=spin)
         self.detector = detector
-        self.calibration = calibration or self.model.info.calibration or IDENTITY
+        self.calibration = calibration or calibration_for(detector, self.model.info.calibration) or IDENTITY
         self.max_faces = max_faces
         if refine < 0:
             raise ValueError(f"refine must be >= 0 (got {refine})")
@@ -228,11 +232,11 @@ class FaceLandmarker:
         return self.landmarks_for_found(found)
 
     def find(self, image, color: str = "bgr", near: Sequence[Box] | None = None) -> Found:
-        """The first half of `detect_full`: the grayscale image and its Haar detections (no model call);
+        """The first half of `detect_full`: the grayscale image and its detections (no model call);
         `near`: search only around these boxes."""
         t0 = time.perf_counter()
-        gray = image_to_gray(image, color)
-        detections = self.detector.detect(gray) if near is None else self.detector.detect_near(gray, near)
+        gray, seen = image_to_gray_and_bgr(image, color) if self.detector.color else (image_to_gray(image, color),) * 2
+        detections = self.detector.detect(seen) if near is None else self.detector.detect_near(seen, near)
         if self.max_faces is not None and self.min_score is None:
             detections = detections[: self.max_faces]
         return Found(gray, detections, (time.perf_counter() - t0) * 1e3)

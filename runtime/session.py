@@ -95,16 +95,21 @@ def provider_options(
     trt_fp16: bool = False,
     trt_cache_dir: str | os.PathLike | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
+    shapes: tuple[str, str, str] | None = None,
 ) -> dict[str, str]:
-    """ONNX Runtime options for one provider; only TensorRT takes any."""
+    """ONNX Runtime options for one provider; only TensorRT takes any. `shapes`: the TensorRT profile's
+    (min, opt, max) input shapes as "name:NxCxHxW" (default: the landmark model's crops, batches up to max_batch)."""
     if provider != TENSORRT:
         return {}
-    shape = f"1x{image_size}x{image_size}"
+    if shapes is None:
+        shape = f"1x{image_size}x{image_size}"
+        shapes = (f"{INPUT_NAME}:1x{shape}", f"{INPUT_NAME}:{min(8, max_batch)}x{shape}",
+                  f"{INPUT_NAME}:{max_batch}x{shape}")
     options = {
         "trt_fp16_enable": "True" if trt_fp16 else "False",
-        "trt_profile_min_shapes": f"{INPUT_NAME}:1x{shape}",
-        "trt_profile_opt_shapes": f"{INPUT_NAME}:{min(8, max_batch)}x{shape}",
-        "trt_profile_max_shapes": f"{INPUT_NAME}:{max_batch}x{shape}",
+        "trt_profile_min_shapes": shapes[0],
+        "trt_profile_opt_shapes": shapes[1],
+        "trt_profile_max_shapes": shapes[2],
     }
     if trt_cache_dir is not None:
         Path(trt_cache_dir).mkdir(parents=True, exist_ok=True)
@@ -119,6 +124,7 @@ def resolve_providers(
     trt_fp16: bool = False,
     trt_cache_dir: str | os.PathLike | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
+    shapes: tuple[str, str, str] | None = None,
 ) -> list[str | tuple[str, dict[str, str]]]:
     """The `providers=` list for an InferenceSession: the chosen provider first, then its fallbacks for nodes
     it cannot run (TensorRT -> CUDA -> CPU). Raises ProviderError for an explicit provider that cannot run."""
@@ -138,9 +144,25 @@ def resolve_providers(
     chain = [p for p in (TENSORRT, CUDA, CPU) if p in loadable]
     chain = chain[chain.index(chosen):]
     return [
-        (p, provider_options(p, image_size, trt_fp16, trt_cache_dir, max_batch)) if p == TENSORRT else p
+        (p, provider_options(p, image_size, trt_fp16, trt_cache_dir, max_batch, shapes)) if p == TENSORRT else p
         for p in chain
     ]
+
+
+def session_options(threads: int | None, spin: bool) -> ort.SessionOptions:
+    """The session options of every facemark session (landmark model and CNN detector alike)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    # No spin-waiting after a call unless asked: spinning intra-op threads steal the cores that Haar and the
+    # pipelined runner's workers need (measured: folder throughput 12.1 -> 15.9 images/s, docs/MODEL.md).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if threads is not None:
+        if threads < 1:
+            raise ProviderError(f"threads must be >= 1 (got {threads})")
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
 
 
 def _provider_name(entry: str | tuple[str, dict]) -> str:
@@ -169,17 +191,7 @@ class LandmarkModel:
         source = "<model bytes>" if self.path is None else str(self.path)
         data = model if isinstance(model, bytes) else _read_model_file(self.path)
         self.max_batch = max_batch
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        # No spin-waiting after a call unless asked: spinning intra-op threads steal the cores that Haar and the
-        # pipelined runner's workers need (measured: folder throughput 12.1 -> 15.9 images/s, docs/MODEL.md).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        if threads is not None:
-            if threads < 1:
-                raise ProviderError(f"threads must be >= 1 (got {threads})")
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
+        options = session_options(threads, spin)
         # The crop size is needed for the TensorRT profile before the session exists: read the metadata first
         # from a CPU session only when TensorRT is in play (it is cheap next to an engine build).
         probe_size = 224
@@ -187,13 +199,10 @@ class LandmarkModel:
         if any(_provider_name(p) == TENSORRT for p in providers):
             probe_size = _contract_of(data, source).size
             providers = resolve_providers(provider, probe_size, trt_fp16, trt_cache_dir, max_batch)
-        self.session = _create_session(data, options, providers, source)
+        self.session = started_session(data, options, providers, source)
         self.info: ModelInfo = parse_metadata(self.session.get_modelmeta().custom_metadata_map, source)
         self.contract: CropContract = self.info.contract
         self.providers: list[str] = self.session.get_providers()
-        wanted = _provider_name(providers[0])
-        if wanted not in self.providers:  # ORT fell back although the probe said the provider loads
-            raise ProviderError(f"{source}: {wanted} failed to start (the session runs on {self.providers})")
         self._input_dtype, self._outputs = _check_io(self.session, self.contract, source)
 
     @property
@@ -243,7 +252,7 @@ def _read_model_file(path: Path) -> bytes:
     return data
 
 
-def _create_session(data: bytes, options: ort.SessionOptions, providers: list, source: str) -> ort.InferenceSession:
+def create_session(data: bytes, options: ort.SessionOptions, providers: list, source: str) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(data, options, providers=providers)
     except Exception as exc:  # ORT raises InvalidProtobuf, Fail, InvalidGraph ... for a bad file
@@ -252,10 +261,20 @@ def _create_session(data: bytes, options: ort.SessionOptions, providers: list, s
         raise ModelError(f"{source}: not a loadable ONNX model ({detail})") from None
 
 
+def started_session(data: bytes, options: ort.SessionOptions, providers: list, source: str) -> ort.InferenceSession:
+    """A session on the first of `providers`, or ProviderError when ORT fell back although the probe said it
+    loads."""
+    session = create_session(data, options, providers, source)
+    wanted = _provider_name(providers[0])
+    if wanted not in session.get_providers():
+        raise ProviderError(f"{source}: {wanted} failed to start (the session runs on {session.get_providers()})")
+    return session
+
+
 def _contract_of(data: bytes, source: str) -> CropContract:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = _create_session(data, options, [CPU], source)
+    session = create_session(data, options, [CPU], source)
     return parse_metadata(session.get_modelmeta().custom_metadata_map, source).contract
 
 

