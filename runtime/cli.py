@@ -16,19 +16,17 @@ import typer
 from rich.console import Console
 from rich.markup import escape  # file names may hold brackets: text, not markup
 
-from facemark.choices import AlignTemplate, DrawChoice, Provider, Tta
+from facemark.choices import AlignTemplate, DrawChoice, Provider
 from facemark.reporting import progress_display
-from facemark.runtime import detector as haar
+from facemark.runtime.cli_options import with_options
 from facemark.runtime.defaults import (
     DEFAULT_FULL_SCAN_EVERY,
     DEFAULT_GRACE_S,
     DEFAULT_MAX_IMAGES,
     DEFAULT_MAX_MEGAPIXELS,
     DEFAULT_MAX_REQUEST_MB,
-    DEFAULT_MIN_SCORE,
-    DEFAULT_REFINE,
 )
-from facemark.runtime.detectors import HAAR, DetectorChoice
+from facemark.runtime.options import DetectorOptions, PipelineOptions, RuntimeOptions
 
 if TYPE_CHECKING:  # annotations only: the CLI module stays light
     from facemark.runtime.predict.inputs import ImageResult
@@ -47,43 +45,11 @@ PROVIDER_HELP = "Execution provider: auto (TensorRT > CUDA > CPU, whichever load
 MODEL_HELP = "facemark ONNX model (default: the model shipped in facemark/assets)."
 
 
-def _detector_options(scale_factor: float | None, min_neighbors: int | None, min_face: float, max_side: int,
-                      min_score: float | None, cascade: str | None = None, min_face_windows: float | None = None,
-                      octaves: bool = haar.DEFAULT_OCTAVES) -> dict:
-    """The detector knobs given on the command line; unset ones (None) take the model-dependent defaults."""
-    options = {"min_face_fraction": min_face, "max_side": max_side or None, "min_score": min_score,
-               "cascade": cascade, "scale_factor": scale_factor, "min_neighbors": min_neighbors,
-               "min_face_windows": min_face_windows, "octaves": octaves}
-    chosen = {k: v for k, v in options.items() if v is not None or k == "max_side"}
-    if min_face_windows == 0.0:  # 0 = no such downscale
-        chosen["min_face_windows"] = None
-    return chosen
-
-
-HAAR_ONLY = ("scale_factor", "min_neighbors", "min_face", "max_side", "min_face_windows", "octaves", "cascade")
-DETECTOR_HELP = ("Face detector: haar (OpenCV's cascade, the default) or a CNN detector fetched once with "
-                 "`facemark detectors fetch NAME` (docs/DETECTORS.md).")
-
-
-def _chosen_detector(ctx: typer.Context, detector: DetectorChoice, haar_options: dict) -> tuple[str, dict]:
-    """The detector's name and options: the Haar knobs go to Haar; given with a CNN detector they are refused
-    (the detector score threshold, --min-detector-score, applies to both)."""
-    if detector.value == HAAR:
-        return HAAR, haar_options
-    clash = _given(ctx, HAAR_ONLY)
-    if clash:
-        names = ", ".join("--" + n.replace("_", "-") for n in clash)
-        raise typer.BadParameter(f"{names}: Haar options, not for --detector {detector.value}")
-    return detector.value, {k: v for k, v in haar_options.items() if k == "min_score" and v is not None}
-
-
-def _landmarker_options(provider: Provider, threads: int | None, detector: tuple[str, dict], trt_fp16: bool,
-                        trt_cache: Path | None, max_faces: int | None = None, refine: int = 0, tta: Tta = Tta.none,
-                        min_score: float | None = None) -> dict:
+def _landmarker_options(provider: Provider, threads: int | None, trt_fp16: bool, trt_cache: Path | None,
+                        options: RuntimeOptions) -> dict:
     """FaceLandmarker's keyword arguments from the command line (--ray hands them to every actor)."""
     return {"provider": provider.value, "threads": threads, "trt_fp16": trt_fp16, "trt_cache_dir": trt_cache,
-            "max_faces": max_faces, "refine": refine, "flip": tta == Tta.flip, "min_score": min_score or None,
-            "detector": detector[0], "detector_options": detector[1]}
+            "options": options}
 
 
 def _landmarker(model: Path | None, *args, **kwargs):
@@ -96,35 +62,13 @@ def _landmarker(model: Path | None, *args, **kwargs):
         raise typer.BadParameter(str(exc)) from None
 
 
-REFINE_HELP = ("Extra passes re-cropped on the previous pass's landmarks (the training box); default measured "
-               "in docs/MODEL.md.")
-TTA_HELP = "Test-time augmentation: none | flip (mirror each crop and average; about 2x the model time)."
-MIN_SCORE_HELP = "Drop faces whose presence score (0-1, models with a presence head) is below this; 0 keeps all."
-
-
-SCALE_FACTOR_HELP = (f"Haar pyramid step (bigger = faster, fewer faces); default {haar.PRESENCE_SCALE_FACTOR} with "
-                     f"a presence model, else {haar.DEFAULT_SCALE_FACTOR}.")
-MIN_NEIGHBORS_HELP = (f"Haar neighbours (bigger = fewer false boxes; 0 keeps a face hit once); default "
-                      f"{haar.PRESENCE_MIN_NEIGHBORS} with a presence model (it rejects false boxes), else "
-                      f"{haar.DEFAULT_MIN_NEIGHBORS}.")
-MIN_FACE_HELP = "Smallest face, as a fraction of the shorter side (the speed knob)."
-MAX_SIDE_HELP = "Detect on a copy downscaled to this longer side at most (0 = off)."
-MIN_FACE_WINDOWS_HELP = ("Detect on a copy downscaled until the smallest face wanted spans this many cascade windows "
-                         f"(0 = off; the speed knob that keeps --min-face); default {haar.PRESENCE_MIN_FACE_WINDOWS} "
-                         f"with a presence model, else {haar.DEFAULT_MIN_FACE_WINDOWS}.")
-CASCADE_HELP = (f"Cascade file or OpenCV cascade name (default {haar.DEFAULT_CASCADE}; the tutorial's: "
-                f"{haar.TUTORIAL_CASCADE}).")
-MAX_FACES_HELP = "Keep the N most confident faces."
-OCTAVES_HELP = ("Haar: one halved copy per octave of face sizes instead of OpenCV's single pyramid: about half "
-                "the time, about 9 points fewer faces found (docs/MODEL.md).")
-
-
 SERVER_HELP = ("Send the images to a `facemark serve` server (http://HOST:PORT) instead of running the model here; "
                "same JSON, JSONL, CSV and pictures. Model, detector and refinement are the server's settings.")
 # predict options that only the server can set once --server is given
 SERVER_ONLY = ("wait", "timeout")  # predict options that need --server
 LOCAL_ONLY = ("model", "provider", "threads", "detector", "scale_factor", "min_neighbors", "min_face", "max_side",
-              "min_face_windows", "octaves", "min_detector_score", "min_score", "refine", "tta", "cascade", "max_faces",
+              "min_face_windows", "octaves", "min_detector_score", "min_score", "refine", "tta", "preset", "cascade",
+              "max_faces",
               "trt_fp16", "trt_cache")
 
 
@@ -142,6 +86,7 @@ def _given(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
 
 
 @app.command("predict")
+@with_options
 def predict_command(
     ctx: typer.Context,
     inputs: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or globs."),
@@ -153,21 +98,8 @@ def predict_command(
     provider: Provider = typer.Option("auto", "--provider", "-p", help=PROVIDER_HELP),
     draw: DrawChoice = typer.Option("points", "--draw", help="How --out pictures show the landmarks."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for the model."),
-    detector: DetectorChoice = typer.Option(HAAR, "--detector", help=DETECTOR_HELP),
-    scale_factor: float | None = typer.Option(None, "--scale-factor", help=SCALE_FACTOR_HELP),
-    min_neighbors: int | None = typer.Option(None, "--min-neighbors", min=0, help=MIN_NEIGHBORS_HELP),
-    min_face: float = typer.Option(haar.DEFAULT_MIN_FACE_FRACTION, "--min-face", help=MIN_FACE_HELP),
-    max_side: int = typer.Option(haar.DEFAULT_MAX_SIDE, "--max-side", help=MAX_SIDE_HELP),
-    min_face_windows: float | None = typer.Option(None, "--min-face-windows", min=0.0, help=MIN_FACE_WINDOWS_HELP),
-    min_detector_score: float | None = typer.Option(
-        None, "--min-detector-score", help="Drop detector boxes scoring below this (Haar: a cascade level weight, "
-        "not a probability; a CNN detector: its probability, default in docs/DETECTORS.md)."),
-    min_score: float = typer.Option(DEFAULT_MIN_SCORE, "--min-score", min=0.0, max=1.0, help=MIN_SCORE_HELP),
-    refine: int = typer.Option(DEFAULT_REFINE, "--refine", min=0, help=REFINE_HELP),
-    tta: Tta = typer.Option("none", "--tta", help=TTA_HELP),
-    cascade: str | None = typer.Option(None, "--cascade", help=CASCADE_HELP),
-    octaves: bool = typer.Option(haar.DEFAULT_OCTAVES, "--octaves/--no-octaves", help=OCTAVES_HELP),
-    max_faces: int | None = typer.Option(None, "--max-faces", min=1, help=MAX_FACES_HELP),
+    detection: DetectorOptions = DetectorOptions(),
+    pipeline: PipelineOptions = PipelineOptions(),
     jsonl: Path | None = typer.Option(None, "--jsonl", help="Stream one JSON line per input (the images[] entry "
                                       "and the run's model sha256 and settings), flushed as each input is done; "
                                       "- for stdout."),
@@ -248,19 +180,17 @@ def predict_command(
         unused = _given(ctx, SERVER_ONLY)
         if unused:
             raise typer.BadParameter(f"{', '.join('--' + n for n in unused)}: only with --server")
-        chosen = _chosen_detector(ctx, detector, _detector_options(
-            scale_factor, min_neighbors, min_face, max_side, min_detector_score, cascade, min_face_windows, octaves))
-        options = (provider, threads, chosen, trt_fp16, trt_cache, max_faces, refine, tta, min_score)
+        options = (provider, threads, trt_fp16, trt_cache, RuntimeOptions(detection, pipeline))
         landmarker = steps = _landmarker(model, *options)
         if ray_address is not None or parquet is not None:
             return _predict_on_ray(ctx, inputs, ray_address, landmarker, model, _landmarker_options(*options),
-                                   workers, jsonl, parquet, pose, max_faces)
+                                   workers, jsonl, parquet, pose, pipeline.max_faces)
     files, failures = collect_inputs(inputs)
     chips = ChipOptions(aligned, aligned_size, aligned_template.value) if aligned else None
     stems = claim_output_stems(files, output_folders(out, chips))  # refuses unsafe folders before any work
     for failure in failures:
         console.print(f"[red]error:[/red] {escape(printable(failure.error))}")
-    run = run_identity(landmarker.describe(), {"max_faces": max_faces, "pose": pose})
+    run = run_identity(landmarker.describe(), {"max_faces": pipeline.max_faces, "pose": pose})
     earlier = read_jsonl_entries(jsonl, run, force) if resume and jsonl is not None else {}
     todo = [f for f in files if os.path.realpath(f) not in earlier]
     if earlier:
@@ -418,6 +348,7 @@ def _print_summary(results, providers: list[str], out: Path | None, json_path: P
 
 
 @app.command("video")
+@with_options
 def video_command(
     ctx: typer.Context,
     source: str = typer.Argument(..., help="A video file, or a camera index such as 0."),
@@ -434,28 +365,15 @@ def video_command(
     provider: Provider = typer.Option("auto", "--provider", "-p", help=PROVIDER_HELP),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for the model."),
     draw: DrawChoice = typer.Option("points", "--draw", help="How --out shows the landmarks."),
-    detector: DetectorChoice = typer.Option(HAAR, "--detector", help=DETECTOR_HELP),
-    scale_factor: float | None = typer.Option(None, "--scale-factor", help=SCALE_FACTOR_HELP),
-    min_neighbors: int | None = typer.Option(None, "--min-neighbors", min=0, help=MIN_NEIGHBORS_HELP),
-    min_face: float = typer.Option(haar.DEFAULT_MIN_FACE_FRACTION, "--min-face", help=MIN_FACE_HELP),
-    max_side: int = typer.Option(haar.DEFAULT_MAX_SIDE, "--max-side", help=MAX_SIDE_HELP),
-    min_face_windows: float | None = typer.Option(None, "--min-face-windows", min=0.0, help=MIN_FACE_WINDOWS_HELP),
-    cascade: str | None = typer.Option(None, "--cascade", help=CASCADE_HELP),
-    octaves: bool = typer.Option(haar.DEFAULT_OCTAVES, "--octaves/--no-octaves", help=OCTAVES_HELP),
-    max_faces: int | None = typer.Option(None, "--max-faces", min=1, help=MAX_FACES_HELP),
-    min_score: float = typer.Option(DEFAULT_MIN_SCORE, "--min-score", min=0.0, max=1.0,
-                                    help=MIN_SCORE_HELP + " A track below it is dropped at once."),
-    refine: int = typer.Option(DEFAULT_REFINE, "--refine", min=0, help=REFINE_HELP + " (detected frames)"),
+    detection: DetectorOptions = DetectorOptions(),
+    pipeline: PipelineOptions = PipelineOptions(),
     max_frames: int | None = typer.Option(None, "--max-frames", min=1, help="Stop after N frames."),
 ) -> None:
     """Per-frame landmarks of a video or camera: JSON lines and an annotated video; prints frames, faces, fps."""
     from facemark.runtime.predict.writers import dumps
     from facemark.runtime.video import run_video
 
-    chosen = _chosen_detector(ctx, detector, _detector_options(scale_factor, min_neighbors, min_face, max_side, None,
-                                                               cascade, min_face_windows, octaves))
-    landmarker = _landmarker(model, provider, threads, chosen, False, None, max_faces=max_faces, refine=refine,
-                             min_score=min_score)
+    landmarker = _landmarker(model, provider, threads, False, None, RuntimeOptions(detection, pipeline))
 
     def to_stdout(frame) -> None:  # nothing asked to be saved: stream the frames as JSON lines
         sys.stdout.write(dumps(frame.to_json()) + "\n")
@@ -482,6 +400,7 @@ def video_command(
         raise typer.Exit(code=1)
 
 
+@with_options
 def serve_command(
     model: Path | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
@@ -494,10 +413,8 @@ def serve_command(
     threads: int | None = typer.Option(None, "--threads", min=1, help="ONNX Runtime threads per instance "
                                        "(default: the cores shared among the instances)."),
     provider: Provider = typer.Option("auto", "--provider", "-p", help=PROVIDER_HELP),
-    detector: DetectorChoice = typer.Option(HAAR, "--detector", help=DETECTOR_HELP),
-    refine: int = typer.Option(DEFAULT_REFINE, "--refine", min=0, help=REFINE_HELP),
-    min_score: float = typer.Option(DEFAULT_MIN_SCORE, "--min-score", min=0.0, max=1.0, help=MIN_SCORE_HELP),
-    max_faces: int | None = typer.Option(None, "--max-faces", min=1, help=MAX_FACES_HELP),
+    detection: DetectorOptions = DetectorOptions(),
+    pipeline: PipelineOptions = PipelineOptions(),
     grace: int = typer.Option(DEFAULT_GRACE_S, "--grace", min=0, help="On SIGTERM: seconds the requests in flight "
                               "may take to finish (no new connections are taken meanwhile); then exit 0."),
     max_request_mb: float = typer.Option(DEFAULT_MAX_REQUEST_MB, "--max-request-mb", min=0.001,
@@ -529,8 +446,7 @@ def serve_command(
     limits = ServeLimits(max_request_mb=max_request_mb, max_images=max_images, max_megapixels=max_megapixels)
     config = ServeConfig(model=model, provider=provider.value, host=host, http_port=http_port, grpc_port=grpc_port,
                          metrics_port=metrics_port, max_batch=max_batch, instances=instances, threads=threads,
-                         refine=refine, min_score=min_score or None, max_faces=max_faces, detector=detector.value,
-                         limits=limits,
+                         options=RuntimeOptions(detection, pipeline), limits=limits,
                          grace_s=grace, decoders=decoders, verbose=verbose)
     server = FacemarkServer(config)  # the checks that need no Triton: one line, exit 2
     stop = threading.Event()
