@@ -59,13 +59,22 @@ class DetectorOptions:
         "--min-detector-score", "Drop detections below this detector score (Haar: its level weight; a CNN "
         "detector: its probability; default: the detector's own)."))
 
+    detector_input_side: int | None = field(default=None, metadata=flag(
+        "--detector-input-side", "A CNN detector's input: the photo's longer side is scaled to this many pixels "
+        "(bigger finds smaller faces, slower; default: the detector's, docs/DETECTORS.md).", min=32))
+
     HAAR_ONLY = ("min_face", "max_side", "min_face_windows", "scale_factor", "min_neighbors", "cascade", "octaves")
+
+    def __post_init__(self) -> None:
+        if self.detector == HAAR and self.detector_input_side is not None:
+            raise ValueError("--detector-input-side: an option of the CNN detectors, not of haar")
 
     def detector_kwargs(self) -> dict:
         """The chosen detector's options over its defaults (runtime.detectors.create_detector): Haar's knobs
-        that are set; for a CNN detector only the score threshold."""
+        that are set; for a CNN detector its score threshold and input side."""
         if self.detector != HAAR:
-            return {} if self.min_detector_score is None else {"min_score": self.min_detector_score}
+            chosen = {"min_score": self.min_detector_score, "input_side": self.detector_input_side}
+            return {k: v for k, v in chosen.items() if v is not None}
         options = {"min_face_fraction": self.min_face, "max_side": self.max_side or None,
                    "min_score": self.min_detector_score, "cascade": self.cascade, "scale_factor": self.scale_factor,
                    "min_neighbors": self.min_neighbors, "min_face_windows": self.min_face_windows,

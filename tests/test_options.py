@@ -46,6 +46,9 @@ def test_haar_knobs_reach_haar_and_a_cnn_detector_gets_only_its_threshold():
     haar = DetectorOptions(scale_factor=1.3, min_face_windows=0.0).detector_kwargs()
     assert haar["scale_factor"] == 1.3 and haar["min_face_windows"] is None and "cascade" not in haar
     assert DetectorOptions(detector="faceboxes", min_detector_score=0.5).detector_kwargs() == {"min_score": 0.5}
+    assert DetectorOptions(detector="centerface", detector_input_side=480).detector_kwargs() == {"input_side": 480}
+    with pytest.raises(ValueError, match="not of haar"):
+        DetectorOptions(detector_input_side=480)
 
 
 def test_landmarker_options_object_equals_its_keywords():
