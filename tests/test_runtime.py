@@ -232,8 +232,8 @@ class _FixedDetector:
         self.truth = truth
         self.by_shape = {read_gray(r.image_path).shape: r for r in records}
 
-    def detect(self, gray):
-        record = self.by_shape[gray.shape]
+    def detect(self, image):  # fit_calibration hands every detector the decoded photo (colour)
+        record = self.by_shape[image.shape[:2]]
         x, y, w, h = box_from_landmarks(record.landmarks)
         # inverse of BoxCalibration.apply: a detector box that the true calibration maps onto the target
         dw, dh = w / self.truth.sw, h / self.truth.sh
