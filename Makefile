@@ -16,10 +16,12 @@ $(VENV)/.stamp-runtime: pyproject.toml | $(BIN)/python
 	$(PIP) install -e .
 	touch $@
 
-# Everything: train extra (torch, torchvision, onnx), dev tools, the peer extra (dlib, the bench's peer row) and the serve extra (PyTriton, tritonclient; it
-# holds numpy < 2 and OpenCV 4.11 for the whole venv: the stack a serving user gets, tested as such).
+# Everything: train extra (torch, torchvision, onnx), dev tools, the peer extra (dlib, the bench's peer row), the
+# serve extra (PyTriton, tritonclient; it holds numpy < 2 and OpenCV 4.11 for the whole venv: the stack a serving
+# user gets, tested as such) and the ray extra (Ray Data; tests/test_ray.py starts a 2-node local cluster: about a
+# minute on 2 cores).
 $(VENV)/.stamp-all: pyproject.toml | $(BIN)/python
-	$(PIP) install -e ".[train,dev,serve,peer]"
+	$(PIP) install -e ".[train,dev,serve,peer,ray]"
 	touch $@ $(VENV)/.stamp-runtime
 
 demo: $(VENV)/.stamp-runtime

@@ -50,6 +50,9 @@ def bench_command(
     serve_clients: int = typer.Option(8, "--serve-clients", min=1, help="Concurrent clients of --serve."),
     serve_damaged_every: int = typer.Option(100, "--serve-damaged-every", min=0, help="--serve's second load "
                                             "sends a damaged upload every N requests (0: no second load)."),
+    ray: bool = typer.Option(False, "--ray", help="Add the Ray Data job (`runtime predict --ray local`, extra ray) "
+                             "against the local runner on the same photos: images/s and fixed start-up cost. "
+                             "Implies --model (default: the shipped model)."),
 ) -> None:
     """Latency and accuracy of every model variant against eager PyTorch, end to end, and against dlib."""
     import os
@@ -57,12 +60,12 @@ def bench_command(
     from facemark.benchmarks.report import render_markdown, write_reports
 
     counts = parse_batch_sizes(threads, "--threads") if threads else tuple(dict.fromkeys((1, os.cpu_count() or 1)))
-    if serve and model is None and checkpoint is None:
+    if (serve or ray) and model is None and checkpoint is None:
         from facemark.runtime.landmarker import DEFAULT_MODEL_PATH
 
         model = DEFAULT_MODEL_PATH
-    if serve and model is None:
-        raise FacemarkError("--serve runs with --model (an exported model), not --checkpoint")
+    if (serve or ray) and model is None:
+        raise FacemarkError("--serve and --ray run with --model (an exported model), not --checkpoint")
     if model is not None:
         if checkpoint is not None:
             raise FacemarkError("--model and --checkpoint: pass one (--checkpoint re-exports its own variants)")
@@ -75,7 +78,7 @@ def bench_command(
                                          progress=lambda msg: status.update(f"benchmarking: {msg}"),
                                          serve={"requests": serve_requests, "clients": serve_clients,
                                                 "damaged_every": serve_damaged_every} if serve
-                                         else None, peers=not no_peer)
+                                         else None, peers=not no_peer, ray=ray)
         paths = write_reports(report, out)
         print(render_markdown(report))
         console.print(f"wrote {', '.join(map(str, paths.values()))}", highlight=False)

@@ -10,7 +10,8 @@ video (runtime video's tracking
 policies on a composed clip of a moving face: facemark.benchmarks.video_bench); folder throughput (previous runner vs
 one-by-one vs pipelined); the peers: dlib's 68-point predictor (facemark.benchmarks.peer) and MediaPipe
 Face Mesh (facemark.benchmarks.mediapipe_peer); with --serve, a loopback load test of `facemark serve`
-(facemark.benchmarks.serve_load). The same report format as the checkpoint benchmark (facemark.benchmarks.report).
+(facemark.benchmarks.serve_load); with --ray, the Ray Data job against the local runner on the same photos
+(facemark.benchmarks.ray_bench). The same report format as the checkpoint benchmark (facemark.benchmarks.report).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def dlib_document(rows: list[dict], training: Sequence[FaceRecord], val: Sequenc
 
 def run_model_benchmark(model: Path, out: Path, threads: Sequence[int], data: Sequence[Path] = (),
                         quick: bool = False, progress: Callable[[str], None] = lambda _m: None,
-                        serve: dict | None = None, peers: bool = True) -> dict:
+                        serve: dict | None = None, peers: bool = True, ray: bool = False) -> dict:
     """The report document for one ONNX model (see the module docstring)."""
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
@@ -122,12 +123,18 @@ def run_model_benchmark(model: Path, out: Path, threads: Sequence[int], data: Se
         peer_doc = dlib_document(rows, training, val, quick, notes)
         progress("MediaPipe peer")
         mediapipe_doc = mediapipe_document(val, 1, repeats=1 if quick else 3)
+    ray_section = None
+    if ray:  # the Ray Data job against the local runner (facemark.benchmarks.ray_bench); skipped without the extra
+        progress("Ray Data")
+        from facemark.benchmarks.ray_bench import ray_benchmark
+
+        ray_section = ray_benchmark(model, files[:12] if quick else files)
     notes.append("ONNX-only benchmark (--model): no eager PyTorch or re-exported rows; pass --checkpoint for those.")
     return {"command": "facemark " + shlex.join(sys.argv[1:]), "quick": quick,
             "model_label": f"{model} ({info.contract.size} px, {info.precision})", "nme_source": nme_source,
             "environment": describe_environment(max(threads), {model.name: file_sha256(model)}),
             "rows": rows, "pipeline": pipeline_rows, "video": video, "throughput": throughput,
-            "serve": serve_section, "peer": peer_doc, "mediapipe": mediapipe_doc, "frontier": frontier,
-            "detectors": detectors,
+            "serve": serve_section, "ray": ray_section, "peer": peer_doc, "mediapipe": mediapipe_doc,
+            "frontier": frontier, "detectors": detectors,
             "limit": {},
             "notes": notes, "verdict": not quick, "targets": [], "self_check": check}

@@ -163,6 +163,27 @@ def serve_table(serve: dict) -> str:
                             _num(load.get("peak_rss_mb"), 0)] for name, load in loads])
 
 
+def ray_section(ray: dict) -> list[str]:
+    """The Ray Data rows of `facemark bench --ray` (facemark.benchmarks.ray_bench), or why they were skipped."""
+    title = ["## Ray Data (`runtime predict --ray local` against the local runner, same run)", ""]
+    if ray.get("skipped"):
+        return [*title, f"Skipped: {ray['skipped']}", ""]
+    table = markdown_table(
+        ["Runner", "Images", "Seconds", "Images/s", "Steady images/s", "Fixed s", "Faces", "Errors"],
+        [[r["config"], r["images"], _num(r["seconds"], 1), _num(r["images_per_s"], 1),
+          _num(r.get("steady_images_per_s"), 1), _num(r.get("fixed_s"), 1), r["faces"], r["errors"]]
+         for r in ray["rows"]])
+    local, job = ray["rows"]
+    return [*title, table, "",
+            f"local = the pipelined runner ({local['workers']} workers) after a warm-up; ray = a fresh local cluster "
+            f"and {job['actors']} actors x {job['threads']} thread, from ray.init to shutdown. Steady and fixed: "
+            f"from a second Ray job on {job['small_job_images']} of the photos ({_num(job['small_job_s'], 1)} s), "
+            f"the slope and intercept of the two (cluster start {_num(job['cluster_start_s'], 1)} s, first rows after "
+            f"{_num(job['first_rows_s'], 1)} s). Ray vs "
+            f"local: largest landmark difference {_num(ray['max_landmark_diff_px'], 3)} px, "
+            f"{ray['face_count_mismatches']} face-count mismatches.", ""]
+
+
 def render_markdown(report: dict) -> str:
     env = report["environment"]
     cpu = env.get("cpu", {})
@@ -243,6 +264,8 @@ def render_markdown(report: dict) -> str:
                 f"local predict on every photo: largest landmark difference {_num(serve['max_landmark_diff_px'], 3)} "
                 f"px, {serve['face_count_mismatches']} face-count mismatches. Server exits during the loads: "
                 f"{serve.get('server_exits')} (peak RSS: the server's whole process tree).", ""]
+    if report.get("ray"):
+        out += ray_section(report["ray"])
     limit = report.get("limit") or {}
     if limit:
         out += ["## Limit", "",

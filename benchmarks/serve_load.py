@@ -31,7 +31,7 @@ import numpy as np
 
 from facemark.imageio import decode_image
 from facemark.runtime.landmarker import DEFAULT_MODEL_PATH, FaceLandmarker, resolve_model_path
-from facemark.runtime.remote import ServerError, TritonLandmarker
+from facemark.runtime.serving.client import ServerError, TritonLandmarker
 
 READY_TIMEOUT_S = 240.0
 DAMAGED_EVERY = 100
@@ -306,7 +306,7 @@ def serve_benchmark(model: Path | None, photos: Sequence[Path], requests: int = 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from facemark.runtime.predict import collect_inputs
+    from facemark.runtime.predict.inputs import collect_inputs
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("photos", nargs="+", help="Image files or folders (the requests take them in turn).")

@@ -27,7 +27,8 @@ from facemark.data import FaceRecord, load_records, split_records
 from facemark.runtime.detector import HaarDetector
 from facemark.runtime.evaluation import with_settings
 from facemark.runtime.landmarker import FaceLandmarker, default_workers
-from facemark.runtime.predict import ImageResult, predict_files
+from facemark.runtime.predict.inputs import ImageResult
+from facemark.runtime.predict.runner import predict_files
 
 
 def benchmark_files(val_records: Sequence[FaceRecord], limit: int = 200) -> list[Path]:
@@ -107,7 +108,11 @@ def folder_throughput(model: Path | None, files: Sequence[Path], rounds: int = 2
 def main(model: Path | None = typer.Option(None, "--model"), data: list[Path] = typer.Option([], "--data"),
          rounds: int = typer.Option(2, "--rounds"), limit: int = typer.Option(200, "--limit"),
          json_path: Path | None = typer.Option(None, "--json")) -> None:
-    result = folder_throughput(model, benchmark_files(validation_records(data), limit), rounds)
+    print_json(folder_throughput(model, benchmark_files(validation_records(data), limit), rounds), json_path)
+
+
+def print_json(result: dict, json_path: Path | None) -> None:
+    """A bench module's result on stdout and, with --json, in that file."""
     text = json.dumps(result, indent=1)
     print(text)
     if json_path:

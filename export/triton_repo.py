@@ -20,7 +20,7 @@ from pathlib import Path
 import onnx
 
 from facemark.errors import ModelError
-from facemark.runtime.serving import CROPS_MODEL
+from facemark.runtime.serving.protocol import CROPS_MODEL
 
 # ONNX element types -> Triton data types (a facemark model's inputs and outputs are float; fp16 is accepted)
 TRITON_TYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16"}

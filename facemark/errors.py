@@ -34,7 +34,7 @@ class ParityError(FacemarkError):
 
 # The optional extras of pyproject.toml, by the top-level modules only they install.
 EXTRA_OF_MODULE = {"torch": "train", "torchvision": "train", "onnx": "train", "onnxscript": "train",
-                   "matplotlib": "train", "pytriton": "serve", "tritonclient": "serve"}
+                   "matplotlib": "train", "pytriton": "serve", "tritonclient": "serve", "ray": "ray"}
 
 
 def missing_extra_message(exc: ModuleNotFoundError) -> str | None:

@@ -19,12 +19,13 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from facemark.choices import EvalBoxes, EvalSplit, Provider, Tta
+from facemark.choices import EvalBoxes, EvalSplit, Provider
 from facemark.data import load_records, split_of, split_records
 from facemark.errors import DataError, printable
 from facemark.reporting import progress_display, summarize_warnings
-from facemark.runtime.defaults import DEFAULT_REFINE
-from facemark.runtime.detectors import HAAR, DetectorChoice
+from facemark.runtime.cli_options import with_options
+from facemark.runtime.detectors import HAAR
+from facemark.runtime.options import DetectorOptions, PipelineOptions, RuntimeOptions
 
 console = Console(soft_wrap=True)
 
@@ -73,6 +74,7 @@ def _load_predictor(model: Path, provider: str):
                      "val_nme": metrics.get("val_nme")}
 
 
+@with_options
 def evaluate_command(
     model: Path = typer.Option(..., "--model", help="Checkpoint (.pt) or exported model (.onnx)."),
     data: list[Path] = typer.Option(..., "--data", help="dlib XML file or folder of .pts files; repeatable."),
@@ -85,14 +87,8 @@ def evaluate_command(
     boxes: EvalBoxes = typer.Option("gt", "--boxes", help="gt: landmark boxes | haar: Haar detector boxes | pipeline: "
                               "the whole runtime (FaceLandmarker.detect, presence threshold, false faces on "
                               "face-free background crops; .onnx only)."),
-    refine: int = typer.Option(DEFAULT_REFINE, "--refine", min=0, help="Extra passes re-cropped on the predicted "
-                               "landmarks (the runtime's default)."),
-    tta: Tta = typer.Option("none", "--tta", help="Test-time flip (mirror each crop and average)."),
-    min_score: float | None = typer.Option(None, "--min-score", min=0.0, max=1.0,
-                                           help="--boxes pipeline: presence threshold (0 keeps every detection; "
-                                                "default: the runtime's)."),
-    detector: DetectorChoice = typer.Option(HAAR, "--detector", help="--boxes pipeline: the face detector (haar, "
-                                            "or a CNN detector fetched with `facemark detectors fetch NAME`)."),
+    detection: DetectorOptions = DetectorOptions(),
+    pipeline: PipelineOptions = PipelineOptions(),
     calibrated: bool = typer.Option(True, "--calibrated/--uncalibrated",
                                     help="With --boxes haar: apply the model's detector calibration."),
     provider: Provider = typer.Option("auto", "--provider", help="ONNX Runtime provider for .onnx models."),
@@ -113,7 +109,8 @@ def evaluate_command(
     records = load_records(data, warnings.append)
     for w in summarize_warnings(warnings, verbose):
         console.print(f"[yellow]warning:[/yellow] {escape(printable(w))}", highlight=False)
-    boxes, tta, provider = boxes.value, tta.value, provider.value
+    boxes, provider = boxes.value, provider.value
+    refine, tta = pipeline.refine, pipeline.tta
     predictor, calibration, model_meta = _load_predictor(model, provider)
     recorded, recorded_split = _training_data(predictor)
     own_data = within_training_data(list(data), recorded)
@@ -129,21 +126,20 @@ def evaluate_command(
     console.print(f"faces: {len(records)} of {total} ({split} split; --data is {why}); refine {refine}, tta {tta}",
                   highlight=False)
     if boxes == "pipeline":
-        _evaluate_pipeline(model, provider, records, refine, tta == "flip", min_score,
-                           (json_path, csv_path, plot_path), {"split": split, "data": [str(p) for p in data]},
-                           detector.value)
+        _evaluate_pipeline(model, provider, records, RuntimeOptions(detection, pipeline),
+                           (json_path, csv_path, plot_path), {"split": split, "data": [str(p) for p in data]})
         return
-    if detector.value != HAAR:
-        raise typer.BadParameter(f"--detector {detector.value}: only with --boxes pipeline")
+    if detection.detector != HAAR:
+        raise typer.BadParameter(f"--detector {detection.detector}: only with --boxes pipeline")
     if boxes == "gt":
         source, box_label = ground_truth_box, "landmark boxes"
     elif boxes == "haar":
         from facemark.runtime.calibration import haar_box_source
-        from facemark.runtime.detector import HaarDetector, default_detector_options
+        from facemark.runtime.detectors import create_detector
 
         presence = bool(getattr(predictor, "has_face_score", False)
                         or getattr(predictor, "checkpoint", {}).get("model", {}).get("presence"))
-        detector = HaarDetector(**default_detector_options(presence))  # what the runtime runs for this model
+        detector = create_detector(HAAR, presence, detection.detector_kwargs())  # the runtime's for this model
         source = haar_box_source(detector, calibration if calibrated else None)
         box_label = f"{detector.name}, {'calibrated' if calibrated and calibration else 'uncalibrated'}"
     with progress_display(console) as progress:
@@ -163,27 +159,23 @@ def evaluate_command(
     )
 
 
-def _evaluate_pipeline(model: Path, provider: str, records, refine: int, flip: bool, min_score: float | None,
-                       paths: tuple[Path | None, Path | None, Path | None], meta: dict, detector: str = HAAR
-                       ) -> None:
+def _evaluate_pipeline(model: Path, provider: str, records, options: RuntimeOptions,
+                       paths: tuple[Path | None, Path | None, Path | None], meta: dict) -> None:
     """`--boxes pipeline`: the runtime end to end (facemark.runtime.evaluation); paths = (json, csv, plot)."""
     from facemark.evaluation import write_reports
-    from facemark.runtime.defaults import DEFAULT_MIN_SCORE
     from facemark.runtime.evaluation import evaluate_pipeline
     from facemark.runtime.landmarker import FaceLandmarker
 
-    min_score = DEFAULT_MIN_SCORE if min_score is None else min_score
     if model.suffix != ".onnx":
         raise DataError("--boxes pipeline runs the deployed runtime: pass an exported .onnx model")
-    landmarker = FaceLandmarker(model, provider=provider, refine=refine, flip=flip, min_score=min_score or None,
-                                detector=detector)
+    landmarker = FaceLandmarker(model, provider=provider, options=options)
     with progress_display(console) as progress:
         task = progress.add_task("pipeline", total=len(records))
         result = evaluate_pipeline(landmarker, records, lambda n: progress.advance(task, n))
     for line in result.unreadable:
         console.print(f"[yellow]skipped:[/yellow] {escape(printable(line))}", highlight=False)
     doc = result.summary(landmarker.min_score)
-    doc.update(model=str(model), **meta, refine=refine, tta="flip" if flip else "none",
+    doc.update(model=str(model), **meta, refine=options.pipeline.refine, tta=options.pipeline.tta,
                detector=landmarker.detector.config())
     write_reports(doc, result.to_csv(landmarker.min_score), result.kept_errors(landmarker.min_score), *paths,
                   label=model.name)

@@ -16,23 +16,22 @@ import typer
 from rich.console import Console
 from rich.markup import escape  # file names may hold brackets: text, not markup
 
-from facemark.choices import AlignTemplate, DrawChoice, Provider, Tta
+from facemark.choices import AlignTemplate, DrawChoice, Provider
 from facemark.reporting import progress_display
-from facemark.runtime import detector as haar
+from facemark.runtime.cli_options import with_options
 from facemark.runtime.defaults import (
     DEFAULT_FULL_SCAN_EVERY,
     DEFAULT_GRACE_S,
     DEFAULT_MAX_IMAGES,
     DEFAULT_MAX_MEGAPIXELS,
     DEFAULT_MAX_REQUEST_MB,
-    DEFAULT_MIN_SCORE,
-    DEFAULT_REFINE,
 )
-from facemark.runtime.detectors import HAAR, DetectorChoice
+from facemark.runtime.options import DetectorOptions, PipelineOptions, RuntimeOptions
 
 if TYPE_CHECKING:  # annotations only: the CLI module stays light
-    from facemark.runtime.predict import ImageResult, JsonlWriter
-    from facemark.runtime.remote import RemoteSteps
+    from facemark.runtime.predict.inputs import ImageResult
+    from facemark.runtime.predict.writers import JsonlWriter
+    from facemark.runtime.serving.client import RemoteSteps
 
 app = typer.Typer(
     help="Run a facemark ONNX model on photos or video (ONNX Runtime + a face detector, Haar by default; no torch).",
@@ -46,70 +45,21 @@ PROVIDER_HELP = "Execution provider: auto (TensorRT > CUDA > CPU, whichever load
 MODEL_HELP = "facemark ONNX model (default: the model shipped in facemark/assets)."
 
 
-def _detector_options(scale_factor: float | None, min_neighbors: int | None, min_face: float, max_side: int,
-                      min_score: float | None, cascade: str | None = None, min_face_windows: float | None = None,
-                      octaves: bool = haar.DEFAULT_OCTAVES) -> dict:
-    """The detector knobs given on the command line; unset ones (None) take the model-dependent defaults."""
-    options = {"min_face_fraction": min_face, "max_side": max_side or None, "min_score": min_score,
-               "cascade": cascade, "scale_factor": scale_factor, "min_neighbors": min_neighbors,
-               "min_face_windows": min_face_windows, "octaves": octaves}
-    chosen = {k: v for k, v in options.items() if v is not None or k == "max_side"}
-    if min_face_windows == 0.0:  # 0 = no such downscale
-        chosen["min_face_windows"] = None
-    return chosen
+def _landmarker_options(provider: Provider, threads: int | None, trt_fp16: bool, trt_cache: Path | None,
+                        options: RuntimeOptions) -> dict:
+    """FaceLandmarker's keyword arguments from the command line (--ray hands them to every actor)."""
+    return {"provider": provider.value, "threads": threads, "trt_fp16": trt_fp16, "trt_cache_dir": trt_cache,
+            "options": options}
 
 
-HAAR_ONLY = ("scale_factor", "min_neighbors", "min_face", "max_side", "min_face_windows", "octaves", "cascade")
-DETECTOR_HELP = ("Face detector: haar (OpenCV's cascade, the default) or a CNN detector fetched once with "
-                 "`facemark detectors fetch NAME` (docs/DETECTORS.md).")
-
-
-def _chosen_detector(ctx: typer.Context, detector: DetectorChoice, haar_options: dict) -> tuple[str, dict]:
-    """The detector's name and options: the Haar knobs go to Haar; given with a CNN detector they are refused
-    (the detector score threshold, --min-detector-score, applies to both)."""
-    if detector.value == HAAR:
-        return HAAR, haar_options
-    clash = _given(ctx, HAAR_ONLY)
-    if clash:
-        names = ", ".join("--" + n.replace("_", "-") for n in clash)
-        raise typer.BadParameter(f"{names}: Haar options, not for --detector {detector.value}")
-    return detector.value, {k: v for k, v in haar_options.items() if k == "min_score" and v is not None}
-
-
-def _landmarker(model: Path | None, provider: Provider, threads: int | None, detector: tuple[str, dict],
-                trt_fp16: bool, trt_cache: Path | None, max_faces: int | None = None, refine: int = 0,
-                tta: Tta = Tta.none, min_score: float | None = None):
+def _landmarker(model: Path | None, *args, **kwargs):
+    """A FaceLandmarker of `_landmarker_options(*args, **kwargs)`; a bad setting is one line."""
     from facemark.runtime.landmarker import FaceLandmarker
 
     try:
-        return FaceLandmarker(model, provider=provider.value, threads=threads, trt_fp16=trt_fp16,
-                              trt_cache_dir=trt_cache, max_faces=max_faces, refine=refine, flip=tta == Tta.flip,
-                              min_score=min_score or None, detector=detector[0], detector_options=detector[1])
+        return FaceLandmarker(model, **_landmarker_options(*args, **kwargs))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-
-
-REFINE_HELP = ("Extra passes re-cropped on the previous pass's landmarks (the training box); default measured "
-               "in docs/MODEL.md.")
-TTA_HELP = "Test-time augmentation: none | flip (mirror each crop and average; about 2x the model time)."
-MIN_SCORE_HELP = "Drop faces whose presence score (0-1, models with a presence head) is below this; 0 keeps all."
-
-
-SCALE_FACTOR_HELP = (f"Haar pyramid step (bigger = faster, fewer faces); default {haar.PRESENCE_SCALE_FACTOR} with "
-                     f"a presence model, else {haar.DEFAULT_SCALE_FACTOR}.")
-MIN_NEIGHBORS_HELP = (f"Haar neighbours (bigger = fewer false boxes; 0 keeps a face hit once); default "
-                      f"{haar.PRESENCE_MIN_NEIGHBORS} with a presence model (it rejects false boxes), else "
-                      f"{haar.DEFAULT_MIN_NEIGHBORS}.")
-MIN_FACE_HELP = "Smallest face, as a fraction of the shorter side (the speed knob)."
-MAX_SIDE_HELP = "Detect on a copy downscaled to this longer side at most (0 = off)."
-MIN_FACE_WINDOWS_HELP = ("Detect on a copy downscaled until the smallest face wanted spans this many cascade windows "
-                         f"(0 = off; the speed knob that keeps --min-face); default {haar.PRESENCE_MIN_FACE_WINDOWS} "
-                         f"with a presence model, else {haar.DEFAULT_MIN_FACE_WINDOWS}.")
-CASCADE_HELP = (f"Cascade file or OpenCV cascade name (default {haar.DEFAULT_CASCADE}; the tutorial's: "
-                f"{haar.TUTORIAL_CASCADE}).")
-MAX_FACES_HELP = "Keep the N most confident faces."
-OCTAVES_HELP = ("Haar: one halved copy per octave of face sizes instead of OpenCV's single pyramid: about half "
-                "the time, about 9 points fewer faces found (docs/MODEL.md).")
 
 
 SERVER_HELP = ("Send the images to a `facemark serve` server (http://HOST:PORT) instead of running the model here; "
@@ -117,8 +67,16 @@ SERVER_HELP = ("Send the images to a `facemark serve` server (http://HOST:PORT) 
 # predict options that only the server can set once --server is given
 SERVER_ONLY = ("wait", "timeout")  # predict options that need --server
 LOCAL_ONLY = ("model", "provider", "threads", "detector", "scale_factor", "min_neighbors", "min_face", "max_side",
-              "min_face_windows", "octaves", "min_detector_score", "min_score", "refine", "tta", "cascade", "max_faces",
+              "min_face_windows", "octaves", "min_detector_score", "min_score", "refine", "tta", "preset", "cascade",
+              "max_faces",
               "trt_fp16", "trt_cache")
+
+
+RAY_HELP = ("Run the job on a Ray cluster (the ray extra): local (start one here), auto (the cluster this "
+            "machine belongs to) or its address (HOST:6379, ray://HOST:10001); inputs may be URIs (s3://...). "
+            "--workers: actors (default: the cluster's CPUs over --threads); --threads: CPUs per actor (default 1). "
+            "Writes --jsonl and/or --parquet once the job is done.")
+NOT_WITH_RAY = ("out", "json_path", "csv_path", "aligned", "resume", "force")
 
 
 def _given(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
@@ -128,6 +86,7 @@ def _given(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
 
 
 @app.command("predict")
+@with_options
 def predict_command(
     ctx: typer.Context,
     inputs: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or globs."),
@@ -139,21 +98,8 @@ def predict_command(
     provider: Provider = typer.Option("auto", "--provider", "-p", help=PROVIDER_HELP),
     draw: DrawChoice = typer.Option("points", "--draw", help="How --out pictures show the landmarks."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for the model."),
-    detector: DetectorChoice = typer.Option(HAAR, "--detector", help=DETECTOR_HELP),
-    scale_factor: float | None = typer.Option(None, "--scale-factor", help=SCALE_FACTOR_HELP),
-    min_neighbors: int | None = typer.Option(None, "--min-neighbors", min=0, help=MIN_NEIGHBORS_HELP),
-    min_face: float = typer.Option(haar.DEFAULT_MIN_FACE_FRACTION, "--min-face", help=MIN_FACE_HELP),
-    max_side: int = typer.Option(haar.DEFAULT_MAX_SIDE, "--max-side", help=MAX_SIDE_HELP),
-    min_face_windows: float | None = typer.Option(None, "--min-face-windows", min=0.0, help=MIN_FACE_WINDOWS_HELP),
-    min_detector_score: float | None = typer.Option(
-        None, "--min-detector-score", help="Drop detector boxes scoring below this (Haar: a cascade level weight, "
-        "not a probability; a CNN detector: its probability, default in docs/DETECTORS.md)."),
-    min_score: float = typer.Option(DEFAULT_MIN_SCORE, "--min-score", min=0.0, max=1.0, help=MIN_SCORE_HELP),
-    refine: int = typer.Option(DEFAULT_REFINE, "--refine", min=0, help=REFINE_HELP),
-    tta: Tta = typer.Option("none", "--tta", help=TTA_HELP),
-    cascade: str | None = typer.Option(None, "--cascade", help=CASCADE_HELP),
-    octaves: bool = typer.Option(haar.DEFAULT_OCTAVES, "--octaves/--no-octaves", help=OCTAVES_HELP),
-    max_faces: int | None = typer.Option(None, "--max-faces", min=1, help=MAX_FACES_HELP),
+    detection: DetectorOptions = DetectorOptions(),
+    pipeline: PipelineOptions = PipelineOptions(),
     jsonl: Path | None = typer.Option(None, "--jsonl", help="Stream one JSON line per input (the images[] entry "
                                       "and the run's model sha256 and settings), flushed as each input is done; "
                                       "- for stdout."),
@@ -182,6 +128,9 @@ def predict_command(
                                "model to be ready (one progress line) before giving up."),
     timeout: float = typer.Option(30.0, "--timeout", min=0.1, help="With --server: seconds one request may take; "
                                   "a server that stops answering ends the run, the images not done failed."),
+    ray_address: str | None = typer.Option(None, "--ray", metavar="local|auto|ADDRESS", help=RAY_HELP),
+    parquet: Path | None = typer.Option(None, "--parquet", help="With --ray: the rows as one Parquet file "
+                                        "(path, width, height, faces nested, error)."),
 ) -> None:
     """Landmarks for every face in photos: annotated images (--out), one JSON document (--json), JSON lines
     streamed per image (--jsonl, resumable with --resume), CSV (--csv), aligned face chips (--aligned);
@@ -190,15 +139,15 @@ def predict_command(
     which). Messages and the summary go to stderr."""
     from facemark.errors import printable
     from facemark.fileio import check_writable, is_stdout, write_output_text
-    from facemark.runtime.predict import (
+    from facemark.runtime.predict.inputs import collect_inputs
+    from facemark.runtime.predict.runner import predict_files
+    from facemark.runtime.predict.writers import (
         ChipOptions,
         JsonlWriter,
         build_document,
         claim_output_stems,
-        collect_inputs,
         dumps,
         output_folders,
-        predict_files,
         read_jsonl_entries,
         run_identity,
         write_csv,
@@ -210,12 +159,15 @@ def predict_command(
         raise typer.BadParameter("--resume needs a --jsonl file, not - (stdout)")
     if sum(is_stdout(p) for p in (json_path, jsonl, csv_path)) > 1:
         raise typer.BadParameter("only one of --json, --jsonl and --csv can be - (stdout)")
-    for path, what in ((json_path, "--json document"), (jsonl, "--jsonl file"), (csv_path, "--csv file")):
+    for path, what in ((json_path, "--json document"), (jsonl, "--jsonl file"), (csv_path, "--csv file"),
+                       (parquet, "--parquet file")):
         if path is not None:
             check_writable(path, what)  # before any image is processed
+    if server is not None and ray_address is not None:
+        raise typer.BadParameter("--server and --ray: give one (where the images go)")
     remote = None
     if server is not None:
-        from facemark.runtime.remote import TritonLandmarker
+        from facemark.runtime.serving.client import TritonLandmarker
 
         clash = _given(ctx, LOCAL_ONLY)
         if clash:
@@ -228,16 +180,17 @@ def predict_command(
         unused = _given(ctx, SERVER_ONLY)
         if unused:
             raise typer.BadParameter(f"{', '.join('--' + n for n in unused)}: only with --server")
-        chosen = _chosen_detector(ctx, detector, _detector_options(
-            scale_factor, min_neighbors, min_face, max_side, min_detector_score, cascade, min_face_windows, octaves))
-        landmarker = steps = _landmarker(model, provider, threads, chosen, trt_fp16, trt_cache, max_faces, refine,
-                                         tta, min_score)
+        options = (provider, threads, trt_fp16, trt_cache, RuntimeOptions(detection, pipeline))
+        landmarker = steps = _landmarker(model, *options)
+        if ray_address is not None or parquet is not None:
+            return _predict_on_ray(ctx, inputs, ray_address, landmarker, model, _landmarker_options(*options),
+                                   workers, jsonl, parquet, pose, pipeline.max_faces)
     files, failures = collect_inputs(inputs)
     chips = ChipOptions(aligned, aligned_size, aligned_template.value) if aligned else None
     stems = claim_output_stems(files, output_folders(out, chips))  # refuses unsafe folders before any work
     for failure in failures:
         console.print(f"[red]error:[/red] {escape(printable(failure.error))}")
-    run = run_identity(landmarker.describe(), {"max_faces": max_faces, "pose": pose})
+    run = run_identity(landmarker.describe(), {"max_faces": pipeline.max_faces, "pose": pose})
     earlier = read_jsonl_entries(jsonl, run, force) if resume and jsonl is not None else {}
     todo = [f for f in files if os.path.realpath(f) not in earlier]
     if earlier:
@@ -289,7 +242,7 @@ def _not_done(remote: RemoteSteps, todo: list[Path], results: list[ImageResult],
     """The server stopped answering: every file it did not answer fails with that reason, in the JSON and JSONL
     too (so --resume retries them), and one line says so."""
     from facemark.errors import printable
-    from facemark.runtime.predict import ImageResult
+    from facemark.runtime.predict.inputs import ImageResult
 
     done = {r.path for r in results}
     missing = [ImageResult(str(f), error=f"{f}: not done: {remote.gone}") for f in todo if str(f) not in done]
@@ -300,6 +253,53 @@ def _not_done(remote: RemoteSteps, todo: list[Path], results: list[ImageResult],
     console.print(f"[red]error:[/red] {escape(printable(remote.gone or ''))}; {count} of {len(todo)} images not "
                   "done (listed as failed)")
     return missing
+
+
+def _predict_on_ray(ctx: typer.Context, inputs: list[str], address: str | None, landmarker, model: Path | None,
+                    options: dict, actors: int | None, jsonl: Path | None, parquet: Path | None, pose: bool,
+                    max_faces: int | None) -> None:
+    """--ray: the job on a cluster (facemark.runtime.ray), written as local predict writes its lines; the driver's
+    `landmarker` has checked the settings and names the run before any cluster starts."""
+    from facemark.errors import printable
+    from facemark.runtime.predict.writers import run_identity
+
+    if address is None:
+        raise typer.BadParameter("--parquet: only with --ray")
+    clash = _given(ctx, NOT_WITH_RAY)
+    if clash:
+        raise typer.BadParameter(", ".join("--" + n.removesuffix("_path") for n in clash) + ": not with --ray")
+    if jsonl is None and parquet is None:
+        raise typer.BadParameter("--ray needs --jsonl FILE and/or --parquet FILE")
+    from facemark.runtime.ray import predict_job, write_jsonl_rows, write_parquet
+
+    run = run_identity(landmarker.describe(), {"max_faces": max_faces, "pose": pose})
+    threads = options.pop("threads") or 1
+    model_arg = model if model is None or address == "local" else model.read_bytes()  # nodes need no copy
+    try:
+        with console.status(f"landmarks on Ray ({address})"):
+            failures, table, times = predict_job(inputs, address, actors, threads, pose=pose, model=model_arg,
+                                                 **options)
+    except KeyboardInterrupt:  # the job is stopped with the connection; its rows come back all or not at all
+        console.print("[yellow]interrupted (SIGINT): the Ray job was stopped, nothing written[/yellow]")
+        raise typer.Exit(code=128 + signal.SIGINT.value) from None
+    rows = table.to_pylist()
+    for error in [f.error for f in failures] + [row["error"] for row in rows if row["error"]]:
+        console.print(f"[red]error:[/red] {escape(printable(error))}")
+    if jsonl is not None:
+        write_jsonl_rows(jsonl, rows, run)
+    if parquet is not None:
+        write_parquet(parquet, table)
+    failed = len(failures) + sum(1 for row in rows if row["error"])
+    color = "red" if failed else "green"
+    faces = sum(len(row["faces"]) for row in rows)
+    console.print(f"[{color}]{len(failures) + len(rows)} images, {faces} faces, {failed} failed, "
+                  f"{times.images / max(times.job_s, 1e-9):.1f} images/s on Ray ({times.actors} actors x {threads} "
+                  f"threads; {times.connect_s + times.first_row_s:.1f} s until the first rows)[/{color}]")
+    for what, path in (("JSON lines", jsonl), ("Parquet", parquet)):
+        if path is not None:
+            console.print(f"{what}: {path}")
+    if failed:
+        raise typer.Exit(code=1)
 
 
 class _StopFlag:
@@ -348,6 +348,7 @@ def _print_summary(results, providers: list[str], out: Path | None, json_path: P
 
 
 @app.command("video")
+@with_options
 def video_command(
     ctx: typer.Context,
     source: str = typer.Argument(..., help="A video file, or a camera index such as 0."),
@@ -364,28 +365,15 @@ def video_command(
     provider: Provider = typer.Option("auto", "--provider", "-p", help=PROVIDER_HELP),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for the model."),
     draw: DrawChoice = typer.Option("points", "--draw", help="How --out shows the landmarks."),
-    detector: DetectorChoice = typer.Option(HAAR, "--detector", help=DETECTOR_HELP),
-    scale_factor: float | None = typer.Option(None, "--scale-factor", help=SCALE_FACTOR_HELP),
-    min_neighbors: int | None = typer.Option(None, "--min-neighbors", min=0, help=MIN_NEIGHBORS_HELP),
-    min_face: float = typer.Option(haar.DEFAULT_MIN_FACE_FRACTION, "--min-face", help=MIN_FACE_HELP),
-    max_side: int = typer.Option(haar.DEFAULT_MAX_SIDE, "--max-side", help=MAX_SIDE_HELP),
-    min_face_windows: float | None = typer.Option(None, "--min-face-windows", min=0.0, help=MIN_FACE_WINDOWS_HELP),
-    cascade: str | None = typer.Option(None, "--cascade", help=CASCADE_HELP),
-    octaves: bool = typer.Option(haar.DEFAULT_OCTAVES, "--octaves/--no-octaves", help=OCTAVES_HELP),
-    max_faces: int | None = typer.Option(None, "--max-faces", min=1, help=MAX_FACES_HELP),
-    min_score: float = typer.Option(DEFAULT_MIN_SCORE, "--min-score", min=0.0, max=1.0,
-                                    help=MIN_SCORE_HELP + " A track below it is dropped at once."),
-    refine: int = typer.Option(DEFAULT_REFINE, "--refine", min=0, help=REFINE_HELP + " (detected frames)"),
+    detection: DetectorOptions = DetectorOptions(),
+    pipeline: PipelineOptions = PipelineOptions(),
     max_frames: int | None = typer.Option(None, "--max-frames", min=1, help="Stop after N frames."),
 ) -> None:
     """Per-frame landmarks of a video or camera: JSON lines and an annotated video; prints frames, faces, fps."""
-    from facemark.runtime.predict import dumps
+    from facemark.runtime.predict.writers import dumps
     from facemark.runtime.video import run_video
 
-    chosen = _chosen_detector(ctx, detector, _detector_options(scale_factor, min_neighbors, min_face, max_side, None,
-                                                               cascade, min_face_windows, octaves))
-    landmarker = _landmarker(model, provider, threads, chosen, False, None, max_faces=max_faces, refine=refine,
-                             min_score=min_score)
+    landmarker = _landmarker(model, provider, threads, False, None, RuntimeOptions(detection, pipeline))
 
     def to_stdout(frame) -> None:  # nothing asked to be saved: stream the frames as JSON lines
         sys.stdout.write(dumps(frame.to_json()) + "\n")
@@ -412,6 +400,7 @@ def video_command(
         raise typer.Exit(code=1)
 
 
+@with_options
 def serve_command(
     model: Path | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
@@ -424,10 +413,8 @@ def serve_command(
     threads: int | None = typer.Option(None, "--threads", min=1, help="ONNX Runtime threads per instance "
                                        "(default: the cores shared among the instances)."),
     provider: Provider = typer.Option("auto", "--provider", "-p", help=PROVIDER_HELP),
-    detector: DetectorChoice = typer.Option(HAAR, "--detector", help=DETECTOR_HELP),
-    refine: int = typer.Option(DEFAULT_REFINE, "--refine", min=0, help=REFINE_HELP),
-    min_score: float = typer.Option(DEFAULT_MIN_SCORE, "--min-score", min=0.0, max=1.0, help=MIN_SCORE_HELP),
-    max_faces: int | None = typer.Option(None, "--max-faces", min=1, help=MAX_FACES_HELP),
+    detection: DetectorOptions = DetectorOptions(),
+    pipeline: PipelineOptions = PipelineOptions(),
     grace: int = typer.Option(DEFAULT_GRACE_S, "--grace", min=0, help="On SIGTERM: seconds the requests in flight "
                               "may take to finish (no new connections are taken meanwhile); then exit 0."),
     max_request_mb: float = typer.Option(DEFAULT_MAX_REQUEST_MB, "--max-request-mb", min=0.001,
@@ -450,7 +437,7 @@ def serve_command(
     import logging
     import threading
 
-    from facemark.runtime.serve import FacemarkServer, OneLineFormatter, ServeConfig, ServeLimits
+    from facemark.runtime.serving.server import FacemarkServer, OneLineFormatter, ServeConfig, ServeLimits
 
     log_format = "%(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format=log_format)
@@ -459,8 +446,7 @@ def serve_command(
     limits = ServeLimits(max_request_mb=max_request_mb, max_images=max_images, max_megapixels=max_megapixels)
     config = ServeConfig(model=model, provider=provider.value, host=host, http_port=http_port, grpc_port=grpc_port,
                          metrics_port=metrics_port, max_batch=max_batch, instances=instances, threads=threads,
-                         refine=refine, min_score=min_score or None, max_faces=max_faces, detector=detector.value,
-                         limits=limits,
+                         options=RuntimeOptions(detection, pipeline), limits=limits,
                          grace_s=grace, decoders=decoders, verbose=verbose)
     server = FacemarkServer(config)  # the checks that need no Triton: one line, exit 2
     stop = threading.Event()

@@ -15,8 +15,8 @@ DEFAULT_MIN_SCORE = 0.99
 # second at 30 fps, for faces that enter); the others search around the tracked faces only (runtime.video).
 DEFAULT_FULL_SCAN_EVERY = 3
 
-# `facemark serve` (runtime.serve): the SIGTERM drain and what one request may hold, sized for 2 cores and a few
-# GB (a full dynamic batch of 16 requests at the pixel limit decodes to about 16 x 72 MB of BGR pixels).
+# `facemark serve` (runtime.serving.server): the SIGTERM drain and what one request may hold, sized for 2 cores
+# and a few GB (a full dynamic batch of 16 requests at the pixel limit decodes to about 16 x 72 MB of BGR pixels).
 DEFAULT_GRACE_S = 30
 DEFAULT_MAX_REQUEST_MB = 32.0  # encoded bytes of a request's images
 DEFAULT_MAX_IMAGES = 8  # images per request

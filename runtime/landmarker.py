@@ -27,6 +27,7 @@ from facemark.inference import predict_faces
 from facemark.runtime.defaults import DEFAULT_MIN_SCORE, DEFAULT_REFINE
 from facemark.runtime.detector import Detection
 from facemark.runtime.detectors import HAAR, FaceDetector, calibration_for, create_detector
+from facemark.runtime.options import RuntimeOptions
 from facemark.runtime.session import DEFAULT_MAX_BATCH, LandmarkModel
 
 DEFAULT_MODEL_NAME = "facemark-68.onnx"
@@ -147,6 +148,7 @@ class FaceLandmarker:
         min_score: float | None = DEFAULT_MIN_SCORE,
         detector_options: dict | None = None,
         spin: bool = False,
+        options: RuntimeOptions | None = None,
     ) -> None:
         """calibration: overrides the model's embedded detector calibration. max_faces: keep only the most
         confident detections (None = all). refine: extra passes re-cropped on the previous pass's landmarks
@@ -154,7 +156,14 @@ class FaceLandmarker:
         below it (models with a presence head; None or 0 keeps every detection). detector: a ready detector, or
         a name from runtime.detectors.DETECTOR_NAMES (default "haar") made with `detector_options` over its
         defaults (Haar's: a permissive cascade when the model scores presence; a CNN detector runs on this
-        model's provider, threads and TensorRT settings). spin: see LandmarkModel."""
+        model's provider, threads and TensorRT settings). spin: see LandmarkModel. options: the detector and
+        pipeline options as one object (facemark.runtime.options.RuntimeOptions); when given it sets detector,
+        detector_options, refine, flip, min_score and max_faces, which are then left at their defaults."""
+        if options is not None:
+            picked = options.landmarker_kwargs()
+            detector = detector if not isinstance(detector, str | None) else picked["detector"]
+            detector_options, refine, flip = picked["detector_options"], picked["refine"], picked["flip"]
+            min_score, max_faces = picked["min_score"], picked["max_faces"]
         self.model = LandmarkModel(resolve_model_path(model_path), provider=provider, threads=threads,
                                    trt_fp16=trt_fp16, trt_cache_dir=trt_cache_dir, max_batch=max_batch,
                                    spin=spin)

@@ -25,7 +25,8 @@ from facemark.data import load_records, read_pts_folder
 from facemark.errors import ImageError, ModelError
 from facemark.imageio import read_image
 from facemark.runtime.landmarker import FaceLandmarker
-from facemark.runtime.predict import collect_inputs, read_jsonl_entries
+from facemark.runtime.predict.inputs import collect_inputs
+from facemark.runtime.predict.writers import read_jsonl_entries
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -357,7 +357,8 @@ def test_runtime_imports_and_cli_help_without_torch():
     code = (
         "import sys, facemark.runtime\n"
         "from facemark.runtime import FaceLandmarker, HaarDetector, LandmarkModel, available_providers\n"
-        "import facemark.runtime.video, facemark.runtime.predict, facemark.runtime.calibration\n"
+        "import facemark.runtime.video, facemark.runtime.predict.runner, facemark.runtime.predict.writers\n"
+        "import facemark.runtime.calibration, facemark.runtime.serving.protocol\n"
         "from facemark.cli import run\n"
         "code = run(['runtime', '--help'])\n"
         "assert code == 0, code\n"
@@ -415,7 +416,8 @@ def test_detect_many_takes_paths_and_pil_images_like_detect(landmarker):
 @pytest.mark.parametrize("workers", [2, 3])
 def test_pipelined_folder_run_keeps_order_and_equals_one_by_one_and_survives_a_bad_file(
         landmarker, tmp_path, workers):
-    from facemark.runtime.predict import OUTPUTS_MANIFEST, predict_files
+    from facemark.runtime.predict.runner import predict_files
+    from facemark.runtime.predict.writers import OUTPUTS_MANIFEST
 
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 not really a jpeg")
@@ -438,7 +440,7 @@ def test_pipelined_folder_run_keeps_order_and_equals_one_by_one_and_survives_a_b
 
 
 def test_pipelined_run_stops_between_groups_with_a_prefix_in_order(landmarker):
-    from facemark.runtime.predict import predict_files
+    from facemark.runtime.predict.runner import predict_files
 
     files = _sample_paths() * 5  # 30 files: several groups
     done: list[str] = []

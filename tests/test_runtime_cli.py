@@ -16,7 +16,7 @@ from PIL import Image
 from test_runtime import export_tiny_onnx
 
 from facemark.cli import run
-from facemark.runtime.predict import collect_inputs
+from facemark.runtime.predict.inputs import collect_inputs
 
 
 @pytest.fixture(scope="module")

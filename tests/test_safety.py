@@ -204,7 +204,7 @@ def test_out_folder_holding_the_inputs_is_refused_before_any_work_and_inputs_kee
 
 
 def test_inputs_sharing_a_stem_and_a_rerun_with_other_inputs_never_overwrite_a_picture(tmp_path, two_photos):
-    from facemark.runtime.predict import OUTPUTS_MANIFEST
+    from facemark.runtime.predict.writers import OUTPUTS_MANIFEST
 
     as_png = tmp_path / "photos" / f"{two_photos[0].stem}.png"
     Image.open(two_photos[0]).save(as_png)

@@ -116,7 +116,7 @@ def _infer(url: str, files: list[bytes], binary: bool = True) -> dict[str, np.nd
     """One request of model `facemark` with these encoded files: its outputs."""
     import tritonclient.http as http
 
-    from facemark.runtime.remote import OUTPUT_NAMES
+    from facemark.runtime.serving.client import OUTPUT_NAMES
 
     data = np.array([[f] for f in files], dtype=np.object_)
     request = http.InferInput("image", list(data.shape), "BYTES")
@@ -222,7 +222,7 @@ def _status(url: str) -> int | str:
 def test_sigterm_drains_8_requests_in_flight_then_exits_0_and_leaves_no_process(server):
     """The last test of the module's server: SIGTERM while 8 requests are in flight, more work in all than the 5 s
     Triton was once given to exit."""
-    from facemark.runtime.remote import TritonLandmarker
+    from facemark.runtime.serving.client import TritonLandmarker
 
     family = _descendants(server.proc.pid)
     assert family, "PyTriton runs tritonserver as a child process"
@@ -374,7 +374,7 @@ def test_server_options_need_server(capsys):
 
 
 def test_serve_limits_refuse_from_the_headers_alone():
-    from facemark.runtime.serve import ServeLimits
+    from facemark.runtime.serving.server import ServeLimits
 
     limits = ServeLimits(max_request_mb=1, max_images=2, max_megapixels=0.2)
     photo = PHOTO.read_bytes()  # 500x332: 0.166 megapixels
@@ -416,7 +416,7 @@ def test_serve_start_up_failures_are_one_line_exit_2(case, tmp_path, monkeypatch
 
 
 def test_check_ports_free_names_the_port_in_use():
-    from facemark.runtime.serve import ServeError, check_ports_free
+    from facemark.runtime.serving.server import ServeError, check_ports_free
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -431,7 +431,7 @@ def test_check_ports_free_names_the_port_in_use():
 
 def test_pack_and_unpack_keep_every_field_and_empty_images():
     from facemark.runtime.landmarker import Detections, Face
-    from facemark.runtime.serving import pack_detections, unpack_image
+    from facemark.runtime.serving.protocol import pack_detections, unpack_image
 
     rng = np.random.default_rng(1)
     with_scores = Face((10.5, 20.25, 30.0, 31.0), rng.random((68, 2), dtype=np.float32) * 100, 0.97, 3.0,
@@ -506,7 +506,7 @@ def test_triton_repository_refuses_a_model_without_a_batch_dimension(tmp_path):
 def test_libpython_folder_goes_first_on_ld_library_path(monkeypatch):
     import sysconfig
 
-    from facemark.runtime.serve import use_own_libpython
+    from facemark.runtime.serving.server import use_own_libpython
 
     monkeypatch.setenv("LD_LIBRARY_PATH", "/somewhere/else")
     libdir = use_own_libpython()

@@ -6,7 +6,7 @@ more: the files not done fail with one reason instead of one timeout each.
 
 Each file is read and decoded here too (the same facemark.imageio checks, so a bad file gets the same error
 line as local predict, and the annotated picture is drawn on the same pixels); its encoded bytes go to the
-server's `facemark` model, whose faces come back as facemark.runtime.serving packs them. Worker threads of
+server's `facemark` model, whose faces come back as facemark.runtime.serving.protocol packs them. Worker threads of
 predict_files send requests concurrently, so the server's dynamic batching gathers them.
 """
 
@@ -24,8 +24,9 @@ import numpy as np
 from facemark.errors import FacemarkError, ImageError
 from facemark.imageio import decode_image
 from facemark.runtime.landmarker import Detections, Face
-from facemark.runtime.predict import ImageResult, LoadedFile
-from facemark.runtime.serving import (
+from facemark.runtime.predict.inputs import ImageResult
+from facemark.runtime.predict.runner import LoadedFile
+from facemark.runtime.serving.protocol import (
     ERROR,
     FACE_COUNT,
     FACE_OUTPUTS,

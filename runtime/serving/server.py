@@ -2,7 +2,7 @@
 
 PyTriton starts the real `tritonserver` binary its wheel carries (KServe v2 HTTP and gRPC, dynamic batching,
 Prometheus metrics) with Triton's Python backend forwarding each batch to the callables bound here, which run
-the torch-free pipeline of this package. The models and tensors are facemark.runtime.serving's.
+the torch-free pipeline of this package. The models and tensors are facemark.runtime.serving.protocol's.
 
 Dynamic batching: Triton gathers the requests that arrive within `queue_delay_us` (up to `max_batch` images)
 into one call; the pipeline model then runs Haar on a thread pool and the landmark model once over the faces of
@@ -33,7 +33,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +42,9 @@ from facemark.errors import FacemarkError, ImageError
 from facemark.imageio import probe_size
 from facemark.runtime import defaults
 from facemark.runtime.decode_pool import DecoderPool
-from facemark.runtime.defaults import DEFAULT_MIN_SCORE, DEFAULT_REFINE
 from facemark.runtime.landmarker import Detections, FaceLandmarker
-from facemark.runtime.serving import (
+from facemark.runtime.options import RuntimeOptions
+from facemark.runtime.serving.protocol import (
     CROPS_MODEL,
     ERROR,
     FACE_COUNT,
@@ -115,12 +115,8 @@ class ServeConfig:
     max_batch: int = DEFAULT_MAX_BATCH
     instances: int = 1
     threads: int | None = None  # ONNX Runtime threads per instance (default: the cores shared among instances)
-    refine: int = DEFAULT_REFINE
-    min_score: float | None = DEFAULT_MIN_SCORE
-    max_faces: int | None = None
+    options: RuntimeOptions = RuntimeOptions()  # detector and pipeline (refine, tta, min_score, max_faces)
     queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
-    detector: str = "haar"  # a name of runtime.detectors.DETECTOR_NAMES
-    detector_options: dict = field(default_factory=dict)
     limits: ServeLimits = ServeLimits()
     grace_s: int = defaults.DEFAULT_GRACE_S  # SIGTERM: how long requests in flight may take to finish
     decoders: int = 2  # decoding worker processes
@@ -150,9 +146,7 @@ def _threads_per_instance(config: ServeConfig) -> int:
 
 def build_landmarker(config: ServeConfig) -> FaceLandmarker:
     return FaceLandmarker(config.model, provider=config.provider, threads=_threads_per_instance(config),
-                          max_batch=max(config.max_batch, 1), refine=config.refine, min_score=config.min_score,
-                          max_faces=config.max_faces, detector=config.detector,
-                          detector_options=config.detector_options)
+                          max_batch=max(config.max_batch, 1), options=config.options)
 
 
 def _request_bytes(request_images: np.ndarray) -> list[bytes]:

@@ -1,6 +1,6 @@
-"""The wire format between `facemark serve` (runtime/serve.py) and its client (runtime/remote.py): model and
-tensor names, and faces packed into / unpacked from Triton tensors. Numpy only, so both sides and the tests
-share it without Triton installed.
+"""The wire format between `facemark serve` (runtime/serving/server.py) and its client
+(runtime/serving/client.py): model and tensor names, and faces packed into / unpacked from Triton tensors.
+Numpy only, so both sides and the tests share it without Triton installed.
 
 Model `facemark` (the whole pipeline), per image of a request (the batch dimension is the request's images):
   input  image            BYTES  [1]        the encoded file (JPEG, PNG, ...)

@@ -1,4 +1,4 @@
-"""Batch prediction over image files: input listing, per-file results, annotated pictures, JSON and JSONL.
+"""What `runtime predict` writes: the JSON document, JSONL lines, CSV, annotated pictures and aligned chips.
 
 JSON document (one per run; the JSON Schema, the one source of truth, is facemark.runtime.schema: `facemark schema`):
 {"model": {...ModelInfo.summary(), "path": str | null, "providers": [str]},
@@ -10,8 +10,8 @@ JSON document (one per run; the JSON Schema, the one source of truth, is facemar
                         "landmark_scores": [float x 68] | null}],
              "error": null | str}]}
 Coordinates are 0-based image pixels (pixel centres at integers); "box" is the box the last crop was made
-from (the calibrated detector box, refined), "detector_box" the raw Haar box, "score" the face presence in
-[0, 1] (models with a presence head), "detector_score" the cascade's level weight, "landmark_scores" the
+from (the calibrated detector box, refined), "detector_box" the raw detector box, "score" the face presence in
+[0, 1] (models with a presence head), "detector_score" the detector's confidence, "landmark_scores" the
 per-point confidence (pip head). A bad file gets "error" (one line naming it) and an empty face list; no
 face is an empty list, not an error. JSON never holds NaN.
 
@@ -29,21 +29,16 @@ file it did not write is never replaced, and a folder where an output would repl
 from __future__ import annotations
 
 import csv
-import glob
 import io
 import json
 import os
 import re
-import time
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from imutils.paths import list_files
 
 from facemark.drawing import DrawMode, draw_face
 from facemark.errors import FacemarkError, ImageError
@@ -57,30 +52,11 @@ from facemark.fileio import (
     write_text_atomic,
 )
 from facemark.geometry import ARCFACE_SIZE, Template
-from facemark.imageio import IMAGE_SUFFIXES, read_image, write_image
-from facemark.runtime.landmarker import Detections, Face, FaceLandmarker, Found, default_workers
+from facemark.imageio import write_image
+from facemark.runtime.predict.inputs import ImageResult
 from facemark.scheme import NUM_POINTS
 
 WRITABLE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-GLOB_CHARS = set("*?[")
-PIPELINE_GROUP = 8  # files whose faces share one landmark-model call in a pipelined run
-
-
-@dataclass
-class ImageResult:
-    path: str
-    width: int | None = None
-    height: int | None = None
-    faces: list[Face] = field(default_factory=list)
-    error: str | None = None
-    ms: float = 0.0
-    output: str | None = None  # the annotated picture, when written
-    with_pose: bool = False  # faces carry "pose" in JSON (--pose)
-    chips: list[str] = field(default_factory=list)  # aligned face chips written (--aligned)
-
-    def to_json(self) -> dict:
-        return {"path": self.path, "width": self.width, "height": self.height,
-                "faces": [f.to_json(self.with_pose) for f in self.faces], "error": self.error}
 
 
 @dataclass(frozen=True)
@@ -92,114 +68,13 @@ class ChipOptions:
     template: Template = "arcface"
 
 
-def find_images(folder: str) -> list[str]:
-    """Image files below `folder` (recursive), by the one extension list of facemark.imageio, any case."""
-    return [p for p in list_files(folder) if Path(p).suffix.lower() in IMAGE_SUFFIXES]
-
-
-def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[ImageResult]]:
-    """Files as given, folders searched recursively for images, globs expanded (recursive `**`).
-
-    Returns the files in order (each once) and an error result for each input that yields nothing."""
-    files: list[Path] = []
-    failures: list[ImageResult] = []
-    seen: set[str] = set()
-
-    def add(path: Path) -> None:
-        key = os.path.realpath(path)  # a relative and an absolute name (or a link) of one file: one input
-        if key not in seen:
-            seen.add(key)
-            files.append(path)
-
-    for raw in inputs:
-        text = str(raw)
-        path = Path(text)
-        if path.is_dir():
-            found = sorted(find_images(text))
-            if not found:
-                failures.append(ImageResult(text, error=f"{text}: no image files in this folder"))
-            for item in found:
-                add(Path(item))
-        elif path.exists():
-            add(path)
-        elif GLOB_CHARS & set(text):
-            matches = sorted(m for m in glob.glob(text, recursive=True) if Path(m).is_file())
-            if not matches:
-                failures.append(ImageResult(text, error=f"{text}: no file matches this pattern"))
-            for item in matches:
-                add(Path(item))
-        else:
-            failures.append(ImageResult(text, error=f"{text}: no such file or folder"))
-    return files, failures
-
-
-@dataclass
-class LoadedFile:
-    """A file after decoding and Haar (or its error), waiting for the landmark model."""
-
-    result: ImageResult
-    image: np.ndarray | None = None
-    found: Found | None = None  # local detection, waiting for the landmark model
-    done: Detections | None = None  # faces already complete (a server made them: facemark.runtime.remote)
-    seconds: float = 0.0  # decode + detect
-
-
-def _load_and_find(landmarker: FaceLandmarker, path: Path) -> LoadedFile:
-    start = time.perf_counter()
-    try:
-        image = read_image(path)
-    except FacemarkError as exc:
-        return LoadedFile(ImageResult(str(path), error=str(exc)))
-    found = landmarker.find(image)
-    return LoadedFile(ImageResult(str(path), image.shape[1], image.shape[0]), image, found,
-                   time.perf_counter() - start)
-
-
-def _landmarks_of(landmarker: FaceLandmarker, group: Sequence[LoadedFile]) -> list[Detections | None]:
-    """The landmark model once per pass over the faces of every readable file of `group` (None: unreadable)."""
-    done = iter(landmarker.landmarks_for_found([item.found for item in group if item.found is not None]))
-    return [next(done) if item.found is not None else None for item in group]
-
-
 class Describable(Protocol):
     def describe(self) -> dict: ...  # {"model": {...}, "detector": {...}}: the document's header
 
 
-class FileSteps(Protocol):
-    """The two steps predict_files runs: `load` a file on a worker thread (decode, and detect or send it to a
-    server), then `landmarks` once for a group of loaded files (None for an unreadable one)."""
-
-    def load(self, path: Path) -> LoadedFile: ...
-
-    def landmarks(self, group: Sequence[LoadedFile]) -> list[Detections | None]: ...
-
-
-@dataclass(frozen=True)
-class LocalSteps:
-    """In this process: Haar on the worker threads, the landmark model batched over the group."""
-
-    landmarker: FaceLandmarker
-
-    def load(self, path: Path) -> LoadedFile:
-        return _load_and_find(self.landmarker, path)
-
-    def landmarks(self, group: Sequence[LoadedFile]) -> list[Detections | None]:
-        return _landmarks_of(self.landmarker, group)
-
-
-def _resolved(item: Future | ImageResult) -> ImageResult:
-    return item.result() if isinstance(item, Future) else item
-
-
-def _with_landmarks(loaded: LoadedFile, found: Detections) -> ImageResult:
-    result = loaded.result
-    result.faces = found.faces
-    result.error = f"{result.path}: " + "; ".join(found.problems) if found.problems else None
-    result.ms = loaded.seconds * 1000.0 + found.times["landmarks"]
-    return result
-
-
 OUTPUTS_MANIFEST = "facemark-outputs.json"  # in each --out / --aligned folder: {resolved input: output stem}
+
+
 _CHIP_STEM = re.compile(r"^(.*)-face\d+$", re.IGNORECASE)
 
 
@@ -287,7 +162,7 @@ def output_folders(out_dir: str | os.PathLike | None, chips: ChipOptions | None)
         ([OutputFolder(Path(chips.folder), "--aligned")] if chips is not None else [])
 
 
-def _write_outputs(result: ImageResult, image: np.ndarray, target: Path | None, draw: DrawMode,
+def write_outputs(result: ImageResult, image: np.ndarray, target: Path | None, draw: DrawMode,
                    chips: ChipOptions | None, chip_stem: str) -> ImageResult:
     """The annotated picture (`target`) and the aligned chips of one image. A picture that cannot be encoded is
     this image's error; a failed write (disk full, ...) raises WriteError: it ends the run."""
@@ -309,88 +184,6 @@ def _write_outputs(result: ImageResult, image: np.ndarray, target: Path | None, 
             except ImageError as exc:
                 result.error = f"{chip_path}: cannot write the aligned face ({exc})"
     return result
-
-
-def predict_files(
-    landmarker: FaceLandmarker | FileSteps,
-    files: Sequence[Path],
-    out_dir: str | os.PathLike | None = None,
-    draw: DrawMode = "points",
-    on_result: Callable[[ImageResult], None] | None = None,
-    stop_requested: Callable[[], bool] = lambda: False,
-    workers: int | None = None,
-    chips: ChipOptions | None = None,
-    pose: bool = False,
-    stems: Mapping[str, str] | None = None,
-) -> list[ImageResult]:
-    """Predict every file; results (and `on_result` calls) in input order. A bad file becomes an error result
-    and the batch goes on. Stops before the next file once `stop_requested()` is true (the results so far
-    are returned).
-
-    workers: 1 processes one file after another; more (default: one per core) pipelines the run: decoding,
-    Haar and writing annotated images of the next files run on that many threads while the landmark model
-    runs once per pass over the faces of a group of files. The landmarks equal one-by-one processing.
-    chips: also write each face's aligned chip. pose: the results' JSON carries each face's head pose.
-    stems: each file's output stem (default: claim_output_stems over `files`, which refuses unsafe folders).
-    `landmarker` may also be other FileSteps (facemark.runtime.remote: a Triton server does the work)."""
-    steps = LocalSteps(landmarker) if isinstance(landmarker, FaceLandmarker) else landmarker
-    count = workers or default_workers()
-    if stems is None:
-        stems = claim_output_stems(files, output_folders(out_dir, chips))
-    results: list[ImageResult] = []
-
-    def finish(loaded: LoadedFile, found: Detections | None, pool: ThreadPoolExecutor | None) -> Future | ImageResult:
-        result = loaded.result if found is None else _with_landmarks(loaded, found)
-        result.with_pose = pose
-        if loaded.image is None or (out_dir is None and chips is None):
-            return result
-        stem = stems[result.path]  # unique in its folders and stable across runs: also names the chips
-        target = None if out_dir is None else Path(out_dir) / f"{stem}{annotated_suffix(Path(result.path))}"
-        job = (result, loaded.image, target, draw, chips, stem)
-        return _write_outputs(*job) if pool is None else pool.submit(_write_outputs, *job)
-
-    def deliver(result: ImageResult) -> None:
-        results.append(result)
-        if on_result:
-            on_result(result)
-
-    if count <= 1:
-        for path in files:
-            if stop_requested():
-                break
-            loaded = steps.load(path)
-            deliver(finish(loaded, steps.landmarks([loaded])[0], None))  # type: ignore[arg-type]
-        return results
-
-    group = max(count, PIPELINE_GROUP)
-    with ThreadPoolExecutor(count, thread_name_prefix="facemark-predict") as pool:
-        queued: deque[Future] = deque()
-        upcoming = iter(files)
-
-        def refill() -> None:  # keep the workers two groups ahead of the model
-            while len(queued) < 2 * group and not stop_requested():
-                path = next(upcoming, None)
-                if path is None:
-                    return
-                queued.append(pool.submit(steps.load, path))
-
-        refill()
-        writing: list[Future | ImageResult] = []  # the previous group, its pictures being written
-        while queued:
-            loaded = [queued.popleft().result() for _ in range(min(group, len(queued)))]
-            refill()
-            finished = [finish(item, found, pool)
-                        for item, found in zip(loaded, steps.landmarks(loaded), strict=True)]
-            for item in writing:
-                deliver(_resolved(item))
-            writing = finished
-            if stop_requested():
-                for future in queued:
-                    future.cancel()
-                break
-        for item in writing:
-            deliver(_resolved(item))
-    return results
 
 
 def build_document(landmarker: Describable, results: Sequence[ImageResult | dict], complete: bool = True
@@ -495,6 +288,14 @@ def read_jsonl_entries(path: str | os.PathLike, run: dict | None = None, force: 
     return entries
 
 
+def jsonl_line(entry: dict, run: dict | None) -> str:
+    """One --jsonl line: an `images[]` entry and, when given, its run's settings as the document header has them
+    (pipeline on top, then the run)."""
+    if run is not None:
+        entry = {**entry, "pipeline": run.get("pipeline"), "run": {k: v for k, v in run.items() if k != "pipeline"}}
+    return dumps(entry) + "\n"
+
+
 class JsonlWriter:
     """Appends one `images[]` entry (with `run`, when given) per line and flushes it to disk at once. `-` is
     standard output; a pipe or FIFO is written as it is. A failed write is undone to the last whole line and
@@ -516,11 +317,7 @@ class JsonlWriter:
         self._regular = not is_stdout(path) and not is_stream(path)
 
     def write(self, result: ImageResult) -> None:
-        entry = result.to_json()
-        if self.run is not None:  # the settings as the document header has them: pipeline on top, then the run
-            entry.update(pipeline=self.run.get("pipeline"),
-                         run={k: v for k, v in self.run.items() if k != "pipeline"})
-        data = (dumps(entry) + "\n").encode("utf-8")
+        data = jsonl_line(result.to_json(), self.run).encode("utf-8")
         start = os.lseek(self._fd, 0, os.SEEK_END) if self._regular else None
         try:
             while data:  # unbuffered: nothing is left to be written later, after a failure
