@@ -5,7 +5,7 @@ One implementation for every consumer: the runtime (`FaceLandmarker.detect`, vid
 
 - Refinement: after a pass, each face is cropped again on the tight box of its predicted landmarks -- the
   training convention (CropContract) -- and predicted again, `refine` times. A detector box is off by about
-  10 % of the face in x (measured: facemark.benchmarks.box_noise); the landmark box of a first pass is not.
+  10 % of the face in x (measured: facemark.benchmarks.studies.box_noise); the landmark box of a first pass is not.
 - Test-time flip: each crop is also predicted mirrored (one batch for both), the mirrored points are flipped
   back with the scheme's permutation and the two are averaged.
 - Scores (`landmark_scores`, `face_score`) come from the last pass, whose crop matches training's best.

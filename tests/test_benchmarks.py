@@ -333,3 +333,13 @@ def test_video_rows_compare_the_tracking_policies_on_one_clip(bench):
     assert 1 <= roi["whole_frame_scans"] <= roi["haar_frames"] <= 30
     assert all(r["median_frame_ms"] <= r["p99_frame_ms"] and r["fps"] > 0 for r in rows)
     assert "## Video" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("study", ["box_noise", "interference"])
+def test_studies_run_as_modules(study):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", f"facemark.benchmarks.studies.{study}", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "Usage" in done.stdout, done.stderr[-1000:]

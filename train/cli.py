@@ -51,7 +51,7 @@ def train_command(
     detector_boxes: float = typer.Option(
         0.5, "--detector-boxes",
         help="Share of face crops jittered like calibrated Haar boxes (centre sigma 0.10/0.046 of the box side, "
-             "log-scale sigma 0.09: measured by `python -m facemark.benchmarks.box_noise`)."),
+             "log-scale sigma 0.09: measured by `python -m facemark.benchmarks.studies.box_noise`)."),
     device: Device = typer.Option("auto", "--device"),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="CUDA autocast; CPU bf16 autocast where supported."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue a run from its last.pt, in its own folder "

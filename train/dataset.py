@@ -30,7 +30,7 @@ from facemark.scheme import FLIP_PERMUTATION
 CACHE_MARGIN = 1.6
 
 
-# Calibrated Haar box vs landmark box on 533 training faces (`python -m facemark.benchmarks.box_noise --data
+# Calibrated Haar box vs landmark box on 533 training faces (`python -m facemark.benchmarks.studies.box_noise --data
 # ../shared/data/300w`): robust sigma of the centre error in box sides (x, y) and of log(side ratio).
 HAAR_SHIFT_X, HAAR_SHIFT_Y, HAAR_LOG_SCALE = 0.10, 0.046, 0.09
 
@@ -43,7 +43,7 @@ class AugmentConfig:
     flip: bool = True
     # Detector-like boxes: with probability det_p the box is jittered like a calibrated Haar box instead
     # (normal centre error in units of the landmark box side, log-normal side ratio), measured with
-    # `python -m facemark.benchmarks.box_noise` (docs/MODEL.md). 0 = off.
+    # `python -m facemark.benchmarks.studies.box_noise` (docs/MODEL.md). 0 = off.
     det_p: float = 0.0
     det_shift_x: float = 0.0
     det_shift_y: float = 0.0

@@ -1,7 +1,7 @@
 """Why the timing harness isolates variants: an ONNX model timed alone vs call by call interleaved with eager
 PyTorch in one process (what the old harness did), with ONNX Runtime's threads spinning and not.
 
-    python -m facemark.benchmarks.interference CHECKPOINT.pt MODEL.onnx [--threads 2] [--calls 300]
+    python -m facemark.benchmarks.studies.interference CHECKPOINT.pt MODEL.onnx [--threads 2] [--calls 300]
 
 Prints JSON: per spin setting, the median ms per call of the model alone, interleaved with an eager forward pass
 before every call, and alone again.

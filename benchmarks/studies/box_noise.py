@@ -1,6 +1,6 @@
 """How calibrated Haar boxes deviate from landmark boxes: the numbers behind training's detector-box jitter.
 
-    python -m facemark.benchmarks.box_noise --data ../shared/data/300w [--faces 600]
+    python -m facemark.benchmarks.studies.box_noise --data ../shared/data/300w [--faces 600]
 
 Runs the default Haar detector on training-split faces, fits the box calibration on them (as `export` does),
 and reports the residuals of the calibrated boxes against the landmark boxes in the crop's own units:
