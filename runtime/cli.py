@@ -18,7 +18,7 @@ from rich.markup import escape  # file names may hold brackets: text, not markup
 
 from facemark.choices import AlignTemplate, DrawChoice, Provider
 from facemark.reporting import progress_display
-from facemark.runtime.cli_options import with_options
+from facemark.runtime.cli_options import flags_text, given, option_names, with_options
 from facemark.runtime.defaults import (
     DEFAULT_FULL_SCAN_EVERY,
     DEFAULT_GRACE_S,
@@ -66,10 +66,8 @@ SERVER_HELP = ("Send the images to a `facemark serve` server (http://HOST:PORT) 
                "same JSON, JSONL, CSV and pictures. Model, detector and refinement are the server's settings.")
 # predict options that only the server can set once --server is given
 SERVER_ONLY = ("wait", "timeout")  # predict options that need --server
-LOCAL_ONLY = ("model", "provider", "threads", "detector", "scale_factor", "min_neighbors", "min_face", "max_side",
-              "min_face_windows", "octaves", "min_detector_score", "min_score", "refine", "tta", "preset", "cascade",
-              "max_faces",
-              "trt_fp16", "trt_cache")
+LOCAL_ONLY = ("model", "provider", "threads", "trt_fp16", "trt_cache",
+              *option_names(DetectorOptions, PipelineOptions))
 
 
 RAY_HELP = ("Run the job on a Ray cluster (the ray extra): local (start one here), auto (the cluster this "
@@ -77,12 +75,6 @@ RAY_HELP = ("Run the job on a Ray cluster (the ray extra): local (start one here
             "--workers: actors (default: the cluster's CPUs over --threads); --threads: CPUs per actor (default 1). "
             "Writes --jsonl and/or --parquet once the job is done.")
 NOT_WITH_RAY = ("out", "json_path", "csv_path", "aligned", "resume", "force")
-
-
-def _given(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
-    """The options among `names` that the command line (or the environment) set, not their defaults."""
-    sources = {n: ctx.get_parameter_source(n) for n in names}
-    return [n for n, source in sources.items() if source is not None and source.name != "DEFAULT"]
 
 
 @app.command("predict")
@@ -169,17 +161,16 @@ def predict_command(
     if server is not None:
         from facemark.runtime.serving.client import TritonLandmarker
 
-        clash = _given(ctx, LOCAL_ONLY)
+        clash = given(ctx, LOCAL_ONLY)
         if clash:
-            names = ", ".join("--" + n.replace("_", "-") for n in clash)
-            raise typer.BadParameter(f"{names}: set on the server (`facemark serve`), not with --server")
+            raise typer.BadParameter(f"{flags_text(clash)}: set on the server (`facemark serve`), not with --server")
         landmarker = TritonLandmarker(server, timeout_s=timeout, wait_s=wait, on_wait=lambda line: console.print(
             escape(line)))
         steps = remote = landmarker.steps()
     else:
-        unused = _given(ctx, SERVER_ONLY)
+        unused = given(ctx, SERVER_ONLY)
         if unused:
-            raise typer.BadParameter(f"{', '.join('--' + n for n in unused)}: only with --server")
+            raise typer.BadParameter(f"{flags_text(unused)}: only with --server")
         options = (provider, threads, trt_fp16, trt_cache, RuntimeOptions(detection, pipeline))
         landmarker = steps = _landmarker(model, *options)
         if ray_address is not None or parquet is not None:
@@ -265,7 +256,7 @@ def _predict_on_ray(ctx: typer.Context, inputs: list[str], address: str | None, 
 
     if address is None:
         raise typer.BadParameter("--parquet: only with --ray")
-    clash = _given(ctx, NOT_WITH_RAY)
+    clash = given(ctx, NOT_WITH_RAY)
     if clash:
         raise typer.BadParameter(", ".join("--" + n.removesuffix("_path") for n in clash) + ": not with --ray")
     if jsonl is None and parquet is None:

@@ -45,10 +45,21 @@ def _plain(value: object) -> object:
     return value.value if isinstance(value, Enum) else value
 
 
-def _explicit(ctx: typer.Context, name: str) -> bool:
-    """Whether the command line (or its environment) set `name`, not its default."""
-    source = ctx.get_parameter_source(name)
-    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+def given(ctx: typer.Context, names: tuple[str, ...] | list[str]) -> list[str]:
+    """The options among `names` that the command line (or the environment) set, not their defaults."""
+    sources = {n: ctx.get_parameter_source(n) for n in names}
+    return [n for n, source in sources.items() if source is not None and source.name != "DEFAULT"]
+
+
+def flags_text(names: list[str]) -> str:
+    """Parameter names as the flags a user typed: ["min_face", "tta"] -> "--min-face, --tta"."""
+    return ", ".join("--" + n.replace("_", "-") for n in names)
+
+
+def option_names(*classes: type) -> tuple[str, ...]:
+    """The parameter names @with_options makes for `classes` (with --preset for PipelineOptions)."""
+    return tuple(n for cls in classes for n in (*(f.name for f in fields(cls) if "cli" in f.metadata),
+                                                *(("preset",) if cls is PipelineOptions else ())))
 
 
 def build_options(ctx: typer.Context, cls: type, values: dict[str, object], preset: str | None = None):
@@ -56,12 +67,11 @@ def build_options(ctx: typer.Context, cls: type, values: dict[str, object], pres
     names = [f.name for f in fields(cls) if "cli" in f.metadata]
     try:
         built = cls(**{n: _plain(values.pop(n)) for n in names})
-        clash = [n for n in DetectorOptions.HAAR_ONLY if _explicit(ctx, n)] if cls is DetectorOptions else []
+        clash = given(ctx, DetectorOptions.HAAR_ONLY) if cls is DetectorOptions else []
         if clash and built.detector != HAAR:
-            flags = ", ".join("--" + n.replace("_", "-") for n in clash)
-            raise typer.BadParameter(f"{flags}: Haar options, not for --detector {built.detector}")
+            raise typer.BadParameter(f"{flags_text(clash)}: Haar options, not for --detector {built.detector}")
         if cls is PipelineOptions:
-            built = built.with_preset(preset, keep={n for n in names if _explicit(ctx, n)})
+            built = built.with_preset(preset, keep=set(given(ctx, names)))
         return built
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None

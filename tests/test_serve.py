@@ -340,6 +340,11 @@ def test_server_only_options_are_refused_with_server(capsys):
     code = cli_run(["runtime", "predict", str(SAMPLES), "--server", "http://127.0.0.1:9", "--refine", "2"])
     assert code == 2
     assert "--refine: set on the server" in capsys.readouterr().err
+    # every runtime option is the server's, a newly declared one too (the list is made from the options classes)
+    for flags in (["--detector", "faceboxes", "--detector-input-side", "480"], ["--preset", "fast"], ["--tta", "flip"]):
+        assert cli_run(["runtime", "predict", str(SAMPLES), "--server", "http://127.0.0.1:9", *flags]) == 2
+        err = " ".join(capsys.readouterr().err.split())  # rich wraps the message
+        assert f"{', '.join(flags[::2])}: set on the server" in err
 
 
 def test_unreachable_server_is_one_progress_line_then_one_error_exit_2(capsys):
