@@ -23,12 +23,11 @@ from facemark.benchmarks.isolated import ORT, TORCH, IsolatedResult, Payload, Wo
 from facemark.benchmarks.mediapipe_peer import mediapipe_document
 from facemark.benchmarks.peer import best_gated_cpu_row, make_peer, peer_document, peer_specs
 from facemark.benchmarks.variants import REFERENCE, EagerVariant, OrtVariant, Variant, file_size_mb
-from facemark.contract import CropContract, box_from_landmarks
+from facemark.contract import CropContract
 from facemark.data import load_records, split_of, split_records
 from facemark.errors import FacemarkError, ProviderError
 from facemark.evaluation import evaluate
 from facemark.export.precisions import PRECISIONS
-from facemark.imageio import read_gray
 from facemark.train.checkpoint import file_sha256, load_model, save_checkpoint
 from facemark.train.model import LandmarkNet
 
@@ -113,8 +112,7 @@ def validation_records(doc: dict, data: Sequence[Path], limit: int | None, warn:
 
 def sample_inputs(contract: CropContract, count: int) -> tuple[np.ndarray, list[tuple[np.ndarray, tuple]]]:
     """`count` real face crops (N, 1, S, S) from the package's sample photos, and their (gray, box) pairs."""
-    records = pipeline_mod.largest_sample_faces(10_000)
-    faces = [(read_gray(r.image_path), box_from_landmarks(r.landmarks)) for r in records]
+    faces = pipeline_mod.sample_face_pairs()
     crops = [contract.prepare(gray, [box])[0] for gray, box in faces]
     batch = np.concatenate([crops[i % len(crops)] for i in range(count)])
     return batch, faces

@@ -32,11 +32,9 @@ from facemark.benchmarks.model_speed import sample_inputs, time_models
 from facemark.benchmarks.peer import make_peer, peer_document, peer_specs
 from facemark.benchmarks.throughput import VALIDATION_SPLIT, benchmark_files, folder_throughput
 from facemark.benchmarks.video_bench import bench_video_rows
-from facemark.contract import box_from_landmarks
 from facemark.data import FaceRecord, load_records, split_records
 from facemark.evaluation import evaluate
 from facemark.fileio import file_sha256
-from facemark.imageio import read_gray
 from facemark.metadata import PARITY
 from facemark.runtime.landmarker import FaceLandmarker
 from facemark.runtime.session import LandmarkModel
@@ -58,8 +56,7 @@ def dlib_document(rows: list[dict], training: Sequence[FaceRecord], val: Sequenc
     peer, reason = make_peer(training or pipeline_mod.largest_sample_faces(30), notes)
     if peer is None:
         return {"skipped": reason}
-    faces = tuple((read_gray(r.image_path), box_from_landmarks(r.landmarks))
-                  for r in pipeline_mod.largest_sample_faces(10_000))
+    faces = tuple(pipeline_mod.sample_face_pairs())
     timed = time_isolated(peer_specs(peer), Payload(faces=faces), (1,), rounds=3 if quick else 10,
                           block=5 if quick else 20)
     return peer_document(peer, timed, rows, val)

@@ -15,9 +15,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from facemark.contract import box_from_landmarks
+from facemark.contract import Box, box_from_landmarks
 from facemark.data import FaceRecord, load_records
-from facemark.imageio import read_image, write_image
+from facemark.imageio import read_gray, read_image, write_image
 
 SAMPLES = Path(__file__).resolve().parents[1] / "facemark" / "assets" / "samples"
 SAMPLE_XML = SAMPLES / "landmarks.xml"
@@ -56,6 +56,11 @@ def largest_sample_faces(count: int) -> list[FaceRecord]:
     records = load_records([SAMPLE_XML], warn=lambda _msg: None)
     records.sort(key=lambda r: -max(box_from_landmarks(r.landmarks)[2:]))
     return records[:count]
+
+
+def sample_face_pairs() -> list[tuple[np.ndarray, Box]]:
+    """Every bundled sample face as (gray photo, landmark box), biggest first: what timed peers run on."""
+    return [(read_gray(r.image_path), box_from_landmarks(r.landmarks)) for r in largest_sample_faces(10_000)]
 
 
 def compose_scene(width: int, height: int, faces: int, out_dir: Path) -> Scene:
