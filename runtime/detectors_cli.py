@@ -87,3 +87,44 @@ def calibrate_command(
     table[name] = asdict(calibration)
     write_text_atomic(out, json.dumps(table, indent=1, sort_keys=True) + "\n")
     console.print(f"{name}: {calibration.samples} of {len(fit_on)} training faces matched; {out}")
+
+
+@app.command("boxes")
+def boxes_command(
+    data: list[Path] = typer.Option(..., "--data", help="Annotated faces (dlib XML or folders of .pts)."),
+    out: Path = typer.Option(..., "--out", help="The JSON file to write (train --first-pass-boxes reads it)."),
+    model: Path | None = typer.Option(None, "--model", help="Landmark model whose calibration maps the boxes "
+                                      "(default: the shipped model)."),
+    detector: str = typer.Option("haar", "--detector", help="haar or a CNN detector (docs/DETECTORS.md)."),
+) -> None:
+    """The box the runtime's first landmark pass crops on, for every annotated face: the detector's box that
+    overlaps the face best (IoU >= 0.3), mapped by the model's calibration for that detector; null when the
+    detector misses the face. Keyed by the faces' split keys, so training and validation faces alike."""
+    from dataclasses import asdict
+
+    from facemark.data import load_records
+    from facemark.errors import FacemarkError
+    from facemark.fileio import write_text_atomic
+    from facemark.reporting import progress_display, summarize_warnings
+    from facemark.runtime.calibration import detect_records
+    from facemark.runtime.landmarker import FaceLandmarker
+
+    problems: list[str] = []
+    records = load_records(data, problems.append)
+    for line in summarize_warnings(problems, verbose=False):
+        console.print(f"[yellow]warning:[/yellow] {escape(line)}")
+    try:
+        landmarker = FaceLandmarker(model, detector=detector, provider="cpu")
+    except (FacemarkError, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--model/--detector") from None
+    with progress_display(console) as progress:
+        task = progress.add_task("detecting", total=len(records))
+        pairs = detect_records(records, landmarker.detector, warn=lambda line: console.print(escape(line)),
+                               progress=lambda n: progress.advance(task, n))
+    faces = {r.key: None if d is None else [round(float(v), 2) for v in landmarker.calibration.apply(d.box)]
+             for r, d in pairs}
+    document = {"detector": landmarker.detector.config(), "calibration": asdict(landmarker.calibration),
+                "model": str(landmarker.model.path), "faces": faces}
+    write_text_atomic(out, json.dumps(document, indent=0) + "\n")
+    found = sum(v is not None for v in faces.values())
+    console.print(f"{found} of {len(faces)} faces found; {out}")

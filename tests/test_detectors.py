@@ -343,3 +343,25 @@ def test_bench_variants_are_checked_before_any_work():
                      ("faceboxes:scale=2", "scale?")):
         with pytest.raises(typer.BadParameter, match=why):
             parse_variant(bad)
+
+
+def test_boxes_are_the_runtimes_first_pass_boxes_of_each_annotated_face(tmp_path, capsys):
+    from facemark.runtime.landmarker import FaceLandmarker
+
+    out = tmp_path / "boxes.json"
+    assert run(["detectors", "boxes", "--data", str(SAMPLES / "landmarks.xml"), "--out", str(out)]) == 0
+    document = json.loads(out.read_text())
+    records = load_records([SAMPLES / "landmarks.xml"], lambda _m: None)
+    assert set(document["faces"]) == {r.key for r in records}
+    landmarker = FaceLandmarker()
+    found = 0
+    for record in records:
+        box = document["faces"][record.key]
+        firsts = [landmarker.calibration.apply(f.detector_box) for f in landmarker.detect(read_image(record.image_path))]
+        if box is None:
+            assert all(box_iou(f, box_from_landmarks(record.landmarks)) < 0.5 for f in firsts)
+            continue
+        found += 1
+        assert min(np.abs(np.subtract(f, box)).max() for f in firsts) < 0.02
+    assert found >= len(records) - 1
+    assert f"{found} of {len(records)} faces found" in capsys.readouterr().err

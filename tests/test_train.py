@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from dataclasses import replace as dataclasses_replace
 
 torch = pytest.importorskip("torch")
 
@@ -417,3 +418,63 @@ def test_init_from_onnx_with_detector_boxes_and_ema_logs_both_validation_nmes(tm
     assert result.best_path.is_file()
     with pytest.raises(Exception, match="val-boxes"):
         train(tiny_config(tmp_path, val_boxes="nope"))
+
+
+def _moved_box(box, dx: float, dy: float, k: float):
+    x, y, w, h = box
+    side = max(w, h)
+    cx, cy = x + w / 2 + dx * side, y + h / 2 + dy * side
+    return (cx - w * k / 2, cy - h * k / 2, w * k, h * k)
+
+
+def test_a_real_first_pass_box_gives_the_crop_the_runtime_cuts_on_it(tmp_path):
+    from facemark.contract import box_from_landmarks
+    from facemark.imageio import read_gray
+
+    record = spot_record(tmp_path, spot_index=36)
+    contract = CropContract(size=96)
+    first_pass = _moved_box(box_from_landmarks(record.landmarks), 0.12, -0.06, 0.8)
+    exact = dataclasses_replace(AugmentConfig.none(), det_p=1.0)
+    dataset = AugmentedFaces(FaceCache([record], contract, first_pass_boxes={record.key: first_pass}), contract,
+                             exact)
+    crop = dataset[0][0][0].numpy()
+    runtime_crop, _ = contract.prepare(read_gray(record.image_path), [first_pass])
+    assert np.abs(bright_centroid(crop) - bright_centroid(runtime_crop[0, 0])).max() < 0.5
+    # Without the box the same settings crop on the landmark box: the spot lands elsewhere.
+    plain = AugmentedFaces(FaceCache([record], contract), contract, AugmentConfig.none())
+    assert np.abs(bright_centroid(plain[0][0][0].numpy()) - bright_centroid(runtime_crop[0, 0])).max() > 3
+    # Flipped and jittered, the landmarks still follow the pixels.
+    jittered = AugmentedFaces(FaceCache([record], contract, first_pass_boxes={record.key: first_pass}), contract,
+                              dataclasses_replace(exact, flip=True, zoom=0.05, shift=0.05, rotate_deg=10))
+    torch.manual_seed(0)
+    for _ in range(8):
+        image, target, _ = jittered[0]
+        points = (target.numpy() + 0.5) * contract.size
+        spot = bright_centroid(image[0].numpy())
+        assert min(np.abs(spot - points[i]).max() for i in (36, FLIP_PERMUTATION[36])) < 1.0
+
+
+def test_validation_detector_boxes_are_the_real_first_pass_boxes_where_given(tmp_path):
+    from facemark.contract import box_from_landmarks
+    from facemark.imageio import read_gray
+    from facemark.train.dataset import validation_tensors
+
+    record = spot_record(tmp_path)
+    contract = CropContract(size=64)
+    real = _moved_box(box_from_landmarks(record.landmarks), -0.1, 0.05, 1.1)
+    with_real = validation_tensors([record], contract, first_pass_boxes={record.key: real})
+    modelled = validation_tensors([record], contract, first_pass_boxes={record.key: None})
+    expected, _ = contract.prepare(read_gray(record.image_path), [real])
+    np.testing.assert_array_equal(with_real["detector"][0], expected)
+    assert not np.array_equal(modelled["detector"][0], expected)
+    np.testing.assert_array_equal(with_real["landmarks"][0], modelled["landmarks"][0])
+
+
+def test_first_pass_boxes_file_is_checked_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "boxes.json"
+    bad.write_text("{\"faces\": [1, 2]}")
+    code = run(["train", "--data", SAMPLES_XML, "--val-data", SAMPLES_XML, "--out", str(tmp_path / "r"),
+                "--epochs", "1", "--first-pass-boxes", str(bad)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "boxes.json: not a first-pass boxes file" in err and "Traceback" not in err

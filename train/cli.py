@@ -21,7 +21,7 @@ console = Console(soft_wrap=True)  # a log file gets whole lines, not 80-column 
 # Options that are TrainConfig fields of the same name: a resumed run compares those given with its saved ones.
 CONFIG_FIELDS = ("data", "val_data", "out", "epochs", "batch_size", "image_size", "loss", "head", "pip_stride",
                  "presence", "lr", "optimizer", "schedule", "device", "amp", "max_images", "seed", "split_seed",
-                 "workers", "val_boxes", "ema")
+                 "workers", "val_boxes", "ema", "first_pass_boxes")
 
 
 def train_command(
@@ -52,6 +52,10 @@ def train_command(
         0.5, "--detector-boxes",
         help="Share of face crops jittered like calibrated Haar boxes (centre sigma 0.10/0.046 of the box side, "
              "log-scale sigma 0.09: measured by `python -m facemark.benchmarks.studies.box_noise`)."),
+    first_pass_boxes: Path | None = typer.Option(
+        None, "--first-pass-boxes", help="Real first-pass boxes (`facemark detectors boxes`): the detector-like "
+        "crops and the detector validation boxes use each face's real calibrated detector box (with --zoom/--shift "
+        "on top) where the detector found it, the modelled error elsewhere."),
     device: Device = typer.Option("auto", "--device"),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="CUDA autocast; CPU bf16 autocast where supported."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue a run from its last.pt, in its own folder "
@@ -95,7 +99,7 @@ def train_command(
         presence=presence, lr=lr, optimizer=optimizer.value, schedule=schedule.value,
         device=device.value, amp=amp, max_images=max_images, seed=seed, split_seed=split_seed,
         workers=workers, augment=asdict(aug), val_boxes=val_boxes, ema=ema,
-        init=str(init or ""),
+        init=str(init or ""), first_pass_boxes=str(first_pass_boxes or ""),
     )
     stop = {"requested": False}
 

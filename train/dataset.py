@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -65,7 +65,10 @@ class FaceCache:
     """Every face cut out once, at the network's pixel density, with room for augmentation."""
 
     def __init__(self, records: Sequence[FaceRecord], contract: CropContract,
-                 progress: Callable[[int], None] | None = None) -> None:
+                 progress: Callable[[int], None] | None = None,
+                 first_pass_boxes: Mapping[str, Box | None] | None = None) -> None:
+        """first_pass_boxes: face key -> the box the runtime's first pass crops on (None: the detector missed
+        it), as `facemark detectors boxes` writes them; kept per face as `first_pass_offset`."""
         side = int(math.ceil(contract.size * CACHE_MARGIN))
         self.side = side
         # Same centre as the contract's crop, `side` pixels for `scale * CACHE_MARGIN` of the box size.
@@ -73,7 +76,11 @@ class FaceCache:
                                            border_value=contract.border_value)
         self.crops = np.empty((len(records), side, side), np.uint8)
         self.points = np.empty((len(records), 68, 2), np.float32)
+        self.first_pass_offset = np.full((len(records), 3), np.nan, np.float32)
         for i, record in enumerate(records):
+            box = (first_pass_boxes or {}).get(record.key)
+            if box is not None:
+                self.first_pass_offset[i] = box_offset(box, box_from_landmarks(record.landmarks))
             gray = read_gray(record.image_path)
             m = self.cache_contract.crop_matrix(box_from_landmarks(record.landmarks))
             self.crops[i] = self.cache_contract.warp(gray, m)
@@ -85,20 +92,41 @@ class FaceCache:
         return len(self.crops)
 
 
+def box_offset(box: Box, landmark_box: Box) -> np.ndarray:
+    """(centre x, centre y, log side ratio) of `box` against `landmark_box`, in landmark-box sides: the crop's
+    own units (CropContract crops a square of scale * max(w, h) around the centre)."""
+    x, y, w, h = box
+    lx, ly, lw, lh = landmark_box
+    side, lside = max(w, h, 1.0), max(lw, lh, 1.0)
+    return np.array([(x + w / 2 - lx - lw / 2) / lside, (y + h / 2 - ly - lh / 2) / lside,
+                     math.log(side / lside)], np.float32)
+
+
 def augment_matrix(rng: np.random.Generator, cache_side: int, size: int, aug: AugmentConfig,
-                   crop_scale: float = 1.25) -> tuple[np.ndarray, bool]:
+                   crop_scale: float = 1.25, first_pass: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
     """Cache -> crop affine of one random rotation/zoom/shift (+flip). Identity augmentation = nominal crop.
 
     `crop_scale` (the contract's crop side / box side) converts detector-like errors, measured in box sides,
-    into shares of the crop."""
+    into shares of the crop. With probability det_p the crop is a detector-like one: on the face's real
+    first-pass box when `first_pass` (its box_offset) is given and finite, with the mild zoom/shift on top,
+    else with the modelled error (det_shift_*, det_log_scale)."""
     angle = math.radians(rng.uniform(-aug.rotate_deg, aug.rotate_deg)) if aug.rotate_deg else 0.0
+    real_box = False
+    zoom = rng.uniform(1 - aug.zoom, 1 + aug.zoom) if aug.zoom else 1.0
+    shift = rng.uniform(-aug.shift, aug.shift, size=2) * size if aug.shift else np.zeros(2)
     if aug.det_p and rng.random() < aug.det_p:
-        zoom = math.exp(rng.normal(0.0, aug.det_log_scale))
-        shift = rng.normal(0.0, [aug.det_shift_x, aug.det_shift_y]) / crop_scale * size
-    else:
-        zoom = rng.uniform(1 - aug.zoom, 1 + aug.zoom) if aug.zoom else 1.0
-        shift = rng.uniform(-aug.shift, aug.shift, size=2) * size if aug.shift else np.zeros(2)
+        if first_pass is not None and np.isfinite(first_pass).all():
+            real_box = True
+            k = math.exp(float(first_pass[2]))
+            zoom *= k
+            # The face centre sits opposite the box's offset, in pixels of a crop k times the nominal one.
+            shift = shift - first_pass[:2].astype(np.float64) / (crop_scale * k) * size
+        else:
+            zoom = math.exp(rng.normal(0.0, aug.det_log_scale))
+            shift = rng.normal(0.0, [aug.det_shift_x, aug.det_shift_y]) / crop_scale * size
     flip = bool(aug.flip and rng.random() < 0.5)
+    if flip and real_box:
+        shift = shift * np.array([-1.0, 1.0])  # the mirrored photo's detector box, mirrored
     k = size * CACHE_MARGIN / cache_side / zoom  # cache pixels -> crop pixels
     c, s = math.cos(angle) * k, math.sin(angle) * k
     linear = np.array([[c, -s], [s, c]])
@@ -220,7 +248,8 @@ class AugmentedFaces(Dataset):
             if self.aug.flip and rng.random() < 0.5:
                 crop = crop[:, ::-1]
             return self._tensor(crop, rng), torch.zeros(68, 2), torch.tensor(0.0)
-        m, flipped = augment_matrix(rng, self.cache.side, size, self.aug, self.contract.scale)
+        m, flipped = augment_matrix(rng, self.cache.side, size, self.aug, self.contract.scale,
+                                    self.cache.first_pass_offset[index])
         crop = cv2.warpAffine(self.cache.crops[index], m, (size, size), flags=cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_CONSTANT, borderValue=self.contract.border_value)
         points = apply_affine(m, self.cache.points[index])
@@ -260,22 +289,29 @@ VAL_BOXES = ("landmarks", "detector")
 
 
 def validation_tensors(records: Sequence[FaceRecord], contract: CropContract,
-                       progress: Callable[[int], None] | None = None, seed: int = 0
+                       progress: Callable[[int], None] | None = None, seed: int = 0,
+                       first_pass_boxes: Mapping[str, Box | None] | None = None
                        ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Validation inputs and crop-space targets through the runtime's own preprocessing (no cache), for each
     kind of box in VAL_BOXES, every photo read once.
 
     "landmarks": each face's landmark box (what a refinement pass sees); "detector": that box with one seeded
     draw of the calibrated Haar box error per face (what the runtime's first pass sees), the same draw in every
-    epoch and run with this `seed`."""
+    epoch and run with this `seed`; with `first_pass_boxes`, the face's real first-pass box where the detector
+    found it."""
     rng = np.random.default_rng(seed)
     sets = {kind: (np.empty((len(records), 1, contract.size, contract.size), np.float32),
                    np.empty((len(records), 68, 2), np.float32)) for kind in VAL_BOXES}
     for i, record in enumerate(records):
         gray = read_gray(record.image_path)
         box = box_from_landmarks(record.landmarks)
+        real = (first_pass_boxes or {}).get(record.key)
         for kind, (inputs, targets) in sets.items():
-            batch, (m,) = contract.prepare(gray, [detector_like_box(box, rng) if kind == "detector" else box])
+            crop_box = box
+            if kind == "detector":
+                crop_box = detector_like_box(box, rng)  # drawn either way: the seeded stream stays the same
+                crop_box = crop_box if real is None else tuple(real)
+            batch, (m,) = contract.prepare(gray, [crop_box])
             inputs[i] = batch[0]
             targets[i] = contract.encode_points(record.landmarks, m)
         if progress:

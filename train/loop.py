@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from facemark.contract import CropContract
+from facemark.contract import Box, CropContract
 from facemark.data import FaceRecord, load_records, split_of, split_records
 from facemark.errors import DataError
 from facemark.fileio import check_writable_folder
@@ -85,6 +85,9 @@ class TrainConfig:
     # first pass's crops: what one-pass inference sees). Both are reported every epoch.
     val_boxes: str = "landmarks"
     ema: float = 0.0  # > 0: validate and keep an exponential moving average of the weights with this decay
+    # `facemark detectors boxes` output: each face's real first-pass box, used for the detector-like crops
+    # (augment det_p) and the detector validation boxes instead of the modelled error where the detector found it.
+    first_pass_boxes: str = ""
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -317,6 +320,17 @@ def _dist_info() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
 
 
+def read_first_pass_boxes(path: str) -> dict[str, Box | None]:
+    """Face key -> first-pass box (None: missed) from a `facemark detectors boxes` file; DataError if unreadable."""
+    try:
+        faces = json.loads(Path(path).read_text(encoding="utf-8"))["faces"]
+        return {str(k): None if v is None else (float(v[0]), float(v[1]), float(v[2]), float(v[3]))
+                for k, v in faces.items()}
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise DataError(f"{path}: not a first-pass boxes file from `facemark detectors boxes` "
+                        f"({exc.__class__.__name__}: {exc})") from None
+
+
 def load_split(cfg: TrainConfig, warn: Callable[[str], None], verbose: bool = False
                ) -> tuple[list[FaceRecord], list[FaceRecord]]:
     """Training and validation faces; data warnings summarised (one line per kind unless `verbose`).
@@ -470,8 +484,14 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
         done[0] += n
         cb.on_cache_progress(done[0], total_decode)
 
-    cache = FaceCache(train_records, contract, progress=tick if is_main else None)
-    val_sets = validation_tensors(val_records, contract, progress=tick if is_main else None, seed=cfg.split_seed)
+    first_pass = read_first_pass_boxes(cfg.first_pass_boxes) if cfg.first_pass_boxes else None
+    if first_pass is not None:
+        found = [sum(first_pass.get(r.key) is not None for r in rs) for rs in (train_records, val_records)]
+        log(f"first-pass boxes ({cfg.first_pass_boxes}): {found[0]} of {len(train_records)} training and "
+            f"{found[1]} of {len(val_records)} validation faces; the rest take the modelled box error")
+    cache = FaceCache(train_records, contract, progress=tick if is_main else None, first_pass_boxes=first_pass)
+    val_sets = validation_tensors(val_records, contract, progress=tick if is_main else None, seed=cfg.split_seed,
+                                  first_pass_boxes=first_pass)
     val_inputs = val_sets["landmarks"][0]
     negatives, val_negatives = None, np.zeros((0, 1, contract.size, contract.size), np.float32)
     if cfg.presence:
