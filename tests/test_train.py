@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from dataclasses import replace as dataclasses_replace
 
 torch = pytest.importorskip("torch")
 
