@@ -4,8 +4,11 @@ score (runtime defaults)" and the sections after it).
 A light module (no onnxruntime) so the CLI can show them in --help.
 """
 
-# Extra passes re-cropped on the previous pass's landmarks (facemark.inference).
-DEFAULT_REFINE = 1
+# Extra passes re-cropped on the previous pass's landmarks (facemark.inference). 0 = one landmark pass per face:
+# the shipped model was trained on the crops of the calibrated Haar boxes themselves, and its one pass is as
+# accurate end to end as two passes of the models before it at half the landmark time (docs/MODEL.md, "One pass
+# on the real first-pass boxes"); `--refine 1` (or `--preset accurate`) buys a little more.
+DEFAULT_REFINE = 0
 # Faces whose presence score is below this are dropped (models with a presence head).
 # 0.99: with the permissive detector (single cascade hits kept) the shipped model scores its validation faces
 # 1.0 but two (0.69, 0.89, lost at any threshold above 0.9), so every threshold from 0.9 to 0.999 keeps the same

@@ -16,6 +16,7 @@ from facemark.evaluation import evaluate
 from facemark.imageio import read_image
 from facemark.metadata import PARITY, VAL_NME
 from facemark.metrics import nme_per_face
+from facemark.runtime.defaults import DEFAULT_REFINE
 from facemark.runtime.landmarker import DEFAULT_MODEL_PATH, FaceLandmarker
 from facemark.runtime.session import LandmarkModel
 
@@ -166,7 +167,7 @@ def test_evaluate_scores_every_face_of_data_the_model_was_not_trained_on(records
     report, faces_csv, plot = tmp_path / "e.json", tmp_path / "e.csv", tmp_path / "e.png"
     assert run(["evaluate", "--model", str(DEFAULT_MODEL_PATH), "--data", str(folder), "--json", str(report)]) == 0
     doc = json.loads(report.read_text())
-    assert doc["faces"] == 6 and doc["split"] == "all" and doc["refine"] == 1  # the runtime's default passes
+    assert doc["faces"] == 6 and doc["split"] == "all" and doc["refine"] == DEFAULT_REFINE  # the runtime default
     assert "faces: 6 of 6 (all split" in capsys.readouterr().out
     # --csv and --plot with the whole pipeline too
     assert run(["evaluate", "--model", str(DEFAULT_MODEL_PATH), "--data", str(folder), "--boxes", "pipeline",

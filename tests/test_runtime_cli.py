@@ -16,6 +16,7 @@ from PIL import Image
 from test_runtime import export_tiny_onnx
 
 from facemark.cli import run
+from facemark.runtime.defaults import DEFAULT_REFINE  # noqa: E402
 from facemark.runtime.predict.inputs import collect_inputs
 
 
@@ -33,7 +34,7 @@ def predict(tmp_path: Path, model: Path, *args: str) -> tuple[int, dict]:
 
 def check_schema(doc: dict) -> None:
     assert set(doc) == {"model", "detector", "pipeline", "complete", "images"}
-    assert doc["pipeline"]["refine"] == 1 and doc["pipeline"]["tta"] == "none"  # the defaults, recorded
+    assert doc["pipeline"]["refine"] == DEFAULT_REFINE and doc["pipeline"]["tta"] == "none"  # the defaults, recorded
     assert {"path", "providers", "precision", "points"} <= set(doc["model"])
     assert doc["model"]["providers"][0] == "CPUExecutionProvider"
     for image in doc["images"]:
