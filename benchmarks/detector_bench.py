@@ -27,13 +27,14 @@ from facemark.benchmarks import pipeline as pipeline_mod
 from facemark.benchmarks.detector_sweep import detector_only, shrunk_face_scenes, small_face_recall
 from facemark.errors import ModelError
 from facemark.imageio import read_image, to_gray
+from facemark.runtime.defaults import DEFAULT_REFINE
 from facemark.runtime.detectors import CNN_DETECTORS, HAAR, calibration_for, create_detector
 from facemark.runtime.evaluation import evaluate_pipeline, with_settings
 from facemark.runtime.landmarker import IDENTITY, FaceLandmarker
 
 FRACTIONS = (0.08, 0.12, 0.21)
 THREADS = (1, 2)
-REFINES = (0, 1)
+REFINES = (0, 1)  # photo fps at one and two landmark passes; NME at the runtime's default passes
 VARIANT_KEYS = ("input_side", "min_score")  # the CnnDetector settings a --variant may change
 
 
@@ -135,7 +136,7 @@ def detector_rows(model: Path, val: Sequence, scenes_dir: Path, quick: bool = Fa
             rows[name]["small_face_recall"] = small_face_recall(detector, shrunk)
             only = detector_only(records, detector)
             rows[name].update(recall=only["detection_rate"], false_boxes_per_crop=only["false_faces_per_crop"])
-            summary = evaluate_pipeline(pipelines[(name, 1)], records).summary(base.min_score)
+            summary = evaluate_pipeline(pipelines[(name, DEFAULT_REFINE)], records).summary(base.min_score)
             rows[name].update(nme=summary["nme"], detection_rate=summary["detection_rate"],
                               false_faces=summary["false_faces"], faces=summary["annotated_faces"])
     for name, detector in by_threads[THREADS[0]].items():

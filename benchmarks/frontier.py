@@ -16,8 +16,8 @@ from facemark.data import FaceRecord
 from facemark.runtime.evaluation import evaluate_pipeline
 from facemark.runtime.landmarker import FaceLandmarker
 
-# (refine, flip): one pass, two, three, flip on one and two passes, and the most accurate setting measured
-# (four passes with flip: eight model runs per face, docs/MODEL.md).
+# (refine, flip): one pass, two, three, flip on one and two passes, and four passes with flip (eight model runs
+# per face), the most accurate setting of the earlier models (docs/MODEL.md).
 SETTINGS: tuple[tuple[int, bool], ...] = ((0, False), (1, False), (2, False), (0, True), (1, True), (3, True))
 
 

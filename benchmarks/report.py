@@ -17,6 +17,7 @@ from facemark.benchmarks.isolated import self_check_line
 from facemark.errors import FacemarkError
 from facemark.fileio import write_text_atomic
 from facemark.plots import plot_latency
+from facemark.runtime.defaults import DEFAULT_REFINE
 
 ROW_KEYS = ("variant", "provider", "batch", "threads", "ms_per_face", "p90_ms", "speedup", "size_mb", "max_abs_err",
             "nme")
@@ -77,11 +78,19 @@ def peer_table(rows: list[dict], claims: bool = True) -> str:
                            "Ours vs dlib (1 thread)"], body)
 
 
+def presets_of(refine: int, tta: str) -> str:
+    """The `--preset` names (runtime.options.PRESETS) whose landmark passes are these, "-" if none."""
+    from facemark.runtime.options import PRESETS, PipelineOptions
+
+    names = [n for n in PRESETS if (PipelineOptions.preset(n).refine, PipelineOptions.preset(n).tta) == (refine, tta)]
+    return ", ".join(f"`{n}`" for n in names) or "-"
+
+
 def frontier_table(rows: list[dict]) -> str:
     threads = sorted({int(k.split("@")[1]) for r in rows for k in r if k.startswith("fps@")})
-    header = ["Input", "Precision", "Passes", "TTA", "NME end to end", "Found",
+    header = ["Input", "Precision", "Passes", "TTA", "Preset", "NME end to end", "Found",
               *(f"ms/face, {t} thr" for t in threads), *(f"640x480 fps, {t} thr" for t in threads)]
-    body = [[f"{r['input']} px", r["precision"], r["passes"], r["tta"],
+    body = [[f"{r['input']} px", r["precision"], r["passes"], r["tta"], presets_of(r["refine"], r["tta"]),
              _num(100 * r["nme"], 2, " %") if r.get("nme") is not None else "n/a (no --data)",
              f"{100 * r['detection_rate']:.1f} %" if r.get("detection_rate") is not None else "-",
              *(_num(r[f"ms_per_face@{t}"]) for t in threads), *(_num(r[f"fps@{t}"], 1) for t in threads)]
@@ -238,7 +247,8 @@ def render_markdown(report: dict) -> str:
                 "landmarks there (the model's default presence threshold); both with the detectors alternating "
                 "round by round. Recall: IoU >= 0.3 with the landmark box, on validation faces shrunk into a "
                 "640x480 frame and on the validation photos; false boxes: raw detector boxes on their face-free "
-                "strips (the presence score removes most). NME and detection rate: the whole pipeline, refine 1.",
+                "strips (the presence score removes most). NME and detection rate: the whole pipeline at the runtime's "
+                f"default passes (refine {DEFAULT_REFINE}).",
                 ""]
     if report.get("pipeline"):
         out += ["## End to end (decode + Haar detection + crops + inference + decoding, per image)", "",

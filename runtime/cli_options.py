@@ -22,7 +22,7 @@ from facemark.runtime.options import PRESETS, DetectorOptions, PipelineOptions
 
 OPTION_CLASSES = (DetectorOptions, PipelineOptions)
 PRESET_HELP = ("A named trade-off of --refine and --tta (flags given explicitly win): fast = one landmark pass; "
-               "default; accurate = four passes with flip (docs/MODEL.md).")
+               "default (one pass); accurate = two passes with flip (docs/MODEL.md).")
 PresetChoice = choice_enum("PresetChoice", tuple(PRESETS))
 CTX = "_options_context"
 
