@@ -17,7 +17,6 @@ from facemark.benchmarks.isolated import self_check_line
 from facemark.errors import FacemarkError
 from facemark.fileio import write_text_atomic
 from facemark.plots import plot_latency
-from facemark.runtime.defaults import DEFAULT_REFINE
 
 ROW_KEYS = ("variant", "provider", "batch", "threads", "ms_per_face", "p90_ms", "speedup", "size_mb", "max_abs_err",
             "nme")
@@ -248,7 +247,7 @@ def render_markdown(report: dict) -> str:
                 "round by round. Recall: IoU >= 0.3 with the landmark box, on validation faces shrunk into a "
                 "640x480 frame and on the validation photos; false boxes: raw detector boxes on their face-free "
                 "strips (the presence score removes most). NME and detection rate: the whole pipeline at the runtime's "
-                f"default passes (refine {DEFAULT_REFINE}).",
+                f"default passes (refine {report['detectors'][0].get('nme_refine', 1)}).",
                 ""]
     if report.get("pipeline"):
         out += ["## End to end (decode + Haar detection + crops + inference + decoding, per image)", "",

@@ -1,5 +1,6 @@
-"""`facemark detectors list|fetch|calibrate`: the CNN detector files (runtime/detector_files.py) and their box
-calibrations (runtime/detectors.py). Light at import: typer, rich and the registry only."""
+"""`facemark detectors list|fetch|calibrate|boxes`: the CNN detector files (runtime/detector_files.py), their box
+calibrations (runtime/detectors.py) and the first-pass boxes of annotated faces (for `train --first-pass-boxes`).
+Light at import: typer, rich and the registry only."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from rich.markup import escape
 
 from facemark.runtime.detectors import CALIBRATIONS_FILE, CNN_DETECTORS
 
-app = typer.Typer(help="CNN face detectors: list them, fetch their ONNX files, fit their box calibrations.",
+app = typer.Typer(help="Face detectors: list the CNN ones, fetch their ONNX files, fit their box calibrations; "
+                  "write the first-pass boxes of annotated faces.",
                   no_args_is_help=True, add_completion=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -113,6 +115,12 @@ def boxes_command(
     records = load_records(data, problems.append)
     for line in summarize_warnings(problems, verbose=False):
         console.print(f"[yellow]warning:[/yellow] {escape(line)}")
+    keys = [r.key for r in records]
+    if len(set(keys)) != len(keys):
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        raise typer.BadParameter(f"{len(repeated)} face keys (file name + face index) repeat across --data, e.g. "
+                                 f"{repeated[0]}: training could not tell those faces' boxes apart; give one "
+                                 "of the folders", param_hint="--data")
     try:
         landmarker = FaceLandmarker(model, detector=detector, provider="cpu")
     except (FacemarkError, ValueError) as exc:

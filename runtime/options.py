@@ -87,8 +87,8 @@ class DetectorOptions:
 
 # Named trade-offs of PipelineOptions (docs/MODEL.md, the frontier of the shipped model): fast = one landmark
 # pass (pinned; the runtime's default passes too since the one-pass model); default = the runtime's defaults;
-# accurate = two passes with test-time flip (four model runs per face, about 4x the default's landmark time): as
-# accurate as four passes with flip on the validation split at half their cost.
+# accurate = two passes with test-time flip (four model runs per face, about 3x the default's landmark time): as
+# accurate as four passes with flip on the validation split at about half their cost.
 PRESETS: dict[str, dict[str, Any]] = {"fast": {"refine": 0, "tta": "none"}, "default": {},
                                       "accurate": {"refine": 1, "tta": "flip"}}
 

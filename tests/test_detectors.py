@@ -353,16 +353,17 @@ def test_boxes_are_the_runtimes_first_pass_boxes_of_each_annotated_face(tmp_path
     document = json.loads(out.read_text())
     records = load_records([SAMPLES / "landmarks.xml"], lambda _m: None)
     assert set(document["faces"]) == {r.key for r in records}
-    landmarker = FaceLandmarker()
+    # One pass, every detection kept: each face's box is the crop box of its only pass.
+    landmarker = FaceLandmarker(refine=0, min_score=0)
     found = 0
     for record in records:
         box = document["faces"][record.key]
         faces = landmarker.detect(read_image(record.image_path))
-        firsts = [landmarker.calibration.apply(f.detector_box) for f in faces]
-        if box is None:
-            assert all(box_iou(f, box_from_landmarks(record.landmarks)) < 0.5 for f in firsts)
+        crops = [f.box for f in faces]
+        if box is None:  # missed: no raw detector box overlaps the face enough to be matched
+            assert all(box_iou(f.detector_box, box_from_landmarks(record.landmarks)) < 0.3 for f in faces)
             continue
         found += 1
-        assert min(np.abs(np.subtract(f, box)).max() for f in firsts) < 0.02
+        assert crops and min(np.abs(np.subtract(c, box)).max() for c in crops) < 0.02
     assert found >= len(records) - 1
     assert f"{found} of {len(records)} faces found" in capsys.readouterr().err

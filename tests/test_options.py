@@ -35,7 +35,7 @@ def test_presets_and_explicit_flags():
     accurate = PipelineOptions.preset("accurate")
     assert (accurate.refine, accurate.tta) == (PRESETS["accurate"]["refine"], "flip")
     # a flag given explicitly wins over the preset
-    assert PipelineOptions(refine=1).with_preset("accurate", keep={"refine"}) == PipelineOptions(refine=1, tta="flip")
+    assert PipelineOptions(refine=2).with_preset("accurate", keep={"refine"}) == PipelineOptions(refine=2, tta="flip")
     with pytest.raises(ValueError, match="preset"):
         PipelineOptions.preset("slow")
     with pytest.raises(ValueError, match="refine"):

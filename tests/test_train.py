@@ -443,15 +443,24 @@ def test_a_real_first_pass_box_gives_the_crop_the_runtime_cuts_on_it(tmp_path):
     # Without the box the same settings crop on the landmark box: the spot lands elsewhere.
     plain = AugmentedFaces(FaceCache([record], contract), contract, AugmentConfig.none())
     assert np.abs(bright_centroid(plain[0][0][0].numpy()) - bright_centroid(runtime_crop[0, 0])).max() > 3
-    # Flipped and jittered, the landmarks still follow the pixels.
-    jittered = AugmentedFaces(FaceCache([record], contract, first_pass_boxes={record.key: first_pass}), contract,
-                              dataclasses_replace(exact, flip=True, zoom=0.05, shift=0.05, rotate_deg=10))
-    torch.manual_seed(0)
-    for _ in range(8):
-        image, target, _ = jittered[0]
-        points = (target.numpy() + 0.5) * contract.size
-        spot = bright_centroid(image[0].numpy())
-        assert min(np.abs(spot - points[i]).max() for i in (36, FLIP_PERMUTATION[36])) < 1.0
+    # Flipped, the crop is the runtime's crop of the mirrored photo on the mirrored box (the detector's box of the
+    # mirrored photo), not the mirror of this crop.
+    gray = read_gray(record.image_path)
+    width = gray.shape[1]
+    x, y, w, h = first_pass
+    mirrored, _ = contract.prepare(np.ascontiguousarray(gray[:, ::-1]), [(width - 1 - (x + w), y, w, h)])
+    cache = FaceCache([record], contract, first_pass_boxes={record.key: first_pass})
+    rng = np.random.default_rng(0)
+    flipping = dataclasses_replace(exact, flip=True)
+    for _ in range(20):
+        m, flipped = augment_matrix(rng, cache.side, contract.size, flipping, contract.scale,
+                                    cache.first_pass_offset[0])
+        if flipped:
+            break
+    assert flipped
+    crop = cv2.warpAffine(cache.crops[0], m, (contract.size, contract.size), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=contract.border_value)
+    assert np.abs(bright_centroid(crop / 255.0) - bright_centroid(mirrored[0, 0])).max() < 0.5
 
 
 def test_validation_detector_boxes_are_the_real_first_pass_boxes_where_given(tmp_path):
@@ -460,13 +469,16 @@ def test_validation_detector_boxes_are_the_real_first_pass_boxes_where_given(tmp
     from facemark.train.dataset import validation_tensors
 
     record = spot_record(tmp_path)
+    other = FaceRecord(record.image_path, record.landmarks + 5, key="spot.png#1")
     contract = CropContract(size=64)
     real = _moved_box(box_from_landmarks(record.landmarks), -0.1, 0.05, 1.1)
-    with_real = validation_tensors([record], contract, first_pass_boxes={record.key: real})
-    modelled = validation_tensors([record], contract, first_pass_boxes={record.key: None})
+    with_real = validation_tensors([record, other], contract, first_pass_boxes={record.key: real})
+    modelled = validation_tensors([record, other], contract)
     expected, _ = contract.prepare(read_gray(record.image_path), [real])
-    np.testing.assert_array_equal(with_real["detector"][0], expected)
-    assert not np.array_equal(modelled["detector"][0], expected)
+    np.testing.assert_array_equal(with_real["detector"][0][0], expected[0])
+    assert not np.array_equal(modelled["detector"][0][0], expected[0])
+    # The face without a real box keeps the seeded draw it has without any file: the stream stays aligned.
+    np.testing.assert_array_equal(with_real["detector"][0][1], modelled["detector"][0][1])
     np.testing.assert_array_equal(with_real["landmarks"][0], modelled["landmarks"][0])
 
 
@@ -478,3 +490,8 @@ def test_first_pass_boxes_file_is_checked_in_one_line(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "boxes.json: not a first-pass boxes file" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()  # refused before a run folder was claimed
+    bad.write_text('{"faces": {"spot.png#0": [1, 2, 0, 4]}}')
+    assert run(["train", "--data", SAMPLES_XML, "--val-data", SAMPLES_XML, "--out", str(tmp_path / "r"),
+                "--epochs", "1", "--first-pass-boxes", str(bad)]) == 2
+    assert "face spot.png#0: box [1.0, 2.0, 0.0, 4.0] is not four finite numbers" in capsys.readouterr().err

@@ -99,7 +99,7 @@ def train_command(
         presence=presence, lr=lr, optimizer=optimizer.value, schedule=schedule.value,
         device=device.value, amp=amp, max_images=max_images, seed=seed, split_seed=split_seed,
         workers=workers, augment=asdict(aug), val_boxes=val_boxes, ema=ema,
-        init=str(init or ""), first_pass_boxes=str(first_pass_boxes or ""),
+        init=str(init or ""), first_pass_boxes=str(first_pass_boxes.resolve()) if first_pass_boxes else "",
     )
     stop = {"requested": False}
 

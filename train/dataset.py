@@ -111,19 +111,19 @@ def augment_matrix(rng: np.random.Generator, cache_side: int, size: int, aug: Au
     first-pass box when `first_pass` (its box_offset) is given and finite, with the mild zoom/shift on top,
     else with the modelled error (det_shift_*, det_log_scale)."""
     angle = math.radians(rng.uniform(-aug.rotate_deg, aug.rotate_deg)) if aug.rotate_deg else 0.0
-    real_box = False
-    zoom = rng.uniform(1 - aug.zoom, 1 + aug.zoom) if aug.zoom else 1.0
-    shift = rng.uniform(-aug.shift, aug.shift, size=2) * size if aug.shift else np.zeros(2)
-    if aug.det_p and rng.random() < aug.det_p:
-        if first_pass is not None and np.isfinite(first_pass).all():
-            real_box = True
-            k = math.exp(float(first_pass[2]))
-            zoom *= k
-            # The face centre sits opposite the box's offset, in pixels of a crop k times the nominal one.
-            shift = shift - first_pass[:2].astype(np.float64) / (crop_scale * k) * size
-        else:
-            zoom = math.exp(rng.normal(0.0, aug.det_log_scale))
-            shift = rng.normal(0.0, [aug.det_shift_x, aug.det_shift_y]) / crop_scale * size
+    detector_like = bool(aug.det_p and rng.random() < aug.det_p)
+    real_box = detector_like and first_pass is not None and bool(np.isfinite(first_pass).all())
+    if detector_like and not real_box:
+        zoom = math.exp(rng.normal(0.0, aug.det_log_scale))
+        shift = rng.normal(0.0, [aug.det_shift_x, aug.det_shift_y]) / crop_scale * size
+    else:
+        zoom = rng.uniform(1 - aug.zoom, 1 + aug.zoom) if aug.zoom else 1.0
+        shift = rng.uniform(-aug.shift, aug.shift, size=2) * size if aug.shift else np.zeros(2)
+    if real_box:
+        k = math.exp(float(first_pass[2]))
+        zoom *= k
+        # The face centre sits opposite the box's offset, in pixels of a crop k times the nominal one.
+        shift = shift - first_pass[:2].astype(np.float64) / (crop_scale * k) * size
     flip = bool(aug.flip and rng.random() < 0.5)
     if flip and real_box:
         shift = shift * np.array([-1.0, 1.0])  # the mirrored photo's detector box, mirrored

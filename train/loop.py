@@ -108,6 +108,8 @@ class TrainConfig:
             raise DataError("--epochs and --batch-size must be >= 1 and --image-size >= 16")
         if self.val_boxes not in VAL_BOXES:
             raise DataError(f"--val-boxes {self.val_boxes!r}: choose one of {', '.join(VAL_BOXES)}")
+        if self.first_pass_boxes:
+            read_first_pass_boxes(self.first_pass_boxes)  # a bad file is refused before any run folder is made
         if not 0.0 <= self.ema < 1.0:
             raise DataError(f"--ema {self.ema}: a decay in [0, 1) (0 = off)")
         problem = head_unit(self.head).check(self.image_size, self.head_options())
@@ -237,6 +239,8 @@ def resolve_resume(resume: str | os.PathLike, requested: TrainConfig | None, exp
     base = Path(saved.cwd) if saved.cwd else Path.cwd()
     saved.data = [str(p if Path(p).is_absolute() else base / p) for p in saved.data]
     saved.val_data = [str(p if Path(p).is_absolute() else base / p) for p in saved.val_data]
+    if saved.first_pass_boxes and not Path(saved.first_pass_boxes).is_absolute():
+        saved.first_pass_boxes = str(base / saved.first_pass_boxes)
     saved.out = str(path.resolve().parent)
     if requested is not None:
         for name in sorted(explicit - {"epochs", "device", "workers", "out"}):
@@ -244,6 +248,8 @@ def resolve_resume(resume: str | os.PathLike, requested: TrainConfig | None, exp
             if name in ("data", "val_data"):
                 mine = [str(Path(p).resolve()) for p in mine]
                 theirs = [str(Path(p).resolve()) for p in theirs]
+            if name == "first_pass_boxes":
+                mine, theirs = (str(Path(p).resolve()) if p else "" for p in (mine, theirs))
             if mine != theirs:
                 raise DataError(f"--resume {path}: --{name.replace('_', '-')} {mine!r} contradicts the saved run "
                                 f"({theirs!r}); drop the option or start a new run")
@@ -321,14 +327,21 @@ def _dist_info() -> tuple[int, int, int]:
 
 
 def read_first_pass_boxes(path: str) -> dict[str, Box | None]:
-    """Face key -> first-pass box (None: missed) from a `facemark detectors boxes` file; DataError if unreadable."""
+    """Face key -> first-pass box (None: missed) from a `facemark detectors boxes` file; one DataError naming the
+    file when it is missing, unreadable or holds a box that is not four finite numbers with positive size."""
     try:
         faces = json.loads(Path(path).read_text(encoding="utf-8"))["faces"]
-        return {str(k): None if v is None else (float(v[0]), float(v[1]), float(v[2]), float(v[3]))
-                for k, v in faces.items()}
+        boxes = {str(k): None if v is None else (float(v[0]), float(v[1]), float(v[2]), float(v[3]))
+                 for k, v in faces.items()}
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file (make it with `facemark detectors boxes`)") from None
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise DataError(f"{path}: not a first-pass boxes file from `facemark detectors boxes` "
                         f"({exc.__class__.__name__}: {exc})") from None
+    for key, box in boxes.items():
+        if box is not None and not (all(math.isfinite(v) for v in box) and box[2] > 0 and box[3] > 0):
+            raise DataError(f"{path}: face {key}: box {list(box)} is not four finite numbers with positive size")
+    return boxes
 
 
 def load_split(cfg: TrainConfig, warn: Callable[[str], None], verbose: bool = False
