@@ -119,19 +119,23 @@ def decode_faceboxes(outputs: list[np.ndarray], size: tuple[int, int], threshold
 
 def network_input(gray_or_bgr: np.ndarray, spec: CnnSpec, side: int) -> tuple[np.ndarray, float]:
     """The (1, 3, H, W) float32 input (H, W multiples of 32) and the image -> input scale. The padding is the
-    mean colour, so it is 0 after the mean is subtracted; OpenCV's blobFromImage does the subtraction, the
-    channel swap and the layout in one pass (a numpy transpose cost as much as the network at 640x480)."""
+    mean colour, so it is 0 after the mean is subtracted. Each channel plane is converted and mean-shifted
+    straight into the blob (one pass per plane: OpenCV's blobFromImage took 2-4 ms at 960x720, a fifth of
+    FaceBoxesV2's whole detection, docs/DETECTORS.md)."""
     height, width = gray_or_bgr.shape[:2]
     scale = side / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     small = cv2.resize(gray_or_bgr, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    if small.ndim == 2:
-        small = cv2.cvtColor(small, cv2.COLOR_GRAY2BGR)
     bottom = -(-size[1] // STRIDE_MULTIPLE) * STRIDE_MULTIPLE - size[1]
     right = -(-size[0] // STRIDE_MULTIPLE) * STRIDE_MULTIPLE - size[0]
-    bgr_mean = spec.mean[::-1] if spec.rgb else spec.mean
-    small = cv2.copyMakeBorder(small, 0, bottom, 0, right, cv2.BORDER_CONSTANT, value=bgr_mean)
-    return cv2.dnn.blobFromImage(small, 1.0, None, spec.mean, swapRB=spec.rgb, crop=False), scale
+    planes = [small] * 3 if small.ndim == 2 else list(cv2.split(small))  # B, G, R
+    if spec.rgb:
+        planes.reverse()
+    blob = np.empty((1, 3, size[1] + bottom, size[0] + right), dtype=np.float32)
+    for channel, (plane, mean) in enumerate(zip(planes, spec.mean, strict=True)):
+        padded = cv2.copyMakeBorder(plane, 0, bottom, 0, right, cv2.BORDER_CONSTANT, value=mean)
+        np.subtract(padded, np.float32(mean), out=blob[0, channel], casting="unsafe")
+    return blob, scale
 
 
 class CnnDetector:

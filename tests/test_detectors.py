@@ -23,6 +23,7 @@ from facemark.runtime.cnn_detector import (
     decode_centerface,
     decode_faceboxes,
     faceboxes_priors,
+    network_input,
     non_max_suppression_xyxy,
 )
 from facemark.runtime.detector_files import DetectorFile, cached_path, extract_member, fetch, read_detector_file
@@ -135,6 +136,23 @@ def test_the_rewritten_input_runs_at_any_size_and_still_passes_onnx_checker(cnn)
 
 
 # --- decoding ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(CNN_DETECTORS))
+def test_the_network_input_is_the_scaled_image_minus_the_mean_in_the_networks_channel_order(name):
+    spec = CNN_DETECTORS[name]
+    bgr = np.zeros((30, 50, 3), np.uint8)
+    bgr[..., 0], bgr[..., 1], bgr[..., 2] = 10, 20, 250  # blue, green, red
+    blob, scale = network_input(bgr, spec, 100)
+    assert scale == 2.0 and blob.dtype == np.float32
+    assert blob.shape == (1, 3, 64, 128)  # 60 x 100, padded up to multiples of 32
+    order = (250, 20, 10) if spec.rgb else (10, 20, 250)
+    for channel, (value, mean) in enumerate(zip(order, spec.mean, strict=True)):
+        assert np.all(blob[0, channel, :60, :100] == value - mean)
+        assert np.all(blob[0, channel, 60:] == 0) and np.all(blob[0, channel, :, 100:] == 0)  # mean padding
+    gray_blob, _ = network_input(np.full((30, 50), 77, np.uint8), spec, 100)
+    for channel, mean in enumerate(spec.mean):  # gray: three equal channels
+        assert np.all(gray_blob[0, channel, :60, :100] == 77 - mean)
+
 
 def test_faceboxes_priors_match_the_network_outputs_and_decode_to_themselves():
     priors = faceboxes_priors(640, 640)
