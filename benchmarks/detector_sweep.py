@@ -35,7 +35,7 @@ from facemark.contract import box_from_landmarks
 from facemark.data import load_records, other_faces, split_records
 from facemark.imageio import read_gray, read_image
 from facemark.runtime.calibration import match_detection
-from facemark.runtime.defaults import DEFAULT_MIN_SCORE
+from facemark.runtime.defaults import DEFAULT_MIN_SCORE, DEFAULT_REFINE
 from facemark.runtime.detector import DEFAULT_MIN_FACE_FRACTION, HaarDetector
 from facemark.runtime.detectors import FaceDetector
 from facemark.runtime.evaluation import background_boxes
@@ -166,7 +166,7 @@ def grid(scales: str, windows: str, neighbors: int, cascade: str, pyramids: str 
 
 
 def main(data: list[Path] = typer.Option(..., "--data"), model: Path | None = typer.Option(None, "--model"),
-         refine: int = typer.Option(1, "--refine"), json_path: Path | None = typer.Option(None, "--json"),
+         refine: int = typer.Option(DEFAULT_REFINE, "--refine"), json_path: Path | None = typer.Option(None, "--json"),
          configs: str = typer.Option("", "--configs", help="Comma-separated indices into CONFIGS (default all)."),
          use_grid: bool = typer.Option(False, "--grid", help="Scale steps x copy sizes, timed on scenes."),
          scales: str = typer.Option("1.1,1.15,1.2", "--scales"),

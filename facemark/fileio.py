@@ -25,13 +25,15 @@ def is_stdout(path: str | os.PathLike | None) -> bool:
 
 
 def is_stream(path: str | os.PathLike) -> bool:
-    """True for `-` and for an existing target that is not a regular file: written directly, not replaced."""
+    """True for `-` and for an existing target that is neither a regular file nor a folder (a pipe, a device):
+    written directly, not replaced. A folder is not a stream: check_writable refuses it as an output file."""
     if is_stdout(path):
         return True
     try:
-        return not stat.S_ISREG(os.stat(path).st_mode)
+        mode = os.stat(path).st_mode
     except OSError:
         return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def write_error(target: str | os.PathLike, exc: OSError, what: str = "") -> WriteError:

@@ -5,6 +5,7 @@ Light at import: typer, rich and the registry only."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import typer
@@ -104,20 +105,26 @@ def boxes_command(
     detector misses the face. Keyed by the faces' split keys, so training and validation faces alike."""
     from dataclasses import asdict
 
+    from facemark.contract import box_from_landmarks
     from facemark.data import load_records
     from facemark.errors import FacemarkError
-    from facemark.fileio import write_text_atomic
+    from facemark.fileio import check_writable, write_text_atomic
     from facemark.reporting import progress_display, summarize_warnings
     from facemark.runtime.calibration import detect_records
     from facemark.runtime.landmarker import FaceLandmarker
 
+    if out.suffix.lower() != ".json" or any(out.resolve() == Path(p).resolve() for p in data):
+        raise typer.BadParameter(f"{out}: expected a new .json file, not one of the inputs", param_hint="--out")
+    try:
+        check_writable(out, "boxes file")  # before minutes of detection
+    except FacemarkError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--out") from None
     problems: list[str] = []
     records = load_records(data, problems.append)
     for line in summarize_warnings(problems, verbose=False):
         console.print(f"[yellow]warning:[/yellow] {escape(line)}")
-    keys = [r.key for r in records]
-    if len(set(keys)) != len(keys):
-        repeated = sorted({k for k in keys if keys.count(k) > 1})
+    repeated = sorted(k for k, n in Counter(r.key for r in records).items() if n > 1)
+    if repeated:
         raise typer.BadParameter(f"{len(repeated)} face keys (file name + face index) repeat across --data, e.g. "
                                  f"{repeated[0]}: training could not tell those faces' boxes apart; give one "
                                  "of the folders", param_hint="--data")
@@ -131,8 +138,10 @@ def boxes_command(
                                progress=lambda n: progress.advance(task, n))
     faces = {r.key: None if d is None else [round(float(v), 2) for v in landmarker.calibration.apply(d.box)]
              for r, d in pairs}
+    # Each face's landmark box too: training checks a face key is the same face (keys are file name + index).
+    landmark_boxes = {r.key: [round(float(v), 2) for v in box_from_landmarks(r.landmarks)] for r in records}
     document = {"detector": landmarker.detector.config(), "calibration": asdict(landmarker.calibration),
-                "model": str(landmarker.model.path), "faces": faces}
+                "model": str(landmarker.model.path), "faces": faces, "landmark_boxes": landmark_boxes}
     write_text_atomic(out, json.dumps(document, indent=0) + "\n")
     found = sum(v is not None for v in faces.values())
     console.print(f"{found} of {len(faces)} faces found; {out}")

@@ -385,3 +385,19 @@ def test_boxes_are_the_runtimes_first_pass_boxes_of_each_annotated_face(tmp_path
         assert crops and min(np.abs(np.subtract(c, box)).max() for c in crops) < 0.02
     assert found >= len(records) - 1
     assert f"{found} of {len(records)} faces found" in capsys.readouterr().err
+    assert document["landmark_boxes"] == {r.key: [round(float(v), 2) for v in box_from_landmarks(r.landmarks)]
+                                          for r in records}
+
+
+def test_boxes_refuses_an_out_that_is_an_input_or_not_json_before_detecting(tmp_path, capsys):
+    import shutil
+
+    xml = tmp_path / "landmarks.xml"
+    shutil.copy(SAMPLES / "landmarks.xml", xml)
+    before = xml.read_bytes()
+    assert run(["detectors", "boxes", "--data", str(xml), "--out", str(xml)]) == 2
+    assert xml.read_bytes() == before and "not one of the inputs" in capsys.readouterr().err
+    assert run(["detectors", "boxes", "--data", str(xml), "--out", str(tmp_path / "boxes.txt")]) == 2
+    (tmp_path / "taken.json").mkdir()
+    assert run(["detectors", "boxes", "--data", str(xml), "--out", str(tmp_path / "taken.json")]) == 2
+    assert "is a folder" in capsys.readouterr().err

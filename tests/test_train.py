@@ -454,13 +454,40 @@ def test_a_real_first_pass_box_gives_the_crop_the_runtime_cuts_on_it(tmp_path):
     flipping = dataclasses_replace(exact, flip=True)
     for _ in range(20):
         m, flipped = augment_matrix(rng, cache.side, contract.size, flipping, contract.scale,
-                                    cache.first_pass_offset[0])
+                                    cache.first_pass_offset[0], cache.margin)
         if flipped:
             break
     assert flipped
     crop = cv2.warpAffine(cache.crops[0], m, (contract.size, contract.size), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=contract.border_value)
     assert np.abs(bright_centroid(crop / 255.0) - bright_centroid(mirrored[0, 0])).max() < 0.5
+
+
+def test_crops_on_far_real_first_pass_boxes_stay_inside_the_face_cache(tmp_path):
+    from facemark.contract import box_from_landmarks
+
+    angles = np.linspace(0, 2 * math.pi, 68, endpoint=False)
+    points = np.stack([500 + 60 * np.cos(angles), 500 + 80 * np.sin(angles)], axis=1).astype(np.float32)
+    path = tmp_path / "flat.png"
+    cv2.imwrite(str(path), np.full((1000, 1000), 200, np.uint8))  # the photo reaches far beyond any crop
+    record = FaceRecord(path, points, key="flat.png#0")
+    contract = CropContract(size=64)
+    far = _moved_box(box_from_landmarks(points), 0.3, -0.2, 1.3)  # as far off as real Haar boxes go
+    aug = dataclasses_replace(AugmentConfig.none(), rotate_deg=30, zoom=0.1, shift=0.08, flip=True, det_p=1.0)
+
+    def border_pixels(cache: FaceCache, offset: np.ndarray) -> int:
+        rng, worst = np.random.default_rng(0), 0
+        for _ in range(40):
+            m, _ = augment_matrix(rng, cache.side, contract.size, aug, contract.scale, offset, cache.margin)
+            crop = cv2.warpAffine(cache.crops[0], m, (contract.size, contract.size), flags=cv2.INTER_LINEAR,
+                                  borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+            worst = max(worst, int((crop != 200).sum()))
+        return worst
+
+    cache = FaceCache([record], contract, first_pass_boxes={record.key: far})
+    assert border_pixels(cache, cache.first_pass_offset[0]) == 0
+    narrow = FaceCache([record], contract)  # the modelled-error cache would show its border on such boxes
+    assert border_pixels(narrow, cache.first_pass_offset[0]) > 0
 
 
 def test_validation_detector_boxes_are_the_real_first_pass_boxes_where_given(tmp_path):
@@ -491,7 +518,67 @@ def test_first_pass_boxes_file_is_checked_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "boxes.json: not a first-pass boxes file" in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()  # refused before a run folder was claimed
-    bad.write_text('{"faces": {"spot.png#0": [1, 2, 0, 4]}}')
-    assert run(["train", "--data", SAMPLES_XML, "--val-data", SAMPLES_XML, "--out", str(tmp_path / "r"),
-                "--epochs", "1", "--first-pass-boxes", str(bad)]) == 2
-    assert "face spot.png#0: box [1.0, 2.0, 0.0, 4.0] is not four finite numbers" in capsys.readouterr().err
+    for box, problem in [([1, 2, 0, 4], "[1.0, 2.0, 0.0, 4.0] is not four finite numbers with positive size"),
+                         ("1234", "'1234' is not a list of four numbers"),
+                         ([1, 2, 3, 4, 5], "[1, 2, 3, 4, 5] is not a list of four numbers"),
+                         ([True, True, True, True], "[True, True, True, True] is not a list of four numbers")]:
+        bad.write_text(json.dumps({"faces": {"spot.png#0": box}, "landmark_boxes": {"spot.png#0": [1, 2, 3, 4]}}))
+        assert run(["train", "--data", SAMPLES_XML, "--val-data", SAMPLES_XML, "--out", str(tmp_path / "r"),
+                    "--epochs", "1", "--first-pass-boxes", str(bad)]) == 2
+        assert f"face spot.png#0: {problem}" in capsys.readouterr().err
+    bad.write_text(json.dumps({"faces": {"spot.png#0": [1, 2, 3, 4]}}))  # an older file: no landmark boxes
+    assert run(["train", "--data", SAMPLES_XML, "--out", str(tmp_path / "r"), "--epochs", "1",
+                "--first-pass-boxes", str(bad)]) == 2
+    assert "not a first-pass boxes file" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def _boxes_file(path: Path, records, shift: float = 0.0) -> Path:
+    """A first-pass boxes file for `records`: each face's landmark box moved by `shift` px as its box."""
+    from facemark.contract import box_from_landmarks
+
+    boxes = {r.key: [v + shift for v in box_from_landmarks(r.landmarks)] for r in records}
+    landmark_boxes = {r.key: list(box_from_landmarks(r.landmarks)) for r in records}
+    path.write_text(json.dumps({"faces": boxes, "landmark_boxes": landmark_boxes}))
+    return path
+
+
+def test_first_pass_boxes_must_be_the_datas_own_faces(tmp_path):
+    from facemark.data import load_records
+    from facemark.errors import DataError
+    from facemark.train.loop import first_pass_boxes_for
+
+    records = load_records([SAMPLES_XML], lambda _m: None)
+    boxes = first_pass_boxes_for(str(_boxes_file(tmp_path / "own.json", records, 3.0)), records)
+    from facemark.contract import box_from_landmarks
+
+    assert set(boxes) == {r.key for r in records}
+    assert boxes[records[0].key][0] == pytest.approx(box_from_landmarks(records[0].landmarks)[0] + 3)
+    # Another photo with the same file name (another folder): its landmark box gives it away.
+    moved = [FaceRecord(r.image_path, r.landmarks + 40, key=r.key) for r in records]
+    with pytest.raises(DataError, match=f"face {records[0].key} was another face when the file was made"):
+        first_pass_boxes_for(str(_boxes_file(tmp_path / "other.json", moved)), records)
+    # A key seen twice (--val-data = --data) is fine while it is the same face; another face under it is not.
+    assert first_pass_boxes_for(str(tmp_path / "own.json"), [*records, records[0]]) == boxes
+    with pytest.raises(DataError, match="was another face"):
+        first_pass_boxes_for(str(tmp_path / "own.json"), [*records, moved[0]])
+    elsewhere = [FaceRecord(r.image_path, r.landmarks, key="x" + r.key) for r in records]
+    with pytest.raises(DataError, match="holds none of these"):
+        first_pass_boxes_for(str(tmp_path / "own.json"), elsewhere)
+
+
+def test_resume_refuses_a_first_pass_boxes_file_that_changed(tmp_path):
+    from facemark.data import load_records
+    from facemark.errors import DataError
+
+    records = load_records([SAMPLES_XML], lambda _m: None)
+    boxes = _boxes_file(tmp_path / "boxes.json", records, 2.0)
+    cfg = tiny_config(tmp_path, epochs=1, data=[SAMPLES_XML], val_data=[SAMPLES_XML], first_pass_boxes=str(boxes))
+    first = train(cfg)
+    last = first.best_path.parent / "last.pt"
+    assert load_checkpoint(last)["train"]["first_pass_boxes_sha256"]
+    _boxes_file(boxes, records, 5.0)  # made again, other boxes
+    with pytest.raises(DataError, match="changed since the run began"):
+        train(TrainConfig(data=[], epochs=2), resume=last, explicit={"epochs"})
+    _boxes_file(boxes, records, 2.0)  # the same file again: the run goes on
+    assert [h.epoch for h in train(TrainConfig(data=[], epochs=2), resume=last, explicit={"epochs"}).history] == [1, 2]

@@ -28,6 +28,11 @@ from facemark.scheme import FLIP_PERMUTATION
 # Room for the largest augmentation: 30 deg rotation (x1.37) with 10 % zoom out fits inside 1.6; the rarer
 # larger detector-like zooms and shifts see the contract's constant border there, as they would at the image edge.
 CACHE_MARGIN = 1.6
+# Real first-pass boxes (train --first-pass-boxes) sit further off and larger than the modelled error: up to 0.3
+# box sides off centre and 1.3x the side on the training faces, which with 30 deg, 10 % zoom and 8 % shift needs
+# about 2.7 crop sides of room (half-extent 0.89 x 1.37 + 0.36 box sides); with 1.6 a few % of such crops showed
+# the constant border where the runtime's crop of the photo shows the face's surroundings.
+FIRST_PASS_CACHE_MARGIN = 2.8
 
 
 # Calibrated Haar box vs landmark box on 533 training faces (`python -m facemark.benchmarks.studies.box_noise --data
@@ -68,10 +73,12 @@ class FaceCache:
                  progress: Callable[[int], None] | None = None,
                  first_pass_boxes: Mapping[str, Box | None] | None = None) -> None:
         """first_pass_boxes: face key -> the box the runtime's first pass crops on (None: the detector missed
-        it), as `facemark detectors boxes` writes them; kept per face as `first_pass_offset`."""
-        side = int(math.ceil(contract.size * CACHE_MARGIN))
+        it), as `facemark detectors boxes` writes them; kept per face as `first_pass_offset`, and the cache is cut
+        wider (FIRST_PASS_CACHE_MARGIN) so that crops on those boxes stay inside it."""
+        self.margin = FIRST_PASS_CACHE_MARGIN if first_pass_boxes else CACHE_MARGIN
+        side = int(math.ceil(contract.size * self.margin))
         self.side = side
-        # Same centre as the contract's crop, `side` pixels for `scale * CACHE_MARGIN` of the box size.
+        # Same centre as the contract's crop, `side` pixels for `scale * margin` of the box size.
         self.cache_contract = CropContract(size=side, scale=contract.scale * side / contract.size,
                                            border_value=contract.border_value)
         self.crops = np.empty((len(records), side, side), np.uint8)
@@ -103,7 +110,8 @@ def box_offset(box: Box, landmark_box: Box) -> np.ndarray:
 
 
 def augment_matrix(rng: np.random.Generator, cache_side: int, size: int, aug: AugmentConfig,
-                   crop_scale: float = 1.25, first_pass: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
+                   crop_scale: float = 1.25, first_pass: np.ndarray | None = None,
+                   margin: float = CACHE_MARGIN) -> tuple[np.ndarray, bool]:
     """Cache -> crop affine of one random rotation/zoom/shift (+flip). Identity augmentation = nominal crop.
 
     `crop_scale` (the contract's crop side / box side) converts detector-like errors, measured in box sides,
@@ -127,7 +135,7 @@ def augment_matrix(rng: np.random.Generator, cache_side: int, size: int, aug: Au
     flip = bool(aug.flip and rng.random() < 0.5)
     if flip and real_box:
         shift = shift * np.array([-1.0, 1.0])  # the mirrored photo's detector box, mirrored
-    k = size * CACHE_MARGIN / cache_side / zoom  # cache pixels -> crop pixels
+    k = size * margin / cache_side / zoom  # cache pixels -> crop pixels (the cache holds `margin` crops)
     c, s = math.cos(angle) * k, math.sin(angle) * k
     linear = np.array([[c, -s], [s, c]])
     if flip:
@@ -249,7 +257,7 @@ class AugmentedFaces(Dataset):
                 crop = crop[:, ::-1]
             return self._tensor(crop, rng), torch.zeros(68, 2), torch.tensor(0.0)
         m, flipped = augment_matrix(rng, self.cache.side, size, self.aug, self.contract.scale,
-                                    self.cache.first_pass_offset[index])
+                                    self.cache.first_pass_offset[index], self.cache.margin)
         crop = cv2.warpAffine(self.cache.crops[index], m, (size, size), flags=cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_CONSTANT, borderValue=self.contract.border_value)
         points = apply_affine(m, self.cache.points[index])

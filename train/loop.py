@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from facemark.contract import Box, CropContract
+from facemark.contract import Box, CropContract, box_from_landmarks
 from facemark.data import FaceRecord, load_records, split_of, split_records
 from facemark.errors import DataError
-from facemark.fileio import check_writable_folder
+from facemark.fileio import check_writable_folder, file_sha256
 from facemark.metrics import nme_per_face, roc_auc
 from facemark.reporting import summarize_warnings
 from facemark.train.checkpoint import load_checkpoint, save_checkpoint
@@ -88,6 +88,7 @@ class TrainConfig:
     # `facemark detectors boxes` output: each face's real first-pass box, used for the detector-like crops
     # (augment det_p) and the detector validation boxes instead of the modelled error where the detector found it.
     first_pass_boxes: str = ""
+    first_pass_boxes_sha256: str = ""  # of that file when the run began (set by train; --resume refuses a change)
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -326,21 +327,67 @@ def _dist_info() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
 
 
-def read_first_pass_boxes(path: str) -> dict[str, Box | None]:
-    """Face key -> first-pass box (None: missed) from a `facemark detectors boxes` file; one DataError naming the
-    file when it is missing, unreadable or holds a box that is not four finite numbers with positive size."""
+def _first_pass_box(value: object) -> Box:
+    """Four finite numbers (x, y, w, h) with positive size; ValueError otherwise (bools and strings included)."""
+    if not isinstance(value, list) or len(value) != 4 or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"{value!r} is not a list of four numbers")
+    box = tuple(float(v) for v in value)
+    if not (all(math.isfinite(v) for v in box) and box[2] > 0 and box[3] > 0):
+        raise ValueError(f"{list(box)} is not four finite numbers with positive size")
+    return box
+
+
+def read_first_pass_boxes(path: str) -> tuple[dict[str, Box | None], dict[str, Box]]:
+    """(face key -> first-pass box, None where the detector missed it; face key -> the face's landmark box when
+    the file was made) from a `facemark detectors boxes` file; one DataError naming the file when it is missing,
+    unreadable, from an older facemark (no landmark boxes) or holds a box that is not four finite numbers with
+    positive size."""
     try:
-        faces = json.loads(Path(path).read_text(encoding="utf-8"))["faces"]
-        boxes = {str(k): None if v is None else (float(v[0]), float(v[1]), float(v[2]), float(v[3]))
-                 for k, v in faces.items()}
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+        faces, landmark_boxes = document["faces"], document["landmark_boxes"]
+        if not isinstance(faces, dict) or not isinstance(landmark_boxes, dict):
+            raise TypeError("'faces' and 'landmark_boxes' must be objects")
     except FileNotFoundError:
         raise DataError(f"{path}: no such file (make it with `facemark detectors boxes`)") from None
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
-        raise DataError(f"{path}: not a first-pass boxes file from `facemark detectors boxes` "
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DataError(f"{path}: not a first-pass boxes file from this facemark's `facemark detectors boxes` "
                         f"({exc.__class__.__name__}: {exc})") from None
-    for key, box in boxes.items():
-        if box is not None and not (all(math.isfinite(v) for v in box) and box[2] > 0 and box[3] > 0):
-            raise DataError(f"{path}: face {key}: box {list(box)} is not four finite numbers with positive size")
+    boxes: dict[str, Box | None] = {}
+    for key, value in faces.items():
+        try:
+            boxes[str(key)] = None if value is None else _first_pass_box(value)
+            if str(key) not in landmark_boxes:
+                raise ValueError("no landmark box")
+            _first_pass_box(landmark_boxes[str(key)])
+        except ValueError as exc:
+            raise DataError(f"{path}: face {key}: {exc}") from None
+    return boxes, {str(k): _first_pass_box(v) for k, v in landmark_boxes.items() if k in boxes}
+
+
+# A face's landmark box in the file and in the data may differ by the file's rounding (0.01 px), no more.
+LANDMARK_BOX_TOLERANCE_PX = 0.5
+
+
+def first_pass_boxes_for(path: str, records: Sequence[FaceRecord]) -> dict[str, Box | None]:
+    """The first-pass boxes of `records` (training and validation faces) from `path`, checked to be theirs: face
+    keys are file name + face index, so a face whose landmark box is not the one the file was made with (another
+    folder with the same file names, other annotations; also two faces under one key) is refused in one line
+    instead of taking another face's box."""
+    boxes, landmark_boxes = read_first_pass_boxes(path)
+    matched = 0
+    for record in records:
+        if record.key not in boxes:
+            continue
+        matched += 1
+        mine, theirs = box_from_landmarks(record.landmarks), landmark_boxes[record.key]
+        if max(abs(a - b) for a, b in zip(mine, theirs, strict=True)) > LANDMARK_BOX_TOLERANCE_PX:
+            raise DataError(f"--first-pass-boxes {path}: face {record.key} was another face when the file was made "
+                            f"(landmark box {[round(v, 1) for v in theirs]}, here {[round(v, 1) for v in mine]}); "
+                            "make the file from this data with `facemark detectors boxes`")
+    if not matched:
+        raise DataError(f"--first-pass-boxes {path}: holds none of these {len(records)} faces; make it from this "
+                        "data with `facemark detectors boxes`")
     return boxes
 
 
@@ -497,8 +544,15 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
         done[0] += n
         cb.on_cache_progress(done[0], total_decode)
 
-    first_pass = read_first_pass_boxes(cfg.first_pass_boxes) if cfg.first_pass_boxes else None
-    if first_pass is not None:
+    first_pass = None
+    if cfg.first_pass_boxes:
+        first_pass = first_pass_boxes_for(cfg.first_pass_boxes, [*train_records, *val_records])
+        digest = file_sha256(cfg.first_pass_boxes)
+        if cfg.first_pass_boxes_sha256 and digest != cfg.first_pass_boxes_sha256:
+            raise DataError(f"--first-pass-boxes {cfg.first_pass_boxes} changed since the run began (sha256 "
+                            f"{digest[:12]}, was {cfg.first_pass_boxes_sha256[:12]}): its validation NMEs would "
+                            "not compare; start a new run")
+        cfg.first_pass_boxes_sha256 = digest  # saved with the run: --resume checks the file is the same
         found = [sum(first_pass.get(r.key) is not None for r in rs) for rs in (train_records, val_records)]
         log(f"first-pass boxes ({cfg.first_pass_boxes}): {found[0]} of {len(train_records)} training and "
             f"{found[1]} of {len(val_records)} validation faces; the rest take the modelled box error")
