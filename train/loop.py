@@ -354,15 +354,16 @@ def read_first_pass_boxes(path: str) -> tuple[dict[str, Box | None], dict[str, B
         raise DataError(f"{path}: not a first-pass boxes file from this facemark's `facemark detectors boxes` "
                         f"({exc.__class__.__name__}: {exc})") from None
     boxes: dict[str, Box | None] = {}
-    for key, value in faces.items():
+    face_boxes: dict[str, Box] = {}
+    for key, value in faces.items():  # JSON object keys are strings
         try:
-            boxes[str(key)] = None if value is None else _first_pass_box(value)
-            if str(key) not in landmark_boxes:
+            boxes[key] = None if value is None else _first_pass_box(value)
+            if key not in landmark_boxes:
                 raise ValueError("no landmark box")
-            _first_pass_box(landmark_boxes[str(key)])
+            face_boxes[key] = _first_pass_box(landmark_boxes[key])
         except ValueError as exc:
             raise DataError(f"{path}: face {key}: {exc}") from None
-    return boxes, {str(k): _first_pass_box(v) for k, v in landmark_boxes.items() if k in boxes}
+    return boxes, face_boxes
 
 
 # A face's landmark box in the file and in the data may differ by the file's rounding (0.01 px), no more.
