@@ -55,6 +55,7 @@ def _register() -> None:
     from facemark.runtime import cli as runtime_cli
     from facemark.runtime import detectors_cli
     from facemark.train import cli as train_cli
+    from facemark.web import cli as web_cli
 
     app.command("train")(train_cli.train_command)
     app.command("evaluate")(evaluate_cli.evaluate_command)
@@ -64,6 +65,7 @@ def _register() -> None:
     app.command("bench")(bench_cli.bench_command)
     app.command("serve")(runtime_cli.serve_command)
     app.command("schema")(schema_command)
+    app.command("web")(web_cli.web_command)
 
 
 SchemaName = choice_enum("SchemaName", SCHEMA_NAMES)
