@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: demo test lint pytest bench bench-quick clean detectors
+.PHONY: demo test lint pytest bench bench-quick clean detectors web-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +43,22 @@ $(CV5_VENV)/.stamp:
 detectors: $(VENV)/.stamp-runtime
 	$(BIN)/facemark detectors fetch || echo "CNN detector files not fetched: their tests and bench rows will skip"
 
-pytest: $(VENV)/.stamp-all $(CV5_VENV)/.stamp detectors
+# The browser build (`facemark web`, tests/test_web.py, benchmarks/web_bench.py): Chromium from Debian's package when
+# it is missing (as root), and ONNX Runtime Web, onnxruntime-node and OpenCV.js as web/package-lock.json pins them
+# (web/node_modules, never committed). Without them the web tests skip and say why.
+WEB_MODULES := web/node_modules/.stamp
+$(WEB_MODULES): web/package.json web/package-lock.json
+	cd web && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+web-deps:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null \
+		|| { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+		|| echo "Chromium not installed: the browser tests will skip"
+	@{ command -v npm >/dev/null && $(MAKE) --no-print-directory $(WEB_MODULES); } \
+		|| echo "npm missing or npm ci failed: the web tests will skip"
+
+pytest: $(VENV)/.stamp-all $(CV5_VENV)/.stamp detectors web-deps
 	$(BIN)/python -m pytest -q
 
 test: lint pytest
@@ -68,4 +83,4 @@ bench-quick: $(VENV)/.stamp-all detectors
 	$(BIN)/facemark bench --model facemark/assets/facemark-68.onnx $(BENCH_DATA) --quick --out bench-out
 
 clean:
-	rm -rf $(VENV) $(MP_VENV) $(CV5_VENV) demo bench-out .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(MP_VENV) $(CV5_VENV) web/node_modules demo bench-out .pytest_cache .ruff_cache
