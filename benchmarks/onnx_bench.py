@@ -126,12 +126,16 @@ def run_model_benchmark(model: Path, out: Path, threads: Sequence[int], data: Se
         from facemark.benchmarks.ray_bench import ray_benchmark
 
         ray_section = ray_benchmark(model, files[:12] if quick else files)
+    progress("browser")  # headless Chromium beside Python's ONNX Runtime (facemark.benchmarks.web_bench)
+    from facemark.benchmarks.web_bench import DEFAULT_REPEAT, QUICK_REPEAT, web_benchmark
+
+    web_section = web_benchmark(model, repeat=QUICK_REPEAT if quick else DEFAULT_REPEAT, fp32_twin=not quick)
     notes.append("ONNX-only benchmark (--model): no eager PyTorch or re-exported rows; pass --checkpoint for those.")
     return {"command": "facemark " + shlex.join(sys.argv[1:]), "quick": quick,
             "model_label": f"{model} ({info.contract.size} px, {info.precision})", "nme_source": nme_source,
             "environment": describe_environment(max(threads), {model.name: file_sha256(model)}),
             "rows": rows, "pipeline": pipeline_rows, "video": video, "throughput": throughput,
             "serve": serve_section, "ray": ray_section, "peer": peer_doc, "mediapipe": mediapipe_doc,
-            "frontier": frontier, "detectors": detectors,
+            "frontier": frontier, "detectors": detectors, "web": web_section,
             "limit": {},
             "notes": notes, "verdict": not quick, "targets": [], "self_check": check}

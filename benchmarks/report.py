@@ -192,6 +192,22 @@ def ray_section(ray: dict) -> list[str]:
             f"{ray['face_count_mismatches']} face-count mismatches.", ""]
 
 
+def web_section(web: dict) -> list[str]:
+    """The browser rows of facemark.benchmarks.web_bench, or why they were skipped."""
+    title = ["## Browser (`facemark web` in headless Chromium, WebAssembly, beside Python's ONNX Runtime)", ""]
+    if web.get("skipped"):
+        return [*title, f"Skipped: {web['skipped']}", ""]
+    table = markdown_table(["Model", "Threads", "Browser ms per face", "Python ms per face", "Browser / Python"],
+                           [[r["precision"], r["threads"], _num(r["browser_ms_per_face"]),
+                             _num(r["python_ms_per_face"]), _num(r["browser_ms_per_face"] / r["python_ms_per_face"])]
+                            for r in web["rows"]])
+    runtimes = ", ".join(f"{k} {v}" for k, v in web["runtimes"].items())
+    return [*title, table, "",
+            f"The landmark stage (crop, network, decoding) on the {web['faces']} detections of {web['image']} in one "
+            f"batch, median of {web['repeat']} runs; {web['chromium']}, {runtimes}. fp32 = the int8 file's speed "
+            "twin (docs/WEB.md).", *(f"{n}." for n in web.get("notes", [])), ""]
+
+
 def render_markdown(report: dict) -> str:
     env = report["environment"]
     cpu = env.get("cpu", {})
@@ -275,6 +291,8 @@ def render_markdown(report: dict) -> str:
                 f"{serve.get('server_exits')} (peak RSS: the server's whole process tree).", ""]
     if report.get("ray"):
         out += ray_section(report["ray"])
+    if report.get("web"):
+        out += web_section(report["web"])
     limit = report.get("limit") or {}
     if limit:
         out += ["## Limit", "",

@@ -108,8 +108,10 @@ def python_ms_per_face(model_path: Path, gray: np.ndarray, boxes: list, threads:
     return float(np.median(times))
 
 
-def web_benchmark(model: Path | None = None, image: Path = DEFAULT_IMAGE, repeat: int = DEFAULT_REPEAT) -> dict:
-    """The rows (module docstring), or {"skipped": why}."""
+def web_benchmark(model: Path | None = None, image: Path = DEFAULT_IMAGE, repeat: int = DEFAULT_REPEAT,
+                  fp32_twin: bool = True) -> dict:
+    """The rows (module docstring), or {"skipped": why}. fp32_twin: also time an int8 model's fp32 twin (needs
+    onnx, the train extra; left out with a note without it)."""
     from facemark.web.build import build_web_folder, find_node_modules, pinned_versions
     from facemark.web.serve import find_chromium, run_until_report, serve_folder
 
@@ -130,9 +132,12 @@ def web_benchmark(model: Path | None = None, image: Path = DEFAULT_IMAGE, repeat
     chromium_version = _chromium_version(chromium)
     rows = []
     with tempfile.TemporaryDirectory(prefix="facemark-web-bench-") as tmp:
-        variants = {landmarker.info.precision: model_path}
-        if landmarker.info.precision == "int8":
-            variants["fp32"] = dequantized_copy(model_path, Path(tmp) / f"{model_path.stem}.fp32.onnx")
+        variants, notes = {landmarker.info.precision: model_path}, []
+        if fp32_twin and landmarker.info.precision == "int8":
+            try:
+                variants["fp32"] = dequantized_copy(model_path, Path(tmp) / f"{model_path.stem}.fp32.onnx")
+            except ModuleNotFoundError as exc:
+                notes.append(f"no fp32 twin: {exc}")
         for precision, path in variants.items():
             folder = build_web_folder(Path(tmp) / f"site-{precision}", path).path
             shutil.copyfile(image, folder / image.name)
@@ -149,7 +154,7 @@ def web_benchmark(model: Path | None = None, image: Path = DEFAULT_IMAGE, repeat
                                  "faces": len(boxes), "browser_faces": len(report["entry"]["faces"]),
                                  "cross_origin_isolated": timing["cross_origin_isolated"]})
     return {"image": image.name, "faces": len(boxes), "repeat": repeat, "chromium": chromium_version,
-            "runtimes": pinned_versions(), "rows": rows}
+            "runtimes": pinned_versions(), "rows": rows, "notes": notes}
 
 
 def _chromium_version(chromium: str) -> str:
