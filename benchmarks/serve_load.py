@@ -121,16 +121,18 @@ def free_ports(count: int) -> list[int]:
 
 class ServerProcess:
     """`facemark serve` in a child process on free loopback ports (or `ports`: http, grpc, metrics); ready once
-    it prints {"ready": true, ...} (the constructor waits for that unless `wait=False`: then `wait_ready()`)."""
+    it prints {"ready": true, ...} (the constructor waits for that unless `wait=False`: then `wait_ready()`).
+    `new_session`: the server leads its own process group, as under systemd or a shell's job control."""
 
     def __init__(self, args: Sequence[str] = (), log: Path | None = None,
-                 ports: Sequence[int] | None = None, wait: bool = True) -> None:
+                 ports: Sequence[int] | None = None, wait: bool = True, new_session: bool = False) -> None:
         self.http, self.grpc, self.metrics = ports or free_ports(3)
         command = [sys.executable, "-m", "facemark", "serve", "--http-port", str(self.http), "--grpc-port",
                    str(self.grpc), "--metrics-port", str(self.metrics), *args]
         self.log = log
         stderr = log.open("wb") if log is not None else subprocess.DEVNULL
-        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                     start_new_session=new_session)
         self.ready: dict | None = None
         self.stdout_lines: list[str] = []
         self._reader = threading.Thread(target=self._read_ready, daemon=True)

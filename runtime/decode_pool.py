@@ -28,7 +28,10 @@ DEFAULT_DECODE_TIMEOUT_S = 20.0
 
 def _decode_loop(max_pixels: int) -> None:
     """A worker: (name, bytes) in on stdin, ("ok", array) or ("error", text) out on stdout, until stdin closes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server decides when to stop
+    # Ctrl-C and `kill -TERM -- -PGID` (systemd's stop) reach the whole group: the server decides when to stop,
+    # and closes stdin once its requests in flight are decoded
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     requests = Connection(os.dup(0), writable=False)
     answers = Connection(os.dup(1), readable=False)
     os.dup2(2, 1)  # a native library printing to stdout must not corrupt the answers

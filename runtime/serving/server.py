@@ -13,7 +13,11 @@ Behind a load balancer (docs/SERVING.md):
   start-up, and Triton opens its HTTP and gRPC ports only after that. So `/v2/health/ready` (and gRPC
   ServerReady) refuses connections until every facemark model answers, then says 200 until shutdown begins.
 - Drain: SIGTERM (or SIGINT) makes Triton close its ports to new connections and finish the requests in flight
-  within `grace_s`; then the process exits 0.
+  within `grace_s`; then the process exits 0 (1 and how many, when some could not be answered in time). The
+  signal may reach every process of the server at once (`kill -TERM -- -PGID`, systemd's KillMode=control-group):
+  tritonserver and everything it starts run with SIGTERM blocked (the Python-backend stubs' shared-memory helper
+  processes die of it otherwise, failing the requests in flight), the decoders ignore it, and only this process
+  acts on it: it stops tritonserver with SIGINT after the drain.
 - Limits: a request over `ServeLimits` is refused (every image of it gets the reason) before any decoding;
   uploads are decoded in worker processes (facemark.runtime.decode_pool), so a decoder crash costs one image.
 - Logs: Triton's log goes to a file; its warnings and errors are forwarded one line each (all of it with
@@ -26,6 +30,7 @@ import io
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import sysconfig
@@ -64,6 +69,7 @@ from facemark.runtime.serving.protocol import (
 LOGGER = logging.getLogger("facemark.serve")
 DEFAULT_MAX_BATCH = 16
 DEFAULT_QUEUE_DELAY_US = 2000  # how long Triton holds a request for others to batch with it
+NO_TENSOR_STORE = "PYTRITON_NO_TENSORSTORE"
 
 
 class ServeError(FacemarkError):
@@ -297,6 +303,7 @@ class FacemarkServer:
         self.triton_log = Path(self._log_dir.name) / "triton.log"
         self._log_stop = threading.Event()
         self._log_thread: threading.Thread | None = None
+        self._drain_log: list[str] = []  # Triton's log as it stopped (its folder is removed)
 
     def describe(self) -> dict:
         return self.landmarkers[0].describe()
@@ -317,6 +324,10 @@ class FacemarkServer:
         policy = pt.triton.TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=True)
         self._triton = _quiet(pt)(config=triton_config, triton_lifecycle_policy=policy)
         self._log_thread = follow_triton_log(self.triton_log, self._log_stop, c.verbose)
+        # Tensors between the stubs and this process travel over PyTriton's sockets, not through a shared-memory
+        # helper process per stub: that helper dies of a SIGTERM sent to every process of the server (systemd's
+        # KillMode=control-group), failing the requests in flight; read by PyTriton as the models are bound.
+        os.environ[NO_TENSOR_STORE] = "1"
         self._bind(pt)
         try:
             self._triton.run()
@@ -324,10 +335,23 @@ class FacemarkServer:
             raise ServeError(f"Triton did not start ({exc.__class__.__name__}: {exc}){self._last_triton_error()}"
                              ) from None
 
+    def _triton_log_lines(self) -> list[str]:
+        return self.triton_log.read_text(errors="replace").splitlines() if self.triton_log.exists() else []
+
     def _last_triton_error(self) -> str:
-        lines = self.triton_log.read_text(errors="replace").splitlines() if self.triton_log.exists() else []
-        errors = [m.group(2) for m in map(TRITON_LOG_LINE.match, lines) if m and m.group(1) == "E"]
+        errors = [m.group(2) for m in map(TRITON_LOG_LINE.match, self._triton_log_lines()) if m and m.group(1) == "E"]
         return f"; Triton's last error: {errors[-1][:300]}" if errors else ""
+
+    def _why_stopped(self) -> str:
+        """Which process ended and how: tritonserver's exit code or signal (its last error only with an exit code,
+        where it says why), else the model whose handler stopped."""
+        process = self._triton._triton_server
+        ended = getattr(process, "ended", None)
+        if ended is not None:
+            cause = self._last_triton_error() if ended.code > 0 else ""  # a signal: its log does not say why
+            return f"tritonserver (pid {ended.pid}) {ended.how()}{cause}"
+        dead = [model.model_name for model in self._triton._model_manager.models if not model.is_alive()]
+        return f"the inference handler of model {', '.join(dead) or '?'} in this process stopped"
 
     def _bind(self, pt) -> None:
         Tensor, ModelConfig = pt.model_config.Tensor, pt.model_config.ModelConfig
@@ -354,14 +378,19 @@ class FacemarkServer:
                           config=ModelConfig(batching=False))
 
     def wait(self, stop: threading.Event, poll_s: float = 0.5) -> int:
-        """Serve until `stop` is set (SIGTERM / SIGINT: drain, then 0) or until Triton dies (1)."""
+        """Serve until `stop` is set (SIGTERM / SIGINT: drain, then 0, or 1 when requests in flight were cut) or
+        until Triton dies (1)."""
         while not stop.wait(poll_s):
             if not self._triton.is_alive():
-                LOGGER.error("Triton or a model stopped on its own%s", self._last_triton_error())
+                LOGGER.error("stopped on its own: %s", self._why_stopped())
                 self.stop()
                 return 1
         LOGGER.warning("draining: no new connections; requests in flight have up to %d s", self.config.grace_s)
         self.stop()
+        cut = cut_by_exit_timeout(self._drain_log)
+        if cut is not None:
+            LOGGER.error("the drain did not finish within --grace %d s: %s", self.config.grace_s, cut)
+            return 1
         return 0
 
     def stop(self) -> None:
@@ -372,6 +401,7 @@ class FacemarkServer:
         self._log_stop.set()
         if self._log_thread is not None:
             self._log_thread.join(5)
+        self._drain_log = self._drain_log or self._triton_log_lines()
         self._log_dir.cleanup()
 
     def __enter__(self) -> FacemarkServer:
@@ -397,13 +427,97 @@ class FacemarkServer:
                 "grace_s": c.grace_s, "probes": {"readiness": "/v2/health/ready", "liveness": "/v2/health/live"}}
 
 
+# Triton's log when its exit timeout (--grace) ends the drain with work left: the HTTP connections still open
+# (counted each second of the wait), then the inferences each model version still had, then the give-up line
+OPEN_CONNECTIONS = re.compile(r"Timeout \d+: Found (\d+) (HTTP|GRPC) service connections")
+INFLIGHT_INFERENCES = re.compile(r"Model '([^']+)' \(version \d+\) has (\d+) in-flight inferences")
+EXIT_TIMEOUT_EXPIRED = "Exit timeout expired"
+
+
+def cut_by_exit_timeout(log_lines: Sequence[str]) -> str | None:
+    """What Triton's exit timeout cut, from its log: None when the drain finished in time. Else an upper bound of
+    the requests left unanswered: the client connections still open at Triton's last count (it counts once a
+    second, so one answered in that last second is included; an idle keep-alive connection too), and the
+    inferences each model still ran when Triton gave up (queued requests are not among them)."""
+    inflight: dict[str, int] = {}
+    connections: dict[str, int] = {}
+    expired = False
+    for line in log_lines:
+        if (match := OPEN_CONNECTIONS.search(line)) is not None:
+            connections[match.group(2)] = int(match.group(1))
+        elif (match := INFLIGHT_INFERENCES.search(line)) is not None:
+            inflight[match.group(1)] = int(match.group(2))
+        elif EXIT_TIMEOUT_EXPIRED in line:
+            expired = True
+    if not expired:
+        return None
+    running = "; ".join(f"{count} inference(s) of model {name} still running" for name, count in inflight.items())
+    open_connections = sum(connections.values())
+    return (f"up to {max(open_connections, sum(inflight.values()))} request(s) in flight were not answered "
+            f"({open_connections} client connection(s) open at Triton's last count{'; ' + running if running else ''})")
+
+
+@dataclass(frozen=True)
+class Ended:
+    """How tritonserver ended: its pid and exit code (negative: the signal that killed it)."""
+
+    pid: int
+    code: int
+
+    def how(self) -> str:
+        if self.code < 0:
+            return f"was killed by {signal.Signals(-self.code).name}"
+        return f"exited with code {self.code}"
+
+
+def _triton_child_setup() -> None:
+    """In tritonserver's process, between fork and exec. SIGTERM blocked: the mask is inherited by every process
+    Triton starts (Python-backend stubs, their shared-memory helpers), so a SIGTERM sent to the whole process
+    group or control group reaches only facemark serve, which drains and then stops Triton with SIGINT (which
+    Triton, the stubs and the helpers handle). SIGINT, not PyTriton's SIGTERM, when facemark serve dies: Triton
+    drains and exits rather than stay orphaned."""
+    import ctypes
+    import ctypes.util
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl(pr_set_pdeathsig, signal.SIGINT)
+
+
+def _triton_process_class(pt):
+    """PyTriton's TritonServer (the tritonserver subprocess) started with _triton_child_setup, recording how it
+    ended (`ended`), with its own stdout (lines Triton prints outside its log file, such as "Signal (2)
+    received.") kept rather than echoed onto ours, where the ready line goes."""
+
+    class TritonProcess(pt.server.triton_server.TritonServer):
+        ended: Ended | None = None
+
+        def start(self) -> None:  # PyTriton's start, with facemark's child setup
+            import sh
+
+            command, *rest = self._server_path.as_posix().split(" ", 1)
+            self._tritonserver_logs = ""
+            self._tritonserver_running_cmd = sh.Command(command).bake(*rest)(
+                *self._server_config.to_args_list(), _env=self._get_env(), _err_to_out=True, _out=self._record_logs,
+                _out_bufsize=0, _err_bufsize=0, _bg=True, _bg_exc=False, _done=self._handle_exit,
+                _preexec_fn=_triton_child_setup)
+
+        def _handle_exit(self, command, success, exit_code) -> None:
+            self.ended = Ended(command.pid, exit_code)
+            super()._handle_exit(command, success, exit_code)
+
+    return TritonProcess
+
+
 def _quiet(pt):
-    """PyTriton's Triton, except that tritonserver's own stdout (lines Triton prints outside its log file, such
-    as "Signal (2) received.") is kept rather than echoed onto ours, where the ready line goes."""
+    """PyTriton's Triton with its tritonserver started as _triton_process_class says."""
+    process_class = _triton_process_class(pt)
 
     class QuietTriton(pt.triton.Triton):
         def _initialize_server(self) -> None:
             super()._initialize_server()
-            self._triton_server._verbose = False
+            started = self._triton_server
+            self._triton_server = process_class(path=started._server_path, libs_path=started._server_libs_path,
+                                                config=started._server_config, verbose=False)
 
     return QuietTriton
