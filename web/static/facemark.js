@@ -455,6 +455,7 @@ export class FaceLandmarker {
     const info = parseModelInfo(readOnnxMetadata(modelBytes), config.metadata_keys, config.model.file);
     const session = await ort.InferenceSession.create(modelBytes, { executionProviders: ["wasm"], ...sessionOptions });
     if (config.detector.kind !== "haar") throw new Error(`detector ${config.detector.name}: only haar is built in`);
+    if (config.pipeline.tta !== "none") throw new Error(`test-time augmentation ${config.pipeline.tta} is not built in`);
     const cascadeBytes = await fetchBytes(at(config.detector.cascade_file));
     const detector = new HaarDetector(cv, cascadeBytes, config.detector.settings);
     return new FaceLandmarker({ ort, cv, config, session, info, detector, modelBytes });
