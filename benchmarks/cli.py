@@ -26,6 +26,22 @@ def parse_batch_sizes(text: str, option: str = "--batch-sizes") -> tuple[int, ..
     return sizes
 
 
+# What the bench writes in --out: its reports and log, and folders of models, scenes and clips it fills.
+REPORT_FILES = ("report.md", "report.json", "chart.png", "serve.log")
+FILLED_FOLDERS = ("models", "scenes", "clips")
+
+
+def _check_outputs(out: Path, checkpoint: Path | None, model: Path | None, data: list[Path]) -> None:
+    """The output plan (facemark.outputs): nothing the bench writes lands on what it reads."""
+    from facemark.outputs import OutputPlan
+
+    plan = OutputPlan().read(checkpoint, "--checkpoint").read(model, "--model").read_data(data, "--data")
+    plan.write_folder(out, "--out", REPORT_FILES)
+    for name in FILLED_FOLDERS:
+        plan.replace_folder(out / name, "--out")
+    plan.check()
+
+
 def bench_command(
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help="best.pt to measure (default: random "
                                            "224 px weights: speeds only, NME n/a)."),
@@ -59,6 +75,7 @@ def bench_command(
 
     from facemark.benchmarks.report import render_markdown, write_reports
 
+    _check_outputs(out, checkpoint, model, data)
     counts = parse_batch_sizes(threads, "--threads") if threads else tuple(dict.fromkeys((1, os.cpu_count() or 1)))
     if (serve or ray) and model is None and checkpoint is None:
         from facemark.runtime.landmarker import DEFAULT_MODEL_PATH

@@ -63,15 +63,17 @@ def export_command(
         raise typer.BadParameter(f"--triton-kind {triton_kind!r}: expected gpu or cpu")
     if triton_tensorrt and triton_kind != "gpu":
         raise typer.BadParameter("--triton-tensorrt needs --triton-kind gpu")
-    if checkpoint.suffix.lower() == ".onnx":
-        if triton_repo is None:
-            raise typer.BadParameter(f"{checkpoint} is exported already: give --triton-repo DIR, or a checkpoint")
+    exported = checkpoint.suffix.lower() == ".onnx"
+    if exported and triton_repo is None:
+        raise typer.BadParameter(f"{checkpoint} is exported already: give --triton-repo DIR, or a checkpoint")
+    target = None if exported else output or default_output(checkpoint, precision.value)
+    _check_outputs(checkpoint, calib_data, target, triton_repo)
+    if exported:
         _write_repo(checkpoint, triton_repo, triton_max_batch, triton_kind, triton_tensorrt)
         return
     from facemark.export.exporter import export_model, report_path
 
     precision, int8_activations = precision.value, int8_activations.value
-    target = output or default_output(checkpoint, precision)
     try:
         result = export_model(checkpoint, target, opset=opset, precision=precision,
                               calib_data=calib_data or None, batch=batch, verify=verify,
@@ -86,6 +88,21 @@ def export_command(
     console.print(f"{result.path} ({result.size_bytes / 1e6:.1f} MB); report {report_path(result.path)}")
     if triton_repo is not None:
         _write_repo(result.path, triton_repo, triton_max_batch, triton_kind, triton_tensorrt)
+
+
+def _check_outputs(checkpoint: Path, calib_data: list[Path], target: Path | None, repo: Path | None) -> None:
+    """The output plan (facemark.outputs): no output on an input or on another output, before any work."""
+    from facemark.outputs import OutputPlan
+    from facemark.runtime.serving.protocol import CROPS_MODEL
+
+    plan = OutputPlan().read(checkpoint, "the checkpoint").read_data(calib_data, "--calib-data")
+    if target is not None:
+        from facemark.export.exporter import report_path
+
+        plan.write(target, "--output").write(report_path(target), "the parity report")
+    if repo is not None:
+        plan.write_folder(repo, "--triton-repo").replace_folder(repo / CROPS_MODEL, "--triton-repo")
+    plan.check()
 
 
 def _write_repo(model: Path, repo: Path, max_batch: int, kind: str, tensorrt: bool) -> None:

@@ -100,11 +100,10 @@ def evaluate_command(
 ) -> None:
     """NME (inter-ocular), failure rate and AUC at 0.08, per-face CSV and CED plot."""
     from facemark.evaluation import evaluate, ground_truth_box, write_reports
-    from facemark.fileio import check_writable
+    from facemark.outputs import OutputPlan
 
-    for path, what in ((json_path, "--json file"), (csv_path, "--csv file"), (plot_path, "--plot file")):
-        if path is not None:
-            check_writable(path, what)  # before any face is evaluated
+    plan = OutputPlan().read(model, "--model").read_data(data, "--data")
+    plan.write(json_path, "--json").write(csv_path, "--csv").write(plot_path, "--plot").check()  # before any face
     warnings: list[str] = []
     records = load_records(data, warnings.append)
     for w in summarize_warnings(warnings, verbose):

@@ -18,6 +18,10 @@ from pathlib import Path
 from facemark.errors import FacemarkError, WriteError
 
 STDOUT = "-"
+# An input image larger than this is refused by its size, before it is read (facemark.imageio, predict's
+# --max-file-mb): the largest photos of the pixel limit (a 64-megapixel PNG, a 16-bit TIFF) stay under it, and a
+# multi-gigabyte file named .jpg costs nothing.
+DEFAULT_MAX_FILE_MB = 200.0
 
 
 def is_stdout(path: str | os.PathLike | None) -> bool:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 from pathlib import Path
 
 import cv2
@@ -11,12 +13,16 @@ import numpy as np
 from PIL import Image
 
 from facemark.errors import ImageError
-from facemark.fileio import write_with_atomic
+from facemark.fileio import DEFAULT_MAX_FILE_MB, write_with_atomic
 
 # The one list of readable extensions (any case): file mode, folder scanning and .pts image lookup use it.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm", ".pbm", ".gif")
 # 8K x 8K: anything bigger is refused before decoding, so a hostile file cannot exhaust memory.
 DEFAULT_MAX_PIXELS = 64_000_000
+DEFAULT_MAX_FILE_BYTES = int(DEFAULT_MAX_FILE_MB * 1e6)
+# A JPEG's size marker comes within this many bytes (its APP segments are 64 KB each); Pillow would scan a
+# damaged file's zeros byte by byte for it (3 s per 50 MB), so the header of a JPEG is probed on this head.
+JPEG_HEADER_BYTES = 4 << 20
 
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit with a clear message
 
@@ -31,12 +37,64 @@ def probe_size(source: Path | io.BytesIO, name: object = None) -> tuple[int, int
         raise ImageError(f"{name or source}: not a readable image ({exc.__class__.__name__})") from None
 
 
-def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> np.ndarray:
     """Read an image file as 8-bit BGR (H, W, 3): decode_image on its bytes, errors naming the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ImageError(f"{p}: no such file")
-    return decode_image(p.read_bytes(), p, max_pixels)
+    return decode_image(read_image_bytes(path, max_bytes), Path(path), max_pixels)
+
+
+# Why a file cannot be read, in words, for the errors whose system text says little.
+_OPEN_REASONS = {errno.ELOOP: "a symlink loop", errno.ENXIO: "not a regular file (a socket or a device)",
+                 errno.ENOENT: "no such file", errno.ENOTDIR: "no such file (a part of its path is not a folder)"}
+
+
+def _reason(exc: OSError) -> str:
+    return _OPEN_REASONS.get(exc.errno or 0) or (exc.strerror or exc.__class__.__name__).lower()
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), "not a plain file")
+
+
+def read_image_bytes(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
+    """The bytes of an image file, or one ImageError naming it and the real reason: any OSError (EIO, EACCES,
+    EINVAL, ELOOP, ...), not a regular file (a folder, FIFO, device: opened without blocking), empty, or larger
+    than `max_bytes` (told by its size before reading, and never read past, for files that report no size)."""
+    name = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ImageError(f"{name}: cannot read ({_reason(exc)})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ImageError(f"{name}: not a regular file ({_file_kind(mode)})")
+        size = os.fstat(fd).st_size
+        if size > max_bytes:
+            raise ImageError(f"{name}: {_megabytes(size)} is larger than the limit of {_megabytes(max_bytes)} "
+                             "(--max-file-mb)")
+        chunks, total = [], 0
+        while total <= max_bytes:
+            chunk = os.read(fd, min(1 << 22, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    except OSError as exc:
+        raise ImageError(f"{name}: cannot read ({_reason(exc)})") from None
+    finally:
+        os.close(fd)
+    if total > max_bytes:  # a file that reports no size (/proc) and goes on
+        raise ImageError(f"{name}: larger than the limit of {_megabytes(max_bytes)} (--max-file-mb)")
+    return b"".join(chunks)
+
+
+def _megabytes(count: int) -> str:
+    return f"{count / 1e6:.4g} MB"
 
 
 # The container formats recognised by their first bytes, and the decoder each one goes to. OpenCV gets only
@@ -87,7 +145,8 @@ def decode_image(data: bytes, name: object, max_pixels: int = DEFAULT_MAX_PIXELS
     """
     if len(data) == 0:
         raise ImageError(f"{name}: empty file")
-    width, height = probe_size(io.BytesIO(data), name)
+    head = data[:JPEG_HEADER_BYTES] if sniff_format(data[:16]) == "jpeg" else data
+    width, height = probe_size(io.BytesIO(head), name)
     if width * height > max_pixels:
         raise ImageError(
             f"{name}: {width}x{height} is larger than the limit of {max_pixels / 1e6:.0f} megapixels; "
@@ -159,7 +218,7 @@ def image_to_gray(image, color: str = "bgr") -> np.ndarray:
     if isinstance(image, (str, os.PathLike)):
         return read_gray(image)
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("L"))
+        return _pil_pixels(image, "L")
     if color == "rgb" and isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] in (3, 4):
         a = (image >> 8).astype(np.uint8) if image.dtype == np.uint16 else image
         code = cv2.COLOR_RGB2GRAY if image.shape[2] == 3 else cv2.COLOR_RGBA2GRAY
@@ -168,6 +227,27 @@ def image_to_gray(image, color: str = "bgr") -> np.ndarray:
     if color == "gray" and isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] != 1:
         raise ImageError(f"color='gray' expects an (H, W) or (H, W, 1) array, got shape {image.shape}")
     return to_gray(image)
+
+
+# Pillow modes whose pixels exceed 8 bits: convert("L") would clamp them (a 16-bit photo turns white).
+WIDE_PIL_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+def _pil_pixels(image: Image.Image, mode: str) -> np.ndarray:
+    """A PIL image as a uint8 array in `mode` ("L" or "RGB"); 16-bit, 32-bit integer and float images (one
+    channel) are scaled to 8 bits as a 16-bit file read by path is (the top byte), not clamped: integers by
+    their 16-bit range, floats by [0, 1] when they lie in it, else as 8-bit values (above 255: a 16-bit range)."""
+    if image.mode not in WIDE_PIL_MODES:
+        return np.asarray(image.convert(mode))
+    values = np.nan_to_num(np.asarray(image).astype(np.float64))
+    top = float(values.max()) if values.size else 0.0
+    if image.mode == "F" and top <= 1.0:
+        scaled = values * 255.0
+    elif image.mode == "F" and top <= 255.0:
+        scaled = values
+    else:
+        scaled = values / 256.0
+    return np.clip(np.floor(scaled), 0, 255).astype(np.uint8)
 
 
 _TO_BGR = {("bgr", 3): None, ("bgr", 4): cv2.COLOR_BGRA2BGR, ("rgb", 3): cv2.COLOR_RGB2BGR,
@@ -180,7 +260,8 @@ def image_to_gray_and_bgr(image, color: str = "bgr") -> tuple[np.ndarray, np.nda
     if isinstance(image, (str, os.PathLike)):
         image, color = read_image(image), "bgr"
     elif isinstance(image, Image.Image):
-        image, color = np.asarray(image.convert("RGB")), "rgb"
+        image = _pil_pixels(image, "RGB")
+        color = "rgb" if image.ndim == 3 else "gray"
     gray = image_to_gray(image, color)
     if color == "gray" or image.ndim != 3 or image.shape[2] not in (3, 4):
         return gray, gray

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape  # file names may hold brackets: text, not markup
 
 from facemark.choices import AlignTemplate, DrawChoice, Provider
+from facemark.fileio import DEFAULT_MAX_FILE_MB
 from facemark.reporting import progress_display
 from facemark.runtime.cli_options import flags_text, given, option_names, with_options
 from facemark.runtime.defaults import (
@@ -50,6 +51,12 @@ def _landmarker_options(provider: Provider, threads: int | None, trt_fp16: bool,
     """FaceLandmarker's keyword arguments from the command line (--ray hands them to every actor)."""
     return {"provider": provider.value, "threads": threads, "trt_fp16": trt_fp16, "trt_cache_dir": trt_cache,
             "options": options}
+
+
+def _default_model() -> Path:
+    from facemark.runtime.landmarker import DEFAULT_MODEL_PATH
+
+    return DEFAULT_MODEL_PATH
 
 
 def _landmarker(model: Path | None, *args, **kwargs):
@@ -123,6 +130,8 @@ def predict_command(
     ray_address: str | None = typer.Option(None, "--ray", metavar="local|auto|ADDRESS", help=RAY_HELP),
     parquet: Path | None = typer.Option(None, "--parquet", help="With --ray: the rows as one Parquet file "
                                         "(path, width, height, faces nested, error)."),
+    max_file_mb: float = typer.Option(DEFAULT_MAX_FILE_MB, "--max-file-mb", min=0.001, help="Refuse a larger "
+                                      "input file by its size, before reading it (that input's error)."),
 ) -> None:
     """Landmarks for every face in photos: annotated images (--out), one JSON document (--json), JSON lines
     streamed per image (--jsonl, resumable with --resume), CSV (--csv), aligned face chips (--aligned);
@@ -130,9 +139,10 @@ def predict_command(
     at all; never an input, never a picture it did not write itself (its folders' facemark-outputs.json says
     which). Messages and the summary go to stderr."""
     from facemark.errors import printable
-    from facemark.fileio import check_writable, is_stdout, write_output_text
+    from facemark.fileio import is_stdout, write_output_text
+    from facemark.outputs import OutputPlan
     from facemark.runtime.predict.inputs import collect_inputs
-    from facemark.runtime.predict.runner import predict_files
+    from facemark.runtime.predict.runner import LocalSteps, predict_files
     from facemark.runtime.predict.writers import (
         ChipOptions,
         JsonlWriter,
@@ -151,12 +161,16 @@ def predict_command(
         raise typer.BadParameter("--resume needs a --jsonl file, not - (stdout)")
     if sum(is_stdout(p) for p in (json_path, jsonl, csv_path)) > 1:
         raise typer.BadParameter("only one of --json, --jsonl and --csv can be - (stdout)")
-    for path, what in ((json_path, "--json document"), (jsonl, "--jsonl file"), (csv_path, "--csv file"),
-                       (parquet, "--parquet file")):
-        if path is not None:
-            check_writable(path, what)  # before any image is processed
     if server is not None and ray_address is not None:
         raise typer.BadParameter("--server and --ray: give one (where the images go)")
+    max_bytes = int(max_file_mb * 1e6)
+    on_ray = ray_address is not None or parquet is not None
+    files, failures = collect_inputs(inputs) if not on_ray else ([], [])
+    plan = OutputPlan().read(files, "the input").read([p for p in inputs if os.path.exists(p)], "the input")
+    plan.read(model or _default_model(), "--model")
+    for path, option in ((json_path, "--json"), (jsonl, "--jsonl"), (csv_path, "--csv"), (parquet, "--parquet")):
+        plan.write(path, option)
+    plan.write_folder(out, "--out").write_folder(aligned, "--aligned").check()  # before any work
     remote = None
     if server is not None:
         from facemark.runtime.serving.client import TritonLandmarker
@@ -166,17 +180,17 @@ def predict_command(
             raise typer.BadParameter(f"{flags_text(clash)}: set on the server (`facemark serve`), not with --server")
         landmarker = TritonLandmarker(server, timeout_s=timeout, wait_s=wait, on_wait=lambda line: console.print(
             escape(line)))
-        steps = remote = landmarker.steps()
+        steps = remote = landmarker.steps(max_bytes)
     else:
         unused = given(ctx, SERVER_ONLY)
         if unused:
             raise typer.BadParameter(f"{flags_text(unused)}: only with --server")
         options = (provider, threads, trt_fp16, trt_cache, RuntimeOptions(detection, pipeline))
-        landmarker = steps = _landmarker(model, *options)
+        landmarker = _landmarker(model, *options)
+        steps = LocalSteps(landmarker, max_bytes=max_bytes)
         if ray_address is not None or parquet is not None:
             return _predict_on_ray(ctx, inputs, ray_address, landmarker, model, _landmarker_options(*options),
                                    workers, jsonl, parquet, pose, pipeline.max_faces)
-    files, failures = collect_inputs(inputs)
     chips = ChipOptions(aligned, aligned_size, aligned_template.value) if aligned else None
     stems = claim_output_stems(files, output_folders(out, chips))  # refuses unsafe folders before any work
     for failure in failures:
@@ -361,9 +375,13 @@ def video_command(
     max_frames: int | None = typer.Option(None, "--max-frames", min=1, help="Stop after N frames."),
 ) -> None:
     """Per-frame landmarks of a video or camera: JSON lines and an annotated video; prints frames, faces, fps."""
+    from facemark.outputs import OutputPlan
     from facemark.runtime.predict.writers import dumps
-    from facemark.runtime.video import run_video
+    from facemark.runtime.video import is_camera_source, run_video
 
+    plan = OutputPlan().read(None if is_camera_source(source) else source, "the video").read(
+        model or _default_model(), "--model")
+    plan.write(out, "--out").write(jsonl, "--jsonl").check()  # before the model loads
     landmarker = _landmarker(model, provider, threads, False, None, RuntimeOptions(detection, pipeline))
 
     def to_stdout(frame) -> None:  # nothing asked to be saved: stream the frames as JSON lines
@@ -376,18 +394,22 @@ def video_command(
                             full_scan_every=full_scan_every, smooth=smooth,
                             on_frame=to_stdout if out is None and jsonl is None else None,
                             draw=draw.value, max_frames=max_frames, stop_requested=stop.requested,  # type: ignore[arg-type]
-                            on_skip=lambda i: console.print(f"[yellow]frame {i}: cannot be decoded; skipped[/yellow]"))
-    color = "yellow" if summary.skipped or summary.interrupted else "green"
+                            on_skip=lambda i: console.print(f"[yellow]frame {i}: cannot be decoded; skipped[/yellow]"),
+                            on_damaged=lambda i, why: console.print(f"[yellow]frame {i}: damaged ({why}); "
+                                                                    "skipped[/yellow]"))
+    failed = summary.skipped + summary.damaged
+    color = "yellow" if failed or summary.interrupted else "green"
     console.print(f"[{color}]{summary.frames} frames, {summary.faces} faces, {summary.fps:.1f} fps, "
-                  f"{summary.skipped} skipped[/{color}] (detector on {summary.detections} frames, "
-                  f"{summary.full_scans} of them whole, {summary.losses} tracks lost) on {landmarker.providers[0]}")
+                  f"{summary.skipped} skipped, {summary.damaged} damaged[/{color}] (detector on "
+                  f"{summary.detections} frames, {summary.full_scans} of them whole, {summary.losses} tracks lost) "
+                  f"on {landmarker.providers[0]}")
     for path in summary.outputs:
         console.print(f"written: {path}")
     if summary.interrupted:
         console.print("[yellow]interrupted: the frames so far were written[/yellow]")
         if stop.signal is not None:
             raise typer.Exit(code=128 + stop.signal.value)
-    if summary.skipped:
+    if failed:
         raise typer.Exit(code=1)
 
 

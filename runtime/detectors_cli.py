@@ -108,17 +108,15 @@ def boxes_command(
     from facemark.contract import box_from_landmarks
     from facemark.data import load_records
     from facemark.errors import FacemarkError
-    from facemark.fileio import check_writable, write_text_atomic
+    from facemark.fileio import write_text_atomic
+    from facemark.outputs import OutputPlan
     from facemark.reporting import progress_display, summarize_warnings
     from facemark.runtime.calibration import detect_records
     from facemark.runtime.landmarker import FaceLandmarker
 
-    if out.suffix.lower() != ".json" or any(out.resolve() == Path(p).resolve() for p in data):
-        raise typer.BadParameter(f"{out}: expected a new .json file, not one of the inputs", param_hint="--out")
-    try:
-        check_writable(out, "boxes file")  # before minutes of detection
-    except FacemarkError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--out") from None
+    OutputPlan().read_data(data, "--data").read(model, "--model").write(out, "--out").check()  # before any work
+    if out.suffix.lower() != ".json":
+        raise typer.BadParameter(f"{out}: expected a .json file", param_hint="--out")
     problems: list[str] = []
     records = load_records(data, problems.append)
     for line in summarize_warnings(problems, verbose=False):

@@ -60,7 +60,10 @@ IMAGE = {
     "required": ["path", "width", "height", "faces", "error"],
     "additionalProperties": False,
     "properties": {
-        "path": {"type": "string"},
+        "path": {"type": "string", "description": "the input's name as UTF-8 text; a name that is not valid "
+                 "UTF-8 has each undecodable byte as U+FFFD here and its exact bytes in path_bytes"},
+        "path_bytes": {"type": "string", "contentEncoding": "base64", "description": "only for a name that is "
+                       "not valid UTF-8: its exact bytes (base64)"},
         "width": _nullable({"type": "integer", "minimum": 1}),
         "height": _nullable({"type": "integer", "minimum": 1}),
         "faces": {"type": "array", "items": {"$ref": "#/$defs/face"}},

@@ -18,6 +18,7 @@ what is reported.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from facemark.contract import Box, box_from_landmarks, box_iou
 from facemark.drawing import DrawMode, draw_face
 from facemark.errors import ImageError, WriteError
 from facemark.fileio import atomic_path
+from facemark.imageio import JPEG_HEADER_BYTES, probe_size, sniff_format
 from facemark.runtime.defaults import DEFAULT_FULL_SCAN_EVERY
 from facemark.runtime.landmarker import Face, FaceLandmarker
 
@@ -247,22 +249,60 @@ def open_capture(source: str | int) -> tuple[cv2.VideoCapture, bool]:
 MAX_BAD_FRAMES_IN_A_ROW = 25
 
 
+def _packet_sizes(source: str) -> Iterator[tuple[int, int] | None]:
+    """The size each frame's encoded packet declares, for a stream of whole images (MJPEG: every frame a JPEG),
+    read from the packets' headers without decoding them; None where a packet says nothing (other codecs, whose
+    packets are not images: the reading stops at the first). OpenCV's decoder hands every frame out at the
+    stream's size, so a frame of another size comes out stale or garbled: only its packet tells."""
+    capture = cv2.VideoCapture(str(source))
+    try:
+        if not capture.isOpened() or not capture.set(cv2.CAP_PROP_FORMAT, -1):
+            return
+        while True:
+            ok, packet = capture.read()
+            if not ok or packet is None:
+                return
+            data = packet.tobytes()
+            if sniff_format(data[:16]) == "other":
+                return
+            try:
+                yield probe_size(io.BytesIO(data[:JPEG_HEADER_BYTES]))
+            except ImageError:
+                yield None
+    finally:
+        capture.release()
+
+
 def read_frames(source: str | int, max_frames: int | None = None,
                 on_skip: Callable[[int], None] | None = None,
-                max_bad_in_a_row: int = MAX_BAD_FRAMES_IN_A_ROW) -> Iterator[tuple[int, float, np.ndarray]]:
+                max_bad_in_a_row: int = MAX_BAD_FRAMES_IN_A_ROW,
+                on_damaged: Callable[[int, str], None] | None = None) -> Iterator[tuple[int, float, np.ndarray]]:
     """(index, time in seconds, BGR frame) for each frame of a file or camera.
 
     A frame that cannot be decoded is skipped (`on_skip(index)`) and reading goes on: a file until its frame
-    count, a camera until `max_bad_in_a_row` failures in a row. Indices count skipped frames too, so they
-    stay the positions in the file."""
+    count, a camera until `max_bad_in_a_row` failures in a row. A frame whose size is not the stream's (its
+    packet's or its own) is damaged: skipped too, `on_damaged(index, why)`. Indices count skipped frames too,
+    so they stay the positions in the file."""
     capture, is_camera = open_capture(source)
     fps = capture.get(cv2.CAP_PROP_FPS) or 30.0
     total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if not is_camera else 0
+    stream = (int(capture.get(cv2.CAP_PROP_FRAME_WIDTH) or 0), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0))
+    packets = _packet_sizes(str(source)) if not is_camera else None
     start = time.monotonic()
     index, bad_run = 0, 0
     try:
         while max_frames is None or index < max_frames:
             ok, frame = capture.read()
+            declared = next(packets, None) if packets is not None else None
+            if ok and frame is not None:
+                own = (frame.shape[1], frame.shape[0])
+                stream = stream if all(stream) else own
+                size = declared if declared not in (None, stream) else own
+                if size != stream:
+                    if on_damaged:
+                        on_damaged(index, f"{size[0]}x{size[1]}, not the stream's {stream[0]}x{stream[1]}")
+                    index += 1
+                    continue
             if not ok or frame is None:
                 more = is_camera or index < total - 1
                 if not more or bad_run + 1 >= max_bad_in_a_row:
@@ -277,6 +317,8 @@ def read_frames(source: str | int, max_frames: int | None = None,
             index += 1
     finally:
         capture.release()
+        if packets is not None:
+            packets.close()
 
 
 @dataclass
@@ -287,6 +329,7 @@ class VideoSummary:
     full_scans: int = 0  # of those, frames scanned whole (the others: around the tracked faces)
     losses: int = 0  # tracks dropped: implausible landmark box or presence below the threshold
     skipped: int = 0  # frames that could not be decoded (skipped; the rest went on)
+    damaged: int = 0  # frames of another size than the stream's (skipped: OpenCV hands them out stale or garbled)
     seconds: float = 0.0
     interrupted: bool = False
     outputs: list[str] = field(default_factory=list)
@@ -309,12 +352,14 @@ def run_video(
     stop_requested: Callable[[], bool] = lambda: False,
     on_skip: Callable[[int], None] | None = None,
     full_scan_every: int = DEFAULT_FULL_SCAN_EVERY,
+    on_damaged: Callable[[int, str], None] | None = None,
 ) -> VideoSummary:
     """Landmarks for every frame; JSON lines and an annotated video (mp4v), each written atomically.
 
-    Undecodable frames are skipped and counted (`on_skip(index)`). When `stop_requested()` turns true (the
-    CLI's SIGINT/SIGTERM) or on KeyboardInterrupt, the frames so far are finalised into a playable video and a
-    complete JSONL, and the summary says `interrupted`."""
+    Undecodable frames are skipped and counted (`on_skip(index)`), and so are damaged ones, of another size
+    than the stream's (`on_damaged(index, why)`): not drawn, not tracked, no line. When `stop_requested()`
+    turns true (the CLI's SIGINT/SIGTERM) or on KeyboardInterrupt, the frames so far are finalised into a
+    playable video and a complete JSONL, and the summary says `interrupted`."""
     tracker = FaceTracker(landmarker, detect_every=detect_every, smooth=smooth, full_scan_every=full_scan_every)
     summary = VideoSummary()
     capture_fps = 30.0 if is_camera_source(source) else _probe_fps(source)
@@ -331,7 +376,12 @@ def run_video(
                 if on_skip:
                     on_skip(index)
 
-            for index, t, frame in read_frames(source, max_frames, skipped):
+            def damaged(index: int, why: str) -> None:
+                summary.damaged += 1
+                if on_damaged:
+                    on_damaged(index, why)
+
+            for index, t, frame in read_frames(source, max_frames, skipped, on_damaged=damaged):
                 if stop_requested():
                     summary.interrupted = True
                     break

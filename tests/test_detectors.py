@@ -396,7 +396,7 @@ def test_boxes_refuses_an_out_that_is_an_input_or_not_json_before_detecting(tmp_
     shutil.copy(SAMPLES / "landmarks.xml", xml)
     before = xml.read_bytes()
     assert run(["detectors", "boxes", "--data", str(xml), "--out", str(xml)]) == 2
-    assert xml.read_bytes() == before and "not one of the inputs" in capsys.readouterr().err
+    assert xml.read_bytes() == before and "--out would write over --data" in capsys.readouterr().err
     assert run(["detectors", "boxes", "--data", str(xml), "--out", str(tmp_path / "boxes.txt")]) == 2
     (tmp_path / "taken.json").mkdir()
     assert run(["detectors", "boxes", "--data", str(xml), "--out", str(tmp_path / "taken.json")]) == 2

@@ -101,6 +101,14 @@ def train_command(
         workers=workers, augment=asdict(aug), val_boxes=val_boxes, ema=ema,
         init=str(init or ""), first_pass_boxes=str(first_pass_boxes.resolve()) if first_pass_boxes else "",
     )
+    if resume is None:  # the output plan (facemark.outputs); a resumed run continues its own files
+        from facemark.outputs import OutputPlan
+        from facemark.train.loop import RUN_FILES
+
+        plan = OutputPlan().read_data(data, "--data").read_data(val_data, "--val-data").read(init, "--init")
+        plan.read(first_pass_boxes, "--first-pass-boxes")
+        # Without --exist-ok a folder holding a run is never reused: only --exist-ok writes over its files.
+        plan.write_folder(out, "--out", RUN_FILES if exist_ok else ()).check(writable=False)
     stop = {"requested": False}
 
     def request_stop(signum, _frame) -> None:

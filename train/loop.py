@@ -294,6 +294,7 @@ def resolve_init(init: str | os.PathLike, cfg: TrainConfig, explicit: set[str]) 
 
 
 RUN_CLAIM = ".claimed"  # a folder made in a run folder by the run that took it: mkdir is atomic
+RUN_FILES = ("best.pt", "last.pt", "metrics.jsonl")  # what a run writes in its folder
 
 
 def next_free_folder(out: str | os.PathLike) -> Path:
@@ -318,7 +319,7 @@ def _claim(folder: Path) -> bool:
 
 
 def _holds_run(path: Path) -> bool:
-    return path.is_dir() and any((path / n).exists() for n in ("best.pt", "last.pt", "metrics.jsonl"))
+    return path.is_dir() and any((path / n).exists() for n in RUN_FILES)
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -397,13 +398,15 @@ def load_split(cfg: TrainConfig, warn: Callable[[str], None], verbose: bool = Fa
     """Training and validation faces; data warnings summarised (one line per kind unless `verbose`).
     --max-images caps the training faces only: the validation split stays whole, so its NME stays comparable."""
     problems: list[str] = []
-    records = load_records(cfg.data, problems.append)
-    if cfg.val_data:
-        train, val = records, load_records(cfg.val_data, problems.append)
-    else:
-        train, val = split_records(records, cfg.val_fraction, cfg.split_seed)
-    for line in summarize_warnings(problems, verbose):
-        warn(line)
+    try:
+        records = load_records(cfg.data, problems.append)
+        if cfg.val_data:
+            train, val = records, load_records(cfg.val_data, problems.append)
+        else:
+            train, val = split_records(records, cfg.val_fraction, cfg.split_seed)
+    finally:  # also when nothing is left: each skipped file's reason comes before the error
+        for line in summarize_warnings(problems, verbose):
+            warn(line)
     if cfg.max_images:
         train = train[: cfg.max_images]
     if not train or not val:
@@ -509,11 +512,7 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
         if cfg.init:
             initial = resolve_init(cfg.init, cfg, explicit or set())
         cfg.cwd = cfg.cwd or str(Path.cwd())
-        if not exist_ok and _dist_info()[0] == 0:
-            free = next_free_folder(cfg.out)
-            if str(free) != str(Path(cfg.out)):
-                cb.on_message(f"{cfg.out} holds a run already: writing {free} (--exist-ok reuses a folder)")
-            cfg.out = str(free)
+        check_writable_folder(Path(cfg.out).parent, "folder for the run folder")  # claimed once the data pass
     rank, local_rank, world = _dist_info()
     distributed = world > 1
     if distributed:
@@ -528,10 +527,6 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if resumed is None and exist_ok:
-        (out / "metrics.jsonl").unlink(missing_ok=True)  # a reused folder starts a fresh history
     contract = CropContract(size=cfg.image_size, scale=cfg.crop_scale)
     train_records, val_records = load_split(cfg, log, verbose)
     capped = f"; training capped by --max-images {cfg.max_images}" if cfg.max_images else ""
@@ -557,6 +552,15 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
         found = [sum(first_pass.get(r.key) is not None for r in rs) for rs in (train_records, val_records)]
         log(f"first-pass boxes ({cfg.first_pass_boxes}): {found[0]} of {len(train_records)} training and "
             f"{found[1]} of {len(val_records)} validation faces; the rest take the modelled box error")
+    if resumed is None and not exist_ok and is_main:  # the data checks passed: now the run takes its folder
+        free = next_free_folder(cfg.out)
+        if str(free) != str(Path(cfg.out)):
+            cb.on_message(f"{cfg.out} holds a run already: writing {free} (--exist-ok reuses a folder)")
+        cfg.out = str(free)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if resumed is None and exist_ok:
+        (out / "metrics.jsonl").unlink(missing_ok=True)  # a reused folder starts a fresh history
     cache = FaceCache(train_records, contract, progress=tick if is_main else None, first_pass_boxes=first_pass)
     val_sets = validation_tensors(val_records, contract, progress=tick if is_main else None, seed=cfg.split_seed,
                                   first_pass_boxes=first_pass)

@@ -14,6 +14,7 @@ from pathlib import Path
 from imutils.paths import list_files
 
 from facemark.imageio import IMAGE_SUFFIXES
+from facemark.outputs import path_bytes, utf8_text
 from facemark.runtime.landmarker import Face
 
 GLOB_CHARS = set("*?[")
@@ -32,8 +33,13 @@ class ImageResult:
     chips: list[str] = field(default_factory=list)  # aligned face chips written (--aligned)
 
     def to_json(self) -> dict:
-        return {"path": self.path, "width": self.width, "height": self.height,
-                "faces": [f.to_json(self.with_pose) for f in self.faces], "error": self.error}
+        """The `images[]` entry; a name that is not valid UTF-8 is written in the one documented form
+        (facemark.outputs: "path" as UTF-8 text, its exact bytes in "path_bytes")."""
+        entry = {"path": utf8_text(self.path), "width": self.width, "height": self.height,
+                 "faces": [f.to_json(self.with_pose) for f in self.faces],
+                 "error": None if self.error is None else utf8_text(self.error)}
+        encoded = path_bytes(self.path)
+        return entry if encoded is None else {**entry, "path_bytes": encoded}
 
 
 def find_images(folder: str) -> list[str]:

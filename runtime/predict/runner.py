@@ -19,7 +19,7 @@ import numpy as np
 
 from facemark.drawing import DrawMode
 from facemark.errors import FacemarkError
-from facemark.imageio import decode_image, read_image
+from facemark.imageio import DEFAULT_MAX_FILE_BYTES, decode_image, read_image
 from facemark.runtime.landmarker import Detections, FaceLandmarker, Found, default_workers
 from facemark.runtime.predict.inputs import ImageResult
 from facemark.runtime.predict.writers import (
@@ -49,11 +49,12 @@ class LoadedFile:
 ReadBytes = Callable[[str], bytes | None]
 
 
-def _load_and_find(landmarker: FaceLandmarker, path: Path | str, read: ReadBytes | None = None) -> LoadedFile:
+def _load_and_find(landmarker: FaceLandmarker, path: Path | str, read: ReadBytes | None = None,
+                   max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> LoadedFile:
     start = time.perf_counter()
     try:
         data = read(str(path)) if read is not None else None
-        image = read_image(path) if data is None else decode_image(data, path)
+        image = read_image(path, max_bytes=max_bytes) if data is None else decode_image(data, path)
     except FacemarkError as exc:
         return LoadedFile(ImageResult(str(path), error=str(exc)))
     found = landmarker.find(image)
@@ -82,9 +83,10 @@ class LocalSteps:
 
     landmarker: FaceLandmarker
     read: ReadBytes | None = None  # None: every file from the local disk
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES  # a larger local file is refused by its size (--max-file-mb)
 
     def load(self, path: Path | str) -> LoadedFile:
-        return _load_and_find(self.landmarker, path, self.read)
+        return _load_and_find(self.landmarker, path, self.read, self.max_bytes)
 
     def landmarks(self, group: Sequence[LoadedFile]) -> list[Detections | None]:
         return _landmarks_of(self.landmarker, group)

@@ -53,6 +53,7 @@ from facemark.fileio import (
 )
 from facemark.geometry import ARCFACE_SIZE, Template
 from facemark.imageio import write_image
+from facemark.outputs import name_of, path_bytes, utf8_text
 from facemark.runtime.predict.inputs import ImageResult
 from facemark.scheme import NUM_POINTS
 
@@ -197,7 +198,7 @@ def csv_header(pose: bool) -> list[str]:
     """Columns of --csv: one row per face."""
     points = [f"{axis}{i}" for i in range(NUM_POINTS) for axis in ("x", "y")]
     return ["path", "face", "box_x", "box_y", "box_w", "box_h", "score", *points,
-            *(("yaw", "pitch", "roll") if pose else ())]
+            *(("yaw", "pitch", "roll") if pose else ()), "path_bytes"]
 
 
 def csv_rows(results: Sequence[ImageResult], pose: bool) -> list[list]:
@@ -205,12 +206,12 @@ def csv_rows(results: Sequence[ImageResult], pose: bool) -> list[list]:
     rows = []
     for result in results:
         for index, face in enumerate(result.faces):
-            row = [result.path, index, *(round(float(v), 2) for v in face.box),
+            row = [utf8_text(result.path), index, *(round(float(v), 2) for v in face.box),
                    "" if face.score is None else round(face.score, 4),
                    *(round(float(v), 2) for v in np.asarray(face.landmarks).reshape(-1))]
             if pose:
                 row += [round(v, 2) for v in face.pose]
-            rows.append(row)
+            rows.append([*row, path_bytes(result.path) or ""])
     return rows
 
 
@@ -281,7 +282,8 @@ def read_jsonl_entries(path: str | os.PathLike, run: dict | None = None, force: 
                                     "use the same ones, another --jsonl, or --force to mix them")
         recorded = entry.pop("run", None)
         given_in = str(recorded.get("cwd") or "") if isinstance(recorded, dict) else ""
-        entries[os.path.realpath(os.path.join(given_in, entry["path"]))] = entry
+        name = name_of(entry["path"], entry.get("path_bytes") if isinstance(entry.get("path_bytes"), str) else None)
+        entries[os.path.realpath(os.path.join(given_in, name))] = entry
         kept.append(line)
     if sum(map(len, kept)) < len(data):
         write_text_atomic(target, b"".join(kept).decode("utf-8"))

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from facemark.errors import FacemarkError, ImageError
-from facemark.imageio import decode_image
+from facemark.imageio import DEFAULT_MAX_FILE_BYTES, decode_image, read_image_bytes
 from facemark.runtime.landmarker import Detections, Face
 from facemark.runtime.predict.inputs import ImageResult
 from facemark.runtime.predict.runner import LoadedFile
@@ -177,15 +177,15 @@ class TritonLandmarker:
         return faces
 
     def detect_file(self, path: str | Path) -> list[Face]:
-        data = Path(path).read_bytes()
+        data = read_image_bytes(path)
         image = decode_image(data, path)
         faces, error = self.detect_encoded([data], [(image.shape[1], image.shape[0])])[0]
         if error:
             raise ServerError(f"{path}: {error}")
         return faces
 
-    def steps(self) -> RemoteSteps:
-        return RemoteSteps(self)
+    def steps(self, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> RemoteSteps:
+        return RemoteSteps(self, max_bytes)
 
 
 class RemoteSteps:
@@ -193,8 +193,9 @@ class RemoteSteps:
     picture) and sends it; the faces come back complete. Once the server is gone (`gone` holds why), files
     are not sent: they fail at once, and `not_done` names them."""
 
-    def __init__(self, remote: TritonLandmarker) -> None:
+    def __init__(self, remote: TritonLandmarker, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> None:
         self.remote = remote
+        self.max_bytes = max_bytes  # a larger file is refused by its size, never read (--max-file-mb)
         self.gone: str | None = None
         self.not_done: set[str] = set()
         self._lock = threading.Lock()
@@ -213,9 +214,7 @@ class RemoteSteps:
             return self._not_done(path, self.gone)
         start = time.perf_counter()
         try:
-            if not path.is_file():  # facemark.imageio.read_image's checks, keeping the bytes to send
-                raise ImageError(f"{path}: no such file")
-            data = path.read_bytes()
+            data = read_image_bytes(path, self.max_bytes)  # read_image's checks, keeping the bytes to send
             image = decode_image(data, path)
         except (FacemarkError, OSError) as exc:
             return LoadedFile(ImageResult(str(path), error=str(exc)))
