@@ -1,0 +1,197 @@
+"""Malformed and oversized requests against one `facemark serve` on loopback: KServe v2 HTTP as JSON, HTTP with
+binary tensors, and gRPC. After each batch the server is up, answers a good request with faces, and its
+resident memory (the whole process tree) stays bounded. The requests are made from a seeded generator: the
+same few hundred every run.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from facemark.benchmarks.serve_load import ServerProcess, tree_rss_bytes
+from tests.conftest import SAMPLES
+
+PHOTO = (SAMPLES / "2008_002470.jpg").read_bytes()
+LIMIT_MB = 2
+PER_BATCH = 60
+ROUNDS = 2  # of PER_BATCH requests per encoding
+RSS_GROWTH_MB = 600  # allowed growth of the tree's RSS over the whole fuzz, after the first good answer
+RSS_ROUND_GROWTH_MB = 200  # allowed growth from the first round's peak to the second's
+INFER = "/v2/models/facemark/infer"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    pytest.importorskip("pytriton", reason="the serve extra is not installed (pip install 'facemark[serve]')")
+    started = ServerProcess(["--max-batch", "8", "--max-images", "4", "--max-request-mb", str(LIMIT_MB), "--grace",
+                             "5"], log=tmp_path_factory.mktemp("fuzz") / "serve.log")
+    yield started
+    started.stop()
+
+
+def _http(port: int, body: bytes, headers: dict[str, str], path: str = INFER, timeout_s: float = 60) -> int:
+    """One POST on its own connection: the reply's status code (0: no reply, the connection closed first)."""
+    head = "".join(f"{name}: {value}\r\n" for name, value in {"Host": "127.0.0.1",
+                                                              "Content-Length": str(len(body)), **headers}.items())
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as connection:
+        connection.sendall(f"POST {path} HTTP/1.1\r\n{head}Connection: close\r\n\r\n".encode() + body)
+        reply = b""
+        while b"\r\n" not in reply:
+            chunk = connection.recv(4096)
+            if not chunk:
+                return 0
+            reply += chunk
+    return int(reply.split(b" ", 2)[1])
+
+
+def _json_body(data: list, shape: list | None = None, datatype: str = "BYTES", name: str = "image") -> bytes:
+    tensor = {"name": name, "shape": shape if shape is not None else [len(data), 1], "datatype": datatype,
+              "data": data}
+    return json.dumps({"inputs": [tensor]}).encode()
+
+
+def _json_cases(rng: np.random.Generator) -> list[bytes]:
+    good = _json_body([PHOTO.decode("latin-1")])
+    fixed = [b"", b"{", b"[]", b"null", b'{"inputs": 5}', b'{"inputs": [{}]}', b'{"inputs": [{"name": "image"}]}',
+             _json_body(["x"], shape=[1_000_000_000, 1]), _json_body(["x"], shape=[-1, 1]),
+             _json_body([1, 2, 3], datatype="FP32"), _json_body(["x"], datatype="NOPE"),
+             _json_body(["x"], name="other"), _json_body(["x"] * 9), _json_body([[["x"]]]),
+             b'{"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES", "data": ["\\ud800"]}]}',
+             b"[" * 2000 + b"]" * 2000, b'{"inputs": [' + b'{"a": ' * 500 + b"1" + b"}" * 500 + b"]}",
+             _json_body(["A" * int(3e6)]), _json_body(["A" * int(5e6)]), _json_body(["B" * int(20e6)])]
+    mutated = []
+    for _ in range(PER_BATCH - len(fixed)):
+        body = bytearray(good)
+        if rng.random() < 0.5:
+            body = body[: int(rng.integers(1, len(body)))]  # truncated
+        for position in rng.integers(0, len(body), int(rng.integers(1, 20))):
+            body[position] = int(rng.integers(0, 256))
+        mutated.append(bytes(body))
+    return fixed + mutated
+
+
+def _binary_request(files: list[bytes], header_extra: dict | None = None, sizes: list[int] | None = None
+                    ) -> tuple[bytes, dict[str, str]]:
+    """A KServe v2 binary-tensor request: JSON header, then the BYTES tensor (4-byte length before each item)."""
+    payload = b"".join(struct.pack("<I", len(f) if sizes is None else sizes[i]) + f for i, f in enumerate(files))
+    header = {"inputs": [{"name": "image", "shape": [len(files), 1], "datatype": "BYTES",
+                          "parameters": {"binary_data_size": len(payload)}}], **(header_extra or {})}
+    head = json.dumps(header).encode()
+    return head + payload, {"Inference-Header-Content-Length": str(len(head)),
+                            "Content-Type": "application/octet-stream"}
+
+
+def _binary_cases(rng: np.random.Generator) -> list[tuple[bytes, dict[str, str]]]:
+    body, headers = _binary_request([PHOTO])
+    cases = [(body, {**headers, "Inference-Header-Content-Length": value})
+             for value in ("0", "-5", "abc", str(len(body) + 10), "99999999999999999999")]
+    cases.append(_binary_request([PHOTO], sizes=[2**31]))
+    cases.append(_binary_request([PHOTO, PHOTO], sizes=[10, 3]))
+    cases.append(_binary_request([PHOTO] * 9))
+    cases.append(_binary_request([b"\x00" * int(3e6)]))
+    cases.append(_binary_request([b"\xff" * int(20e6)]))
+    while len(cases) < PER_BATCH:
+        mutated = bytearray(body)
+        for position in rng.integers(0, len(mutated), int(rng.integers(1, 40))):
+            mutated[position] = int(rng.integers(0, 256))
+        cases.append((bytes(mutated), headers))
+    return cases
+
+
+def _grpc_cases(rng: np.random.Generator):
+    from tritonclient.grpc import service_pb2
+
+    def request(contents: list[bytes], shape: list[int] | None = None, datatype: str = "BYTES",
+                model: str = "facemark") -> bytes:
+        message = service_pb2.ModelInferRequest(model_name=model)
+        tensor = message.inputs.add(name="image", datatype=datatype)
+        tensor.shape.extend(shape if shape is not None else [len(contents), 1])
+        message.raw_input_contents.append(b"".join(struct.pack("<I", len(c)) + c for c in contents))
+        return message.SerializeToString()
+
+    good = request([PHOTO])
+    cases = [b"", b"\xff" * 100, request([PHOTO], shape=[1_000_000, 1]), request([PHOTO], shape=[]),
+             request([PHOTO], datatype="FP32"), request([PHOTO], model="missing"), request([PHOTO] * 9),
+             request([b"\x00" * int(3e6)]), request([b"\xff" * int(20e6)])]
+    while len(cases) < PER_BATCH:
+        mutated = bytearray(good)
+        for position in rng.integers(0, len(mutated), int(rng.integers(1, 30))):
+            mutated[position] = int(rng.integers(0, 256))
+        cases.append(bytes(mutated))
+    return cases
+
+
+def _good_answer(server: ServerProcess) -> int:
+    """Faces found by a good request: the server answers."""
+    from facemark.runtime.serving.client import TritonLandmarker
+
+    faces, error = TritonLandmarker(server.url, timeout_s=60).detect_encoded([PHOTO], [(500, 332)])[0]
+    assert error == ""
+    return len(faces)
+
+
+def _after_batch(server: ServerProcess, rss: list[int]) -> None:
+    assert server.proc.poll() is None, server.log.read_text()[-3000:]
+    assert _good_answer(server) >= 1
+    rss.append(tree_rss_bytes(server.proc.pid))
+
+
+def _fuzz_round(server: ServerProcess, rng: np.random.Generator, statuses: dict[str, list], rss: list[int]) -> None:
+    import grpc
+
+    for body in _json_cases(rng):
+        statuses["json"].append(_http(server.http, body, {"Content-Type": "application/json"}))
+    _after_batch(server, rss)
+    for body, headers in _binary_cases(rng):
+        statuses["binary"].append(_http(server.http, body, headers))
+    _after_batch(server, rss)
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc}") as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                    request_serializer=lambda raw: raw, response_deserializer=lambda raw: raw)
+        for raw in _grpc_cases(rng):
+            try:
+                infer(raw, timeout=60)
+                statuses["grpc"].append("OK")
+            except grpc.RpcError as exc:
+                statuses["grpc"].append(exc.code().name)
+    _after_batch(server, rss)
+
+
+def test_fuzz_every_encoding_and_the_server_stays_up_with_bounded_memory(server):
+    rng = np.random.default_rng(38)
+    rss: list[int] = []
+    _after_batch(server, rss)
+    statuses: dict[str, list[int | str]] = {"json": [], "binary": [], "grpc": []}
+    for _ in range(ROUNDS):
+        _fuzz_round(server, rng, statuses, rss)
+    mb = [round(r / 2**20) for r in rss]
+    print({kind: dict(Counter(map(str, values))) for kind, values in statuses.items()},  # the counts, with -s
+          "tree RSS after each batch (MB):", mb)
+    assert sum(len(s) for s in statuses.values()) == ROUNDS * 3 * PER_BATCH
+    # every request got an answer: an HTTP status (Triton answers JSON it cannot parse with 500), a gRPC status
+    # other than "unavailable" or a timeout
+    assert [s for kind in ("json", "binary") for s in statuses[kind] if s == 0] == [], statuses
+    assert not {"UNAVAILABLE", "DEADLINE_EXCEEDED"} & set(statuses["grpc"]), statuses["grpc"]
+    assert max(mb) - mb[0] < RSS_GROWTH_MB, mb
+    assert max(mb[4:]) - max(mb[:4]) < RSS_ROUND_GROWTH_MB, mb  # the second round holds no more than the first
+
+
+@pytest.mark.xfail(strict=True, reason="tritonserver 2.51 (PyTriton 0.7.0, the latest) parses a body sent as "
+                   "application/x-www-form-urlencoded as query arguments into two stack arrays of its size "
+                   "(libevhtp): above ~4 MB on an 8 MiB thread stack it dies of SIGSEGV; it has no option that "
+                   "refuses a body by its size or type (docs/SERVING.md)")
+def test_a_form_encoded_body_of_5_mb_does_not_kill_the_server(server):
+    """The last test of the module: today it ends the module's server."""
+    _http(server.http, _json_body(["A" * int(5e6)]), {"Content-Type": "application/x-www-form-urlencoded"})
+    deadline = time.monotonic() + 10
+    while server.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert server.proc.poll() is None
+    assert _good_answer(server) >= 1
