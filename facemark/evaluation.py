@@ -124,10 +124,12 @@ def write_reports(
 ) -> None:
     """Write the requested report files (atomically): the summary `doc` as JSON, the per-face CSV, the CED plot
     of `errors` (NME per scored face)."""
-    if json_path:
-        write_text_atomic(json_path, json.dumps(doc, indent=2) + "\n")
+    from facemark.outputs import utf8_strings, utf8_text
+
+    if json_path:  # file names of any bytes: as UTF-8 text (facemark.outputs), never a failed write
+        write_text_atomic(json_path, json.dumps(utf8_strings(doc), indent=2) + "\n")
     if csv_path:
-        write_text_atomic(csv_path, per_face_csv_text)
+        write_text_atomic(csv_path, utf8_text(per_face_csv_text))
     if plot_path:
         from facemark.plots import plot_ced
 

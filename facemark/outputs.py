@@ -227,3 +227,15 @@ def path_bytes(name: str) -> str | None:
 def name_of(path: str, encoded: str | None) -> str:
     """The name a "path" / "path_bytes" pair was written from (the inverse of utf8_text + path_bytes)."""
     return os.fsdecode(base64.b64decode(encoded)) if encoded else path
+
+
+def utf8_strings(value: object) -> object:
+    """`value` (JSON-like: dicts, lists, strings, numbers) with every string made valid UTF-8 (utf8_text): a
+    report that quotes file names is then strict JSON and UTF-8 text whatever the names' bytes."""
+    if isinstance(value, str):
+        return utf8_text(value)
+    if isinstance(value, dict):
+        return {utf8_text(str(k)): utf8_strings(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [utf8_strings(v) for v in value]
+    return value

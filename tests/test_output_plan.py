@@ -397,3 +397,20 @@ def test_train_that_fails_its_data_check_claims_no_run_folder_and_says_why_each_
     reason = [line for line in text.splitlines() if "face.pts" in line and "skipped" in line]
     assert reason and "68" in reason[0], text
     assert not out.exists() and not (tmp_path / "runs" / "x-2").exists()
+
+
+def test_evaluate_reports_of_a_face_whose_file_name_is_not_utf8_are_written(tmp_path, capsys):
+    import xml.etree.ElementTree as ET
+
+    image = ET.parse(SAMPLES / "landmarks.xml").getroot().find(".//image")
+    points = sorted((int(p.get("name")), float(p.get("x")), float(p.get("y"))) for p in image.find("box").iter("part"))
+    stem = os.fsencode(tmp_path / "data") + b"/caf\xe9\xff"
+    os.mkdir(tmp_path / "data")
+    shutil.copy(SAMPLES / image.get("file"), stem + b".jpg")
+    with open(stem + b".pts", "w") as f:  # .pts points are 1-based
+        f.write("version: 1\nn_points: 68\n{\n" + "".join(f"{x + 1} {y + 1}\n" for _, x, y in points) + "}\n")
+    report, table = tmp_path / "r.json", tmp_path / "r.csv"
+    assert run(["evaluate", "--model", str(MODEL), "--data", str(tmp_path / "data"), "--split", "all",
+                "--json", str(report), "--csv", str(table)]) == 0, capsys.readouterr().err
+    assert json.loads(report.read_text(encoding="utf-8"))["faces"] == 1
+    assert "caf\ufffd\ufffd.jpg" in table.read_text(encoding="utf-8")
