@@ -21,6 +21,8 @@ from conftest import REPO, SAMPLES
 
 from facemark.cli import run
 from facemark.imageio import read_gray
+from facemark.runtime.detector_files import CACHE_ENV, cached_path
+from facemark.runtime.detectors import CNN_DETECTORS
 from facemark.runtime.landmarker import FaceLandmarker
 from facemark.runtime.schema import schema_text
 from facemark.web.build import CONFIG_FILE, INSTALL_HINT, find_node_modules, pinned_versions
@@ -82,8 +84,14 @@ def test_a_foreign_folder_missing_runtimes_or_a_cnn_detector_is_one_line_and_exi
     err = capsys.readouterr().err
     assert "make web-deps" in err and len(err.strip().splitlines()) == 1 and INSTALL_HINT.split("`")[1] in err
     assert not (tmp_path / "site").exists()
+
+
+def test_a_cnn_detector_that_is_not_fetched_is_one_line_naming_the_fetch_command(tmp_path, capsys, monkeypatch):
+    _modules_or_skip()
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "empty-cache"))
     assert run(["web", str(tmp_path / "site"), "--detector", "faceboxes"]) == 2
-    assert "Haar cascade only" in capsys.readouterr().err
+    assert "facemark detectors fetch faceboxes" in capsys.readouterr().err
+    assert not (tmp_path / "site").exists()
 
 
 def test_the_module_in_node_crops_decodes_and_detects_as_the_python_runtime(web_folder, landmarker):
@@ -140,27 +148,62 @@ def browser_results(folder: Path, chromium: str, names: list[str]) -> dict[str, 
     return results
 
 
-def test_headless_chromium_finds_the_faces_and_points_of_runtime_predict(web_folder, tmp_path):
+def assert_same_faces(browser: dict[str, dict], python: dict[str, dict]) -> int:
+    """The browser's image entries against runtime predict's: valid JSON, the same faces (equal detector boxes) in
+    the same order, points within POINT_TOLERANCE_PX, the same scores; the number of faces compared."""
     jsonschema = pytest.importorskip("jsonschema")
-    chromium = find_chromium()
-    if chromium is None:
-        pytest.skip("Chromium is not installed (make web-deps installs it as root: apt-get install chromium)")
-    names = sorted(p.name for p in SAMPLES.glob("*.jpg"))
-    assert run(["runtime", "predict", str(SAMPLES), "--json", str(tmp_path / "py.json"), "--provider", "cpu"]) == 0
-    python = {Path(image["path"]).name: image for image in json.loads((tmp_path / "py.json").read_text())["images"]}
-    browser = browser_results(web_folder, chromium, names)
     schema = json.loads(schema_text("image"))
     total = 0
-    for name in names:
-        web, py = browser[name], python[name]
+    for name, web in browser.items():
+        py = python[name]
         jsonschema.validate(web, schema)
         assert web["error"] is None and (web["width"], web["height"]) == (py["width"], py["height"])
         assert len(web["faces"]) == len(py["faces"]), name
         for w, p in zip(web["faces"], py["faces"], strict=True):
-            assert w["detector_box"] == p["detector_box"], name  # the same faces, in the same order
+            np.testing.assert_allclose(w["detector_box"], p["detector_box"], rtol=0, atol=0.011, err_msg=name)
             difference = np.abs(np.subtract(w["landmarks"], p["landmarks"]))
             assert difference.max() <= POINT_TOLERANCE_PX, (name, difference.max())
             assert w["score"] == pytest.approx(p["score"], abs=0.01)
+            assert w["detector_score"] == pytest.approx(p["detector_score"], abs=0.001)
             np.testing.assert_allclose(w["landmark_scores"], p["landmark_scores"], atol=0.05)
             total += 1
+    return total
+
+
+def predicted(tmp_path: Path, names: list[str], *options: str) -> dict[str, dict]:
+    """`facemark runtime predict` on the named samples: each image entry by file name."""
+    out = tmp_path / "py.json"
+    assert run(["runtime", "predict", *(str(SAMPLES / n) for n in names), "--json", str(out), "--provider", "cpu",
+                *options]) == 0
+    return {Path(image["path"]).name: image for image in json.loads(out.read_text())["images"]}
+
+
+def _chromium_or_skip() -> str:
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("Chromium is not installed (make web-deps installs it as root: apt-get install chromium)")
+    return chromium
+
+
+def test_headless_chromium_finds_the_faces_and_points_of_runtime_predict(web_folder, tmp_path):
+    chromium = _chromium_or_skip()
+    names = sorted(p.name for p in SAMPLES.glob("*.jpg"))
+    total = assert_same_faces(browser_results(web_folder, chromium, names), predicted(tmp_path, names))
     assert total >= 20  # the samples hold 25 faces; dogs.jpg none
+
+
+@pytest.mark.parametrize("name", list(CNN_DETECTORS))
+def test_headless_chromium_with_a_cnn_detector_finds_what_runtime_predict_finds(name, tmp_path):
+    """The user's fetched CNN detector file in the folder, decoded in the page as runtime/cnn_detector.py does."""
+    chromium = _chromium_or_skip()
+    _modules_or_skip()
+    if not cached_path(CNN_DETECTORS[name].file).is_file():
+        pytest.skip(f"{name} is not fetched (`facemark detectors fetch {name}`; make test's `detectors` step)")
+    site = tmp_path / "site"
+    assert run(["web", str(site), "--detector", name]) == 0
+    config = json.loads((site / CONFIG_FILE).read_text())
+    assert config["detector"]["calibration"]["detector"] == name and (site / config["detector"]["file"]).is_file()
+    names = ["2008_002470.jpg", "2008_007676.jpg"]  # 6 and 7 faces
+    shutil.copytree(SAMPLES, site / "samples")
+    browser = browser_results(site, chromium, names)
+    assert assert_same_faces(browser, predicted(tmp_path, names, "--detector", name)) == 13

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import cv2
 from facemark import metadata
 from facemark.errors import FacemarkError
 from facemark.fileio import check_writable_folder, file_sha256, write_error
+from facemark.runtime.detectors import HAAR
 
 CONFIG_FILE = "facemark-web.json"  # read by facemark.js (its CONFIG_FILE)
 CONFIG_FORMAT = "facemark-web/1"
@@ -81,12 +82,44 @@ class WebFolder:
     total_bytes: int
 
 
-def web_config(landmarker, model_file: str, model_sha256: str, cascade_file: str, window: int) -> dict:
+def haar_detector(landmarker) -> tuple[dict, dict[str, bytes]]:
+    """The config entry and the file (the cascade) of the runtime's Haar detector."""
+    haar = landmarker.detector
+    if haar.octaves:
+        raise FacemarkError("the octave Haar search is not available in the browser")
+    settings = haar.config()
+    name = settings.pop("name")
+    window = int(cv2.CascadeClassifier(str(haar.cascade_path)).getOriginalWindowSize()[0])  # not in OpenCV.js
+    entry = {"kind": "haar", "name": name, "cascade_file": haar.cascade_path.name,
+             "settings": {**settings, "window": window}, "calibration": None}
+    return entry, {haar.cascade_path.name: haar.cascade_path.read_bytes()}
+
+
+def cnn_detector(landmarker) -> tuple[dict, dict[str, bytes]]:
+    """The config entry and the file of a CNN detector: the file `facemark detectors fetch` cached (hash
+    checked), its input made dynamic as the runtime makes it; its settings, decoder and calibration."""
+    from facemark.runtime import cnn_detector as cnn
+    from facemark.runtime.detector_files import read_detector_file, with_dynamic_input
+
+    detector = landmarker.detector
+    spec = detector.spec
+    file_name = f"{detector.name}.onnx"
+    settings = {"input_name": spec.input_name, "mean": list(spec.mean), "rgb": spec.rgb,
+                "input_side": detector.input_side, "min_score": detector.min_score,
+                "decoder": spec.decode.__name__.removeprefix("decode_"), "stride_multiple": cnn.STRIDE_MULTIPLE,
+                "nms_iou": cnn.NMS_IOU, "max_candidates": cnn.MAX_CANDIDATES, "anchors": cnn.FACEBOXES_ANCHORS,
+                "variance": cnn.FACEBOXES_VARIANCE}
+    entry = {"kind": "cnn", "name": detector.name, "file": file_name, "sha256": spec.file.sha256,
+             "settings": settings, "calibration": asdict(spec.calibration) if spec.calibration else None}
+    data = with_dynamic_input(read_detector_file(detector.name, spec.file), spec.input_name)
+    return entry, {file_name: data}
+
+
+def web_config(landmarker, model_file: str, model_sha256: str, detector: dict) -> dict:
     """facemark-web.json: what facemark.js cannot read from the model itself, taken from the runtime."""
     from facemark.runtime.landmarker import DUPLICATE_IOU
 
     described = landmarker.describe()
-    detector = dict(described["detector"])
     return {
         "format": CONFIG_FORMAT,
         "model": {"file": model_file, "sha256": model_sha256, **described["model"], "path": None,
@@ -95,8 +128,7 @@ def web_config(landmarker, model_file: str, model_sha256: str, cascade_file: str
                           "precision": metadata.PRECISION},
         "outputs": {"input": metadata.INPUT_NAME, "landmarks": metadata.OUTPUT_NAME,
                     "landmark_scores": metadata.LANDMARK_SCORES, "face_score": metadata.FACE_SCORE},
-        "detector": {"kind": "haar", "name": detector.pop("name"), "cascade_file": cascade_file,
-                     "settings": {**detector, "window": window}, "calibration": None},
+        "detector": detector,
         "pipeline": {**described["pipeline"], "duplicate_iou": DUPLICATE_IOU},
         "runtimes": pinned_versions(),
     }
@@ -108,20 +140,14 @@ def build_web_folder(out: str | os.PathLike, model: str | os.PathLike | None = N
     `out` is replaced only when it is an earlier facemark web folder (it holds facemark-web.json) or empty."""
     from facemark.runtime.landmarker import FaceLandmarker, resolve_model_path
 
-    if detector != "haar":
-        raise FacemarkError(f"--detector {detector}: the browser build runs the Haar cascade only (OpenCV.js); "
-                            "the CNN detectors are not built into facemark.js")
     target = Path(out)
     if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / CONFIG_FILE).is_file())):
         raise FacemarkError(f"{target}: exists and is not a facemark web folder; name a new or empty folder")
     modules = find_node_modules(node_modules)
     model_path = Path(resolve_model_path(model))
-    landmarker = FaceLandmarker(model_path, provider="cpu", detector="haar")
-    if landmarker.detector.octaves:
-        raise FacemarkError("the octave Haar search is not available in the browser")
-    cascade = landmarker.detector.cascade_path
-    window = int(cv2.CascadeClassifier(str(cascade)).getOriginalWindowSize()[0])
-    config = web_config(landmarker, model_path.name, file_sha256(model_path), cascade.name, window)
+    landmarker = FaceLandmarker(model_path, provider="cpu", detector=detector)
+    entry, detector_files = (haar_detector if detector == HAAR else cnn_detector)(landmarker)
+    config = web_config(landmarker, model_path.name, file_sha256(model_path), entry)
     check_writable_folder(target.parent if target.parent != Path("") else Path("."), "folder for the web build")
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -132,7 +158,8 @@ def build_web_folder(out: str | os.PathLike, model: str | os.PathLike | None = N
         for name in STATIC_FILES:
             shutil.copyfile(static / name, staging / name)
         shutil.copyfile(model_path, staging / model_path.name)
-        shutil.copyfile(cascade, staging / cascade.name)
+        for name, data in detector_files.items():
+            (staging / name).write_bytes(data)
         for package, source, dest in RUNTIME_FILES:
             (staging / dest).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(modules / package / source, staging / dest)

@@ -14,7 +14,9 @@ def web_command(
     model: Path = typer.Option(None, "--model", "-m", help="A model exported with `facemark export` "
                                "(default: the shipped int8 model, the fastest in WebAssembly: docs/WEB.md)."),
     detector: DetectorChoice = typer.Option("haar", "--detector", help="Face detector of the page: haar "
-                                            "(OpenCV.js, the Python runtime's cascade and settings)."),
+                                            "(OpenCV.js, the Python runtime's cascade and settings) or a CNN "
+                                            "detector fetched with `facemark detectors fetch NAME` (its file is "
+                                            "copied into the folder)."),
     node_modules: Path = typer.Option(None, "--node-modules", help="A node_modules folder with the pinned "
                                       "onnxruntime-web and @techstark/opencv-js (default: $FACEMARK_WEB_MODULES, "
                                       "else web/node_modules: `make web-deps`)."),

@@ -1,8 +1,9 @@
 // facemark.js: 68-point face landmarks in the browser (or Node) from the file `facemark export` writes.
 //
 // The same pipeline as the Python runtime (facemark.runtime.FaceLandmarker), step for step:
-//   OpenCV's Haar cascade (OpenCV.js: the same cascade file and settings) -> the detector calibration read from
-//   the model's metadata -> the crop contract read from the model's metadata (square box, one affine warp,
+//   OpenCV's Haar cascade (OpenCV.js: the same cascade file and settings), or a CNN detector (CenterFace,
+//   FaceBoxesV2: the file `facemark detectors fetch` caches, on ONNX Runtime) -> the detector calibration (Haar's
+//   read from the model's metadata, a CNN detector's from the runtime's table) -> the crop contract read from the model's metadata (square box, one affine warp,
 //   grayscale, normalisation: facemark/contract.py) -> ONNX Runtime -> points mapped back to image pixels ->
 //   presence threshold and duplicate faces removed.
 // The folder's facemark-web.json (written by `facemark web` from the Python runtime's own settings) names the
@@ -281,6 +282,8 @@ export function nonMaxSuppression(boxes, scores, maxIou) {
 // The Haar detector (facemark/runtime/detector.py's HaarDetector with OpenCV.js's CascadeClassifier)
 
 export class HaarDetector {
+  color = false; // detects on the gray image
+
   constructor(cv, cascadeBytes, settings) {
     if (settings.octaves) throw new Error("the octave search (octaves=true) is not available in the browser");
     this.cv = cv;
@@ -432,6 +435,149 @@ export function groupHits({ rects, levels, weights }, minNeighbors, eps = 0.2) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// The CNN detectors (facemark/runtime/cnn_detector.py: CenterFace, FaceBoxesV2) on ONNX Runtime
+
+/** cnn_detector.non_max_suppression_xyxy: indices kept, best score first. */
+export function nonMaxSuppressionXyxy(boxes, scores, maxIou) {
+  let order = scores.map((_, i) => i).sort((i, j) => scores[j] - scores[i]);
+  const area = (b) => Math.max(b[2] - b[0], 0) * Math.max(b[3] - b[1], 0);
+  const kept = [];
+  while (order.length) {
+    const best = order[0];
+    kept.push(best);
+    const a = boxes[best];
+    order = order.slice(1).filter((i) => {
+      const b = boxes[i];
+      const inter = Math.max(Math.min(a[2], b[2]) - Math.max(a[0], b[0]), 0)
+        * Math.max(Math.min(a[3], b[3]) - Math.max(a[1], b[1]), 0);
+      return inter / Math.max(area(a) + area(b) - inter, 1e-9) < maxIou;
+    });
+  }
+  return kept;
+}
+
+/** cnn_detector.faceboxes_priors: [cx, cy, w, h] per prior, in the network's output order. */
+export function faceboxesPriors(height, width, anchors) {
+  const priors = [];
+  for (const [step, sizes] of anchors) {
+    const rows = Math.ceil(height / step);
+    const cols = Math.ceil(width / step);
+    for (let y = 0; y < rows; y++) {
+      for (let x = 0; x < cols; x++) {
+        for (const [size, dense] of sizes) {
+          const shifts = dense > 1 ? Array.from({ length: dense }, (_, k) => k / dense) : [0.5];
+          for (const dy of shifts) for (const dx of shifts) priors.push([(x + dx) * step, (y + dy) * step, size, size]);
+        }
+      }
+    }
+  }
+  return priors;
+}
+
+const DECODERS = {
+  /** cnn_detector.decode_faceboxes: `loc` offsets and softmaxed `conf` -> xyxy boxes and scores. */
+  faceboxes(outputs, height, width, threshold, settings) {
+    const [loc, conf] = outputs;
+    const priors = faceboxesPriors(height, width, settings.anchors);
+    const [centreVariance, sizeVariance] = settings.variance;
+    const boxes = [];
+    const scores = [];
+    priors.forEach(([px, py, pw, ph], p) => {
+      const score = conf.data[2 * p + 1];
+      if (!(score > threshold)) return;
+      const l = loc.data.subarray(4 * p, 4 * p + 4);
+      const cx = px + l[0] * centreVariance * pw;
+      const cy = py + l[1] * centreVariance * ph;
+      const w = pw * Math.exp(l[2] * sizeVariance);
+      const h = ph * Math.exp(l[3] * sizeVariance);
+      boxes.push([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]);
+      scores.push(score);
+    });
+    return { boxes, scores };
+  },
+  /** cnn_detector.decode_centerface: stride-4 heatmap, log-scale (h, w) and offset (y, x) maps. */
+  centerface(outputs, _height, _width, threshold) {
+    const [heatmap, scale, offset] = outputs;
+    const [rows, cols] = heatmap.dims.slice(2);
+    const plane = rows * cols;
+    const limit = Math.fround(threshold); // numpy compares the float32 map with a float32 threshold
+    const boxes = [];
+    const scores = [];
+    for (let y = 0; y < rows; y++) {
+      for (let x = 0; x < cols; x++) {
+        const i = y * cols + x;
+        if (!(heatmap.data[i] > limit)) continue;
+        const h = Math.fround(Math.fround(Math.exp(scale.data[i])) * 4);
+        const w = Math.fround(Math.fround(Math.exp(scale.data[plane + i])) * 4);
+        const cx = (x + offset.data[plane + i] + 0.5) * 4;
+        const cy = (y + offset.data[i] + 0.5) * 4;
+        boxes.push([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]);
+        scores.push(heatmap.data[i]);
+      }
+    }
+    return { boxes, scores };
+  },
+};
+
+export class CnnDetector {
+  color = true; // the Python runtime gives it the colour image
+
+  constructor(cv, ort, session, settings) {
+    if (!(settings.decoder in DECODERS)) throw new Error(`no decoder for the ${settings.decoder} detector`);
+    Object.assign(this, { cv, ort, session, settings });
+  }
+
+  /** cnn_detector.network_input: the colour image scaled so its longer side is input_side, padded at the bottom
+   *  and right to multiples of the stride with the mean (0 once it is subtracted), channels in the network's order. */
+  networkInput(rgba) {
+    const cv = this.cv;
+    const s = this.settings;
+    const scale = s.input_side / Math.max(rgba.rows, rgba.cols);
+    const width = Math.max(1, roundHalfEven(rgba.cols * scale));
+    const height = Math.max(1, roundHalfEven(rgba.rows * scale));
+    const colour = new cv.Mat();
+    cv.cvtColor(rgba, colour, s.rgb ? cv.COLOR_RGBA2RGB : cv.COLOR_RGBA2BGR);
+    const small = new cv.Mat();
+    cv.resize(colour, small, new cv.Size(width, height), 0, 0, scale < 1 ? cv.INTER_AREA : cv.INTER_LINEAR);
+    colour.delete();
+    const rows = Math.ceil(height / s.stride_multiple) * s.stride_multiple;
+    const cols = Math.ceil(width / s.stride_multiple) * s.stride_multiple;
+    const blob = new Float32Array(3 * rows * cols);
+    const pixels = small.data;
+    for (let c = 0; c < 3; c++) {
+      const mean = Math.fround(s.mean[c]);
+      for (let y = 0; y < height; y++) {
+        for (let x = 0; x < width; x++) blob[c * rows * cols + y * cols + x] = pixels[(y * width + x) * 3 + c] - mean;
+      }
+    }
+    small.delete();
+    return { blob, rows, cols, scale };
+  }
+
+  /** CnnDetector.detect: [{box, score}] in the image's pixels, most confident first. */
+  async detect(rgba) {
+    const s = this.settings;
+    const { blob, rows, cols, scale } = this.networkInput(rgba);
+    const feeds = { [s.input_name]: new this.ort.Tensor("float32", blob, [1, 3, rows, cols]) };
+    const results = await this.session.run(feeds);
+    const outputs = this.session.outputNames.map((name) => results[name]);
+    const decoded = DECODERS[s.decoder](outputs, rows, cols, s.min_score, s);
+    const top = decoded.scores.map((_, i) => i).sort((i, j) => decoded.scores[j] - decoded.scores[i])
+      .slice(0, s.max_candidates);
+    const boxes = top.map((i) => decoded.boxes[i].map((v) => v / scale));
+    const scores = top.map((i) => decoded.scores[i]);
+    return nonMaxSuppressionXyxy(boxes, scores, s.nms_iou).map((i) => {
+      const [x0, y0, x1, y1] = boxes[i];
+      return { box: [x0, y0, x1 - x0, y1 - y0], score: scores[i] };
+    });
+  }
+
+  delete() {
+    this.session.release?.();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // The pipeline (runtime/landmarker.py + facemark/inference.py)
 
 export class FaceLandmarker {
@@ -454,10 +600,11 @@ export class FaceLandmarker {
     const modelBytes = await fetchBytes(at(config.model.file));
     const info = parseModelInfo(readOnnxMetadata(modelBytes), config.metadata_keys, config.model.file);
     const session = await ort.InferenceSession.create(modelBytes, { executionProviders: ["wasm"], ...sessionOptions });
-    if (config.detector.kind !== "haar") throw new Error(`detector ${config.detector.name}: only haar is built in`);
     if (config.pipeline.tta !== "none") throw new Error(`test-time augmentation ${config.pipeline.tta} is not built in`);
-    const cascadeBytes = await fetchBytes(at(config.detector.cascade_file));
-    const detector = new HaarDetector(cv, cascadeBytes, config.detector.settings);
+    const detector = config.detector.kind === "haar"
+      ? new HaarDetector(cv, await fetchBytes(at(config.detector.cascade_file)), config.detector.settings)
+      : new CnnDetector(cv, ort, await ort.InferenceSession.create(await fetchBytes(at(config.detector.file)),
+        { executionProviders: ["wasm"], ...sessionOptions }), config.detector.settings);
     return new FaceLandmarker({ ort, cv, config, session, info, detector, modelBytes });
   }
 
@@ -472,18 +619,31 @@ export class FaceLandmarker {
 
   /** All faces of an RGBA ImageData: {width, height, faces, times: {detect, landmarks} ms}. */
   async detectImageData(imageData) {
-    const gray = this.grayOf(imageData);
+    const rgba = this.cv.matFromImageData(imageData);
     try {
-      return await this.detectGray(gray);
+      return await this.detectMats(rgba);
+    } finally {
+      rgba.delete();
+    }
+  }
+
+  /** All faces of an RGBA cv.Mat, most confident first, as FaceLandmarker.detect_full (the image entry's faces):
+   *  the landmarks on its gray copy, the detector on gray (Haar) or colour (CNN). */
+  async detectMats(rgba) {
+    const gray = new this.cv.Mat();
+    this.cv.cvtColor(rgba, gray, this.cv.COLOR_RGBA2GRAY);
+    try {
+      return await this.detectGray(gray, rgba);
     } finally {
       gray.delete();
     }
   }
 
-  /** All faces of a gray cv.Mat, most confident first, as FaceLandmarker.detect_full (the image entry's faces). */
-  async detectGray(gray) {
+  /** detectMats on a gray cv.Mat (and its RGBA original, which a colour detector needs). */
+  async detectGray(gray, rgba = null) {
+    if (this.detector.color && !rgba) throw new Error(`the ${this.config.detector.name} detector needs the colour image`);
     const t0 = performance.now();
-    const detections = this.detector.detect(gray);
+    const detections = await this.detector.detect(this.detector.color ? rgba : gray);
     const t1 = performance.now();
     const predicted = await this.predictFaces(gray, detections.map((d) => calibrate(this.calibration, d.box)));
     const pipeline = this.config.pipeline;
