@@ -192,6 +192,18 @@ def test_headless_chromium_finds_the_faces_and_points_of_runtime_predict(web_fol
     assert total >= 20  # the samples hold 25 faces; dogs.jpg none
 
 
+def test_a_missing_or_undecodable_image_is_an_entry_with_one_error_line(web_folder):
+    chromium = _chromium_or_skip()
+    jsonschema = pytest.importorskip("jsonschema")
+    with serve_folder(web_folder) as served:
+        for image, reason in (("samples/missing.jpg", "HTTP 404"), ("LICENSES.md", "could not be decoded")):
+            dom = dump_dom(chromium, f"{served.url}index.html?image={image}")
+            entry = json.loads(html.unescape(RESULT.search(dom).group(1)))
+            jsonschema.validate(entry, json.loads(schema_text("image")))
+            assert entry["faces"] == [] and entry["error"].startswith(f"{image}: ") and reason in entry["error"]
+            assert 'data-error="1"' in dom and "\n" not in entry["error"]
+
+
 @pytest.mark.parametrize("name", list(CNN_DETECTORS))
 def test_headless_chromium_with_a_cnn_detector_finds_what_runtime_predict_finds(name, tmp_path):
     """The user's fetched CNN detector file in the folder, decoded in the page as runtime/cnn_detector.py does."""
