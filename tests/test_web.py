@@ -201,6 +201,7 @@ def test_a_missing_or_undecodable_image_is_an_entry_with_one_error_line(web_fold
             entry = json.loads(html.unescape(RESULT.search(dom).group(1)))
             jsonschema.validate(entry, json.loads(schema_text("image")))
             assert entry["faces"] == [] and entry["error"].startswith(f"{image}: ") and reason in entry["error"]
+            assert entry["error"].count(image) == 1  # named once
             assert 'data-error="1"' in dom and "\n" not in entry["error"]
 
 
