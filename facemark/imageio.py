@@ -10,7 +10,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from facemark.errors import ImageError
 from facemark.fileio import DEFAULT_MAX_FILE_MB, write_with_atomic
@@ -23,6 +23,9 @@ DEFAULT_MAX_FILE_BYTES = int(DEFAULT_MAX_FILE_MB * 1e6)
 # A JPEG's size marker comes within this many bytes (its APP segments are 64 KB each); Pillow would scan a
 # damaged file's zeros byte by byte for it (3 s per 50 MB), so the header of a JPEG is probed on this head.
 JPEG_HEADER_BYTES = 4 << 20
+# A file is sniffed on its first bytes before it is read whole: one whose head names no image format (by
+# magic, or one Pillow identifies) is refused without reading the rest.
+SNIFF_BYTES = 1 << 20
 
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit with a clear message
 
@@ -77,20 +80,42 @@ def read_image_bytes(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_FILE_
         if size > max_bytes:
             raise ImageError(f"{name}: {_megabytes(size)} is larger than the limit of {_megabytes(max_bytes)} "
                              "(--max-file-mb)")
-        chunks, total = [], 0
-        while total <= max_bytes:
-            chunk = os.read(fd, min(1 << 22, max_bytes + 1 - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
+        head = _read_up_to(fd, min(SNIFF_BYTES, max_bytes + 1))
+        if len(head) == SNIFF_BYTES and not _may_be_image(head):  # more follows: not read for nothing
+            raise ImageError(f"{name}: not an image (its first bytes name no image format)")
+        data = head + _read_up_to(fd, max_bytes + 1 - len(head)) if len(head) == SNIFF_BYTES else head
     except OSError as exc:
         raise ImageError(f"{name}: cannot read ({_reason(exc)})") from None
     finally:
         os.close(fd)
-    if total > max_bytes:  # a file that reports no size (/proc) and goes on
+    if len(data) > max_bytes:  # a file that reports no size (/proc) and goes on
         raise ImageError(f"{name}: larger than the limit of {_megabytes(max_bytes)} (--max-file-mb)")
+    return data
+
+
+def _read_up_to(fd: int, count: int) -> bytes:
+    """At most `count` bytes from `fd` (fewer at its end)."""
+    chunks, total = [], 0
+    while total < count:
+        chunk = os.read(fd, min(1 << 22, count - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
     return b"".join(chunks)
+
+
+def _may_be_image(head: bytes) -> bool:
+    """Whether the first bytes of a file name an image format (by magic, or one Pillow identifies)."""
+    if sniff_format(head) != "other":
+        return True
+    try:
+        with Image.open(io.BytesIO(head)):
+            return True
+    except UnidentifiedImageError:
+        return False
+    except Exception:  # noqa: BLE001  a format Pillow knows, whose header runs past the head: read it whole
+        return True
 
 
 def _megabytes(count: int) -> str:

@@ -170,7 +170,7 @@ def test_predict_writes_pose_csv_and_aligned_chips_that_match_the_schema(tmp_pat
     with open(out_csv, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == len(faces)
-    assert len(rows[0]) == 7 + 136 + 3
+    assert len(rows[0]) == 7 + 136 + 3 + 1  # path, face, box, score; the points; the pose; path_bytes
     first_path, first = faces[0]
     assert rows[0]["path"] == first_path and float(rows[0]["x0"]) == pytest.approx(first["landmarks"][0][0], abs=0.01)
     assert float(rows[0]["yaw"]) == pytest.approx(first["pose"]["yaw"], abs=0.01)

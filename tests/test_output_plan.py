@@ -283,6 +283,10 @@ def test_max_file_mb_refuses_a_file_by_its_size_and_a_jpeg_of_zeros_is_not_scann
     os.truncate(zeros, 150 << 20)  # Pillow scans a JPEG's junk byte by byte: only its head is probed
     with pytest.raises(ImageError, match="not a readable image"):
         read_image(zeros)
+    text = tmp_path / "notes.jpg"  # 5 MB of text named .jpg: refused on its first bytes, the rest never read
+    text.write_bytes(b"not a photo\n" * 500_000)
+    with pytest.raises(ImageError, match="its first bytes name no image format"):
+        read_image_bytes(text)
     proc = _predict(str(photo), "--max-file-mb", "0.01", "--json", "-")
     assert proc.returncode == 1 and "larger than the limit of 0.01 MB" in proc.stderr.decode()
 
