@@ -162,8 +162,10 @@ def throughput_table(throughput: dict, claims: bool = True) -> str:
 def serve_table(serve: dict) -> str:
     loads = [("photos", serve)]
     if serve.get("damaged"):
-        loads.append((f"1 damaged upload per {serve['requests'] // max(serve['damaged']['damaged'], 1)}",
-                      serve["damaged"]))
+        hostile, requests = serve["damaged"], serve["requests"]
+        mixed = [f"1 {what} per {requests // hostile[key]}" for key, what in
+                 (("damaged", "damaged upload"), ("oversized", "oversized JSON request (413)")) if hostile.get(key)]
+        loads.append((", ".join(mixed) or "photos again", hostile))
     return markdown_table(["Load", "Clients", "Requests", "Requests/s", "p50 ms", "p90 ms", "p99 ms", "Errors",
                            "Server peak RSS MB"],
                           [[name, load["clients"], load["requests"], _num(load["requests_per_s"], 1),

@@ -7,7 +7,8 @@ HTTP connection, and stops by itself. Reports requests/s, p50/p90/p99 latency, e
 (its whole process tree: facemark serve, tritonserver, the Python-backend stubs, the decoders), and checks that
 the server's faces equal local predict's on every photo used (same model, same settings). Then the same load
 again with one damaged upload (a JPEG 2000 that crashes OpenCV 4.11's decoder) every `damaged_every`
-requests: each must fail alone, and the server must not exit.
+requests and one JSON request 8 MB over the limits (sent as `curl -d` sends it) every `oversized_every`: each
+damaged upload must fail alone, each oversized request be refused with 413, and the server must not exit.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import contextlib
 import io
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -30,8 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from facemark.imageio import decode_image
+from facemark.runtime.defaults import DEFAULT_MAX_REQUEST_MB
 from facemark.runtime.landmarker import DEFAULT_MODEL_PATH, FaceLandmarker, resolve_model_path
-from facemark.runtime.serving.client import ServerError, TritonLandmarker
+from facemark.runtime.serving.client import ServerError, TritonLandmarker, server_address
 
 READY_TIMEOUT_S = 240.0
 DAMAGED_EVERY = 100
@@ -51,6 +54,43 @@ def damaged_jpeg2000(photo: Path = DAMAGED_SOURCE) -> bytes:
     for position in rng.integers(0, len(data), int(rng.integers(1, 6))):
         data[position] = int(rng.integers(0, 256))
     return bytes(data)
+
+
+INFER_PATH = "/v2/models/facemark/infer"
+OVERSIZED_EVERY = 50
+FORM_TYPE = "application/x-www-form-urlencoded"  # what `curl -d` sends
+
+
+def json_request_body(text: str) -> bytes:
+    """A KServe v2 JSON request of model `facemark` whose one image is `text`."""
+    return json.dumps({"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES", "data": [text]}]}).encode()
+
+
+def oversized_json_body(limit_mb: float = DEFAULT_MAX_REQUEST_MB) -> bytes:
+    """A JSON request 8 MB over the server's --max-request-mb (+1 MB for its header): the guard's 413."""
+    return json_request_body("A" * int((limit_mb + 9) * 1e6))
+
+
+def post_status(port: int, body: bytes, headers: dict[str, str], path: str = INFER_PATH,
+                timeout_s: float = 60.0) -> int:
+    """POST `body` on a connection of its own to 127.0.0.1:port, the way curl does: the head, then the body in
+    slices, stopping as soon as the server answers early (a refusal). The reply's status; 0: none came."""
+    fields = {"Host": "127.0.0.1", "Content-Length": str(len(body)), **headers, "Connection": "close"}
+    head = f"POST {path} HTTP/1.1\r\n" + "".join(f"{name}: {value}\r\n" for name, value in fields.items()) + "\r\n"
+    reply = b""
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as peer:
+        peer.sendall(head.encode())
+        for offset in range(0, len(body), 1 << 20):
+            if select.select([peer], [], [], 0)[0]:
+                break  # answered before the whole body: refused
+            peer.sendall(body[offset : offset + (1 << 20)])
+        while b"\r\n" not in reply:
+            chunk = peer.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    parts = reply.split(b" ", 2)
+    return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else 0
 
 
 def process_tree(pid: int) -> list[int]:
@@ -193,6 +233,8 @@ class LoadResult:
     photos: int
     damaged: int = 0  # damaged uploads sent (each must come back as that image's error)
     peak_rss_mb: float | None = None
+    oversized: int = 0  # oversized JSON requests sent (each must be refused with 413, the server staying up)
+    oversized_refused: int = 0
 
     def summary(self) -> dict:
         lat = np.asarray(self.latencies_ms or [np.nan])
@@ -203,6 +245,7 @@ class LoadResult:
                 "first_error": self.first_error, "photos": self.photos,
                 "max_landmark_diff_px": self.max_landmark_diff_px,
                 "face_count_mismatches": self.face_count_mismatches, "damaged": self.damaged,
+                "oversized": self.oversized, "oversized_refused": self.oversized_refused,
                 "peak_rss_mb": self.peak_rss_mb}
 
 
@@ -213,12 +256,18 @@ def _photo(path: Path) -> tuple[bytes, tuple[int, int], np.ndarray]:
 
 
 def run_load(url: str, photos: Sequence[Path], requests: int = 1000, clients: int = 8,
-             model: Path | None = None, damaged_every: int = 0, server_pid: int | None = None) -> LoadResult:
+             model: Path | None = None, damaged_every: int = 0, server_pid: int | None = None,
+             oversized_every: int = 0) -> LoadResult:
     """`requests` single-photo requests from `clients` threads against `url`; then the identity check. With
     `damaged_every`, every such request sends a damaged JPEG 2000 instead, whose only right answer is an error
-    for that image (anything else counts as an error). `server_pid`: whose process tree's peak RSS to report."""
+    for that image (anything else counts as an error). With `oversized_every`, every such request is a JSON
+    request over the server's limits sent as `curl -d` sends it, whose only right answer is 413 (anything else
+    counts as an error; not in the latencies). `server_pid`: whose process tree's peak RSS to report."""
     loaded = [_photo(p) for p in photos]
     damaged = damaged_jpeg2000() if damaged_every else b""
+    oversized = oversized_json_body() if oversized_every else b""
+    port = int(server_address(url).rsplit(":", 1)[1])
+    refused = [0]
     remote = TritonLandmarker(url)
     for data, size, _ in loaded[:clients]:  # warm-up: sessions and connections
         remote.detect_encoded([data], [size])
@@ -237,6 +286,15 @@ def run_load(url: str, photos: Sequence[Path], requests: int = 1000, clients: in
                 return
             data, size, _ = loaded[index % len(loaded)]
             broken = damaged_every > 0 and (index + 1) % damaged_every == 0
+            if oversized_every > 0 and (index + 1) % oversized_every == 0:
+                status = post_status(port, oversized, {"Content-Type": FORM_TYPE})
+                with lock:
+                    if status == 413:
+                        refused[0] += 1
+                    else:
+                        errors.append(f"request {index}: an oversized JSON request got {status or 'no reply'}, "
+                                      "not 413")
+                continue
             start = time.perf_counter()
             try:
                 faces, error = own.detect_encoded([damaged if broken else data], [size])[0]
@@ -266,7 +324,8 @@ def run_load(url: str, photos: Sequence[Path], requests: int = 1000, clients: in
     diff, mismatches = _compare_with_local(loaded, answers, model)
     return LoadResult(requests, clients, seconds, [v for slot in latencies for v in slot], len(errors),
                       errors[0] if errors else None, diff, mismatches, len(loaded),
-                      requests // damaged_every if damaged_every else 0, rss.peak_mb)
+                      requests // damaged_every if damaged_every else 0, rss.peak_mb,
+                      requests // oversized_every if oversized_every else 0, refused[0])
 
 
 def _compare_with_local(loaded, answers: dict[int, list], model: Path | None) -> tuple[float | None, int]:
@@ -285,22 +344,26 @@ def _compare_with_local(loaded, answers: dict[int, list], model: Path | None) ->
 
 def serve_benchmark(model: Path | None, photos: Sequence[Path], requests: int = 1000, clients: int = 8,
                     max_batch: int = 16, instances: int = 1, url: str | None = None,
-                    log: Path | None = None, damaged_every: int = DAMAGED_EVERY) -> dict:
+                    log: Path | None = None, damaged_every: int = DAMAGED_EVERY,
+                    oversized_every: int = OVERSIZED_EVERY) -> dict:
     """The `serve` section of a bench report: a server of its own (or `url`), the load and the identity check,
-    then (`damaged_every` > 0) the same load with damaged uploads in "damaged", and whether the server exited
-    meanwhile ("server_exits", 0 or 1: nothing restarts it here)."""
+    then (`damaged_every` or `oversized_every` > 0) the same load with damaged uploads and oversized JSON
+    requests mixed in, in "damaged", and whether the server exited meanwhile ("server_exits", 0 or 1: nothing
+    restarts it here)."""
     args = ["--max-batch", str(max_batch), "--instances", str(instances)]
     if model is not None:
         args += ["--model", str(model)]
+    hostile = damaged_every > 0 or oversized_every > 0
     if url is not None:
         result = run_load(url, photos, requests, clients, model)
-        damaged = run_load(url, photos, requests, clients, model, damaged_every) if damaged_every else None
+        damaged = (run_load(url, photos, requests, clients, model, damaged_every, oversized_every=oversized_every)
+                   if hostile else None)
         return {**result.summary(), "damaged": damaged and damaged.summary(), "server": url, "max_batch": None,
                 "instances": None, "server_exits": None}
     with ServerProcess(args, log) as server:
         result = run_load(server.url, photos, requests, clients, model, server_pid=server.proc.pid)
-        damaged = (run_load(server.url, photos, requests, clients, model, damaged_every, server.proc.pid)
-                   if damaged_every else None)
+        damaged = (run_load(server.url, photos, requests, clients, model, damaged_every, server.proc.pid,
+                            oversized_every) if hostile else None)
         exits = int(server.proc.poll() is not None)
     return {**result.summary(), "damaged": damaged and damaged.summary(),
             "server": "facemark serve " + " ".join(args), "max_batch": max_batch, "instances": instances,
@@ -319,14 +382,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--instances", type=int, default=1)
     parser.add_argument("--damaged-every", type=int, default=DAMAGED_EVERY,
-                        help="The second load sends a damaged upload every N requests (0: no second load).")
+                        help="The second load sends a damaged upload every N requests (0: none).")
+    parser.add_argument("--oversized-every", type=int, default=OVERSIZED_EVERY,
+                        help="The second load sends a JSON request over the limits every N requests (0: none; "
+                        "with --damaged-every 0 too: no second load).")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     files, failures = collect_inputs(args.photos)
     for failure in failures:
         print(f"error: {failure.error}", file=sys.stderr)
     summary = serve_benchmark(args.model, files, args.requests, args.clients, args.max_batch, args.instances,
-                              args.url, damaged_every=args.damaged_every)
+                              args.url, damaged_every=args.damaged_every, oversized_every=args.oversized_every)
     text = json.dumps(summary, indent=1)
     print(text)
     if args.json is not None:

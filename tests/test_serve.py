@@ -139,8 +139,15 @@ def test_requests_over_the_limits_are_refused_before_decoding_and_the_rest_go_on
     assert _errors(_infer(server.url, [photo, blank])) == ["request refused: 9.2 megapixels decoded, the limit is "
                                                            "8 per request (--max-megapixels)"] * 2
     dogs = (SAMPLES / "dogs.jpg").read_bytes()
-    noise = cv2.imencode(".png", np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), dtype=np.uint8))[1]
-    assert "the limit is 2 MB per request (--max-request-mb)" in _errors(_infer(server.url, [noise.tobytes()]))[0]
+    def noise(side: int) -> bytes:  # a PNG of random pixels: side * side * 3 bytes
+        return cv2.imencode(".png", np.random.default_rng(0).integers(0, 256, (side, side, 3), np.uint8))[1].tobytes()
+
+    # 2.4 MB of images in a body under the HTTP guard's 3 MB: refused by the model, image by image
+    assert "the limit is 2 MB per request (--max-request-mb)" in _errors(_infer(server.url, [noise(900)]))[0]
+    import tritonclient.http as http
+
+    with pytest.raises(http.InferenceServerException, match=r"\[413\] the body holds 3\d{6} bytes"):
+        _infer(server.url, [noise(1000)])  # over the guard's limit: refused from its head
     fine = _infer(server.url, [photo, dogs])
     assert _errors(fine) == ["", ""] and fine["face_count"].reshape(-1)[0] >= 1
 
@@ -281,8 +288,8 @@ def test_readiness_waits_for_the_model_and_a_client_started_with_the_server_wait
             except Exception:
                 grpc_ready = False
             if http_ready or grpc_ready:
-                try:  # the moment readiness says yes, the model must answer
-                    outputs = _infer(url, [PHOTO.read_bytes()])
+                try:  # the moment readiness says yes, the model must answer on that protocol
+                    outputs = _infer(url, [PHOTO.read_bytes()]) if http_ready else _infer_grpc(rpc)
                     seen.append(("answer", _errors(outputs)[0] or int(outputs["face_count"].reshape(-1)[0])))
                 except Exception as exc:
                     seen.append(("answer", repr(exc)))
@@ -302,6 +309,17 @@ def test_readiness_waits_for_the_model_and_a_client_started_with_the_server_wait
     finally:
         client.kill()
         assert server.stop() == 0
+
+
+def _infer_grpc(rpc) -> dict[str, np.ndarray]:
+    """One request of model `facemark` with PHOTO over gRPC: its outputs."""
+    import tritonclient.grpc as grpc
+
+    data = np.array([[PHOTO.read_bytes()]], dtype=np.object_)
+    request = grpc.InferInput("image", list(data.shape), "BYTES")
+    request.set_data_from_numpy(data)
+    answer = rpc.infer("facemark", [request])
+    return {name: answer.as_numpy(name) for name in ("error", "face_count")}
 
 
 @pytest.mark.parametrize("fate", ["killed", "hung"])

@@ -15,7 +15,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from facemark.benchmarks.serve_load import ServerProcess, tree_rss_bytes
+from facemark.benchmarks.serve_load import INFER_PATH, ServerProcess, post_status, tree_rss_bytes
 from tests.conftest import SAMPLES
 
 PHOTO = (SAMPLES / "2008_002470.jpg").read_bytes()
@@ -24,7 +24,6 @@ PER_BATCH = 60
 ROUNDS = 2  # of PER_BATCH requests per encoding
 RSS_GROWTH_MB = 600  # allowed growth of the tree's RSS over the whole fuzz, after the first good answer
 RSS_ROUND_GROWTH_MB = 200  # allowed growth from the first round's peak to the second's
-INFER = "/v2/models/facemark/infer"
 
 
 @pytest.fixture(scope="module")
@@ -34,21 +33,6 @@ def server(tmp_path_factory):
                              "5"], log=tmp_path_factory.mktemp("fuzz") / "serve.log")
     yield started
     started.stop()
-
-
-def _http(port: int, body: bytes, headers: dict[str, str], path: str = INFER, timeout_s: float = 60) -> int:
-    """One POST on its own connection: the reply's status code (0: no reply, the connection closed first)."""
-    head = "".join(f"{name}: {value}\r\n" for name, value in {"Host": "127.0.0.1",
-                                                              "Content-Length": str(len(body)), **headers}.items())
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as connection:
-        connection.sendall(f"POST {path} HTTP/1.1\r\n{head}Connection: close\r\n\r\n".encode() + body)
-        reply = b""
-        while b"\r\n" not in reply:
-            chunk = connection.recv(4096)
-            if not chunk:
-                return 0
-            reply += chunk
-    return int(reply.split(b" ", 2)[1])
 
 
 def _json_body(data: list, shape: list | None = None, datatype: str = "BYTES", name: str = "image") -> bytes:
@@ -147,10 +131,10 @@ def _fuzz_round(server: ServerProcess, rng: np.random.Generator, statuses: dict[
     import grpc
 
     for body in _json_cases(rng):
-        statuses["json"].append(_http(server.http, body, {"Content-Type": "application/json"}))
+        statuses["json"].append(post_status(server.http, body, {"Content-Type": "application/json"}))
     _after_batch(server, rss)
     for body, headers in _binary_cases(rng):
-        statuses["binary"].append(_http(server.http, body, headers))
+        statuses["binary"].append(post_status(server.http, body, headers))
     _after_batch(server, rss)
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc}") as channel:
         infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
@@ -183,15 +167,28 @@ def test_fuzz_every_encoding_and_the_server_stays_up_with_bounded_memory(server)
     assert max(mb[4:]) - max(mb[:4]) < RSS_ROUND_GROWTH_MB, mb  # the second round holds no more than the first
 
 
-@pytest.mark.xfail(strict=True, reason="tritonserver 2.51 (PyTriton 0.7.0, the latest) parses a body sent as "
-                   "application/x-www-form-urlencoded as query arguments into two stack arrays of its size "
-                   "(libevhtp): above ~4 MB on an 8 MiB thread stack it dies of SIGSEGV; it has no option that "
-                   "refuses a body by its size or type (docs/SERVING.md)")
-def test_a_form_encoded_body_of_5_mb_does_not_kill_the_server(server):
-    """The last test of the module: today it ends the module's server."""
-    _http(server.http, _json_body(["A" * int(5e6)]), {"Content-Type": "application/x-www-form-urlencoded"})
-    deadline = time.monotonic() + 10
-    while server.proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert server.proc.poll() is None
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "application/json"])
+def test_json_bodies_of_5_to_200_mb_are_answered_or_refused_and_the_server_stays_up(server, content_type):
+    """The sizes that killed tritonserver 2.51 when sent as a form (curl -d): up to the limit they reach the model
+    (and are refused there by --max-request-mb), above it the guard answers 413."""
+    limit = LIMIT_MB * 1_000_000 + 1_000_000  # --max-request-mb and the JSON header's allowance
+    for megabytes in (4, 5, 20, 40, 200):
+        body = _json_body(["A" * int(megabytes * 1e6)])
+        status = post_status(server.http, body, {"Content-Type": content_type})
+        assert status == (413 if len(body) > limit else 200), megabytes
+    time.sleep(1)  # a tritonserver that dies takes a moment to be noticed
+    assert server.proc.poll() is None and _good_answer(server) >= 1
+
+
+def test_an_oversized_body_is_refused_from_its_head_before_it_is_sent(server):
+    with socket.create_connection(("127.0.0.1", server.http), timeout=30) as connection:
+        connection.sendall(f"POST {INFER_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                           f"Content-Length: {200 * 10**6}\r\n\r\n".encode())  # and not one byte of the body
+        reply = connection.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 413 "), reply
+    for head, status in ((b"Transfer-Encoding: chunked\r\n", b"411"), (b"X-Junk: " + b"j" * 70_000 + b"\r\n", b"431"),
+                         (b"Content-Length: -3\r\n", b"400")):
+        with socket.create_connection(("127.0.0.1", server.http), timeout=30) as connection:
+            connection.sendall(f"POST {INFER_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode() + head + b"\r\n")
+            assert connection.recv(4096).startswith(b"HTTP/1.1 " + status), head[:30]
     assert _good_answer(server) >= 1

@@ -18,8 +18,10 @@ Behind a load balancer (docs/SERVING.md):
   tritonserver and everything it starts run with SIGTERM blocked (the Python-backend stubs' shared-memory helper
   processes die of it otherwise, failing the requests in flight), the decoders ignore it, and only this process
   acts on it: it stops tritonserver with SIGINT after the drain.
-- Limits: a request over `ServeLimits` is refused (every image of it gets the reason) before any decoding;
-  uploads are decoded in worker processes (facemark.runtime.decode_pool), so a decoder crash costs one image.
+- Limits: an HTTP body over --max-request-mb (+1 MB of JSON header) is refused with 413 from its head by the
+  guard in front of Triton's HTTP endpoint (facemark.runtime.serving.guard, which says why); a request over
+  `ServeLimits` is refused (every image of it gets the reason) before any decoding; uploads are decoded in
+  worker processes (facemark.runtime.decode_pool), so a decoder crash costs one image.
 - Logs: Triton's log goes to a file; its warnings and errors are forwarded one line each (all of it with
   `verbose`).
 """
@@ -49,6 +51,7 @@ from facemark.runtime import defaults
 from facemark.runtime.decode_pool import DecoderPool
 from facemark.runtime.landmarker import Detections, FaceLandmarker
 from facemark.runtime.options import RuntimeOptions
+from facemark.runtime.serving.guard import HttpGuard
 from facemark.runtime.serving.protocol import (
     CROPS_MODEL,
     ERROR,
@@ -70,6 +73,7 @@ LOGGER = logging.getLogger("facemark.serve")
 DEFAULT_MAX_BATCH = 16
 DEFAULT_QUEUE_DELAY_US = 2000  # how long Triton holds a request for others to batch with it
 NO_TENSOR_STORE = "PYTRITON_NO_TENSORSTORE"
+JSON_HEADER_ALLOWANCE = 1_000_000  # bytes of an HTTP body beyond --max-request-mb: the request's JSON header
 
 
 class ServeError(FacemarkError):
@@ -215,6 +219,12 @@ def info_callable(header: dict) -> Callable:
     return infer
 
 
+def free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def check_ports_free(host: str, ports: dict[str, int]) -> None:
     """Refuse, before anything loads, a port that another process listens on (or one given twice): otherwise
     PyTriton would talk to that other server. SO_REUSEADDR: a port left in TIME_WAIT is free on Linux."""
@@ -304,6 +314,9 @@ class FacemarkServer:
         self._log_stop = threading.Event()
         self._log_thread: threading.Thread | None = None
         self._drain_log: list[str] = []  # Triton's log as it stopped (its folder is removed)
+        # Triton's HTTP endpoint on a private loopback port, behind the guard on the public one (guard.py says why)
+        self.guard = HttpGuard(config.host, config.http_port, free_loopback_port(),
+                               int(config.limits.max_request_mb * 1e6) + JSON_HEADER_ALLOWANCE)
 
     def describe(self) -> dict:
         return self.landmarkers[0].describe()
@@ -315,7 +328,7 @@ class FacemarkServer:
         # PyTriton kills tritonserver 30 s after asking it to stop; the drain may take `grace_s`.
         pt.server.triton_server.SERVER_OUTPUT_TIMEOUT_SECS = c.grace_s + 15
         triton_config = pt.triton.TritonConfig(
-            http_address=c.host, http_port=c.http_port, grpc_address=c.host, grpc_port=c.grpc_port,
+            http_address="127.0.0.1", http_port=self.guard.upstream_port, grpc_address=c.host, grpc_port=c.grpc_port,
             metrics_address=c.host, metrics_port=c.metrics_port, allow_metrics=True, allow_gpu_metrics=False,
             allow_cpu_metrics=True, exit_timeout_secs=c.grace_s, log_verbose=1 if c.verbose else 0,
             log_file=self.triton_log)
@@ -334,6 +347,7 @@ class FacemarkServer:
         except Exception as exc:  # PyTriton's TimeoutError and friends: one line with Triton's last error
             raise ServeError(f"Triton did not start ({exc.__class__.__name__}: {exc}){self._last_triton_error()}"
                              ) from None
+        self.guard.start()  # the public HTTP port opens once every model is ready
 
     def _triton_log_lines(self) -> list[str]:
         return self.triton_log.read_text(errors="replace").splitlines() if self.triton_log.exists() else []
@@ -385,6 +399,7 @@ class FacemarkServer:
                 LOGGER.error("stopped on its own: %s", self._why_stopped())
                 self.stop()
                 return 1
+        self.guard.close_listener()
         LOGGER.warning("draining: no new connections; requests in flight have up to %d s", self.config.grace_s)
         self.stop()
         cut = cut_by_exit_timeout(self._drain_log)
@@ -395,8 +410,10 @@ class FacemarkServer:
 
     def stop(self) -> None:
         """Stop Triton (it finishes the requests in flight within grace_s first), the decoders, the log."""
+        self.guard.close_listener()
         if self._triton is not None:
             self._triton.stop()
+        self.guard.stop()
         self.decoders.close()
         self._log_stop.set()
         if self._log_thread is not None:
