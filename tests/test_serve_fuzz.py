@@ -192,3 +192,22 @@ def test_an_oversized_body_is_refused_from_its_head_before_it_is_sent(server):
             connection.sendall(f"POST {INFER_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode() + head + b"\r\n")
             assert connection.recv(4096).startswith(b"HTTP/1.1 " + status), head[:30]
     assert _good_answer(server) >= 1
+
+
+def test_check_head_decides_from_the_head_alone():
+    from facemark.runtime.serving.guard import check_head
+
+    def status(head: bytes, limit: int = 100) -> bytes:
+        checked = check_head(b"POST /v2/models/facemark/infer HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n", limit)
+        return checked.split(b" ")[1] if isinstance(checked, bytes) else b"passed"
+
+    assert status(b"Content-Length: 100\r\n") == b"passed"
+    assert status(b"Content-Length: 101\r\n") == b"413"
+    assert status(b"Transfer-Encoding: chunked\r\n") == b"411"
+    for bad in (b"Content-Length: -1\r\n", b"Content-Length: 5\r\nContent-Length: 6\r\n", b"Content-Length : 5\r\n",
+                b"no colon here\r\n"):
+        assert status(bad) == b"400", bad
+    head, length = check_head(b"POST / HTTP/1.1\r\nContent-Type: Application/X-WWW-Form-Urlencoded\r\n"
+                              b"Content-Length: 7\r\nX-Kept: 1\r\n\r\n", 100)
+    assert length == 7 and b"form" not in head.lower() and b"X-Kept: 1\r\n" in head and head.endswith(b"\r\n\r\n")
+    assert check_head(b"GARBAGE\r\n\r\n", 100).startswith(b"HTTP/1.1 400 ")

@@ -44,9 +44,9 @@ def check_head(head: bytes, max_body_bytes: int) -> tuple[bytes, int] | bytes:
         if not line:
             continue
         name, colon, value = line.partition(b":")
-        if not colon or not name.strip():
+        if not colon or not name or name != name.strip():  # RFC 9112: no space before the colon, or 400
             return _reply("400 Bad Request", "a header line does not parse")
-        key, value = name.strip().lower(), value.strip()
+        key, value = name.lower(), value.strip()
         if key == b"transfer-encoding":
             return _reply("411 Length Required", "send the body with a Content-Length, not chunked")
         if key == b"content-length":
