@@ -342,17 +342,62 @@ def test_init_starts_a_new_run_from_a_checkpoints_weights_and_network(tmp_path):
     start = torch.load(source.best_path, weights_only=True)["state_dict"]
     # lr 0: the weights stay those of --init (BatchNorm's running statistics still move in train mode)
     tuned = train(tiny_config(tmp_path, epochs=1, out=str(tmp_path / "tuned"), lr=0.0, image_size=128,
-                              init=str(source.best_path)), explicit=set())
-    doc = torch.load(tuned.best_path, weights_only=True)
+                              pip_stride=32, init=str(source.best_path)), explicit={"lr"})
+    doc = torch.load(tuned.last_path, weights_only=True)
     assert doc["model"] == torch.load(source.best_path, weights_only=True)["model"]  # the checkpoint's network
-    assert doc["train"]["image_size"] == 64 and doc["train"]["init"] == str(source.best_path.resolve())
-    assert doc["train"]["lr"] == 0.0 and [h.epoch for h in tuned.history] == [1]  # its own schedule, from epoch 1
+    assert doc["train"]["image_size"] == 64 and doc["train"]["pip_stride"] == 16
+    assert doc["train"]["init"] == str(source.best_path.resolve())
+    # epoch 0 validates the initial weights, then the run's own schedule from epoch 1
+    assert doc["train"]["lr"] == 0.0 and [h.epoch for h in tuned.history] == [0, 1]
     for name, value in start.items():
         if "running" not in name and "num_batches" not in name:
             assert torch.equal(doc["state_dict"][name], value), name
-    with pytest.raises(DataError, match="--image-size 128 contradicts"):
-        train(tiny_config(tmp_path, epochs=1, image_size=128, init=str(source.best_path)),
-              explicit={"image_size"})
+    with pytest.raises(DataError, match="--pip-stride 32 contradicts"):
+        train(tiny_config(tmp_path, epochs=1, pip_stride=32, init=str(source.best_path)),
+              explicit={"pip_stride"})
+
+
+def test_init_at_another_image_size_fine_tunes_the_same_weights_on_a_larger_grid(tmp_path):
+    """The pip network is fully convolutional: --init with an explicit --image-size keeps every weight and
+    decodes on the grid of the new crop side (a 64 px checkpoint at 96 px: a 6 x 6 grid instead of 4 x 4)."""
+    source = train(tiny_config(tmp_path, epochs=1, out=str(tmp_path / "src"), head="pip", pip_stride=16))
+    start = torch.load(source.best_path, weights_only=True)
+    tuned = train(tiny_config(tmp_path, epochs=1, out=str(tmp_path / "big"), lr=0.0, image_size=96,
+                              init=str(source.best_path)), explicit={"lr", "image_size"})
+    doc = torch.load(tuned.last_path, weights_only=True)
+    assert doc["model"] == {**start["model"], "image_size": 96} and doc["contract"]["size"] == 96
+    assert {k for k in doc["state_dict"]} == set(start["state_dict"])
+    assert torch.equal(doc["state_dict"]["score_head.weight"], start["state_dict"]["score_head.weight"])
+    from facemark.train.checkpoint import load_model
+
+    model = load_model(tuned.last_path)[0]
+    assert model.codec.grid == 6 and model(torch.zeros(1, 1, 96, 96)).shape == (1, 68, 2)
+
+
+def test_a_fine_tune_keeps_its_initial_weights_until_an_epoch_beats_them(tmp_path, capsys):
+    """Epoch 0 validates the --init weights and keeps them as best.pt; a run whose epochs only get worse (a peak
+    LR far too high) ends with best.pt = the initial weights, and the fine-tune recipe is printed."""
+    few = few_faces_xml(tmp_path)
+    source = train(tiny_config(tmp_path, epochs=30, data=[few], val_data=[few], max_images=None, head="pip",
+                               out=str(tmp_path / "src")))
+    messages = []
+    from facemark.train.loop import Callbacks
+
+    class Record(Callbacks):
+        def on_message(self, text: str) -> None:
+            messages.append(text)
+
+    ruined = train(tiny_config(tmp_path, epochs=2, data=[few], val_data=[few], max_images=None, lr=0.05,
+                               out=str(tmp_path / "ruined"), init=str(source.best_path)), Record(),
+                   explicit={"lr"})
+    initial = ruined.history[0]
+    assert initial.epoch == 0 and initial.train_loss is None
+    assert initial.val_nme == pytest.approx(source.best_val_nme, rel=1e-3)  # the same weights, the same faces
+    assert not any(h.val_nme <= initial.val_nme for h in ruined.history[1:])  # worse (or NaN) every epoch
+    assert ruined.best_val_nme == initial.val_nme
+    best = torch.load(ruined.best_path, weights_only=True)
+    assert best["metrics"]["epoch"] == 0
+    assert any(m.startswith("fine-tune recipe: peak LR 0.05,") for m in messages)
 
 
 def _pip_model(size: int = 64):

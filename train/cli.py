@@ -61,8 +61,10 @@ def train_command(
     resume: Path | None = typer.Option(None, "--resume", help="Continue a run from its last.pt, in its own folder "
                                        "with its saved settings."),
     init: Path | None = typer.Option(None, "--init", help="Start a new run from this checkpoint's weights "
-                                     "(fine-tuning): its network, a new optimizer and schedule, these options. "
-                                     "An exported .onnx works too (its folded BatchNorms are re-estimated)."),
+                                     "(fine-tuning): its network, a new optimizer and schedule, epoch 0 = the "
+                                     "initial weights (best.pt until an epoch beats them); unless given, peak "
+                                     "--lr 5e-5 and the checkpoint's augmentation. An exported .onnx works too "
+                                     "(its folded BatchNorms are re-estimated)."),
     val_boxes: str = typer.Option("landmarks", "--val-boxes", help="Select the best epoch on landmark boxes (a "
                                   "refinement pass's crops) or detector (seeded Haar-like box error: one-pass "
                                   "inference's crops); both are logged."),
@@ -85,7 +87,9 @@ def train_command(
     if init is not None and resume is not None:
         raise typer.BadParameter("--resume continues a run with its own weights; --init starts a new one",
                                  param_hint="--init")
-    explicit = {name for name in CONFIG_FIELDS
+    from facemark.train.loop import AUGMENT_OPTIONS
+
+    explicit = {name for name in (*CONFIG_FIELDS, *AUGMENT_OPTIONS)
                 if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}
 
     from facemark.train.dataset import HAAR_LOG_SCALE, HAAR_SHIFT_X, HAAR_SHIFT_Y, AugmentConfig
@@ -179,8 +183,9 @@ class _ProgressCallbacks:
         if stats.val_nme_detector_boxes is not None:
             auc += (f"  landmark/detector boxes {100 * stats.val_nme_landmark_boxes:.2f}/"
                     f"{100 * stats.val_nme_detector_boxes:.2f}%")
+        loss = "-" if stats.train_loss is None else f"{stats.train_loss:.4f}"  # epoch 0: the initial weights
         self.progress.console.print(
-            f"epoch {stats.epoch:3d}  loss {stats.train_loss:.4f}  val NME {100 * stats.val_nme:.2f}% "
+            f"epoch {stats.epoch:3d}  loss {loss}  val NME {100 * stats.val_nme:.2f}% "
             f"(median {100 * stats.val_nme_median:.2f}%){auc}  lr {stats.lr:.2e}  {stats.images_per_s:.0f} img/s  "
             f"data wait {100 * stats.data_wait_share:.0f}%  {stats.seconds:.0f}s{mark}",
             highlight=False,

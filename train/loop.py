@@ -124,8 +124,8 @@ class TrainConfig:
 
 @dataclass
 class EpochStats:
-    epoch: int
-    train_loss: float
+    epoch: int  # 0: the initial weights of a fine-tune (--init), before any step
+    train_loss: float | None
     val_nme: float
     val_nme_median: float
     lr: float
@@ -244,7 +244,8 @@ def resolve_resume(resume: str | os.PathLike, requested: TrainConfig | None, exp
         saved.first_pass_boxes = str(base / saved.first_pass_boxes)
     saved.out = str(path.resolve().parent)
     if requested is not None:
-        for name in sorted(explicit - {"epochs", "device", "workers", "out"}):
+        fields_given = explicit & {f.name for f in fields(TrainConfig)}  # augmentation flags are not compared
+        for name in sorted(fields_given - {"epochs", "device", "workers", "out"}):
             mine, theirs = getattr(requested, name), getattr(saved, name)
             if name in ("data", "val_data"):
                 mine = [str(Path(p).resolve()) for p in mine]
@@ -269,6 +270,9 @@ def resolve_resume(resume: str | os.PathLike, requested: TrainConfig | None, exp
 
 # The network's shape: a run started from --init takes these from the checkpoint.
 ARCHITECTURE_FIELDS = ("image_size", "crop_scale", "head", "pip_stride", "pip_neighbors", "presence")
+# ... except these, which the weights do not fix: the pip network is fully convolutional (its grid follows the
+# crop side), so --init at another --image-size fine-tunes the same weights at another resolution.
+RESIZABLE_FIELDS = {"pip": ("image_size",)}
 
 
 def resolve_init(init: str | os.PathLike, cfg: TrainConfig, explicit: set[str]) -> dict:
@@ -279,6 +283,8 @@ def resolve_init(init: str | os.PathLike, cfg: TrainConfig, explicit: set[str]) 
     saved = TrainConfig.from_dict({"data": [], **doc["train"]})
     for name in ARCHITECTURE_FIELDS:
         mine, theirs = getattr(cfg, name), getattr(saved, name)
+        if name in explicit and mine != theirs and name in RESIZABLE_FIELDS.get(saved.head, ()):
+            continue  # validated with the rest of cfg (the crop side must be a multiple of the stride)
         if name in explicit and mine != theirs:
             raise DataError(f"--init {path}: --{name.replace('_', '-')} {mine!r} contradicts the checkpoint's "
                             f"network ({theirs!r}); drop the option")
@@ -290,7 +296,35 @@ def resolve_init(init: str | os.PathLike, cfg: TrainConfig, explicit: set[str]) 
                             f"validation faces (it split with seed {saved.split_seed}); drop the option")
         cfg.val_fraction, cfg.split_seed = saved.val_fraction, saved.split_seed
     cfg.init = str(path.resolve())
+    doc["recipe"] = fine_tune_recipe(cfg, doc["train"], explicit)
     return doc
+
+
+# Fine-tuning (--init): a new run from trained weights takes a gentler recipe than a run from scratch, unless the
+# user gives these options: the peak LR of the shipped model's last fine-tunes (3e-4, the from-scratch peak, undid
+# a trained model in one epoch: 3.5 % -> 6.5 %), and the augmentation the source was trained with (recorded in a
+# checkpoint; an exported .onnx records none: the shipped chain's last fine-tunes' then).
+FINE_TUNE_LR = 5e-5
+FINE_TUNE_AUGMENT = {"rotate_deg": 10.0, "zoom": 0.05, "shift": 0.05}
+AUGMENT_OPTIONS = {"rotate": "rotate_deg", "zoom": "zoom", "shift": "shift", "detector_boxes": "det_p",
+                   "flip": "flip"}  # train's option -> AugmentConfig field
+
+
+def fine_tune_recipe(cfg: TrainConfig, source_train: dict, explicit: set[str]) -> str:
+    """Set the fine-tune defaults (FINE_TUNE_LR, the source's augmentation) on `cfg` where the user gave no
+    option; returns the line that says what the run uses."""
+    if "lr" not in explicit:
+        cfg.lr = FINE_TUNE_LR
+    source_augment = source_train.get("augment") or FINE_TUNE_AUGMENT
+    augment = dict(cfg.augment)
+    for option, key in AUGMENT_OPTIONS.items():
+        if option not in explicit and key in source_augment:
+            augment[key] = source_augment[key]
+    cfg.augment = augment
+    origin = "the checkpoint's" if source_train.get("augment") else "the fine-tune default"
+    return (f"fine-tune recipe: peak LR {cfg.lr:g}{'' if 'lr' in explicit else ' (fine-tune default)'}, "
+            f"rotation {augment['rotate_deg']:g} deg, zoom {augment['zoom']:g}, shift {augment['shift']:g}, "
+            f"detector-like crops {augment['det_p']:g} ({origin} augmentation where not given)")
 
 
 RUN_CLAIM = ".claimed"  # a folder made in a run folder by the run that took it: mkdir is atomic
@@ -511,6 +545,7 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
     else:
         if cfg.init:
             initial = resolve_init(cfg.init, cfg, explicit or set())
+            cfg.validate()  # the checkpoint's architecture with this run's crop side
         cfg.cwd = cfg.cwd or str(Path.cwd())
         check_writable_folder(Path(cfg.out).parent, "folder for the run folder")  # claimed once the data pass
     rank, local_rank, world = _dist_info()
@@ -582,7 +617,8 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
 
     start_from = resumed if resumed is not None else initial
     if start_from is not None:
-        model = build_model(start_from["model"])
+        # A fine-tune may change the crop side (RESIZABLE_FIELDS): the same weights on a grid of that size.
+        model = build_model({**start_from["model"], "image_size": cfg.image_size})
         model.load_state_dict(start_from["state_dict"])
     else:
         head_options = head_unit(cfg.head).new_options(cfg.head_options(), train_records, contract)
@@ -602,6 +638,7 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
     if initial is not None:
         log(f"weights from {cfg.init} (validation NME {100 * initial['metrics'].get('val_nme', math.nan):.2f}%); "
             f"new optimizer and a {cfg.epochs}-epoch {cfg.schedule} schedule")
+        log(initial["recipe"])
     if resumed is not None:
         state = resumed["state"]
         optimizer.load_state_dict(state["optimizer"])
@@ -636,6 +673,26 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
             state["ema_updates"] = int(ema.n_averaged)
         metrics = asdict(history[-1]) if history else {"epoch": next_epoch}
         save_checkpoint(last_path, model, contract, train_dict, metrics, state)
+
+    def judge(judged: nn.Module) -> tuple[dict[str, np.ndarray], np.ndarray, float, float | None]:
+        """NME per validation face on each kind of box, the selected kind's, its mean, presence AUC."""
+        by_boxes = {kind: validate(judged, inputs, targets, device) for kind, (inputs, targets) in val_sets.items()}
+        errors = by_boxes[cfg.val_boxes]
+        return by_boxes, errors, float(errors.mean()), presence_auc(judged, val_inputs, val_negatives, device)
+
+    if initial is not None and resumed is None:
+        # Epoch 0: the initial weights are validated and kept as best.pt, so a fine-tune never ends worse than its
+        # start (an epoch must beat them to replace them).
+        t0 = time.perf_counter()
+        by_boxes, errors, best_nme, auc = judge(model)
+        stats = EpochStats(0, None, best_nme, float(np.median(errors)), 0.0, 0.0, 0.0, time.perf_counter() - t0,
+                           True, auc, float(by_boxes["landmarks"].mean()), float(by_boxes["detector"].mean()))
+        history.append(stats)
+        if is_main:
+            save_checkpoint(best_path, model, contract, train_dict, asdict(stats))
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(asdict(stats)) + "\n")
+            cb.on_epoch_end(stats)
 
     interrupted = False
     try:
@@ -673,10 +730,7 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
                 break
             seconds = time.perf_counter() - t0
             judged = ema.module if ema is not None else model
-            by_boxes = {kind: validate(judged, inputs, targets, device) for kind, (inputs, targets) in val_sets.items()}
-            errors = by_boxes[cfg.val_boxes]
-            val_nme = float(errors.mean())
-            auc = presence_auc(judged, val_inputs, val_negatives, device)
+            by_boxes, errors, val_nme, auc = judge(judged)
             is_best = val_nme < best_nme
             best_nme = min(best_nme, val_nme)
             stats = EpochStats(epoch + 1, loss_sum / max(seen, 1), val_nme, float(np.median(errors)),
