@@ -113,9 +113,13 @@ def _write_repo(model: Path, repo: Path, max_batch: int, kind: str, tensorrt: bo
     console.print(f"Triton model repository: {folder} (tritonserver --model-repository {repo})")
 
 
+def _figure(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def print_report(report: dict) -> None:
     """The parity table (one row per input set), the gates and the summary line."""
-    if not report.get("verified"):
+    if not report.get("checked"):
         console.print(f"[yellow]{report['summary']}[/yellow]")
         return
     size = report["crop_size"]
@@ -126,16 +130,17 @@ def print_report(report: dict) -> None:
         table.add_column(column, justify="left" if column == "set" else "right", overflow="fold")
     for s in report["sets"]:  # median and p99 rel are in the JSON report
         st = s["landmarks"]
-        errors = (f"{st[k]:.2g}" for k in ("max_abs", "mean_abs", "p99_abs", "max_rel"))
-        pixels = (f"{st['px'][k]:.3g}" for k in ("max_abs", "p99_abs"))
-        ties = f" ({s['ties_excluded']} tied left out)" if s.get("ties_excluded") else ""
+        errors = (_figure(st[k], ".2g") for k in ("max_abs", "mean_abs", "p99_abs", "max_rel"))
+        pixels = (_figure(st["px"][k], ".3g") for k in ("max_abs", "p99_abs"))
+        ties = f" ({s['tied_points']} of {s['points']} points tied, left out)" if s.get("tied_points") else ""
         table.add_row(s["source"] + ties, str(s["batch"]), *errors, *pixels, str(st["nan"] + st["inf"]))
     console.print(table)
     gates = Table(title="gates", box=box.SIMPLE_HEAD, pad_edge=False)
     for column in ("gate", "value", "limit", "unit", "result"):
         gates.add_column(column)
     for g in report["gates"]:
-        verdict = "[green]pass[/green]" if g["passed"] else "[red]FAIL[/red]"
-        gates.add_row(g["name"], f"{g['value']:.4g}", f"{g['limit']:.4g}", g["unit"], verdict)
+        verdict = ("[green]pass[/green]" if g["passed"] else "[red]FAIL[/red]") if g.get("gated", True) else \
+            "[yellow]not gated[/yellow]"
+        gates.add_row(g["name"], _figure(g["value"], ".4g"), _figure(g["limit"], ".4g"), g["unit"], verdict)
     console.print(gates)
     console.print(report["summary"], style="green" if report["passed"] else "red", highlight=False)

@@ -114,7 +114,9 @@ def export_model(checkpoint: Path, output: Path, *, opset: int = DEFAULT_OPSET, 
 
     report = {"format": REPORT_FORMAT, "checkpoint": str(checkpoint), "output": str(output),
               "precision": precision, "opset": opset, "crop_size": contract.size,
-              "batch": "dynamic" if fixed_batch is None else fixed_batch, "verified": verify, **variant_info}
+              "batch": "dynamic" if fixed_batch is None else fixed_batch,
+              # checked: the gates ran (False with --no-verify); passed: every gate passed (None when not checked)
+              "checked": verify, "passed": None, **variant_info}
     if verify:
         say("verifying against eager PyTorch")
         report.update(verify_model(candidate, fp32, reference_model(model), contract, precision, fixed_batch,
@@ -128,6 +130,8 @@ def export_model(checkpoint: Path, output: Path, *, opset: int = DEFAULT_OPSET, 
         report["consumers"] = consumers.check_consumers(candidate, real_crops, precision)
         for line in consumers.summary_lines(report["consumers"]):
             say(line)
+    if presence and (passed or not verify):
+        report["presence"] = presence_separation(candidate, contract, val_records or train_records, say)
 
     source_sha = file_sha256(checkpoint)
     props = _metadata(contract, doc, precision, source_sha, report, calibration)
@@ -136,12 +140,74 @@ def export_model(checkpoint: Path, output: Path, *, opset: int = DEFAULT_OPSET, 
     set_metadata(candidate, props)
     data = candidate.SerializeToString()
     report.update(source_sha256=source_sha, size_bytes=len(data), written=passed or not verify)
-    write_text_atomic(report_path(output), json.dumps(report, indent=2, default=_json_default) + "\n")
+    keep_failed_report(report_path(output), say)
+    text = json.dumps(parity.strict_json_value(report), indent=2, allow_nan=False, default=_json_default)
+    write_text_atomic(report_path(output), text + "\n")
     if verify and not passed:
         raise ParityError(f"{output}: {report['summary']} (report: {report_path(output)})")
     write_with_atomic(output, lambda tmp: tmp.write_bytes(data))
     say(f"wrote {output} ({len(data) / 1e6:.1f} MB)")
     return ExportResult(output, report, passed, len(data))
+
+
+def keep_failed_report(path: Path, say: Progress) -> None:
+    """A failed export's report is what explains it: a re-run moves it aside (`best.parity.failed.json`,
+    `best.parity.failed-2.json`, ...) instead of replacing it, and says so."""
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # none, or not a report: check_writable refused anything that is not a regular file
+    if not isinstance(earlier, dict) or earlier.get("passed") is not False:
+        return
+    stem = path.name.removesuffix(".json")
+    for n in range(1, 1000):
+        aside = path.with_name(f"{stem}.failed{'' if n == 1 else f'-{n}'}.json")
+        if not aside.exists():
+            path.rename(aside)
+            say(f"the earlier failed report {path} is kept as {aside}")
+            return
+
+
+# --- presence ------------------------------------------------------------------------------------------------
+def presence_separation(candidate: onnx.ModelProto, contract: CropContract, records: Sequence[FaceRecord],
+                        say: Progress) -> dict:
+    """How well the exported file's face_score separates the records' faces (landmark-box crops) from face-free
+    crops of the same photos, at the runtime's default threshold: recorded in the metadata, where the runtime
+    reads whether to apply its presence threshold (facemark.metadata.PRESENCE_TRUST)."""
+    from facemark.metrics import roc_auc
+    from facemark.runtime.defaults import DEFAULT_MIN_SCORE
+    from facemark.train.dataset import validation_negatives
+
+    records = spread(records, PRESENCE_FACES)
+    faces = face_crops(records, contract, say)
+    negatives = validation_negatives(records, contract)
+    session = parity.open_session(candidate.SerializeToString())
+    names = [o.name for o in session.get_outputs()]
+
+    def scores(x: np.ndarray) -> np.ndarray:
+        out = parity.run_batched(lambda b: dict(zip(names, session.run(None, {meta.INPUT_NAME: b}), strict=True)),
+                                 x, 16)
+        return out[meta.FACE_SCORE].astype(np.float64)
+
+    pos, neg = scores(faces), scores(negatives)
+    auc = roc_auc(pos, neg)
+    kept = float((pos >= DEFAULT_MIN_SCORE).mean()) if len(pos) else 0.0
+    separation = {"auc": auc if np.isfinite(auc) else None, "faces": len(pos), "non_faces": len(neg),
+                  "threshold": DEFAULT_MIN_SCORE, "faces_kept": kept,
+                  "non_faces_kept": float((neg >= DEFAULT_MIN_SCORE).mean()) if len(neg) else 0.0}
+    separation["trusted"] = meta.presence_trusted(separation)
+    say(f"presence score: ROC AUC {_figure(auc)} on {len(pos)} faces / {len(neg)} face-free crops, "
+        f"{100 * kept:.0f} % of faces >= {DEFAULT_MIN_SCORE:g}: "
+        + ("applied by the runtime" if separation["trusted"] else "NOT trusted: the runtime keeps the detector's "
+           "faces and warns (train longer for a presence score)"))
+    return separation
+
+
+PRESENCE_FACES = 256  # faces (and as many face-free crops) behind the recorded presence separation
+
+
+def _figure(value: float) -> str:
+    return f"{value:.4f}" if np.isfinite(value) else "n/a"
 
 
 # --- data --------------------------------------------------------------------------------------------------
@@ -217,11 +283,12 @@ def _convert(fp32: onnx.ModelProto, precision: str, train_records: Sequence[Face
     if len(crops) == 0:
         raise FacemarkError("int8: no readable face to calibrate on; pass --calib-data with face images")
     say(f"quantizing to int8 (static QDQ, per-channel, {CALIBRATION_METHOD} on {len(crops)} face crops)")
+    model, method = to_int8(fp32, crops, batch, int8_activations, say)
     activations = "QInt8" if int8_activations == "int8" else "QUInt8"
     weights = "QInt8 per-channel" + (", 7-bit range" if int8_activations == "uint8-7bit" else "")
     info = {"int8": {"format": "QDQ", "weights": weights, "activations": activations,
-                     "calibration": CALIBRATION_METHOD, "calibration_faces": len(crops)}}
-    return to_int8(fp32, crops, batch, int8_activations), info
+                     "calibration": method, "calibration_faces": len(crops)}}
+    return model, info
 
 
 # --- verification ------------------------------------------------------------------------------------------
@@ -238,16 +305,15 @@ def verify_model(candidate: onnx.ModelProto, fp32: onnx.ModelProto, reference: t
     for source, b, x in parity.input_sets(real_crops, size, batch):
         ref = parity.run_batched(run_reference, x, b)
         out = parity.run_batched(run_candidate, x, b)
-        ties = np.zeros(len(x), dtype=bool)
-        if source == parity.RANDOM and parity.DECODE_MARGIN in ref:
-            ties = ref[parity.DECODE_MARGIN] < parity.TIE_MARGIN  # noise crops whose argmax is a coin toss
-            out, ref = ({name: v[~ties] for name, v in d.items()} for d in (out, ref))
-        stats = parity.error_stats(out[meta.OUTPUT_NAME], ref[meta.OUTPUT_NAME], size)
+        # Points whose eager decode is a tie between two cells are a coin toss in any graph: left out, counted.
+        tied = ref.pop(parity.TIED, np.zeros(ref[meta.OUTPUT_NAME].shape[:2], dtype=bool))
+        cand_points, ref_points = out[meta.OUTPUT_NAME][~tied], ref[meta.OUTPUT_NAME][~tied]
+        stats = parity.error_stats(cand_points, ref_points, size)
         scores = {name: parity.error_stats(out[name], ref[name], 1) for name in names[1:] if name in ref}
-        sets.append({"source": source, "batch": b, "samples": int((~ties).sum()), "landmarks": stats,
-                     "scores": scores, "ties_excluded": int(ties.sum())})
-        outs.append(out[meta.OUTPUT_NAME].reshape(-1))
-        refs.append(ref[meta.OUTPUT_NAME].reshape(-1))
+        sets.append({"source": source, "batch": b, "samples": len(x), "points": int(tied.size),
+                     "tied_points": int(tied.sum()), "landmarks": stats, "scores": scores})
+        outs.append(cand_points.reshape(-1))
+        refs.append(ref_points.reshape(-1))
     overall = parity.error_stats(np.concatenate(outs), np.concatenate(refs), size)
     nme = None
     if val_records:
@@ -263,7 +329,7 @@ def verify_model(candidate: onnx.ModelProto, fp32: onnx.ModelProto, reference: t
         "sets": sets, "overall": overall, "nme": nme, "gates": gates,
         "gate": {"stat": gate.stat, "limit": gate.limit, "unit": gate.unit, "on": list(gate.sources),
                  "nme_increase": gate.nme_increase},
-        "passed": all(g["passed"] for g in gates),
+        "passed": parity.gates_passed(gates),
     }
 
 
@@ -277,8 +343,9 @@ def _torch_runner(model: torch.nn.Module) -> Callable[[np.ndarray], dict[str, np
                 return {meta.OUTPUT_NAME: model(t).float().numpy()}
             raw = model.raw(t)
             out = {name: value.float().numpy() for name, value in model.decode(raw).items()}
-            if "scores" in raw:  # pip: how close each crop's decode came to a tie between two cells
-                out[parity.DECODE_MARGIN] = parity.decode_margin(raw["scores"].float().numpy())
+            if "scores" in raw:  # pip: the landmarks whose decode is a tie between two cells
+                neighbors = model.codec.neighbors.numpy()
+                out[parity.TIED] = parity.tied_landmarks(raw["scores"].float().numpy(), neighbors)
             return out
 
     torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 reference wherever it runs
@@ -319,21 +386,25 @@ def _metadata(contract: CropContract, doc: dict, precision: str, source_sha: str
     }
     if calibration is not None:
         props[meta.DETECTOR_CALIBRATION] = calibration.to_json()
+    if report.get("presence"):
+        props[meta.PRESENCE] = meta.dumps(parity.strict_json_value(report["presence"]))
     return props
 
 
 def _parity_summary(report: dict) -> dict:
-    if not report.get("verified"):
+    """The metadata's parity record: {"verified": false} for --no-verify (the runtime warns), else the gates."""
+    if not report.get("checked"):
         return {"verified": False}
     overall = report["overall"]
     summary = {"verified": True, "passed": report["passed"], "reference": "torch fp32 eager",
                "max_abs": overall["max_abs"], "p99_abs": overall["p99_abs"],
                "max_px": overall["px"]["max_abs"],
-               "gates": {g["name"]: [round(g["value"], 6), g["limit"]] for g in report["gates"]}}
+               "gates": {g["name"]: [None if g["value"] is None else round(g["value"], 6), g["limit"]]
+                         for g in report["gates"] if g.get("gated", True)}}
     if report.get("nme"):
         summary.update(val_faces=report["nme"]["faces"], val_nme=report["nme"]["candidate"],
                        val_nme_fp32_onnx=report["nme"]["fp32_onnx"])
-    return summary
+    return parity.strict_json_value(summary)
 
 
 def _versions() -> dict[str, str]:

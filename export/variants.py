@@ -26,16 +26,18 @@ from __future__ import annotations
 import contextlib
 import io
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from facemark.errors import FacemarkError
 from facemark.metadata import INPUT_NAME
 
 CALIBRATION_FACES = 256
 CALIBRATION_METHOD = "Percentile 99.9"
+CALIBRATION_FALLBACK = "MinMax"  # where the percentile histogram cannot be built (to_int8)
 CALIBRATION_PERCENTILE = 99.9
 CALIBRATION_BATCH = 16
 # The presence layer (node /presence_fc/Gemm) stays fp32: a quantised presence score floors near 0.5 on
@@ -135,12 +137,34 @@ class _CropReader:
 
 
 def to_int8(proto: onnx.ModelProto, calibration_crops: np.ndarray, batch: int | None = None,
-            activation_type: str = "uint8") -> onnx.ModelProto:
-    """Static QDQ int8 model calibrated on `calibration_crops` (N, 1, S, S) float32 network inputs.
+            activation_type: str = "uint8", say: Callable[[str], None] | None = None
+            ) -> tuple[onnx.ModelProto, str]:
+    """Static QDQ int8 model calibrated on `calibration_crops` (N, 1, S, S) float32 network inputs, and the
+    calibration method that made it.
 
     activation_type: "int8" (S8S8), "uint8" (U8S8) or "uint8-7bit" (U8S8 with 7-bit weights, ORT's
     reduce_range: the u8 x s8 pair sums of AVX2 kernels without VNNI cannot saturate, so U8S8's fast kernels
-    stay exact on those CPUs)."""
+    stay exact on those CPUs).
+
+    The percentile calibrator builds a histogram of every activation; an activation whose range is degenerate (a
+    dead or constant channel of a briefly fine-tuned model: NumPy 2 refuses "Too many bins for data range",
+    non-finite values) makes it raise. Then the activation ranges are calibrated by MinMax instead (said through
+    `say`); a failure of that too is one FacemarkError line."""
+    failures = []
+    for method in (CALIBRATION_METHOD, CALIBRATION_FALLBACK):
+        try:
+            return _quantize(proto, calibration_crops, batch, activation_type, method), method
+        except Exception as exc:  # noqa: BLE001 -- ORT's calibrators raise ValueError, RuntimeError, AssertionError
+            detail = " ".join(str(exc).split())[:200] or exc.__class__.__name__
+            failures.append(f"{method}: {exc.__class__.__name__}: {detail}")
+            if say and method == CALIBRATION_METHOD:
+                say(f"int8 calibration by {method} failed ({failures[-1]}); calibrating by {CALIBRATION_FALLBACK}")
+    raise FacemarkError("int8 quantization failed (" + "; ".join(failures) + "): export at --precision fp16 or "
+                        "fp32, or calibrate on other faces (--calib-data)")
+
+
+def _quantize(proto: onnx.ModelProto, calibration_crops: np.ndarray, batch: int | None, activation_type: str,
+              method: str) -> onnx.ModelProto:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -150,8 +174,12 @@ def to_int8(proto: onnx.ModelProto, calibration_crops: np.ndarray, batch: int | 
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    if not np.isfinite(calibration_crops).all():
+        raise ValueError("non-finite values in the calibration inputs")
     reader_cls = type("CropCalibrationReader", (_CropReader, CalibrationDataReader), {})
     activations = QuantType.QInt8 if activation_type == "int8" else QuantType.QUInt8
+    calibrator = {CALIBRATION_METHOD: (CalibrationMethod.Percentile, {"CalibPercentile": CALIBRATION_PERCENTILE}),
+                  CALIBRATION_FALLBACK: (CalibrationMethod.MinMax, {})}[method]
     # quantize_static writes uuid-named external-data files into the current folder: keep them in `tmp`.
     with tempfile.TemporaryDirectory(prefix="facemark-int8-") as tmp, contextlib.chdir(tmp):
         src, pre, out = Path(tmp, "fp32.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
@@ -166,10 +194,10 @@ def to_int8(proto: onnx.ModelProto, calibration_crops: np.ndarray, batch: int | 
             quantize_static(
                 str(pre), str(out), reader_cls(calibration_crops, batch),
                 quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
-                activation_type=activations, calibrate_method=CalibrationMethod.Percentile,
+                activation_type=activations, calibrate_method=calibrator[0],
                 reduce_range=activation_type == "uint8-7bit",
                 nodes_to_exclude=fp32_nodes(onnx.load(pre)),
-                extra_options={"CalibPercentile": CALIBRATION_PERCENTILE},
+                extra_options=calibrator[1],
             )
         return drop_unused_opsets(onnx.load(out))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import sys
+import warnings
 from collections.abc import Sequence
 
 import typer
@@ -15,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape  # messages hold paths and hints like facemark[serve]: text, not markup
 
 from facemark.choices import choice_enum
-from facemark.errors import FacemarkError, missing_extra_message, printable
+from facemark.errors import FacemarkError, ModelWarning, missing_extra_message, printable
 from facemark.fileio import write_error
 from facemark.runtime.schema import SCHEMA_NAMES
 
@@ -85,6 +86,7 @@ _register()
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit code; a FacemarkError becomes one line on stderr (exit 2)."""
+    warnings.showwarning = _show_warning
     try:
         app(args=list(argv) if argv is not None else None, prog_name="facemark")
     except SystemExit as exc:  # typer's standalone mode ends every run this way
@@ -104,6 +106,18 @@ def run(argv: Sequence[str] | None = None) -> int:
         print_error(message)
         return 2
     return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A ModelWarning (facemark.errors) is one line for a CLI user, not a file name and a code line."""
+    if issubclass(category, ModelWarning):
+        err_console.print(f"[yellow]warning:[/yellow] {escape(printable(str(message)))}", highlight=False,
+                          soft_wrap=True)
+    else:
+        _default_show_warning(message, category, filename, lineno, file, line)
+
+
+_default_show_warning = warnings.showwarning
 
 
 def print_error(message: str) -> None:

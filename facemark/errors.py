@@ -32,9 +32,15 @@ class ParityError(FacemarkError):
     """An exported model that fails its numerical parity or accuracy gate."""
 
 
+class ModelWarning(UserWarning):
+    """Something about a model a user should know before trusting its output (exported unverified, a presence
+    score the runtime does not apply); the CLI prints each as one line."""
+
+
 # The optional extras of pyproject.toml, by the top-level modules only they install.
 EXTRA_OF_MODULE = {"torch": "train", "torchvision": "train", "onnx": "train", "onnxscript": "train",
-                   "matplotlib": "train", "pytriton": "serve", "tritonclient": "serve", "ray": "ray"}
+                   "matplotlib": "train", "pytriton": "serve", "tritonclient": "serve", "ray": "ray",
+                   "pyarrow": "ray"}
 
 
 def missing_extra_message(exc: ModuleNotFoundError) -> str | None:

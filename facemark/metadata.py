@@ -28,10 +28,18 @@ EXPORTED_AT = PREFIX + "exported_at"
 PARITY = PREFIX + "parity"  # JSON summary
 DETECTOR_CALIBRATION = PREFIX + "detector_calibration"  # JSON of BoxCalibration
 CONSUMERS = PREFIX + "consumers"  # JSON: which runtimes load the file and how closely they agree
+# JSON: how the face_score separates faces from face-free crops ({"auc", "faces_kept", "trusted", ...}); the
+# runtime applies its presence threshold only where "trusted" (see presence_trusted). Files exported before it
+# was recorded have none: the runtime applies the threshold, as it always did.
+PRESENCE = PREFIX + "presence"
+# A presence score is trusted when it ranks faces above face-free crops almost always and keeps nearly every face
+# at the runtime's default threshold (a trained model: AUC 0.9999, every validation face but two kept; a model
+# trained for two epochs: AUC 0.91, no face above 0.99).
+PRESENCE_TRUST = {"auc": 0.95, "faces_kept": 0.9}
 
 ALL_KEYS = (FORMAT, CONTRACT, POINTS, ARCH, HEAD, PRECISION, TRAIN_DATA, TRAIN_SPLIT, VAL_NME, SOURCE_SHA256, VERSIONS,
             EXPORTED_AT, PARITY, DETECTOR_CALIBRATION,
-            CONSUMERS)
+            CONSUMERS, PRESENCE)
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "landmarks"  # always the first output, [N, 68, 2]
@@ -55,6 +63,35 @@ class ModelInfo:
         return _json_value(self.raw.get(TRAIN_DATA), list) or []
 
     @property
+    def verified(self) -> bool:
+        """False for a file exported with --no-verify (its parity with the checkpoint was never checked)."""
+        parity = _json_value(self.raw.get(PARITY), dict)
+        return not (parity is not None and parity.get("verified") is False)
+
+    @property
+    def presence(self) -> dict | None:
+        """The recorded presence separation (export's measurement), or None for files from before it."""
+        return _json_value(self.raw.get(PRESENCE), dict)
+
+    @property
+    def presence_trusted(self) -> bool:
+        """Whether the runtime applies its presence threshold to this model (True where nothing was recorded)."""
+        return self.presence is None or presence_trusted(self.presence)
+
+    def notices(self) -> list[str]:
+        """One line for each thing a user of this file should know before trusting its output."""
+        lines = []
+        if not self.verified:
+            lines.append("exported with --no-verify: its parity with the checkpoint was never checked")
+        if not self.presence_trusted:
+            p = self.presence or {}
+            auc = p.get("auc")
+            lines.append(f"its presence score is not trustworthy (ROC AUC {'n/a' if auc is None else f'{auc:.3f}'}, "
+                         f"{100 * (p.get('faces_kept') or 0):.0f} % of validation faces above the threshold): the "
+                         "presence threshold is not applied, every detected face is kept")
+        return lines
+
+    @property
     def train_split(self) -> dict | None:
         """{"val_fraction", "split_seed"} of its training run, when recorded."""
         return _json_value(self.raw.get(TRAIN_SPLIT), dict)
@@ -62,7 +99,17 @@ class ModelInfo:
     def summary(self) -> dict:
         """The small JSON-able description used in reports and the runtime's JSON output."""
         keep = (ARCH, HEAD, PRECISION, POINTS, VAL_NME, SOURCE_SHA256, EXPORTED_AT, TRAIN_DATA)
-        return {k.removeprefix(PREFIX): self.raw[k] for k in keep if k in self.raw}
+        summary = {k.removeprefix(PREFIX): self.raw[k] for k in keep if k in self.raw}
+        # "parity": "verified" | "unverified" (--no-verify); "presence": "applied" | "not trusted" (not applied)
+        summary["parity"] = "verified" if self.verified else "unverified"
+        if self.presence is not None:
+            summary["presence"] = "applied" if self.presence_trusted else "not trusted"
+        return summary
+
+
+def presence_trusted(separation: Mapping) -> bool:
+    """The rule of PRESENCE_TRUST on a recorded presence separation."""
+    return all((separation.get(key) or 0.0) >= limit for key, limit in PRESENCE_TRUST.items())
 
 
 def parse_metadata(props: Mapping[str, str], source: str) -> ModelInfo:

@@ -337,8 +337,9 @@ def _print_summary(results, providers: list[str], out: Path | None, json_path: P
     failed = len(results) - len(ok)
     faces = sum(len(r.faces) for r in ok)
     ms = sum(r.ms for r in ok) / len(ok) if ok else 0.0
-    line = (f"{len(results)} images, {faces} faces, {failed} failed, {ms:.1f} ms per image "
-            f"(read + detect + landmarks) on {providers[0]}")
+    below = sum(r.presence_dropped for r in ok)
+    line = (f"{len(results)} images, {faces} faces ({below} detections below the presence threshold), {failed} "
+            f"failed, {ms:.1f} ms per image (read + detect + landmarks) on {providers[0]}")
     console.print(("[red]" if failed else "[green]") + line + ("[/red]" if failed else "[/green]"))
     if out is not None:
         console.print(f"annotated images: {out}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from facemark.contract import Box, BoxCalibration, box_from_landmarks, non_max_suppression
-from facemark.errors import ModelError
+from facemark.errors import ModelError, ModelWarning
 from facemark.geometry import ARCFACE_SIZE, Pose, Template, aligned_chip, head_pose
 from facemark.imageio import image_to_gray, image_to_gray_and_bgr, to_gray
 from facemark.inference import predict_faces
@@ -94,6 +95,7 @@ class Detections:
     faces: list[Face]
     times: dict[str, float]  # milliseconds: detect, landmarks
     problems: list[str]  # one line each, e.g. faces dropped for non-finite model output
+    presence_dropped: int = 0  # detections whose presence score fell below min_score
 
 
 def distinct_faces(faces: Sequence[Face]) -> list[Face]:
@@ -177,7 +179,11 @@ class FaceLandmarker:
         if refine < 0:
             raise ValueError(f"refine must be >= 0 (got {refine})")
         self.refine, self.flip = refine, flip
-        self.min_score = min_score if self.model.has_face_score else None
+        # A presence score the export found untrustworthy (an undertrained model) would drop real faces.
+        trusted = self.model.info.presence_trusted
+        self.min_score = min_score if self.model.has_face_score and trusted else None
+        for line in self.model.info.notices():  # once per landmarker; the CLI prints them as one line each
+            warnings.warn(f"{self.model.path or 'model'}: {line}", ModelWarning, stacklevel=2)
 
     @property
     def contract(self):
@@ -264,8 +270,10 @@ class FaceLandmarker:
             start += len(f.detections)
             faces = [face for face in mine if face is not None]
             dropped = len(mine) - len(faces)
+            below = 0
             if self.min_score is not None:
-                faces = [face for face in faces if face.score is not None and face.score >= self.min_score]
+                kept = [face for face in faces if face.score is not None and face.score >= self.min_score]
+                below, faces = len(faces) - len(kept), kept
             if self.model.has_face_score:  # its permissive detector defaults can put two boxes on one face
                 faces = distinct_faces(faces)
             if self.min_score is not None and self.max_faces is not None:
@@ -273,7 +281,8 @@ class FaceLandmarker:
             share = len(mine) / len(entries) if entries else 0.0
             problems = [f"{dropped} face(s) dropped: the model returned non-finite values (NaN/Inf) for them"] \
                 if dropped else []
-            results.append(Detections(faces, {"detect": f.detect_ms, "landmarks": seconds * 1e3 * share}, problems))
+            results.append(Detections(faces, {"detect": f.detect_ms, "landmarks": seconds * 1e3 * share}, problems,
+                                      below))
         return results
 
     def landmarks_for_boxes(self, image: np.ndarray, boxes: Sequence[Box], refine: int = 0) -> list[Face]:

@@ -80,9 +80,14 @@ PREDICT = {
     "required": ["model", "detector", "pipeline", "complete", "images"],
     "additionalProperties": False,
     "properties": {
-        "model": {"type": "object", "required": ["path", "providers"],
+        "model": {"type": "object", "required": ["path", "providers", "parity"],
                   "properties": {"path": _nullable({"type": "string"}),
-                                 "providers": {"type": "array", "items": {"type": "string"}}},
+                                 "providers": {"type": "array", "items": {"type": "string"}},
+                                 "parity": {"enum": ["verified", "unverified"],
+                                            "description": "unverified: exported with --no-verify"},
+                                 "presence": {"enum": ["applied", "not trusted"],
+                                              "description": "whether the presence threshold is applied (absent "
+                                                             "for models exported before it was recorded)"}},
                   "description": "the model's facemark metadata summary, its file and the active providers"},
         "detector": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}},
                      "description": "HaarDetector.config()"},

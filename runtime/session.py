@@ -249,7 +249,15 @@ def _read_model_file(path: Path) -> bytes:
     data = path.read_bytes()
     if not data:
         raise ModelError(f"{path}: empty model file")
+    if is_torch_checkpoint(data):
+        raise ModelError(f"{path} is a PyTorch checkpoint: run `facemark export {path}` first and give the .onnx "
+                         "file it writes")
     return data
+
+
+def is_torch_checkpoint(data: bytes) -> bool:
+    """torch.save's files: a zip archive (PyTorch >= 1.6) or a bare pickle (older), never an ONNX protobuf."""
+    return data[:4] == b"PK\x03\x04" or data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 
 def create_session(data: bytes, options: ort.SessionOptions, providers: list, source: str) -> ort.InferenceSession:

@@ -120,7 +120,8 @@ def test_metadata_round_trip(exported, tiny_checkpoint, precision):
     model = onnx.load(exported[precision].path)
     props = {p.key: p.value for p in model.metadata_props}
     assert len(props) == len(model.metadata_props)  # keys unique
-    assert set(meta.ALL_KEYS) - set(props) == {meta.DETECTOR_CALIBRATION}  # no --calib-data, no calibration
+    # no --calib-data: no calibration; no presence head: no presence record
+    assert set(meta.ALL_KEYS) - set(props) == {meta.DETECTOR_CALIBRATION, meta.PRESENCE}
     info = meta.parse_metadata(props, str(exported[precision].path))
     assert info.contract == CropContract(size=TINY_SIZE)
     assert (info.precision, info.points, info.calibration) == (precision, "ibug68", None)
@@ -137,7 +138,7 @@ def test_metadata_round_trip(exported, tiny_checkpoint, precision):
 def test_parity_report_per_precision(exported, precision):
     result = exported[precision]
     report = result.report
-    assert result.passed and report["passed"] and report["verified"]
+    assert result.passed and report["passed"] and report["checked"]
     assert json.loads(report_path(result.path).read_text()) == json.loads(json.dumps(report))
     assert {(s["source"], s["batch"]) for s in report["sets"]} == {("real", 1), ("real", 8), ("random", 1),
                                                                    ("random", 8)}
@@ -218,7 +219,7 @@ def test_cli_no_verify_is_an_explicit_opt_out(tiny_checkpoint, tmp_path):
     props = {p.key: p.value for p in onnx.load(out).metadata_props}
     assert json.loads(props[meta.PARITY]) == {"verified": False}
     report = json.loads(report_path(out).read_text())
-    assert report["verified"] is False and "not verified" in report["summary"]
+    assert report["checked"] is False and report["passed"] is None and "not verified" in report["summary"]
 
 
 def test_bad_arguments_are_one_line_errors(tiny_checkpoint, tmp_path, capsys):
@@ -277,7 +278,8 @@ def test_pixel_gates_scale_with_the_crop_size():
     from facemark.export.parity import check_gate
 
     def sets(p99_fraction: float) -> list[dict]:
-        return [{"source": "real", "batch": 1, "landmarks": {"p99_abs": p99_fraction, "nan": 0, "inf": 0}}]
+        return [{"source": "real", "batch": 1, "points": 16 * 68, "tied_points": 0,
+                 "landmarks": {"p99_abs": p99_fraction, "nan": 0, "inf": 0}}]
 
     # 6 px at 112 px: within 8 px, beyond the 112 px crop's 4 px limit
     assert not check_gate("int8", sets(6 / 112), 112, None)[0]["passed"]

@@ -134,14 +134,50 @@ def test_runtime_returns_landmark_and_face_scores_in_unit_range(pip_onnx):
         assert len(doc["landmark_scores"]) == 68 and 0 <= doc["score"] <= 1
 
 
-def test_min_score_drops_faces_below_the_presence_threshold(pip_onnx):
+def _with_presence_record(model_path, out, **record) -> str:
+    """A copy of the model whose metadata records this presence separation (as export writes it)."""
+    import onnx
+
+    proto = onnx.load(model_path)
+    props = {p.key: p.value for p in proto.metadata_props}
+    props[md.PRESENCE] = md.dumps(record)
+    del proto.metadata_props[:]
+    for key, value in props.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, out)
+    return str(out)
+
+
+def test_min_score_drops_faces_below_the_presence_threshold(pip_onnx, tmp_path):
     from facemark.runtime.landmarker import FaceLandmarker
 
+    trusted = _with_presence_record(pip_onnx.path, tmp_path / "trusted.onnx", auc=1.0, faces_kept=1.0)
     image = read_image(SAMPLES / "2009_004587.jpg")
-    everything = FaceLandmarker(pip_onnx.path, provider="cpu", threads=1, min_score=None).detect(image)
+    everything = FaceLandmarker(trusted, provider="cpu", threads=1, min_score=None).detect(image)
     cut = float(np.median([f.score for f in everything]))
-    kept = FaceLandmarker(pip_onnx.path, provider="cpu", threads=1, min_score=cut).detect(image)
+    kept = FaceLandmarker(trusted, provider="cpu", threads=1, min_score=cut).detect(image)
     assert len(kept) == sum(f.score >= cut for f in everything) < len(everything) or len(everything) == 1
+
+
+def test_an_untrusted_presence_score_is_not_applied_and_says_so(pip_onnx, tmp_path):
+    """The random test model's presence score separates nothing: export records that, and the runtime keeps the
+    detector's faces (with one warning) instead of dropping every face at the threshold."""
+    from facemark.errors import ModelWarning
+    from facemark.runtime.landmarker import FaceLandmarker
+
+    record = pip_onnx.report["presence"]
+    assert record["trusted"] is False and record["faces"] > 0 and record["non_faces"] > 0
+    image = read_image(SAMPLES / "2009_004587.jpg")
+    with pytest.warns(ModelWarning, match="presence score is not trustworthy"):
+        untrusted = FaceLandmarker(pip_onnx.path, provider="cpu", threads=1, min_score=0.999999)
+    assert untrusted.min_score is None and untrusted.describe()["model"]["presence"] == "not trusted"
+    everything = FaceLandmarker(pip_onnx.path, provider="cpu", threads=1, min_score=None).detect(image)
+    assert len(untrusted.detect(image)) == len(everything) > 0
+    trusted = _with_presence_record(pip_onnx.path, tmp_path / "t.onnx", auc=1.0, faces_kept=1.0)
+    applied = FaceLandmarker(trusted, provider="cpu", threads=1, min_score=0.999999)
+    assert applied.min_score == 0.999999 and applied.describe()["model"]["presence"] == "applied"
+    found = applied.detect_full(image)
+    assert found.presence_dropped == len(everything) - len(found.faces)
 
 
 class ShiftingPredictor:
@@ -203,28 +239,43 @@ def test_decode_margin_is_each_crops_smallest_gap_between_a_points_two_best_cell
     assert decode_margin(scores).tolist() == [1.0, 0.0]
 
 
-def test_noise_crops_decoding_to_a_tie_are_left_out_of_parity_and_counted(pip_checkpoint, tmp_path, monkeypatch):
-    """On noise, two cells can score within rounding of each other and the argmax may go either way in fp32
-    ONNX and eager alike; such crops are counted and left out, real faces never."""
+def test_tied_landmarks_are_the_tied_points_and_the_points_they_vote_for():
+    from facemark.export.parity import tied_landmarks
+
+    scores = np.zeros((1, 3, 2, 2), np.float32)
+    scores[0, :, 0, 0] = 1.0  # clear winners ...
+    scores[0, 1, 1, 1] = 1.0  # ... but point 1 ties
+    neighbors = np.array([[1], [2], [1]])  # point 1 votes for point 2; points 0 and 2 vote for 1
+    assert tied_landmarks(scores, neighbors).tolist() == [[False, True, True]]
+
+
+def test_points_decoding_to_a_tie_are_left_out_of_parity_and_counted(pip_checkpoint, tmp_path, monkeypatch):
+    """Where a point's two best cells score within rounding of each other the argmax may go either way in fp32
+    ONNX and eager alike: those points (and the points they vote for) are counted and left out of the point
+    statistics of every input set, real faces included; the rest are compared, so the gate still holds."""
+    from facemark.data import load_records
     from facemark.export import parity
-    from facemark.export.exporter import export_model
+    from facemark.export.exporter import export_model, face_crops
     from facemark.train.checkpoint import load_model
 
-    model = load_model(pip_checkpoint)[0].float().eval()
-    no_faces = np.zeros((0, 1, TINY_SIZE, TINY_SIZE), np.float32)
-    noise = next(x for _, b, x in parity.input_sets(no_faces, TINY_SIZE, None) if b == 1)
+    model, contract, _ = load_model(pip_checkpoint)
+    model = model.float().eval()
+    records = load_records([SAMPLES / "landmarks.xml"], lambda _: None)
+    faces = face_crops(records, contract, lambda _: None)[: parity.REAL_FACES]
+    sets = {source: x for source, b, x in parity.input_sets(faces, TINY_SIZE, None) if b == 1}
     with torch.no_grad():
-        margins = parity.decode_margin(model.raw(torch.from_numpy(noise))["scores"].numpy())
-    monkeypatch.setattr(parity, "TIE_MARGIN", float(np.median(margins)))  # half the noise crops count as ties
-    tied = int((margins < parity.TIE_MARGIN).sum())
-    assert 0 < tied < len(noise)
+        scores = {k: model.raw(torch.from_numpy(x))["scores"].numpy() for k, x in sets.items()}
+    margins = np.concatenate([parity.point_margins(v).ravel() for v in scores.values()])
+    monkeypatch.setattr(parity, "TIE_MARGIN", float(np.quantile(margins, 0.02)))  # some points of both sets tie
+    neighbors = model.codec.neighbors.numpy()
+    tied = {k: int(parity.tied_landmarks(v, neighbors).sum()) for k, v in scores.items()}
+    assert all(0 < n < len(sets[k]) * 68 for k, n in tied.items()), tied
     report = export_model(pip_checkpoint, tmp_path / "pip.onnx", precision="fp32").report
     assert report["passed"], report["summary"]
     for s in report["sets"]:
-        if s["source"] == parity.RANDOM:
-            assert (s["ties_excluded"], s["samples"]) == (tied, len(noise) - tied)
-        else:
-            assert s["ties_excluded"] == 0 and s["samples"] == 16
+        if s["batch"] == 1:
+            assert (s["tied_points"], s["points"]) == (tied[s["source"]], len(sets[s["source"]]) * 68)
+            assert s["landmarks"]["shape"] == [s["points"] - s["tied_points"], 2]
 
 
 def test_pip_export_runs_in_every_consumer(pip_onnx):

@@ -31,6 +31,7 @@ class ImageResult:
     output: str | None = None  # the annotated picture, when written
     with_pose: bool = False  # faces carry "pose" in JSON (--pose)
     chips: list[str] = field(default_factory=list)  # aligned face chips written (--aligned)
+    presence_dropped: int = 0  # detections whose presence score fell below the threshold (the run's summary)
 
     def to_json(self) -> dict:
         """The `images[]` entry; a name that is not valid UTF-8 is written in the one documented form

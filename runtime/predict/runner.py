@@ -99,6 +99,7 @@ def _resolved(item: Future | ImageResult) -> ImageResult:
 def _with_landmarks(loaded: LoadedFile, found: Detections) -> ImageResult:
     result = loaded.result
     result.faces = found.faces
+    result.presence_dropped = found.presence_dropped
     result.error = f"{result.path}: " + "; ".join(found.problems) if found.problems else None
     result.ms = loaded.seconds * 1000.0 + found.times["landmarks"]
     return result
