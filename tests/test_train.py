@@ -627,3 +627,25 @@ def test_resume_refuses_a_first_pass_boxes_file_that_changed(tmp_path):
         train(TrainConfig(data=[], epochs=2), resume=last, explicit={"epochs"})
     _boxes_file(boxes, records, 2.0)  # the same file again: the run goes on
     assert [h.epoch for h in train(TrainConfig(data=[], epochs=2), resume=last, explicit={"epochs"}).history] == [1, 2]
+
+
+def test_motion_blur_spreads_a_point_along_one_line_and_occlusion_paints_a_rectangle():
+    """--blur 1 --motion-blur 1: every crop is blurred along a line (a dot becomes a segment, no wider than a
+    pixel or two across it); --occlusion 1: every crop holds one constant rectangle of 15-40 % of the side."""
+    from facemark.train.dataset import photometric
+
+    dot = np.zeros((128, 128), np.uint8)
+    dot[64, 64] = 255
+    plain = dict(AugmentConfig.none().__dict__)
+    moved = photometric(dot, np.random.default_rng(1), AugmentConfig(**{**plain, "blur_p": 1.0, "motion_blur": 1.0}))
+    ys, xs = np.nonzero(moved > 0.1 * moved.max())
+    assert len(xs) >= 3  # spread ...
+    points = np.stack([xs, ys], 1).astype(np.float64)
+    spread = np.linalg.svd(points - points.mean(0), compute_uv=False)
+    assert spread[1] < 0.5 * spread[0]  # ... along one direction (a Gaussian blur: about equal)
+    flat = np.full((128, 128), 100, np.uint8)
+    occluded = photometric(flat, np.random.default_rng(2), AugmentConfig(**{**plain, "occlude_p": 1.0}))
+    painted = occluded != 100
+    rows, cols = np.nonzero(painted.any(1))[0], np.nonzero(painted.any(0))[0]
+    assert painted.sum() == len(rows) * len(cols)  # one filled rectangle
+    assert 0.15 * 128 - 1 <= len(rows) <= 0.4 * 128 and 0.15 * 128 - 1 <= len(cols) <= 0.4 * 128

@@ -52,6 +52,12 @@ def train_command(
         0.5, "--detector-boxes",
         help="Share of face crops jittered like calibrated Haar boxes (centre sigma 0.10/0.046 of the box side, "
              "log-scale sigma 0.09: measured by `python -m facemark.benchmarks.studies.box_noise`)."),
+    blur: float = typer.Option(0.15, "--blur", min=0.0, max=1.0, help="Share of crops blurred."),
+    motion_blur: float = typer.Option(0.0, "--motion-blur", min=0.0, max=1.0,
+                                      help="Share of the blurred crops blurred along a line (motion), the rest "
+                                           "Gaussian."),
+    occlusion: float = typer.Option(0.15, "--occlusion", min=0.0, max=1.0,
+                                    help="Share of crops with a random grey rectangle (15-40 % of the side)."),
     first_pass_boxes: Path | None = typer.Option(
         None, "--first-pass-boxes", help="Real first-pass boxes (`facemark detectors boxes`): the detector-like "
         "crops and the detector validation boxes use each face's real calibrated detector box (with --zoom/--shift "
@@ -95,7 +101,8 @@ def train_command(
     from facemark.train.dataset import HAAR_LOG_SCALE, HAAR_SHIFT_X, HAAR_SHIFT_Y, AugmentConfig
     from facemark.train.loop import TrainConfig, train
 
-    aug = AugmentConfig(rotate_deg=rotate, flip=flip, zoom=zoom, shift=shift, det_p=detector_boxes,
+    aug = AugmentConfig(rotate_deg=rotate, flip=flip, zoom=zoom, shift=shift, det_p=detector_boxes, blur_p=blur,
+                        motion_blur=motion_blur, occlude_p=occlusion,
                         det_shift_x=HAAR_SHIFT_X, det_shift_y=HAAR_SHIFT_Y, det_log_scale=HAAR_LOG_SCALE)
     cfg = TrainConfig(
         data=[str(p) for p in data or []], val_data=[str(p) for p in val_data], out=str(out), epochs=epochs,

@@ -56,9 +56,10 @@ class AugmentConfig:
     brightness: float = 0.25  # the tutorial's brightness/contrast jitter
     contrast: float = 0.25
     gamma: float = 0.3  # log-uniform gamma in [1/(1+g), 1+g]
-    blur_p: float = 0.15
+    blur_p: float = 0.15  # blur a crop with this probability: Gaussian, or motion blur (motion_blur's share)
+    motion_blur: float = 0.0  # share of the blurred crops blurred along a line (camera or head motion)
     noise_p: float = 0.15
-    occlude_p: float = 0.15
+    occlude_p: float = 0.15  # a random rectangle (15-40 % of the side) of one random grey
 
     @classmethod
     def none(cls) -> AugmentConfig:
@@ -149,7 +150,11 @@ def photometric(crop: np.ndarray, rng: np.random.Generator, aug: AugmentConfig) 
     """uint8 crop -> float32 crop in [0, 255] with brightness/contrast, gamma, blur, noise and occlusion."""
     x = crop.astype(np.float32)
     if aug.blur_p and rng.random() < aug.blur_p:
-        x = cv2.GaussianBlur(x, (0, 0), rng.uniform(0.5, 1.5))
+        # The draw for the kind of blur is made only when motion blur is asked for: the default stream is unchanged.
+        if aug.motion_blur and rng.random() < aug.motion_blur:
+            x = motion_blur(x, rng)
+        else:
+            x = cv2.GaussianBlur(x, (0, 0), rng.uniform(0.5, 1.5))
     if aug.gamma:
         g = math.exp(rng.uniform(-1, 1) * math.log1p(aug.gamma))
         x = 255.0 * np.power(x / 255.0, g)
@@ -165,6 +170,16 @@ def photometric(crop: np.ndarray, rng: np.random.Generator, aug: AugmentConfig) 
         ox, oy = int(rng.integers(0, w - ow)), int(rng.integers(0, h - oh))
         x[oy:oy + oh, ox:ox + ow] = rng.uniform(0, 255)
     return np.clip(x, 0, 255)
+
+
+def motion_blur(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Blur along a line of random direction, 2-7 % of the crop side long (a moving head or camera)."""
+    length = max(3, int(round(x.shape[0] * rng.uniform(0.02, 0.07))) | 1)
+    kernel = np.zeros((length, length), np.float32)
+    kernel[length // 2, :] = 1.0
+    turn = cv2.getRotationMatrix2D(((length - 1) / 2, (length - 1) / 2), rng.uniform(0, 180), 1.0)
+    kernel = cv2.warpAffine(kernel, turn, (length, length))
+    return cv2.filter2D(x, -1, kernel / max(float(kernel.sum()), 1e-6), borderType=cv2.BORDER_REFLECT)
 
 
 class NegativeSource:

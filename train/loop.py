@@ -307,7 +307,8 @@ def resolve_init(init: str | os.PathLike, cfg: TrainConfig, explicit: set[str]) 
 FINE_TUNE_LR = 5e-5
 FINE_TUNE_AUGMENT = {"rotate_deg": 10.0, "zoom": 0.05, "shift": 0.05}
 AUGMENT_OPTIONS = {"rotate": "rotate_deg", "zoom": "zoom", "shift": "shift", "detector_boxes": "det_p",
-                   "flip": "flip"}  # train's option -> AugmentConfig field
+                   "flip": "flip", "blur": "blur_p", "motion_blur": "motion_blur",
+                   "occlusion": "occlude_p"}  # train's option -> AugmentConfig field
 
 
 def fine_tune_recipe(cfg: TrainConfig, source_train: dict, explicit: set[str]) -> str:
