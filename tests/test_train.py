@@ -649,3 +649,22 @@ def test_motion_blur_spreads_a_point_along_one_line_and_occlusion_paints_a_recta
     rows, cols = np.nonzero(painted.any(1))[0], np.nonzero(painted.any(0))[0]
     assert painted.sum() == len(rows) * len(cols)  # one filled rectangle
     assert 0.15 * 128 - 1 <= len(rows) <= 0.4 * 128 and 0.15 * 128 - 1 <= len(cols) <= 0.4 * 128
+
+
+def test_distillation_targets_are_the_teachers_accurate_points_blended_into_the_annotation(tmp_path):
+    """--teacher: the shipped model's two-pass + flip landmarks on each cached face lie close to the annotation
+    (a trained teacher), and the targets are the weighted blend of the two, in the cache's pixels."""
+    from facemark.contract import CropContract
+    from facemark.data import load_records
+    from facemark.train.dataset import FaceCache
+    from facemark.train.distill import distill_targets, teacher_points
+
+    shipped = str(Path(__file__).resolve().parents[1] / "facemark" / "assets" / "facemark-68.onnx")
+    records = load_records([few_faces_xml(tmp_path, faces=4)], lambda _: None)
+    cache = FaceCache(records, CropContract(size=64))
+    taught = teacher_points(cache, shipped)
+    side = np.ptp(cache.points, axis=1).max(axis=1)  # face size in cache pixels
+    error = np.linalg.norm(taught - cache.points, axis=2).mean(axis=1) / side
+    assert (error < 0.08).all(), error  # the teacher agrees with dlib's points on these photos
+    assert np.allclose(distill_targets(cache, shipped, 0.0), cache.points)
+    assert np.allclose(distill_targets(cache, shipped, 0.25), 0.75 * cache.points + 0.25 * taught, atol=1e-4)

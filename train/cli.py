@@ -21,7 +21,7 @@ console = Console(soft_wrap=True)  # a log file gets whole lines, not 80-column 
 # Options that are TrainConfig fields of the same name: a resumed run compares those given with its saved ones.
 CONFIG_FIELDS = ("data", "val_data", "out", "epochs", "batch_size", "image_size", "loss", "head", "pip_stride",
                  "presence", "lr", "optimizer", "schedule", "device", "amp", "max_images", "seed", "split_seed",
-                 "workers", "val_boxes", "ema", "first_pass_boxes")
+                 "workers", "val_boxes", "ema", "first_pass_boxes", "teacher", "distill")
 
 
 def train_command(
@@ -62,6 +62,10 @@ def train_command(
         None, "--first-pass-boxes", help="Real first-pass boxes (`facemark detectors boxes`): the detector-like "
         "crops and the detector validation boxes use each face's real calibrated detector box (with --zoom/--shift "
         "on top) where the detector found it, the modelled error elsewhere."),
+    teacher: Path | None = typer.Option(
+        None, "--teacher", help="Distil an exported model: its accurate preset (two passes with flip) labels every "
+        "training face once, and the targets become (1 - --distill) x annotation + --distill x its points."),
+    distill: float = typer.Option(0.5, "--distill", min=0.0, max=1.0, help="The teacher's weight in the targets."),
     device: Device = typer.Option("auto", "--device"),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="CUDA autocast; CPU bf16 autocast where supported."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue a run from its last.pt, in its own folder "
@@ -111,13 +115,14 @@ def train_command(
         device=device.value, amp=amp, max_images=max_images, seed=seed, split_seed=split_seed,
         workers=workers, augment=asdict(aug), val_boxes=val_boxes, ema=ema,
         init=str(init or ""), first_pass_boxes=str(first_pass_boxes.resolve()) if first_pass_boxes else "",
+        teacher=str(teacher.resolve()) if teacher else "", distill=distill,
     )
     if resume is None:  # the output plan (facemark.outputs); a resumed run continues its own files
         from facemark.outputs import OutputPlan
         from facemark.train.loop import RUN_FILES
 
         plan = OutputPlan().read_data(data, "--data").read_data(val_data, "--val-data").read(init, "--init")
-        plan.read(first_pass_boxes, "--first-pass-boxes")
+        plan.read(first_pass_boxes, "--first-pass-boxes").read(teacher, "--teacher")
         # Without --exist-ok a folder holding a run is never reused: only --exist-ok writes over its files.
         plan.write_folder(out, "--out", RUN_FILES if exist_ok else ()).check(writable=False)
     stop = {"requested": False}

@@ -89,6 +89,10 @@ class TrainConfig:
     # (augment det_p) and the detector validation boxes instead of the modelled error where the detector found it.
     first_pass_boxes: str = ""
     first_pass_boxes_sha256: str = ""  # of that file when the run began (set by train; --resume refuses a change)
+    # Distillation: an exported model whose `accurate` preset (two passes with flip) labels every training face;
+    # the targets become (1 - distill) x annotation + distill x the teacher's points (train/distill.py).
+    teacher: str = ""
+    distill: float = 0.5
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -111,6 +115,10 @@ class TrainConfig:
             raise DataError(f"--val-boxes {self.val_boxes!r}: choose one of {', '.join(VAL_BOXES)}")
         if self.first_pass_boxes:
             read_first_pass_boxes(self.first_pass_boxes)  # a bad file is refused before any run folder is made
+        if not 0.0 <= self.distill <= 1.0:
+            raise DataError(f"--distill {self.distill}: a weight in [0, 1]")
+        if self.teacher and not Path(self.teacher).is_file():
+            raise DataError(f"--teacher {self.teacher}: no such model file (an exported .onnx)")
         if not 0.0 <= self.ema < 1.0:
             raise DataError(f"--ema {self.ema}: a decay in [0, 1) (0 = off)")
         problem = head_unit(self.head).check(self.image_size, self.head_options())
@@ -598,6 +606,12 @@ def train(cfg: TrainConfig, callbacks: Callbacks | None = None, resume: str | os
     if resumed is None and exist_ok:
         (out / "metrics.jsonl").unlink(missing_ok=True)  # a reused folder starts a fresh history
     cache = FaceCache(train_records, contract, progress=tick if is_main else None, first_pass_boxes=first_pass)
+    if cfg.teacher:
+        from facemark.train.distill import distill_targets
+
+        cache.points = distill_targets(cache, cfg.teacher, cfg.distill)
+        log(f"distillation: targets = {1 - cfg.distill:g} x annotation + {cfg.distill:g} x the accurate preset of "
+            f"{cfg.teacher} on each training face")
     val_sets = validation_tensors(val_records, contract, progress=tick if is_main else None, seed=cfg.split_seed,
                                   first_pass_boxes=first_pass)
     val_inputs = val_sets["landmarks"][0]
