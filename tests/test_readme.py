@@ -34,6 +34,7 @@ SKIPS: list[tuple[str, str]] = [
     ("facemark bench", "minutes of timing, torch and data"),
     ("facemark serve", "starts a long-running server (extra serve)"),
     ("--server", "needs a running `facemark serve`"),
+    ("--model runs/", "needs a model the user trained and exported (the README's lines above it)"),
 ]
 RUNNABLE = ("facemark ", "python -m facemark")
 
