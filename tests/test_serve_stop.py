@@ -154,3 +154,20 @@ def test_a_tritonserver_killed_is_named_with_its_signal(tmp_path):
     assert code == 1 and len(errors) == 1, server.log.read_text()[-3000:]
     assert f"tritonserver (pid {triton[0]}) was killed by SIGKILL" in errors[0]
     assert "Triton's last error" not in errors[0]  # a start-up warning in its log is not the cause
+
+
+def test_a_killed_main_process_leaves_no_process_behind(tmp_path):
+    """tritonserver runs with SIGTERM blocked: it must still go when facemark serve is killed outright (it gets
+    SIGINT then, and drains), and so must the stubs and the decoders."""
+    server = _start(tmp_path, "--grace", "5")
+    family = process_tree(server.proc.pid)
+    assert len(family) >= 4  # facemark serve, its decoders, tritonserver, the stubs
+    try:
+        server.proc.kill()
+        server.proc.wait(30)
+        deadline = time.monotonic() + 60
+        while any(_alive(pid) for pid in family) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not [pid for pid in family if _alive(pid)]
+    finally:
+        _signal_each([pid for pid in family if _alive(pid)], signal.SIGKILL)
