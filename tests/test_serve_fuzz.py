@@ -211,3 +211,13 @@ def test_check_head_decides_from_the_head_alone():
                               b"Content-Length: 7\r\nX-Kept: 1\r\n\r\n", 100)
     assert length == 7 and b"form" not in head.lower() and b"X-Kept: 1\r\n" in head and head.endswith(b"\r\n\r\n")
     assert check_head(b"GARBAGE\r\n\r\n", 100).startswith(b"HTTP/1.1 400 ")
+
+
+def test_reply_length_reads_the_body_length_from_the_reply_head():
+    from facemark.runtime.serving.guard import reply_length
+
+    assert reply_length(b"HTTP/1.1 200 OK\r\nContent-Type: x\r\nContent-Length: 1829\r\n\r\n", b"POST") == (200, 1829)
+    assert reply_length(b"HTTP/1.1 100 Continue\r\n\r\n", b"POST") == (100, 0)
+    assert reply_length(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", b"HEAD") == (200, 0)
+    assert reply_length(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"GET") == (200, None)
+    assert reply_length(b"HTTP/1.1 500 Internal Server Error\r\n\r\n", b"GET") == (500, None)

@@ -135,9 +135,7 @@ def test_a_drain_cut_by_grace_exits_1_and_says_how_many(tmp_path):
     assert cut, "every request finished within 1 s: nothing to cut"
     lines = [line for line in server.log.read_text().splitlines() if "did not finish within --grace 1 s" in line]
     assert code == 1 and len(lines) == 1, server.log.read_text()[-3000:]
-    bound = int(lines[0].split("up to ")[1].split()[0])
-    assert len(cut) <= bound <= CLIENTS, (lines[0], cut)
-    assert "request(s) in flight were not answered" in lines[0]
+    assert f": {len(cut)} HTTP request(s) in flight were not answered" in lines[0], (lines[0], cut)
 
 
 def test_a_tritonserver_killed_is_named_with_its_signal(tmp_path):

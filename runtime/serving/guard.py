@@ -11,7 +11,9 @@ guard takes the public one; per request, from its head alone:
 - a Content-Type of application/x-www-form-urlencoded is dropped (Triton reads a KServe body as JSON or binary
   tensors whatever its type; that type only triggers the parse above).
 Everything else (the head, then exactly Content-Length bytes of body, then the next request) is passed on over
-one Triton connection per client connection, and Triton's replies are copied back as they come.
+one Triton connection per client connection, and Triton's replies are copied back one by one, so the guard also
+knows which requests are in flight: the drain closes idle keep-alive connections and counts the requests left
+unanswered.
 """
 
 from __future__ import annotations
@@ -21,10 +23,14 @@ import contextlib
 import logging
 import socket
 import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
 
 LOGGER = logging.getLogger("facemark.serve")
 HEAD_LIMIT = 64 * 1024
 CHUNK = 256 * 1024
+IDLE_CLOSE_S = 1.0
 FORM_TYPE = b"application/x-www-form-urlencoded"
 
 
@@ -63,21 +69,42 @@ def check_head(head: bytes, max_body_bytes: int) -> tuple[bytes, int] | bytes:
     return b"\r\n".join(kept) + b"\r\n\r\n", length
 
 
+@dataclass
+class _Connection:
+    """One client connection: the methods of its requests passed on to Triton and not answered yet, in order."""
+
+    task: asyncio.Task
+    pending: deque[bytes] = field(default_factory=deque)
+    between_requests: bool = True  # waiting for the client's next request head
+    last_activity: float = field(default_factory=time.monotonic)  # opened, a request head read, a reply sent
+
+    def idle_for(self, now: float) -> float:
+        """Seconds without a request in flight (0: one is)."""
+        return now - self.last_activity if self.between_requests and not self.pending else 0.0
+
+
 class HttpGuard:
     """Listens on (host, port) and passes checked requests on to Triton's HTTP endpoint at 127.0.0.1:upstream.
+    Triton's replies are copied back one by one (their heads read for the body's length), so the guard knows
+    which requests are in flight: the drain closes each connection once it has had no request in flight for
+    IDLE_CLOSE_S (Triton would wait for an idle keep-alive connection until its exit timeout) and counts the
+    requests Triton did not answer (`cut`).
 
     >>> guard = HttpGuard("127.0.0.1", 8000, 18000, 33_000_000)  # doctest: +SKIP
     >>> guard.start()  # once Triton is ready  # doctest: +SKIP
-    >>> guard.close_listener()  # the drain: new connections refused  # doctest: +SKIP
-    >>> guard.stop()  # once Triton has stopped  # doctest: +SKIP
+    >>> guard.drain()  # new connections refused, idle ones closed  # doctest: +SKIP
+    >>> guard.stop()  # once Triton has stopped; guard.cut: requests left unanswered  # doctest: +SKIP
     """
 
     def __init__(self, host: str, port: int, upstream_port: int, max_body_bytes: int) -> None:
         self.host, self.port, self.upstream_port, self.max_body_bytes = host, port, upstream_port, max_body_bytes
         self.refused = 0
+        self.cut = 0  # requests in flight whose connection ended without their reply, from the drain on
+        self._draining = False
+        self._sweeper: asyncio.Task | None = None
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.AbstractServer | None = None
-        self._connections: set[asyncio.Task] = set()
+        self._connections: list[_Connection] = []
         self._thread = threading.Thread(target=self._loop.run_forever, name="facemark-http-guard", daemon=True)
 
     def start(self) -> None:
@@ -88,23 +115,42 @@ class HttpGuard:
         self._server = asyncio.run_coroutine_threadsafe(
             asyncio.start_server(self._serve, sock=listener, limit=HEAD_LIMIT, backlog=1024), self._loop).result()
 
-    def close_listener(self) -> None:
-        """New connections are refused from now on; those open go on."""
-        if self._server is not None:
-            self._loop.call_soon_threadsafe(self._server.close)
+    def drain(self) -> None:
+        """New connections are refused from now on; idle ones are closed now, the others once answered."""
+        if self._server is None or self._loop.is_closed():
+            return
+
+        def begin() -> None:
+            if not self._draining:
+                self._draining = True
+                self._server.close()  # type: ignore[union-attr]
+                self._sweeper = self._loop.create_task(self._close_idle())
+
+        self._loop.call_soon_threadsafe(begin)
+
+    async def _close_idle(self) -> None:
+        """While draining: close each connection once it has had no request in flight for IDLE_CLOSE_S (a client
+        that has just connected gets that long to send its request)."""
+        while True:
+            now = time.monotonic()
+            for connection in self._connections:
+                if connection.idle_for(now) >= IDLE_CLOSE_S:
+                    connection.task.cancel()
+            await asyncio.sleep(IDLE_CLOSE_S / 4)
 
     def stop(self) -> None:
-        """Every connection closed, the thread ended."""
+        """Every connection closed (the requests still pending on them counted in `cut`), the thread ended."""
         if not self._thread.is_alive():
             if not self._loop.is_closed():
                 self._loop.close()
             return
-        self.close_listener()
+        self.drain()
 
         async def close_all() -> None:
-            for task in list(self._connections):
+            tasks = [connection.task for connection in self._connections] + [t for t in (self._sweeper,) if t]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*self._connections, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         with contextlib.suppress(Exception):  # a loop already closing
             asyncio.run_coroutine_threadsafe(close_all(), self._loop).result(10)
@@ -114,14 +160,15 @@ class HttpGuard:
             self._loop.close()
 
     async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        self._connections.add(task)  # type: ignore[arg-type]
+        connection = _Connection(asyncio.current_task())  # type: ignore[arg-type]
+        self._connections.append(connection)
         upstream_writer = None
         try:
-            upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-            replies = asyncio.ensure_future(self._copy_replies(upstream_reader, client_writer))
+            upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port,
+                                                                              limit=HEAD_LIMIT)
+            replies = asyncio.ensure_future(self._copy_replies(upstream_reader, client_writer, connection))
             while not replies.done():
-                refusal = await self._pass_request(client_reader, upstream_writer)
+                refusal = await self._pass_request(client_reader, upstream_writer, connection)
                 if refusal is not None:
                     self.refused += 1
                     client_writer.write(refusal)
@@ -129,24 +176,30 @@ class HttpGuard:
                     await self._discard(client_reader)
                     break
             replies.cancel()
-        except (ConnectionError, asyncio.IncompleteReadError, OSError):
-            pass  # the client or Triton went away: nothing to answer
+        except (ConnectionError, asyncio.IncompleteReadError, OSError, asyncio.CancelledError):
+            pass  # the client or Triton went away, or the drain closed an idle connection: nothing to answer
         finally:
             for writer in (client_writer, upstream_writer):
                 if writer is not None:
                     writer.close()
-            self._connections.discard(task)  # type: ignore[arg-type]
+            self._connections.remove(connection)
+            if self._draining:
+                self.cut += len(connection.pending)
 
-    async def _pass_request(self, reader: asyncio.StreamReader, upstream: asyncio.StreamWriter) -> bytes | None:
+    async def _pass_request(self, reader: asyncio.StreamReader, upstream: asyncio.StreamWriter,
+                            connection: _Connection) -> bytes | None:
         """One request passed on; its refusal instead when its head says so. IncompleteReadError at the end."""
+        connection.between_requests = True
         try:
             head = await reader.readuntil(b"\r\n\r\n")
         except asyncio.LimitOverrunError:
             return _reply("431 Request Header Fields Too Large", f"the request head is over {HEAD_LIMIT} bytes")
+        connection.between_requests, connection.last_activity = False, time.monotonic()
         checked = check_head(head, self.max_body_bytes)
         if isinstance(checked, bytes):
             return checked
         head, left = checked
+        connection.pending.append(head.split(b" ", 1)[0])
         upstream.write(head)
         while left > 0:
             chunk = await reader.read(min(CHUNK, left))
@@ -167,10 +220,50 @@ class HttpGuard:
                 while await reader.read(CHUNK):
                     pass
 
-    @staticmethod
-    async def _copy_replies(upstream: asyncio.StreamReader, client: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, OSError):
-            while chunk := await upstream.read(CHUNK):
-                client.write(chunk)
+    async def _copy_replies(self, upstream: asyncio.StreamReader, client: asyncio.StreamWriter,
+                            connection: _Connection) -> None:
+        """Triton's replies to the client, one by one."""
+        with contextlib.suppress(ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                                 ValueError, IndexError):  # the last two: a reply head that does not parse
+            while True:
+                head = await upstream.readuntil(b"\r\n\r\n")
+                client.write(head)
+                status, length = reply_length(head, connection.pending[0] if connection.pending else b"")
+                if status < 200:  # 100 Continue: the final reply follows
+                    await client.drain()
+                    continue
+                if length is None:  # no length (never seen from Triton): the rest of the stream, untracked
+                    connection.pending.clear()
+                    while chunk := await upstream.read(CHUNK):
+                        client.write(chunk)
+                        await client.drain()
+                    break
+                while length > 0:
+                    chunk = await upstream.read(min(CHUNK, length))
+                    if not chunk:
+                        raise asyncio.IncompleteReadError(b"", length)
+                    client.write(chunk)
+                    length -= len(chunk)
+                    await client.drain()
                 await client.drain()
+                if connection.pending:
+                    connection.pending.popleft()
+                connection.last_activity = time.monotonic()
         client.close()  # Triton closed: so does the client's connection
+        connection.task.cancel()
+
+
+def reply_length(head: bytes, method: bytes) -> tuple[int, int | None]:
+    """A reply head's status and its body's length (None: not given, the body runs to the end of the stream)."""
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ", 2)[1])
+    if status < 200 or status in (204, 304) or method == b"HEAD":
+        return status, 0
+    length = None
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            length = int(value.strip())
+        elif name.strip().lower() == b"transfer-encoding":
+            return status, None
+    return status, length

@@ -399,18 +399,18 @@ class FacemarkServer:
                 LOGGER.error("stopped on its own: %s", self._why_stopped())
                 self.stop()
                 return 1
-        self.guard.close_listener()
+        self.guard.drain()
         LOGGER.warning("draining: no new connections; requests in flight have up to %d s", self.config.grace_s)
         self.stop()
-        cut = cut_by_exit_timeout(self._drain_log)
-        if cut is not None:
-            LOGGER.error("the drain did not finish within --grace %d s: %s", self.config.grace_s, cut)
+        shortfall = drain_shortfall(self.guard.cut, self._drain_log)
+        if shortfall is not None:
+            LOGGER.error("the drain did not finish within --grace %d s: %s", self.config.grace_s, shortfall)
             return 1
         return 0
 
     def stop(self) -> None:
         """Stop Triton (it finishes the requests in flight within grace_s first), the decoders, the log."""
-        self.guard.close_listener()
+        self.guard.drain()
         if self._triton is not None:
             self._triton.stop()
         self.guard.stop()
@@ -444,34 +444,29 @@ class FacemarkServer:
                 "grace_s": c.grace_s, "probes": {"readiness": "/v2/health/ready", "liveness": "/v2/health/live"}}
 
 
-# Triton's log when its exit timeout (--grace) ends the drain with work left: the HTTP connections still open
-# (counted each second of the wait), then the inferences each model version still had, then the give-up line
-OPEN_CONNECTIONS = re.compile(r"Timeout \d+: Found (\d+) (HTTP|GRPC) service connections")
+# Triton's log when its exit timeout (--grace) ends the drain: the inferences each model version still ran, then
+# the give-up line
 INFLIGHT_INFERENCES = re.compile(r"Model '([^']+)' \(version \d+\) has (\d+) in-flight inferences")
 EXIT_TIMEOUT_EXPIRED = "Exit timeout expired"
 
 
-def cut_by_exit_timeout(log_lines: Sequence[str]) -> str | None:
-    """What Triton's exit timeout cut, from its log: None when the drain finished in time. Else an upper bound of
-    the requests left unanswered: the client connections still open at Triton's last count (it counts once a
-    second, so one answered in that last second is included; an idle keep-alive connection too), and the
-    inferences each model still ran when Triton gave up (queued requests are not among them)."""
+def drain_shortfall(http_cut: int, log_lines: Sequence[str]) -> str | None:
+    """What the drain left unanswered: None when it finished in time. `http_cut`: the HTTP requests in flight
+    whose connection ended without their reply (the guard counts them); from Triton's log, whether its exit
+    timeout expired and the inferences it still ran then (any protocol; requests still queued are not among
+    them)."""
     inflight: dict[str, int] = {}
-    connections: dict[str, int] = {}
     expired = False
     for line in log_lines:
-        if (match := OPEN_CONNECTIONS.search(line)) is not None:
-            connections[match.group(2)] = int(match.group(1))
-        elif (match := INFLIGHT_INFERENCES.search(line)) is not None:
+        if (match := INFLIGHT_INFERENCES.search(line)) is not None:
             inflight[match.group(1)] = int(match.group(2))
         elif EXIT_TIMEOUT_EXPIRED in line:
             expired = True
-    if not expired:
+    if not expired and not http_cut:
         return None
-    running = "; ".join(f"{count} inference(s) of model {name} still running" for name, count in inflight.items())
-    open_connections = sum(connections.values())
-    return (f"up to {max(open_connections, sum(inflight.values()))} request(s) in flight were not answered "
-            f"({open_connections} client connection(s) open at Triton's last count{'; ' + running if running else ''})")
+    running = ", ".join(f"{count} of model {name}" for name, count in inflight.items()) or "none"
+    return (f"{http_cut} HTTP request(s) in flight were not answered"
+            + (f"; Triton's exit timeout expired with inference(s) still running: {running}" if expired else ""))
 
 
 @dataclass(frozen=True)
