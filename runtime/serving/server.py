@@ -10,14 +10,16 @@ every image of those requests (FaceLandmarker.detect_many), so concurrent client
 
 Behind a load balancer (docs/SERVING.md):
 - Readiness: the model repository is written before tritonserver starts and every model is loaded at its
-  start-up, and Triton opens its HTTP and gRPC ports only after that. So `/v2/health/ready` (and gRPC
-  ServerReady) refuses connections until every facemark model answers, then says 200 until shutdown begins.
+  start-up, and Triton opens its gRPC port and this process its HTTP port (the guard's) only after that. So
+  `/v2/health/ready` (and gRPC ServerReady) refuses connections until every facemark model answers, then says
+  200 until shutdown begins.
 - Drain: SIGTERM (or SIGINT) makes Triton close its ports to new connections and finish the requests in flight
   within `grace_s`; then the process exits 0 (1 and how many, when some could not be answered in time). The
   signal may reach every process of the server at once (`kill -TERM -- -PGID`, systemd's KillMode=control-group):
-  tritonserver and everything it starts run with SIGTERM blocked (the Python-backend stubs' shared-memory helper
-  processes die of it otherwise, failing the requests in flight), the decoders ignore it, and only this process
-  acts on it: it stops tritonserver with SIGINT after the drain.
+  tritonserver and everything it starts run in a process group of their own with SIGTERM blocked, tensors
+  travel over PyTriton's sockets (its shared-memory helper process per stub died of SIGTERM, failing the requests
+  in flight), the decoders ignore it, and only this process acts on it: it stops tritonserver with SIGINT after
+  the drain, then kills what tritonserver left of its group.
 - Limits: an HTTP body over --max-request-mb (+1 MB of JSON header) is refused with 413 from its head by the
   guard in front of Triton's HTTP endpoint (facemark.runtime.serving.guard, which says why); a request over
   `ServeLimits` is refused (every image of it gets the reason) before any decoding; uploads are decoded in
@@ -28,6 +30,7 @@ Behind a load balancer (docs/SERVING.md):
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -38,6 +41,7 @@ import sys
 import sysconfig
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -73,6 +77,7 @@ LOGGER = logging.getLogger("facemark.serve")
 DEFAULT_MAX_BATCH = 16
 DEFAULT_QUEUE_DELAY_US = 2000  # how long Triton holds a request for others to batch with it
 NO_TENSOR_STORE = "PYTRITON_NO_TENSORSTORE"
+LEFTOVER_WAIT_S = 3.0  # for tritonserver's processes to end by themselves after it has exited
 JSON_HEADER_ALLOWANCE = 1_000_000  # bytes of an HTTP body beyond --max-request-mb: the request's JSON header
 
 
@@ -413,6 +418,7 @@ class FacemarkServer:
         self.guard.drain()
         if self._triton is not None:
             self._triton.stop()
+            kill_leftovers(getattr(self._triton._triton_server, "group", None))
         self.guard.stop()
         self.decoders.close()
         self._log_stop.set()
@@ -482,6 +488,36 @@ class Ended:
         return f"exited with code {self.code}"
 
 
+def kill_leftovers(group: int | None) -> None:
+    """SIGKILL what is left of tritonserver's process group once it has exited: a Python-backend stub whose
+    model was still executing when Triton's exit timeout ended it waits for an answer forever otherwise."""
+    if group is None:
+        return
+    deadline = time.monotonic() + LEFTOVER_WAIT_S  # stubs of models unloaded normally are just ending
+    while (left := [pid for pid in _group_members(group) if pid != group]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):  # gone meanwhile
+            os.kill(pid, signal.SIGKILL)
+    if left:
+        LOGGER.warning("tritonserver left %d process(es) of its own running; killed: %s", len(left),
+                       " ".join(map(str, left)))
+
+
+def _group_members(group: int) -> list[int]:
+    """The live processes of a process group, from /proc (Linux)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == group and fields[0] != "Z":
+                members.append(int(entry.name))
+    return members
+
+
 def _triton_child_setup() -> None:
     """In tritonserver's process, between fork and exec. SIGTERM blocked: the mask is inherited by every process
     Triton starts (Python-backend stubs, their shared-memory helpers), so a SIGTERM sent to the whole process
@@ -497,12 +533,14 @@ def _triton_child_setup() -> None:
 
 
 def _triton_process_class(pt):
-    """PyTriton's TritonServer (the tritonserver subprocess) started with _triton_child_setup, recording how it
-    ended (`ended`), with its own stdout (lines Triton prints outside its log file, such as "Signal (2)
-    received.") kept rather than echoed onto ours, where the ready line goes."""
+    """PyTriton's TritonServer (the tritonserver subprocess) started with _triton_child_setup in a session and
+    process group of its own (`group`: a signal to facemark serve's group does not reach it, and what it leaves
+    behind can be found), recording how it ended (`ended`), with its own stdout (lines Triton prints outside its
+    log file, such as "Signal (2) received.") kept rather than echoed onto ours, where the ready line goes."""
 
     class TritonProcess(pt.server.triton_server.TritonServer):
         ended: Ended | None = None
+        group: int | None = None  # tritonserver's process group: it and every process it starts
 
         def start(self) -> None:  # PyTriton's start, with facemark's child setup
             import sh
@@ -512,7 +550,8 @@ def _triton_process_class(pt):
             self._tritonserver_running_cmd = sh.Command(command).bake(*rest)(
                 *self._server_config.to_args_list(), _env=self._get_env(), _err_to_out=True, _out=self._record_logs,
                 _out_bufsize=0, _err_bufsize=0, _bg=True, _bg_exc=False, _done=self._handle_exit,
-                _preexec_fn=_triton_child_setup)
+                _preexec_fn=_triton_child_setup, _new_session=True)
+            self.group = self._tritonserver_running_cmd.pid
 
         def _handle_exit(self, command, success, exit_code) -> None:
             self.ended = Ended(command.pid, exit_code)
