@@ -365,6 +365,9 @@ class FacemarkServer:
         """Which process ended and how: tritonserver's exit code or signal (its last error only with an exit code,
         where it says why), else the model whose handler stopped."""
         process = self._triton._triton_server
+        deadline = time.monotonic() + 5  # sh records the exit on a thread of its own, a moment after it
+        while getattr(process, "ended", None) is None and not process.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
         ended = getattr(process, "ended", None)
         if ended is not None:
             cause = self._last_triton_error() if ended.code > 0 else ""  # a signal: its log does not say why
