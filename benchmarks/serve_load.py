@@ -35,6 +35,7 @@ from facemark.imageio import decode_image
 from facemark.runtime.defaults import DEFAULT_MAX_REQUEST_MB
 from facemark.runtime.landmarker import DEFAULT_MODEL_PATH, FaceLandmarker, resolve_model_path
 from facemark.runtime.serving.client import ServerError, TritonLandmarker, server_address
+from facemark.runtime.serving.server import process_stats
 
 READY_TIMEOUT_S = 240.0
 DAMAGED_EVERY = 100
@@ -96,13 +97,8 @@ def post_status(port: int, body: bytes, headers: dict[str, str], path: str = INF
 def process_tree(pid: int) -> list[int]:
     """`pid` and its descendants, from /proc (Linux)."""
     children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    for child, fields in process_stats():
+        children.setdefault(int(fields[1]), []).append(child)
     found, todo = [pid], [pid]
     while todo:
         for child in children.get(todo.pop(), []):

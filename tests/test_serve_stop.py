@@ -21,18 +21,11 @@ import pytest
 
 from facemark.benchmarks.serve_load import ServerProcess, process_tree
 from tests.conftest import SAMPLES
+from tests.test_serve import _alive
 
 PHOTO = SAMPLES / "2008_002470.jpg"
 CLIENTS = 8
 TIMEOUT_STOP_S = 90  # the unit's TimeoutStopSec in the systemd emulation (docs/SERVING.md)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"  # a zombie has exited; only its parent's wait is missing
 
 
 def _signal_each(pids: list[int], signum: int) -> None:

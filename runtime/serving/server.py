@@ -42,7 +42,7 @@ import sysconfig
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -507,18 +507,20 @@ def kill_leftovers(group: int | None) -> None:
                        " ".join(map(str, left)))
 
 
-def _group_members(group: int) -> list[int]:
-    """The live processes of a process group, from /proc (Linux)."""
-    members = []
+def process_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/PID/stat after the command name: state, ppid, pgrp, ...) of every process
+    (Linux); a process that ends meanwhile is skipped."""
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                yield int(entry.name), (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[2]) == group and fields[0] != "Z":
-                members.append(int(entry.name))
-    return members
+
+
+def _group_members(group: int) -> list[int]:
+    """The live processes of a process group."""
+    return [pid for pid, fields in process_stats() if int(fields[2]) == group and fields[0] != "Z"]
 
 
 def _triton_child_setup() -> None:
