@@ -15,6 +15,7 @@ from rich.table import Table
 
 from facemark.choices import Int8Activations, choice_enum
 from facemark.errors import ParityError
+from facemark.export.parity import figure
 from facemark.export.precisions import PRECISIONS
 
 console = Console(soft_wrap=True)
@@ -113,10 +114,6 @@ def _write_repo(model: Path, repo: Path, max_batch: int, kind: str, tensorrt: bo
     console.print(f"Triton model repository: {folder} (tritonserver --model-repository {repo})")
 
 
-def _figure(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def print_report(report: dict) -> None:
     """The parity table (one row per input set), the gates and the summary line."""
     if not report.get("checked"):
@@ -130,8 +127,8 @@ def print_report(report: dict) -> None:
         table.add_column(column, justify="left" if column == "set" else "right", overflow="fold")
     for s in report["sets"]:  # median and p99 rel are in the JSON report
         st = s["landmarks"]
-        errors = (_figure(st[k], ".2g") for k in ("max_abs", "mean_abs", "p99_abs", "max_rel"))
-        pixels = (_figure(st["px"][k], ".3g") for k in ("max_abs", "p99_abs"))
+        errors = (figure(st[k], ".2g") for k in ("max_abs", "mean_abs", "p99_abs", "max_rel"))
+        pixels = (figure(st["px"][k], ".3g") for k in ("max_abs", "p99_abs"))
         ties = f" ({s['tied_points']} of {s['points']} points tied, left out)" if s.get("tied_points") else ""
         table.add_row(s["source"] + ties, str(s["batch"]), *errors, *pixels, str(st["nan"] + st["inf"]))
     console.print(table)
@@ -141,6 +138,6 @@ def print_report(report: dict) -> None:
     for g in report["gates"]:
         verdict = ("[green]pass[/green]" if g["passed"] else "[red]FAIL[/red]") if g.get("gated", True) else \
             "[yellow]not gated[/yellow]"
-        gates.add_row(g["name"], _figure(g["value"], ".4g"), _figure(g["limit"], ".4g"), g["unit"], verdict)
+        gates.add_row(g["name"], figure(g["value"], ".4g"), figure(g["limit"], ".4g"), g["unit"], verdict)
     console.print(gates)
     console.print(report["summary"], style="green" if report["passed"] else "red", highlight=False)

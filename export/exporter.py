@@ -181,13 +181,10 @@ def presence_separation(candidate: onnx.ModelProto, contract: CropContract, reco
     records = spread(records, PRESENCE_FACES)
     faces = face_crops(records, contract, say)
     negatives = validation_negatives(records, contract)
-    session = parity.open_session(candidate.SerializeToString())
-    names = [o.name for o in session.get_outputs()]
+    run = parity.outputs_by_name(parity.open_session(candidate.SerializeToString()))
 
     def scores(x: np.ndarray) -> np.ndarray:
-        out = parity.run_batched(lambda b: dict(zip(names, session.run(None, {meta.INPUT_NAME: b}), strict=True)),
-                                 x, 16)
-        return out[meta.FACE_SCORE].astype(np.float64)
+        return parity.run_batched(run, x, 16)[meta.FACE_SCORE].astype(np.float64)
 
     pos, neg = scores(faces), scores(negatives)
     auc = roc_auc(pos, neg)
@@ -196,7 +193,7 @@ def presence_separation(candidate: onnx.ModelProto, contract: CropContract, reco
                   "threshold": DEFAULT_MIN_SCORE, "faces_kept": kept,
                   "non_faces_kept": float((neg >= DEFAULT_MIN_SCORE).mean()) if len(neg) else 0.0}
     separation["trusted"] = meta.presence_trusted(separation)
-    say(f"presence score: ROC AUC {_figure(auc)} on {len(pos)} faces / {len(neg)} face-free crops, "
+    say(f"presence score: ROC AUC {parity.figure(auc)} on {len(pos)} faces / {len(neg)} face-free crops, "
         f"{100 * kept:.0f} % of faces >= {DEFAULT_MIN_SCORE:g}: "
         + ("applied by the runtime" if separation["trusted"] else "NOT trusted: the runtime keeps the detector's "
            "faces and warns (train longer for a presence score)"))
@@ -204,10 +201,6 @@ def presence_separation(candidate: onnx.ModelProto, contract: CropContract, reco
 
 
 PRESENCE_FACES = 256  # faces (and as many face-free crops) behind the recorded presence separation
-
-
-def _figure(value: float) -> str:
-    return f"{value:.4f}" if np.isfinite(value) else "n/a"
 
 
 # --- data --------------------------------------------------------------------------------------------------
@@ -299,7 +292,7 @@ def verify_model(candidate: onnx.ModelProto, fp32: onnx.ModelProto, reference: t
     size = contract.size
     session = parity.open_session(candidate.SerializeToString())
     names = [o.name for o in session.get_outputs()]
-    run_candidate = lambda x: dict(zip(names, session.run(None, {meta.INPUT_NAME: x}), strict=True))  # noqa: E731
+    run_candidate = parity.outputs_by_name(session)
     run_reference = _torch_runner(reference)
     sets, outs, refs = [], [], []
     for source, b, x in parity.input_sets(real_crops, size, batch):

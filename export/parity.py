@@ -53,6 +53,12 @@ LARGE_BATCH = 8
 
 
 # --- sessions ----------------------------------------------------------------------------------------------
+def outputs_by_name(session):
+    """x -> {output name: array} of an ONNX Runtime session (the model's one input)."""
+    names = [o.name for o in session.get_outputs()]
+    return lambda x: dict(zip(names, session.run(None, {INPUT_NAME: x}), strict=True))
+
+
 def open_session(model: str | os.PathLike | bytes, provider: str = "cpu", threads: int | None = None):
     """A plain ONNX Runtime session (the only place export touches providers)."""
     import onnxruntime as ort
@@ -112,11 +118,6 @@ def point_margins(scores: np.ndarray) -> np.ndarray:
     flat = scores.reshape(scores.shape[0], scores.shape[1], -1)
     top2 = np.sort(flat, axis=2)[:, :, -2:]
     return top2[:, :, 1] - top2[:, :, 0]
-
-
-def decode_margin(scores: np.ndarray) -> np.ndarray:
-    """Per crop, the smallest gap between a point's best and second-best cell score: (N, P, H, W) -> (N,)."""
-    return point_margins(scores).min(axis=1)
 
 
 def tied_landmarks(scores: np.ndarray, neighbors: np.ndarray, margin: float | None = None) -> np.ndarray:
@@ -292,14 +293,15 @@ def summary_line(report: dict) -> str:
     failed = [g for g in report["gates"] if g.get("gated", True) and not g["passed"]]
     if not failed:
         return f"{text}: passed"
-    reasons = "; ".join(f"{g['name']} = {_figure(g['value'])} "
-                        f"{'<' if g['unit'] == 'points' else '>'} {_figure(g['limit'])} {g['unit']}" for g in failed)
+    reasons = "; ".join(f"{g['name']} = {figure(g['value'])} "
+                        f"{'<' if g['unit'] == 'points' else '>'} {figure(g['limit'])} {g['unit']}" for g in failed)
     advice = list(dict.fromkeys(g["advice"] for g in failed if g.get("advice")))
     return f"{text}: FAILED gate: {reasons}" + (f". What to do: {' / '.join(advice)}" if advice else "")
 
 
-def _figure(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4g}"
+def figure(value: float | None, spec: str = ".4g") -> str:
+    """A statistic for a report line or table: "n/a" where it could not be computed (None, NaN)."""
+    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
 
 
 def strict_json_value(value: object) -> object:

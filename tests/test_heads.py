@@ -230,13 +230,14 @@ def test_flip_tta_of_a_mirror_symmetric_predictor_is_its_plain_answer():
     np.testing.assert_allclose(flipped, plain, atol=1e-4)
 
 
-def test_decode_margin_is_each_crops_smallest_gap_between_a_points_two_best_cells():
-    from facemark.export.parity import decode_margin
+def test_point_margins_are_each_points_gap_between_its_two_best_cells():
+    from facemark.export.parity import point_margins
 
     scores = np.zeros((2, 3, 2, 2), np.float32)
     scores[:, :, 0, 0] = 1.0  # every point has a clear winner: gap 1
     scores[1, 2, 1, 1] = 1.0  # except point 2 of crop 1: two cells tie
-    assert decode_margin(scores).tolist() == [1.0, 0.0]
+    assert point_margins(scores).min(axis=1).tolist() == [1.0, 0.0]
+    assert point_margins(scores)[1].tolist() == [1.0, 1.0, 0.0]
 
 
 def test_tied_landmarks_are_the_tied_points_and_the_points_they_vote_for():
