@@ -201,14 +201,7 @@ class HttpGuard:
         head, left = checked
         connection.pending.append(head.split(b" ", 1)[0])
         upstream.write(head)
-        while left > 0:
-            chunk = await reader.read(min(CHUNK, left))
-            if not chunk:
-                raise asyncio.IncompleteReadError(b"", left)
-            upstream.write(chunk)
-            left -= len(chunk)
-            await upstream.drain()
-        await upstream.drain()
+        await _copy_exactly(reader, upstream, left)
         return None
 
     @staticmethod
@@ -238,14 +231,7 @@ class HttpGuard:
                         client.write(chunk)
                         await client.drain()
                     break
-                while length > 0:
-                    chunk = await upstream.read(min(CHUNK, length))
-                    if not chunk:
-                        raise asyncio.IncompleteReadError(b"", length)
-                    client.write(chunk)
-                    length -= len(chunk)
-                    await client.drain()
-                await client.drain()
+                await _copy_exactly(upstream, client, length)
                 if connection.pending:
                     connection.pending.popleft()
                 connection.last_activity = time.monotonic()
@@ -267,3 +253,16 @@ def reply_length(head: bytes, method: bytes) -> tuple[int, int | None]:
         elif name.strip().lower() == b"transfer-encoding":
             return status, None
     return status, length
+
+
+async def _copy_exactly(source: asyncio.StreamReader, target: asyncio.StreamWriter, count: int) -> None:
+    """`count` bytes from `source` to `target` in chunks, each drained; IncompleteReadError when the source ends
+    first."""
+    while count > 0:
+        chunk = await source.read(min(CHUNK, count))
+        if not chunk:
+            raise asyncio.IncompleteReadError(b"", count)
+        target.write(chunk)
+        count -= len(chunk)
+        await target.drain()
+    await target.drain()
