@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape  # file names may hold brackets: text, not markup
 
 from facemark.choices import AlignTemplate, DrawChoice, Provider
+from facemark.cli_names import DIR, FILE, renamed
 from facemark.fileio import DEFAULT_MAX_FILE_MB
 from facemark.reporting import progress_display
 from facemark.runtime.cli_options import flags_text, given, option_names, with_options
@@ -42,14 +43,14 @@ app = typer.Typer(
 )
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
-PROVIDER_HELP = "Execution provider: auto (TensorRT > CUDA > CPU, whichever loads), cpu, cuda or tensorrt."
+DEVICE_HELP = "Where the model runs: auto (TensorRT > CUDA > CPU, whichever loads), cpu, cuda or tensorrt."
 MODEL_HELP = "facemark ONNX model (default: the model shipped in facemark/assets)."
 
 
-def _landmarker_options(provider: Provider, threads: int | None, trt_fp16: bool, trt_cache: Path | None,
+def _landmarker_options(device: Provider, threads: int | None, trt_fp16: bool, trt_cache: Path | None,
                         options: RuntimeOptions) -> dict:
     """FaceLandmarker's keyword arguments from the command line (--ray hands them to every actor)."""
-    return {"provider": provider.value, "threads": threads, "trt_fp16": trt_fp16, "trt_cache_dir": trt_cache,
+    return {"provider": device.value, "threads": threads, "trt_fp16": trt_fp16, "trt_cache_dir": trt_cache,
             "options": options}
 
 
@@ -73,7 +74,7 @@ SERVER_HELP = ("Send the images to a `facemark serve` server (http://HOST:PORT) 
                "same JSON, JSONL, CSV and pictures. Model, detector and refinement are the server's settings.")
 # predict options that only the server can set once --server is given
 SERVER_ONLY = ("wait", "timeout")  # predict options that need --server
-LOCAL_ONLY = ("model", "provider", "threads", "trt_fp16", "trt_cache",
+LOCAL_ONLY = ("model", "device", "threads", "trt_fp16", "trt_cache",
               *option_names(DetectorOptions, PipelineOptions))
 
 
@@ -81,42 +82,45 @@ RAY_HELP = ("Run the job on a Ray cluster (the ray extra): local (start one here
             "machine belongs to) or its address (HOST:6379, ray://HOST:10001); inputs may be URIs (s3://...). "
             "--workers: actors (default: the cluster's CPUs over --threads); --threads: CPUs per actor (default 1). "
             "Writes --jsonl and/or --parquet once the job is done.")
-NOT_WITH_RAY = ("out", "json_path", "csv_path", "aligned", "resume", "force")
+NOT_WITH_RAY = ("out_dir", "json_path", "csv_path", "aligned", "resume", "force")
 
 
 @app.command("predict")
+@renamed(out_dir=("--out", "-o"), device=("--provider", "-p"))
 @with_options
 def predict_command(
     ctx: typer.Context,
     inputs: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or globs."),
     model: Path | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Folder for the annotated images (NAME.ext, or "
-                                    "NAME-1.ext when that name is taken; never an input's own file)."),
-    json_path: Path | None = typer.Option(None, "--json", help="Write the JSON document here; - for stdout "
-                                          "(default: stdout when no other output is given either)."),
-    provider: Provider = typer.Option("auto", "--provider", "-p", help=PROVIDER_HELP),
-    draw: DrawChoice = typer.Option("points", "--draw", help="How --out pictures show the landmarks."),
+    out_dir: Path | None = typer.Option(None, "--out-dir", metavar=DIR, help="Folder for the annotated images "
+                                        "(NAME.ext, or NAME-1.ext when that name is taken; never an input's own "
+                                        "file)."),
+    json_path: Path | None = typer.Option(None, "--json", metavar=FILE, help="Write the JSON document here; - for "
+                                          "stdout (default: stdout when no other output is given either)."),
+    device: Provider = typer.Option("auto", "--device", help=DEVICE_HELP),
+    draw: DrawChoice = typer.Option("points", "--draw", help="How --out-dir pictures show the landmarks."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for the model."),
     detection: DetectorOptions = DetectorOptions(),
     pipeline: PipelineOptions = PipelineOptions(),
-    jsonl: Path | None = typer.Option(None, "--jsonl", help="Stream one JSON line per input (the images[] entry "
-                                      "and the run's model sha256 and settings), flushed as each input is done; "
-                                      "- for stdout."),
+    jsonl: Path | None = typer.Option(None, "--jsonl", metavar=FILE, help="Stream one JSON line per input (the "
+                                      "images[] entry and the run's model sha256 and settings), flushed as each "
+                                      "input is done; - for stdout."),
     resume: bool = typer.Option(False, "--resume", help="With --jsonl: keep its complete lines without an error, "
                                 "redo the other inputs and append them; refused when the lines come from another "
                                 "model or other settings."),
     force: bool = typer.Option(False, "--force", help="With --resume: append even to lines of another model or "
                                "other settings."),
-    aligned: Path | None = typer.Option(None, "--aligned", help="Folder for each face's similarity-aligned chip "
-                                        "(PNG, NAME-faceI.png; dlib get_face_chips / InsightFace norm_crop); "
-                                        "not the --out folder."),
+    aligned: Path | None = typer.Option(None, "--aligned", metavar=DIR, help="Folder for each face's "
+                                        "similarity-aligned chip (PNG, NAME-faceI.png; dlib get_face_chips / "
+                                        "InsightFace norm_crop); not the --out-dir folder."),
     aligned_size: int = typer.Option(112, "--aligned-size", min=8, help="Side of the aligned chips in pixels."),
     aligned_template: AlignTemplate = typer.Option("arcface", "--aligned-template",
                                                    help="arcface: the five-point ArcFace layout; eyes: eye centres."),
     pose: bool = typer.Option(False, "--pose", help="Add each face's head pose (yaw, pitch, roll in degrees) to the "
                               "JSON, JSONL and CSV."),
-    csv_path: Path | None = typer.Option(None, "--csv", help="Write one CSV row per face: path, face, box, score, "
-                                         "x0,y0 .. x67,y67 (and yaw, pitch, roll with --pose); - for stdout."),
+    csv_path: Path | None = typer.Option(None, "--csv", metavar=FILE, help="Write one CSV row per face: path, "
+                                         "face, box, score, x0,y0 .. x67,y67 (and yaw, pitch, roll with --pose); "
+                                         "- for stdout."),
     workers: int | None = typer.Option(
         None, "--workers", min=1, help="Threads decoding, detecting and writing while the model runs batched over "
         "several images (default: one per core); 1 = one image after another."),
@@ -128,12 +132,12 @@ def predict_command(
     timeout: float = typer.Option(30.0, "--timeout", min=0.1, help="With --server: seconds one request may take; "
                                   "a server that stops answering ends the run, the images not done failed."),
     ray_address: str | None = typer.Option(None, "--ray", metavar="local|auto|ADDRESS", help=RAY_HELP),
-    parquet: Path | None = typer.Option(None, "--parquet", help="With --ray: the rows as one Parquet file "
-                                        "(path, width, height, faces nested, error)."),
+    parquet: Path | None = typer.Option(None, "--parquet", metavar=FILE, help="With --ray: the rows as one "
+                                        "Parquet file (path, width, height, faces nested, error)."),
     max_file_mb: float = typer.Option(DEFAULT_MAX_FILE_MB, "--max-file-mb", min=0.001, help="Refuse a larger "
                                       "input file by its size, before reading it (that input's error)."),
 ) -> None:
-    """Landmarks for every face in photos: annotated images (--out), one JSON document (--json), JSON lines
+    """Landmarks for every face in photos: annotated images (--out-dir), one JSON document (--json), JSON lines
     streamed per image (--jsonl, resumable with --resume), CSV (--csv), aligned face chips (--aligned);
     locally or on a `facemark serve` server (--server). Writes only what is asked for, each file complete or not
     at all; never an input, never a picture it did not write itself (its folders' facemark-outputs.json says
@@ -170,7 +174,7 @@ def predict_command(
     plan.read(model or _default_model(), "--model")
     for path, option in ((json_path, "--json"), (jsonl, "--jsonl"), (csv_path, "--csv"), (parquet, "--parquet")):
         plan.write(path, option)
-    plan.write_folder(out, "--out").write_folder(aligned, "--aligned").check()  # before any work
+    plan.write_folder(out_dir, "--out-dir").write_folder(aligned, "--aligned").check()  # before any work
     remote = None
     if server is not None:
         from facemark.runtime.serving.client import TritonLandmarker
@@ -185,14 +189,14 @@ def predict_command(
         unused = given(ctx, SERVER_ONLY)
         if unused:
             raise typer.BadParameter(f"{flags_text(unused)}: only with --server")
-        options = (provider, threads, trt_fp16, trt_cache, RuntimeOptions(detection, pipeline))
+        options = (device, threads, trt_fp16, trt_cache, RuntimeOptions(detection, pipeline))
         landmarker = _landmarker(model, *options)
         steps = LocalSteps(landmarker, max_bytes=max_bytes)
         if ray_address is not None or parquet is not None:
             return _predict_on_ray(ctx, inputs, ray_address, landmarker, model, _landmarker_options(*options),
                                    workers, jsonl, parquet, pose, pipeline.max_faces)
     chips = ChipOptions(aligned, aligned_size, aligned_template.value) if aligned else None
-    stems = claim_output_stems(files, output_folders(out, chips))  # refuses unsafe folders before any work
+    stems = claim_output_stems(files, output_folders(out_dir, chips))  # refuses unsafe folders before any work
     for failure in failures:
         console.print(f"[red]error:[/red] {escape(printable(failure.error))}")
     run = run_identity(landmarker.describe(), {"max_faces": pipeline.max_faces, "pose": pose})
@@ -215,7 +219,7 @@ def predict_command(
                 progress.advance(task)
 
             stopping = stop.requested if remote is None else lambda: stop.requested() or remote.stopped()
-            results = predict_files(steps, todo, out, draw.value, on_result=report,  # type: ignore[arg-type]
+            results = predict_files(steps, todo, out_dir, draw.value, on_result=report,  # type: ignore[arg-type]
                                     stop_requested=stopping, workers=workers, chips=chips, pose=pose, stems=stems)
             if remote is not None and remote.gone is not None:
                 results += _not_done(remote, todo, results, writer)
@@ -229,11 +233,11 @@ def predict_command(
     text = dumps(document, indent=1) + "\n"
     if json_path is not None:
         write_output_text(json_path, text)
-    elif out is None and jsonl is None and csv_path is None and aligned is None:
+    elif out_dir is None and jsonl is None and csv_path is None and aligned is None:
         sys.stdout.write(text)
     if csv_path is not None:
         write_csv(csv_path, results, pose)
-    _print_summary(failures + results, landmarker.providers, out, json_path, jsonl, csv_path, aligned)
+    _print_summary(failures + results, landmarker.providers, out_dir, json_path, jsonl, csv_path, aligned)
     if stop.signal is not None:
         console.print(f"[yellow]interrupted ({stop.signal.name}): {len(results)} of {len(todo)} images done"
                       + (f"; continue with --resume --jsonl {jsonl}" if jsonl else "") + "[/yellow]")
@@ -272,7 +276,7 @@ def _predict_on_ray(ctx: typer.Context, inputs: list[str], address: str | None, 
         raise typer.BadParameter("--parquet: only with --ray")
     clash = given(ctx, NOT_WITH_RAY)
     if clash:
-        raise typer.BadParameter(", ".join("--" + n.removesuffix("_path") for n in clash) + ": not with --ray")
+        raise typer.BadParameter(flags_text([n.removesuffix("_path") for n in clash]) + ": not with --ray")
     if jsonl is None and parquet is None:
         raise typer.BadParameter("--ray needs --jsonl FILE and/or --parquet FILE")
     from facemark.runtime.ray import predict_job, write_jsonl_rows, write_parquet
@@ -331,7 +335,7 @@ class _StopFlag:
             signal.signal(s, handler)
 
 
-def _print_summary(results, providers: list[str], out: Path | None, json_path: Path | None,
+def _print_summary(results, providers: list[str], out_dir: Path | None, json_path: Path | None,
                    jsonl: Path | None = None, csv_path: Path | None = None, aligned: Path | None = None) -> None:
     ok = [r for r in results if not r.error]
     failed = len(results) - len(ok)
@@ -341,8 +345,8 @@ def _print_summary(results, providers: list[str], out: Path | None, json_path: P
     line = (f"{len(results)} images, {faces} faces ({below} detections below the presence threshold), {failed} "
             f"failed, {ms:.1f} ms per image (read + detect + landmarks) on {providers[0]}")
     console.print(("[red]" if failed else "[green]") + line + ("[/red]" if failed else "[/green]"))
-    if out is not None:
-        console.print(f"annotated images: {out}")
+    if out_dir is not None:
+        console.print(f"annotated images: {out_dir}")
     if json_path is not None:
         console.print(f"JSON: {json_path}")
     if jsonl is not None:
@@ -354,13 +358,15 @@ def _print_summary(results, providers: list[str], out: Path | None, json_path: P
 
 
 @app.command("video")
+@renamed(out="--out", device=("--provider", "-p"))
 @with_options
 def video_command(
     ctx: typer.Context,
     source: str = typer.Argument(..., help="A video file, or a camera index such as 0."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Annotated video (.mp4, mp4v codec)."),
-    jsonl: Path | None = typer.Option(None, "--jsonl", help="Per-frame landmarks as JSON lines (with neither "
-                                      "--out nor --jsonl: JSON lines on stdout)."),
+    out: Path | None = typer.Option(None, "-o", "--output", metavar=FILE, help="Annotated video (.mp4, mp4v "
+                                    "codec)."),
+    jsonl: Path | None = typer.Option(None, "--jsonl", metavar=FILE, help="Per-frame landmarks as JSON lines "
+                                      "(with neither --output nor --jsonl: JSON lines on stdout)."),
     smooth: bool = typer.Option(True, "--smooth/--no-smooth", help="One-Euro smoothing of the points."),
     detect_every: int = typer.Option(10, "--detect-every", min=1, help="Run the detector every N frames (and on "
                                      "loss)."),
@@ -368,9 +374,9 @@ def video_command(
                                         help="Every Nth of those detections scans the whole frame for new faces; "
                                         "the others search only around the tracked faces (1: always whole)."),
     model: Path | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    provider: Provider = typer.Option("auto", "--provider", "-p", help=PROVIDER_HELP),
+    device: Provider = typer.Option("auto", "--device", help=DEVICE_HELP),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for the model."),
-    draw: DrawChoice = typer.Option("points", "--draw", help="How --out shows the landmarks."),
+    draw: DrawChoice = typer.Option("points", "--draw", help="How --output shows the landmarks."),
     detection: DetectorOptions = DetectorOptions(),
     pipeline: PipelineOptions = PipelineOptions(),
     max_frames: int | None = typer.Option(None, "--max-frames", min=1, help="Stop after N frames."),
@@ -382,8 +388,8 @@ def video_command(
 
     plan = OutputPlan().read(None if is_camera_source(source) else source, "the video").read(
         model or _default_model(), "--model")
-    plan.write(out, "--out").write(jsonl, "--jsonl").check()  # before the model loads
-    landmarker = _landmarker(model, provider, threads, False, None, RuntimeOptions(detection, pipeline))
+    plan.write(out, "--output").write(jsonl, "--jsonl").check()  # before the model loads
+    landmarker = _landmarker(model, device, threads, False, None, RuntimeOptions(detection, pipeline))
 
     def to_stdout(frame) -> None:  # nothing asked to be saved: stream the frames as JSON lines
         sys.stdout.write(dumps(frame.to_json()) + "\n")
@@ -414,6 +420,7 @@ def video_command(
         raise typer.Exit(code=1)
 
 
+@renamed(max_batch_size="--max-batch", device=("--provider", "-p"), workers="--decoders")
 @with_options
 def serve_command(
     model: Path | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
@@ -421,12 +428,13 @@ def serve_command(
     http_port: int = typer.Option(8000, "--http-port", min=1, max=65535, help="KServe v2 HTTP (and /v2/health/ready)."),
     grpc_port: int = typer.Option(8001, "--grpc-port", min=1, max=65535, help="KServe v2 gRPC."),
     metrics_port: int = typer.Option(8002, "--metrics-port", min=1, max=65535, help="Prometheus metrics (/metrics)."),
-    max_batch: int = typer.Option(16, "--max-batch", min=1, help="Largest batch Triton's dynamic batcher forms."),
+    max_batch_size: int = typer.Option(16, "--max-batch-size", min=1, help="Largest batch Triton's dynamic "
+                                       "batcher forms."),
     instances: int = typer.Option(1, "--instances", min=1, help="Model instances (each its own ONNX Runtime "
                                   "session; requests run on them in parallel)."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="ONNX Runtime threads per instance "
                                        "(default: the cores shared among the instances)."),
-    provider: Provider = typer.Option("auto", "--provider", "-p", help=PROVIDER_HELP),
+    device: Provider = typer.Option("auto", "--device", help=DEVICE_HELP),
     detection: DetectorOptions = DetectorOptions(),
     pipeline: PipelineOptions = PipelineOptions(),
     grace: int = typer.Option(DEFAULT_GRACE_S, "--grace", min=0, help="On SIGTERM: seconds the requests in flight "
@@ -434,11 +442,11 @@ def serve_command(
     max_request_mb: float = typer.Option(DEFAULT_MAX_REQUEST_MB, "--max-request-mb", min=0.001,
                                          help="Refuse a request whose images total more encoded megabytes."),
     max_images: int = typer.Option(DEFAULT_MAX_IMAGES, "--max-images", min=1,
-                                   help="Refuse a request with more images (at most --max-batch)."),
+                                   help="Refuse a request with more images (at most --max-batch-size)."),
     max_megapixels: float = typer.Option(DEFAULT_MAX_MEGAPIXELS, "--max-megapixels", min=0.001,
                                          help="Refuse a request whose images decode to more megapixels in all "
                                          "(read from the image headers, before decoding)."),
-    decoders: int = typer.Option(2, "--decoders", min=1, help="Processes decoding uploads (a decoder crash on a "
+    workers: int = typer.Option(2, "--workers", min=1, help="Processes decoding uploads (a decoder crash on a "
                                  "damaged file costs that image, not the server)."),
     verbose: bool = typer.Option(False, "--verbose", help="Triton's whole log on stderr (default: its warnings and "
                                  "errors, one line each)."),
@@ -458,10 +466,10 @@ def serve_command(
     if not verbose:
         logging.getLogger().handlers[0].setFormatter(OneLineFormatter(log_format))
     limits = ServeLimits(max_request_mb=max_request_mb, max_images=max_images, max_megapixels=max_megapixels)
-    config = ServeConfig(model=model, provider=provider.value, host=host, http_port=http_port, grpc_port=grpc_port,
-                         metrics_port=metrics_port, max_batch=max_batch, instances=instances, threads=threads,
+    config = ServeConfig(model=model, provider=device.value, host=host, http_port=http_port, grpc_port=grpc_port,
+                         metrics_port=metrics_port, max_batch=max_batch_size, instances=instances, threads=threads,
                          options=RuntimeOptions(detection, pipeline), limits=limits,
-                         grace_s=grace, decoders=decoders, verbose=verbose)
+                         grace_s=grace, decoders=workers, verbose=verbose)
     server = FacemarkServer(config)  # the checks that need no Triton: one line, exit 2
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):  # from now on: a signal drains, even during start-up

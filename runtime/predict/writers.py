@@ -21,7 +21,7 @@ sha256 and the settings that change results. `--resume` keeps the complete lines
 lines (anywhere) and lines with an error, and processes only the inputs without a kept line (paths compared
 resolved); lines of another model or other settings are refused (`force` mixes them).
 
-Pictures (--out, --aligned): each input gets an output stem unique in its folder and stable across runs, kept
+Pictures (--out-dir, --aligned): each input gets an output stem unique in its folder and stable across runs, kept
 in the folder's OUTPUTS_MANIFEST: a rerun or a resumed run replaces only what it wrote for the same input, a
 file it did not write is never replaced, and a folder where an output would replace an input is refused.
 """
@@ -54,6 +54,7 @@ from facemark.fileio import (
 from facemark.geometry import ARCFACE_SIZE, Template
 from facemark.imageio import write_image
 from facemark.outputs import name_of, path_bytes, utf8_text
+from facemark.runtime.landmarker import Face
 from facemark.runtime.predict.inputs import ImageResult
 from facemark.scheme import NUM_POINTS
 
@@ -73,7 +74,7 @@ class Describable(Protocol):
     def describe(self) -> dict: ...  # {"model": {...}, "detector": {...}}: the document's header
 
 
-OUTPUTS_MANIFEST = "facemark-outputs.json"  # in each --out / --aligned folder: {resolved input: output stem}
+OUTPUTS_MANIFEST = "facemark-outputs.json"  # in each --out-dir / --aligned folder: {resolved input: output stem}
 
 
 _CHIP_STEM = re.compile(r"^(.*)-face\d+$", re.IGNORECASE)
@@ -93,7 +94,7 @@ class OutputFolder:
     """A folder predict writes pictures into: annotated (STEM.ext) or aligned chips (STEM-faceN.png)."""
 
     path: Path
-    option: str  # "--out" or "--aligned"
+    option: str  # "--out-dir" or "--aligned"
 
     @property
     def chips(self) -> bool:
@@ -133,7 +134,7 @@ def claim_output_stems(files: Sequence[Path], folders: Sequence[OutputFolder]) -
     if not folders:
         return {}
     if len({os.path.realpath(f.path) for f in folders}) < len(folders):
-        raise FacemarkError(f"{folders[0].path}: --out and --aligned name the same folder; give each its own")
+        raise FacemarkError(f"{folders[0].path}: --out-dir and --aligned name the same folder; give each its own")
     resolved = {str(p): os.path.realpath(p) for p in files}
     for folder in folders:
         check_writable_folder(folder.path, f"{folder.option} folder")
@@ -159,7 +160,7 @@ def claim_output_stems(files: Sequence[Path], folders: Sequence[OutputFolder]) -
 
 
 def output_folders(out_dir: str | os.PathLike | None, chips: ChipOptions | None) -> list[OutputFolder]:
-    return ([OutputFolder(Path(out_dir), "--out")] if out_dir is not None else []) + \
+    return ([OutputFolder(Path(out_dir), "--out-dir")] if out_dir is not None else []) + \
         ([OutputFolder(Path(chips.folder), "--aligned")] if chips is not None else [])
 
 
@@ -194,25 +195,28 @@ def build_document(landmarker: Describable, results: Sequence[ImageResult | dict
     return {**landmarker.describe(), "complete": complete, "images": images}
 
 
+def face_csv_columns(pose: bool) -> list[str]:
+    """The columns of one face in a CSV row (predict's --csv, video's --csv): box, score, points, pose."""
+    points = [f"{axis}{i}" for i in range(NUM_POINTS) for axis in ("x", "y")]
+    return ["box_x", "box_y", "box_w", "box_h", "score", *points, *(("yaw", "pitch", "roll") if pose else ())]
+
+
+def face_csv_cells(face: Face, pose: bool) -> list:
+    """The cells of face_csv_columns for `face`."""
+    cells = [*(round(float(v), 2) for v in face.box), "" if face.score is None else round(face.score, 4),
+             *(round(float(v), 2) for v in np.asarray(face.landmarks).reshape(-1))]
+    return cells + ([round(v, 2) for v in face.pose] if pose else [])
+
+
 def csv_header(pose: bool) -> list[str]:
     """Columns of --csv: one row per face."""
-    points = [f"{axis}{i}" for i in range(NUM_POINTS) for axis in ("x", "y")]
-    return ["path", "face", "box_x", "box_y", "box_w", "box_h", "score", *points,
-            *(("yaw", "pitch", "roll") if pose else ()), "path_bytes"]
+    return ["path", "face", *face_csv_columns(pose), "path_bytes"]
 
 
 def csv_rows(results: Sequence[ImageResult], pose: bool) -> list[list]:
     """One row per face of every result (images without a face or with an error have no row)."""
-    rows = []
-    for result in results:
-        for index, face in enumerate(result.faces):
-            row = [utf8_text(result.path), index, *(round(float(v), 2) for v in face.box),
-                   "" if face.score is None else round(face.score, 4),
-                   *(round(float(v), 2) for v in np.asarray(face.landmarks).reshape(-1))]
-            if pose:
-                row += [round(v, 2) for v in face.pose]
-            rows.append([*row, path_bytes(result.path) or ""])
-    return rows
+    return [[utf8_text(result.path), index, *face_csv_cells(face, pose), path_bytes(result.path) or ""]
+            for result in results for index, face in enumerate(result.faces)]
 
 
 def write_csv(path: str | os.PathLike, results: Sequence[ImageResult], pose: bool = False) -> None:

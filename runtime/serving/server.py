@@ -309,7 +309,7 @@ class FacemarkServer:
         check_ports_free(config.host, {"http": config.http_port, "grpc": config.grpc_port,
                                        "metrics": config.metrics_port})
         if config.limits.max_images > config.max_batch:
-            raise ServeError(f"--max-images {config.limits.max_images} is above --max-batch {config.max_batch} "
+            raise ServeError(f"--max-images {config.limits.max_images} is above --max-batch-size {config.max_batch} "
                              "(Triton refuses a request larger than its batch)")
         self.landmarkers = [build_landmarker(config) for _ in range(max(1, config.instances))]
         self.decoders = DecoderPool(config.decoders, max_pixels=config.limits.max_pixels)
