@@ -10,12 +10,13 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from facemark.cli_names import DIR, renamed
 from facemark.errors import FacemarkError
 
 console = Console(stderr=True)
 
 
-def parse_batch_sizes(text: str, option: str = "--batch-sizes") -> tuple[int, ...]:
+def parse_batch_sizes(text: str, option: str = "--batch-size") -> tuple[int, ...]:
     """"1,8" -> (1, 8): comma-separated positive integers (batch sizes, thread counts)."""
     try:
         sizes = tuple(int(part) for part in text.split(",") if part.strip())
@@ -26,7 +27,7 @@ def parse_batch_sizes(text: str, option: str = "--batch-sizes") -> tuple[int, ..
     return sizes
 
 
-# What the bench writes in --out: its reports and log, and folders of models, scenes and clips it fills.
+# What the bench writes in --out-dir: its reports and log, and folders of models, scenes and clips it fills.
 REPORT_FILES = ("report.md", "report.json", "chart.png", "serve.log")
 FILLED_FOLDERS = ("models", "scenes", "clips")
 
@@ -36,27 +37,29 @@ def _check_outputs(out: Path, checkpoint: Path | None, model: Path | None, data:
     from facemark.outputs import OutputPlan
 
     plan = OutputPlan().read(checkpoint, "--checkpoint").read(model, "--model").read_data(data, "--data")
-    plan.write_folder(out, "--out", REPORT_FILES)
+    plan.write_folder(out, "--out-dir", REPORT_FILES)
     for name in FILLED_FOLDERS:
-        plan.replace_folder(out / name, "--out")
+        plan.replace_folder(out / name, "--out-dir")
     plan.check()
 
 
+@renamed(batch_sizes="--batch-sizes", out="--out", device="--providers")
 def bench_command(
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help="best.pt to measure (default: random "
                                            "224 px weights: speeds only, NME n/a)."),
     data: list[Path] = typer.Option([], "--data", help="Annotated faces (dlib XML or .pts folder) for NME on "
                                     "their validation split; default: the checkpoint's own data paths."),
-    batch_sizes: str = typer.Option("1,8", "--batch-sizes", help="Comma-separated batch sizes."),
-    out: Path = typer.Option(Path("bench-out"), "--out", help="Folder for report.md, report.json, chart.png."),
+    batch_sizes: str = typer.Option("1,8", "--batch-size", help="Comma-separated batch sizes."),
+    out: Path = typer.Option(Path("bench-out"), "--out-dir", metavar=DIR, help="Folder for report.md, report.json, "
+                             "chart.png."),
     quick: bool = typer.Option(False, "--quick", help="Few repeats and faces: well under 2 minutes on 2 cores."),
     model: Path | None = typer.Option(None, "--model", help="An exported .onnx model (e.g. the shipped "
                                       "facemark/assets/facemark-68.onnx): its rows at each --threads count, end to "
                                       "end and folder throughput; no checkpoint or torch needed."),
     threads: str | None = typer.Option(None, "--threads", help="Thread budgets, e.g. 1,2: every variant is timed "
                                        "at each (default: 1 and all cores)."),
-    providers: list[str] = typer.Option([], "--providers", help="ONNX Runtime providers to measure: cpu, "
-                                        "cuda, tensorrt; repeatable (default: every one that loads)."),
+    device: list[str] = typer.Option([], "--device", help="Hardware to measure: cpu, cuda, tensorrt; repeatable "
+                                     "or a comma list (default: every one that loads)."),
     no_pipeline: bool = typer.Option(False, "--no-pipeline", help="Skip the end-to-end rows."),
     no_peer: bool = typer.Option(False, "--no-peer", help="Skip the peer rows (dlib, MediaPipe)."),
     serve: bool = typer.Option(False, "--serve", help="Add a load test of `facemark serve` on loopback (the serve "
@@ -102,7 +105,7 @@ def bench_command(
         return
     from facemark.benchmarks.harness import BenchConfig, run_benchmark
 
-    keys = [p.strip().lower() for raw in providers for p in raw.split(",") if p.strip()]
+    keys = [p.strip().lower() for raw in device for p in raw.split(",") if p.strip()]
     cfg = BenchConfig(out=out, checkpoint=checkpoint, data=list(data), batch_sizes=parse_batch_sizes(batch_sizes),
                       quick=quick, threads=counts if threads else None, providers=keys or None,
                       pipeline=not no_pipeline, peer=not no_peer)

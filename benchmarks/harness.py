@@ -79,7 +79,7 @@ class BenchConfig:
             self.pipeline_repeats = 5 if self.quick else 20
         bad = [b for b in self.batch_sizes if b < 1]
         if bad or not self.batch_sizes:
-            raise FacemarkError(f"--batch-sizes must be positive integers (got {list(self.batch_sizes)})")
+            raise FacemarkError(f"--batch-size must be positive integers (got {list(self.batch_sizes)})")
         unknown = [p for p in self.precisions if p not in PRECISIONS]
         if unknown:
             raise FacemarkError(f"unknown precision(s) {unknown}; choose from {', '.join(PRECISIONS)}")

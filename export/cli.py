@@ -14,25 +14,23 @@ from rich.console import Console
 from rich.table import Table
 
 from facemark.choices import Int8Activations, choice_enum
+from facemark.cli_names import FILE, renamed
 from facemark.errors import ParityError
 from facemark.export.parity import figure
-from facemark.export.precisions import PRECISIONS
+from facemark.export.precisions import PRECISIONS, check_output_name, default_output
 
 console = Console(soft_wrap=True)
 Precision = choice_enum("Precision", tuple(PRECISIONS))
 
 
-def default_output(checkpoint: Path, precision: str) -> Path:
-    """`runs/x/best.pt` -> `runs/x/best.onnx` (fp32), `best.fp16.onnx`, `best.int8.onnx`."""
-    suffix = ".onnx" if precision == "fp32" else f".{precision}.onnx"
-    return checkpoint.with_suffix(suffix)
-
-
+@renamed(batch_size="--batch", triton_max_batch_size="--triton-max-batch")
 def export_command(
     checkpoint: Path = typer.Argument(..., help="A facemark checkpoint (best.pt); or an exported .onnx model "
                                       "with --triton-repo (the repository only, no re-export)."),
     output: Path | None = typer.Option(
-        None, "--output", "-o", help="Model file (default: beside the checkpoint, e.g. best.int8.onnx)."),
+        None, "-o", "--output", metavar=FILE,
+        help="Model file, .onnx (default: beside the checkpoint, named for its precision: best.fp32.onnx, "
+             "best.int8.onnx, ...)."),
     opset: int = typer.Option(17, "--opset", help="Default-domain ONNX opset the file declares."),
     precision: Precision = typer.Option(
         "fp32", "--precision", help="; ".join(f"{p.name}: {p.help}" for p in PRECISIONS.values())),
@@ -46,13 +44,14 @@ def export_command(
              "reachable). Training split: int8 calibration and the Haar box calibration; validation split: parity "
              "crops and the NME gate."),
     verbose: bool = typer.Option(False, "--verbose", help="List every data warning (default: one line per kind)."),
-    batch: str = typer.Option("dynamic", "--batch", help="dynamic | N (a fixed batch size)."),
+    batch_size: str = typer.Option("dynamic", "--batch-size", help="dynamic | N (a fixed batch size)."),
     verify: bool = typer.Option(
         True, "--verify/--no-verify", help="--no-verify skips parity (explicit opt-out)."),
     triton_repo: Path | None = typer.Option(
         None, "--triton-repo", help="Also write a Triton model repository: DIR/facemark_crops/config.pbtxt + "
         "1/model.onnx for Triton's onnxruntime backend."),
-    triton_max_batch: int = typer.Option(16, "--triton-max-batch", min=1, help="max_batch_size of the repository."),
+    triton_max_batch_size: int = typer.Option(16, "--triton-max-batch-size", min=1,
+                                              help="max_batch_size of the repository."),
     triton_kind: str = typer.Option("gpu", "--triton-kind", help="Instance kind: gpu | cpu."),
     triton_tensorrt: bool = typer.Option(
         False, "--triton-tensorrt", help="Run the model through ONNX Runtime's TensorRT accelerator (fp16, engine "
@@ -69,15 +68,17 @@ def export_command(
         raise typer.BadParameter(f"{checkpoint} is exported already: give --triton-repo DIR, or a checkpoint")
     target = None if exported else output or default_output(checkpoint, precision.value)
     _check_outputs(checkpoint, calib_data, target, triton_repo)
+    if target is not None:
+        check_output_name(target, precision.value)  # before torch is imported
     if exported:
-        _write_repo(checkpoint, triton_repo, triton_max_batch, triton_kind, triton_tensorrt)
+        _write_repo(checkpoint, triton_repo, triton_max_batch_size, triton_kind, triton_tensorrt)
         return
     from facemark.export.exporter import export_model, report_path
 
     precision, int8_activations = precision.value, int8_activations.value
     try:
         result = export_model(checkpoint, target, opset=opset, precision=precision,
-                              calib_data=calib_data or None, batch=batch, verify=verify,
+                              calib_data=calib_data or None, batch=batch_size, verify=verify,
                               int8_activations=int8_activations, verbose=verbose,
                               progress=lambda msg: console.print(f"[dim]{msg}[/dim]", highlight=False))
     except ParityError:
@@ -88,7 +89,7 @@ def export_command(
     print_report(result.report)
     console.print(f"{result.path} ({result.size_bytes / 1e6:.1f} MB); report {report_path(result.path)}")
     if triton_repo is not None:
-        _write_repo(result.path, triton_repo, triton_max_batch, triton_kind, triton_tensorrt)
+        _write_repo(result.path, triton_repo, triton_max_batch_size, triton_kind, triton_tensorrt)
 
 
 def _check_outputs(checkpoint: Path, calib_data: list[Path], target: Path | None, repo: Path | None) -> None:

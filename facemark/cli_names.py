@@ -101,6 +101,7 @@ class Alias:
     flag: str  # the old spelling, e.g. --provider
     target: str  # the parameter it sets, e.g. device
     new: str  # the target's flag, e.g. --device
+    required: bool  # the target is required: checked here, as click would refuse the alias alone
 
 
 ALIASES_ATTR = "__facemark_aliases__"  # the aliases of a command (tests/test_cli_names.py reads them)
@@ -139,6 +140,9 @@ def _apply(ctx: typer.Context, values: dict, aliases: tuple[Alias, ...]) -> None
         values[alias.target] = value
         set_by[alias.target] = alias.flag
         ctx.set_parameter_source(alias.target, ctx.get_parameter_source(alias.param))  # so `given` sees it
+    missing = next((a.new for a in aliases if a.required and values[a.target] is None), None)
+    if missing is not None:
+        raise typer.BadParameter(f"{missing} is required")
 
 
 def renamed(**old: str | tuple[str, ...]) -> Callable[[Callable], Callable]:
@@ -154,8 +158,14 @@ def renamed(**old: str | tuple[str, ...]) -> Callable[[Callable], Callable]:
         aliases = []
         for target, flags in old.items():
             info = by_name[target].default
+            required = info.default is ...
+            if required:  # the new flag or an alias: click alone would ask for the new one
+                info = copy.copy(info)
+                info.default = None
+                by_name[target] = by_name[target].replace(default=info, annotation=by_name[target].annotation | None)
+                params = [by_name[target] if p.name == target else p for p in params]
             for flag in (flags,) if isinstance(flags, str) else flags:
-                alias = Alias(f"_old_{flag.lstrip('-').replace('-', '_')}", flag, target, _long_flag(info))
+                alias = Alias(f"_old_{flag.lstrip('-').replace('-', '_')}", flag, target, _long_flag(info), required)
                 hidden = copy.copy(info)
                 hidden.default, hidden.default_factory, hidden.param_decls = None, None, (flag,)
                 hidden.hidden, hidden.help, hidden.envvar, hidden.callback = True, None, None, None

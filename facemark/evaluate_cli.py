@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from facemark.choices import EvalBoxes, EvalSplit, Provider
+from facemark.cli_names import FILE, renamed
 from facemark.data import load_records, split_of, split_records
 from facemark.errors import DataError, printable
 from facemark.reporting import progress_display, summarize_warnings
@@ -74,6 +75,7 @@ def _load_predictor(model: Path, provider: str):
                      "val_nme": metrics.get("val_nme")}
 
 
+@renamed(split_seed="--seed", device="--provider")
 @with_options
 def evaluate_command(
     model: Path = typer.Option(..., "--model", help="Checkpoint (.pt) or exported model (.onnx)."),
@@ -82,7 +84,7 @@ def evaluate_command(
                                            "when --data is (part of) the model's training data, else all)."),
     val_fraction: float | None = typer.Option(None, "--val-fraction", help="Default: a checkpoint's own split, "
                                               "else 0.1 (training's default)."),
-    seed: int | None = typer.Option(None, "--split-seed", "--seed", help="Split seed. Default: a checkpoint's own "
+    split_seed: int | None = typer.Option(None, "--split-seed", help="Split seed. Default: a checkpoint's own "
                                     "split, else 0 (training's default)."),
     boxes: EvalBoxes = typer.Option("gt", "--boxes", help="gt: landmark boxes | haar: Haar detector boxes | pipeline: "
                               "the whole runtime (FaceLandmarker.detect, presence threshold, false faces on "
@@ -91,10 +93,11 @@ def evaluate_command(
     pipeline: PipelineOptions = PipelineOptions(),
     calibrated: bool = typer.Option(True, "--calibrated/--uncalibrated",
                                     help="With --boxes haar: apply the model's detector calibration."),
-    provider: Provider = typer.Option("auto", "--provider", help="ONNX Runtime provider for .onnx models."),
-    json_path: Path | None = typer.Option(None, "--json", help="Write the summary as JSON."),
-    csv_path: Path | None = typer.Option(None, "--csv", help="Write per-face errors as CSV."),
-    plot_path: Path | None = typer.Option(None, "--plot", help="Write the CED curve as PNG."),
+    device: Provider = typer.Option("auto", "--device", help="Where the model runs: auto, cpu, cuda or tensorrt "
+                                    "(a .pt checkpoint: cuda for cuda and tensorrt, else cpu)."),
+    json_path: Path | None = typer.Option(None, "--json", metavar=FILE, help="Write the summary as JSON."),
+    csv_path: Path | None = typer.Option(None, "--csv", metavar=FILE, help="Write per-face errors as CSV."),
+    plot_path: Path | None = typer.Option(None, "--plot", metavar=FILE, help="Write the CED curve as PNG."),
     batch_size: int = typer.Option(32, "--batch-size"),
     verbose: bool = typer.Option(False, "--verbose", help="List every data warning (default: one line per kind)."),
 ) -> None:
@@ -108,7 +111,7 @@ def evaluate_command(
     records = load_records(data, warnings.append)
     for w in summarize_warnings(warnings, verbose):
         console.print(f"[yellow]warning:[/yellow] {escape(printable(w))}", highlight=False)
-    boxes, provider = boxes.value, provider.value
+    boxes, provider = boxes.value, device.value
     refine, tta = pipeline.refine, pipeline.tta
     predictor, calibration, model_meta = _load_predictor(model, provider)
     recorded, recorded_split = _training_data(predictor)
@@ -118,7 +121,7 @@ def evaluate_command(
     if split != "all":
         own_fraction, own_seed = split_of(recorded_split)  # the model's own split (training's defaults if unknown)
         train_part, val_part = split_records(records, own_fraction if val_fraction is None else val_fraction,
-                                             own_seed if seed is None else seed)
+                                             own_seed if split_seed is None else split_seed)
         records = {"val": val_part, "train": train_part}[split]
     why = "(part of) the model's training data" if own_data else ("not the model's training data" if recorded else
                                                              "no training data recorded in the model")

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from facemark.cli_names import FILE, renamed
 from facemark.runtime.detectors import CALIBRATIONS_FILE, CNN_DETECTORS
 
 app = typer.Typer(help="Face detectors: list the CNN ones, fetch their ONNX files, fit their box calibrations; "
@@ -59,13 +60,15 @@ def fetch_command(names: list[str] = typer.Argument(None, help=f"Detectors ({', 
 
 
 @app.command("calibrate")
+@renamed(out="--out")
 def calibrate_command(
     name: str = typer.Argument(..., help=f"Detector ({', '.join(CNN_DETECTORS)})."),
     data: list[Path] = typer.Option(..., "--data", help="Annotated faces (the landmark model's training data)."),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="The training run's split; only the training "
                                        "part is used."),
     split_seed: int = typer.Option(0, "--split-seed"),
-    out: Path = typer.Option(DEFAULT_CALIBRATIONS, "--out", help="The calibrations JSON to update."),
+    out: Path = typer.Option(DEFAULT_CALIBRATIONS, "-o", "--output", metavar=FILE,
+                             help="The calibrations JSON to update."),
 ) -> None:
     """Fit the detector -> landmark-box calibration on training faces (as export does for Haar) and store it in
     the calibrations JSON under the detector's name."""
@@ -93,9 +96,11 @@ def calibrate_command(
 
 
 @app.command("boxes")
+@renamed(out="--out")
 def boxes_command(
     data: list[Path] = typer.Option(..., "--data", help="Annotated faces (dlib XML or folders of .pts)."),
-    out: Path = typer.Option(..., "--out", help="The JSON file to write (train --first-pass-boxes reads it)."),
+    out: Path = typer.Option(..., "-o", "--output", metavar=FILE, help="The JSON file to write (train "
+                             "--first-pass-boxes reads it)."),
     model: Path | None = typer.Option(None, "--model", help="Landmark model whose calibration maps the boxes "
                                       "(default: the shipped model)."),
     detector: str = typer.Option("haar", "--detector", help="haar or a CNN detector (docs/DETECTORS.md)."),
@@ -114,9 +119,9 @@ def boxes_command(
     from facemark.runtime.calibration import detect_records
     from facemark.runtime.landmarker import FaceLandmarker
 
-    OutputPlan().read_data(data, "--data").read(model, "--model").write(out, "--out").check()  # before any work
+    OutputPlan().read_data(data, "--data").read(model, "--model").write(out, "--output").check()  # before any work
     if out.suffix.lower() != ".json":
-        raise typer.BadParameter(f"{out}: expected a .json file", param_hint="--out")
+        raise typer.BadParameter(f"{out}: expected a .json file", param_hint="--output")
     problems: list[str] = []
     records = load_records(data, problems.append)
     for line in summarize_warnings(problems, verbose=False):

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from facemark.cli_names import DIR, renamed
 from facemark.errors import FacemarkError, printable
 from facemark.reporting import progress_display
 from facemark.train.options import Device, Head, Loss, Optimizer, Schedule
@@ -24,14 +25,16 @@ CONFIG_FIELDS = ("data", "val_data", "out", "epochs", "batch_size", "image_size"
                  "workers", "val_boxes", "ema", "first_pass_boxes", "teacher", "distill")
 
 
+@renamed(out="--out")
 def train_command(
     ctx: typer.Context,
     data: list[Path] = typer.Option(None, "--data", help="dlib XML file or folder of .pts files; repeatable "
                                     "(required unless --resume)."),
     val_data: list[Path] = typer.Option([], "--val-data", help="Validation data (default: seeded 10% split)."),
-    out: Path = typer.Option(Path("runs/train"), "--out", help="Run folder: best.pt, last.pt, metrics.jsonl "
-                             "(a folder holding a run already gets the next free name, runs/train-2, ...)."),
-    exist_ok: bool = typer.Option(False, "--exist-ok", help="Reuse --out even when it holds a run."),
+    out: Path = typer.Option(Path("runs/train"), "--out-dir", metavar=DIR, help="Run folder: best.pt, last.pt, "
+                             "metrics.jsonl (a folder holding a run already gets the next free name, runs/train-2, "
+                             "...)."),
+    exist_ok: bool = typer.Option(False, "--exist-ok", help="Reuse --out-dir even when it holds a run."),
     epochs: int = typer.Option(55, "--epochs", min=1, help="With --resume: a larger value extends the schedule."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     image_size: int = typer.Option(128, "--image-size", min=16, help="Crop side in pixels."),
@@ -66,7 +69,8 @@ def train_command(
         None, "--teacher", help="Distil an exported model: its accurate preset (two passes with flip) labels every "
         "training face once, and the targets become (1 - --distill) x annotation + --distill x its points."),
     distill: float = typer.Option(0.5, "--distill", min=0.0, max=1.0, help="The teacher's weight in the targets."),
-    device: Device = typer.Option("auto", "--device"),
+    device: Device = typer.Option("auto", "--device", help="Where training runs: auto (CUDA when available), cpu "
+                                  "or cuda."),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="CUDA autocast; CPU bf16 autocast where supported."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue a run from its last.pt, in its own folder "
                                        "with its saved settings."),
@@ -124,7 +128,7 @@ def train_command(
         plan = OutputPlan().read_data(data, "--data").read_data(val_data, "--val-data").read(init, "--init")
         plan.read(first_pass_boxes, "--first-pass-boxes").read(teacher, "--teacher")
         # Without --exist-ok a folder holding a run is never reused: only --exist-ok writes over its files.
-        plan.write_folder(out, "--out", RUN_FILES if exist_ok else ()).check(writable=False)
+        plan.write_folder(out, "--out-dir", RUN_FILES if exist_ok else ()).check(writable=False)
     stop = {"requested": False}
 
     def request_stop(signum, _frame) -> None:

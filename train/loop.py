@@ -55,7 +55,7 @@ class TrainConfig:
     data: list[str]
     val_data: list[str] = field(default_factory=list)  # empty: the deterministic split of `data`
     out: str = "runs/train"
-    cwd: str = ""  # the folder relative --data / --out paths were given in (resolved against it on --resume)
+    cwd: str = ""  # the folder relative --data / --out-dir paths were given in (resolved against it on --resume)
     epochs: int = 60
     batch_size: int = 64
     image_size: int = 224
@@ -264,7 +264,7 @@ def resolve_resume(resume: str | os.PathLike, requested: TrainConfig | None, exp
                 raise DataError(f"--resume {path}: --{name.replace('_', '-')} {mine!r} contradicts the saved run "
                                 f"({theirs!r}); drop the option or start a new run")
         if "out" in explicit and Path(requested.out).resolve() != Path(saved.out):
-            raise DataError(f"--resume {path}: the run continues in its own folder {saved.out}, not --out "
+            raise DataError(f"--resume {path}: the run continues in its own folder {saved.out}, not --out-dir "
                             f"{requested.out}")
         if "epochs" in explicit:
             done = doc["state"]["next_epoch"]
