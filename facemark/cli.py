@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape  # messages hold paths and hints like facemark[serve]: text, not markup
 
 from facemark.choices import choice_enum
+from facemark.cli_help import use_plain_help
 from facemark.errors import FacemarkError, ModelWarning, missing_extra_message, printable
 from facemark.fileio import write_error
 from facemark.runtime.schema import SCHEMA_NAMES
@@ -67,6 +68,7 @@ def _register() -> None:
     app.command("serve")(runtime_cli.serve_command)
     app.command("schema")(schema_command)
     app.command("web")(web_cli.web_command)
+    use_plain_help(app)  # help pages that read at 80 columns (facemark.cli_help)
 
 
 SchemaName = choice_enum("SchemaName", SCHEMA_NAMES)
