@@ -32,7 +32,7 @@ from facemark.errors import FacemarkError, ImageError, ParityError
 from facemark.evaluation import evaluate
 from facemark.export import consumers, parity
 from facemark.export.onnx_export import DEFAULT_OPSET, check_model, export_fp32, set_metadata
-from facemark.export.precisions import PRECISIONS
+from facemark.export.precisions import PRECISIONS, check_output_name
 from facemark.export.variants import CALIBRATION_FACES, CALIBRATION_METHOD, to_fp16, to_fp16_weights, to_int8
 from facemark.fileio import check_writable, write_text_atomic, write_with_atomic
 from facemark.imageio import read_gray
@@ -59,7 +59,7 @@ class ExportResult:
 
 
 def report_path(output: Path) -> Path:
-    """`model.onnx` -> `model.parity.json`."""
+    """`best.int8.onnx` -> `best.int8.parity.json`."""
     return output.with_suffix(".parity.json")
 
 
@@ -94,6 +94,7 @@ def export_model(checkpoint: Path, output: Path, *, opset: int = DEFAULT_OPSET, 
     if precision not in PRECISIONS:
         raise FacemarkError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     fixed_batch = parse_batch(batch)
+    check_output_name(output, precision)  # a name that says another precision, or not .onnx, is refused
     check_writable(output, "exported model")  # before minutes of work, and before any report is written
     check_writable(report_path(output), "parity report")
 
@@ -369,7 +370,7 @@ def _metadata(contract: CropContract, doc: dict, precision: str, source_sha: str
         meta.ARCH: str(doc["model"]["arch"]),
         meta.HEAD: str(doc["model"].get("head", "regression")),
         meta.PRECISION: precision,
-        meta.TRAIN_DATA: meta.dumps(train.get("data")),
+        meta.TRAIN_DATA: meta.dumps(meta.recorded_paths(train.get("data"), train.get("cwd"))),
         meta.TRAIN_SPLIT: meta.dumps(dict(zip(("val_fraction", "split_seed"), split_of(train), strict=True))),
         meta.VAL_NME: meta.dumps((doc.get("metrics") or {}).get("val_nme")),
         meta.SOURCE_SHA256: source_sha,

@@ -12,7 +12,11 @@ face produces (int8 is calibrated on faces). NaN/Inf fail every precision.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
+
+from facemark.errors import FacemarkError
 
 REAL, RANDOM = "real", "random"  # the parity check's input sets: face crops, seeded uniform noise
 PIXEL_GATE_CROP = 224  # pixel limits are stated for this crop size
@@ -58,3 +62,36 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
     Precision("int8", "static QDQ: per-channel int8 weights, calibrated activations",
               Gate("p99_abs", 8.0, "px", (REAL,), nme_increase=0.002, nme_relative=0.05)),
 )}
+
+
+# --- file names ----------------------------------------------------------------------------------------------
+MODEL_SUFFIX = ".onnx"
+
+
+def default_output(checkpoint: Path, precision: str) -> Path:
+    """The model's name when none is given, saying its precision: `runs/x/best.pt` -> `runs/x/best.fp32.onnx`,
+    `best.fp16.onnx`, `best.int8.onnx` (its parity report: `best.int8.parity.json`)."""
+    return checkpoint.with_name(f"{checkpoint.stem}.{precision}{MODEL_SUFFIX}")
+
+
+def check_output_name(output: Path, precision: str) -> None:
+    """Refuse, in one line, a model name that misleads about its content: a suffix other than .onnx (`model.pt`
+    would be taken for a checkpoint), or a precision word (best.int8.onnx) other than the model's precision."""
+    if output.suffix.lower() != MODEL_SUFFIX:
+        raise FacemarkError(f"{output}: an exported model is an ONNX file, its name must end in {MODEL_SUFFIX} "
+                            f"(e.g. {_renamed(output, precision)})")
+    said = [word.lower() for _sep, word in _PRECISION_WORD.findall(output.stem) if word.lower() != precision]
+    if said:
+        raise FacemarkError(f"{output}: the name says {said[0]} but the model is {precision}; name it "
+                            f"{_renamed(output, precision)}, or export {said[0]}")
+
+
+# A precision word in a file name: a whole part between `.`, `_` or `-` (best.int8, best_fp16w; not int8u7).
+_PRECISION_WORD = re.compile(rf"(^|[._-])({'|'.join(sorted(PRECISIONS, key=len, reverse=True))})(?=$|[._-])",
+                             re.IGNORECASE)
+
+
+def _renamed(output: Path, precision: str) -> Path:
+    """`output` with its precision words and suffix replaced by the right ones: model.pt -> model.fp32.onnx."""
+    stem = _PRECISION_WORD.sub("", output.stem).strip("._-") or "model"
+    return output.with_name(f"{stem}.{precision}{MODEL_SUFFIX}")

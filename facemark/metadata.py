@@ -1,10 +1,18 @@
-"""ONNX `metadata_props` keys (docs/DESIGN.md section 4): written by export, read by the runtime. One place for all."""
+"""ONNX `metadata_props` keys (docs/DESIGN.md section 4): written by export, read by the runtime. One place for all.
+
+ONNX stores every value as a string. Each key has one declared kind (KINDS): TEXT keys hold the text itself,
+every other key holds one JSON value (compact, key-sorted: `dumps`). `decode` is the one reader that turns a
+file's strings into real types (numbers, lists, objects; data paths normalised), for files of every export
+version: a value that does not parse reads as absent, never as an error.
+"""
 
 from __future__ import annotations
 
 import json
+import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from facemark.contract import BoxCalibration, CropContract
 from facemark.errors import ModelError
@@ -37,6 +45,14 @@ PRESENCE = PREFIX + "presence"
 # trained for two epochs: AUC 0.91, no face above 0.99).
 PRESENCE_TRUST = {"auc": 0.95, "faces_kept": 0.9}
 
+# How each key's string is read: TEXT as it is; NUMBER, LIST, OBJECT one JSON value of that type; PATHS a JSON
+# list of data paths (export records them absolute, resolved against the training run's folder; `decode`
+# normalises the separators and dots of older files' relative ones).
+TEXT, NUMBER, LIST, OBJECT, PATHS = "text", "number", "list", "object", "paths"
+KINDS = {FORMAT: TEXT, CONTRACT: OBJECT, POINTS: TEXT, ARCH: TEXT, HEAD: TEXT, PRECISION: TEXT, TRAIN_DATA: PATHS,
+         TRAIN_SPLIT: OBJECT, VAL_NME: NUMBER, SOURCE_SHA256: TEXT, VERSIONS: OBJECT, EXPORTED_AT: TEXT,
+         PARITY: OBJECT, DETECTOR_CALIBRATION: OBJECT, CONSUMERS: OBJECT, PRESENCE: OBJECT}
+
 ALL_KEYS = (FORMAT, CONTRACT, POINTS, ARCH, HEAD, PRECISION, TRAIN_DATA, TRAIN_SPLIT, VAL_NME, SOURCE_SHA256, VERSIONS,
             EXPORTED_AT, PARITY, DETECTOR_CALIBRATION,
             CONSUMERS, PRESENCE)
@@ -58,20 +74,25 @@ class ModelInfo:
     raw: Mapping[str, str] = field(repr=False)
 
     @property
+    def values(self) -> dict[str, object]:
+        """Every facemark key in its real type, by short name (`decode`)."""
+        return decode(self.raw)
+
+    @property
     def train_data(self) -> list[str]:
-        """The data paths the model was trained on (empty when not recorded or unreadable)."""
-        return _json_value(self.raw.get(TRAIN_DATA), list) or []
+        """The data paths the model was trained on, normalised (empty when not recorded or unreadable)."""
+        return decode_value(TRAIN_DATA, self.raw.get(TRAIN_DATA)) or []
 
     @property
     def verified(self) -> bool:
         """False for a file exported with --no-verify (its parity with the checkpoint was never checked)."""
-        parity = _json_value(self.raw.get(PARITY), dict)
+        parity = decode_value(PARITY, self.raw.get(PARITY))
         return not (parity is not None and parity.get("verified") is False)
 
     @property
     def presence(self) -> dict | None:
         """The recorded presence separation (export's measurement), or None for files from before it."""
-        return _json_value(self.raw.get(PRESENCE), dict)
+        return decode_value(PRESENCE, self.raw.get(PRESENCE))
 
     @property
     def presence_trusted(self) -> bool:
@@ -94,12 +115,13 @@ class ModelInfo:
     @property
     def train_split(self) -> dict | None:
         """{"val_fraction", "split_seed"} of its training run, when recorded."""
-        return _json_value(self.raw.get(TRAIN_SPLIT), dict)
+        return decode_value(TRAIN_SPLIT, self.raw.get(TRAIN_SPLIT))
 
     def summary(self) -> dict:
-        """The small JSON-able description used in reports and the runtime's JSON output."""
-        keep = (ARCH, HEAD, PRECISION, POINTS, VAL_NME, SOURCE_SHA256, EXPORTED_AT, TRAIN_DATA)
-        summary = {k.removeprefix(PREFIX): self.raw[k] for k in keep if k in self.raw}
+        """The small JSON-able description used in reports and the runtime's JSON output (the model block of
+        `facemark schema predict`): real types, e.g. "val_nme": 0.0381, "train_data": ["/data/300w"]."""
+        values = self.values
+        summary = {name: values[name] for name in SUMMARY_KEYS if name in values}
         # "parity": "verified" | "unverified" (--no-verify); "presence": "applied" | "not trusted" (not applied)
         summary["parity"] = "verified" if self.verified else "unverified"
         if self.presence is not None:
@@ -129,13 +151,52 @@ def parse_metadata(props: Mapping[str, str], source: str) -> ModelInfo:
     return ModelInfo(contract, calibration, props.get(PRECISION, "fp32"), points, dict(props))
 
 
-def _json_value(text: str | None, kind: type):
-    """A JSON metadata value of the expected kind, or None (absent or malformed: reading it must not fail)."""
+# The keys of the JSON's model block (ModelInfo.summary), by short name.
+SUMMARY_KEYS = tuple(k.removeprefix(PREFIX) for k in (ARCH, HEAD, PRECISION, POINTS, VAL_NME, SOURCE_SHA256,
+                                                      EXPORTED_AT, TRAIN_DATA))
+_JSON_TYPES: dict[str, type | tuple[type, ...]] = {NUMBER: (int, float), LIST: list, OBJECT: dict, PATHS: list}
+
+
+def decode_value(key: str, text: str | None):
+    """One key's value in its declared kind (KINDS), or None: absent, malformed or of another type (reading a
+    file must not fail on a value it does not need). A PATHS value that is not JSON is one path (older files)."""
+    kind = KINDS.get(key, TEXT)
+    if text is None or kind == TEXT:
+        return text
     try:
-        value = json.loads(text) if text else None
+        value = json.loads(text)
     except ValueError:
-        return None
-    return value if isinstance(value, kind) else None
+        value = text if kind == PATHS and text.strip() else None
+    if kind == PATHS:
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+            return None
+        return [normalise_path(p) for p in value]
+    if kind == NUMBER and (isinstance(value, bool) or not _finite(value)):
+        return None  # JSON's true is an int to Python; NaN / Infinity are no figure
+    return value if isinstance(value, _JSON_TYPES[kind]) else None
+
+
+def decode(props: Mapping[str, str]) -> dict[str, object]:
+    """Every facemark key of `props` that reads (decode_value), by short name: {"val_nme": 0.0381, ...}."""
+    values = {key.removeprefix(PREFIX): decode_value(key, props.get(key)) for key in ALL_KEYS}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def normalise_path(path: str) -> str:
+    """A recorded data path with forward slashes and no redundant separators or dots ("a//b/./c/" -> "a/b/c")."""
+    return posixpath.normpath(path.replace("\\", "/"))
+
+
+def recorded_paths(paths: list[str] | None, base: str | None) -> list[str]:
+    """Data paths as export records them: absolute (a relative one joined to `base`, the folder training was
+    started from, when known) and normalised, so the metadata names the same folder wherever it is read."""
+    return [normalise_path(str(Path(base) / p) if base and not Path(p).is_absolute() else str(p))
+            for p in paths or []]
+
+
+def _finite(value: object) -> bool:
+    return not isinstance(value, float) or value == value and abs(value) != float("inf")
 
 
 def dumps(value: object) -> str:

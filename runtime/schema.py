@@ -75,6 +75,22 @@ IMAGE = {
     },
 }
 
+# The metadata keys of the model block (facemark.metadata.SUMMARY_KEYS), in their real types; each is absent
+# where the file does not record it.
+MODEL_METADATA = {
+    "arch": {"type": "string"},
+    "head": {"type": "string", "description": "pip | regression"},
+    "precision": {"type": "string", "description": "fp32 | fp16 | fp16w | int8"},
+    "points": {"type": "string", "description": "the point scheme: ibug68"},
+    "val_nme": {**_nullable(_NUMBER), "description": "the checkpoint's validation NME (a fraction of the "
+                "inter-ocular distance: 0.038 = 3.8 %)"},
+    "source_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "of the checkpoint"},
+    "exported_at": {"type": "string", "description": "ISO 8601, UTC"},
+    "train_data": {"type": "array", "items": {"type": "string"},
+                   "description": "the data paths the model was trained on, normalised (absolute where "
+                                  "export knew the folder training ran in)"},
+}
+
 PREDICT = {
     "type": "object",
     "required": ["model", "detector", "pipeline", "complete", "images"],
@@ -83,6 +99,7 @@ PREDICT = {
         "model": {"type": "object", "required": ["path", "providers", "parity"],
                   "properties": {"path": _nullable({"type": "string"}),
                                  "providers": {"type": "array", "items": {"type": "string"}},
+                                 **MODEL_METADATA,
                                  "parity": {"enum": ["verified", "unverified"],
                                             "description": "unverified: exported with --no-verify"},
                                  "presence": {"enum": ["applied", "not trusted"],
