@@ -78,10 +78,12 @@ def peer_table(rows: list[dict], claims: bool = True) -> str:
 
 
 def presets_of(refine: int, tta: str) -> str:
-    """The `--preset` names (runtime.options.PRESETS) whose landmark passes are these, "-" if none."""
-    from facemark.runtime.options import PRESETS, PipelineOptions
+    """The `--preset` names (runtime.options.PRESETS) that are these landmark passes with the runtime's other
+    defaults (the frontier's setting), "-" if none."""
+    from facemark.runtime.options import PRESETS, PipelineOptions, RuntimeOptions
 
-    names = [n for n in PRESETS if (PipelineOptions.preset(n).refine, PipelineOptions.preset(n).tta) == (refine, tta)]
+    row = RuntimeOptions(pipeline=PipelineOptions(refine=refine, tta=tta))
+    names = [n for n in PRESETS if RuntimeOptions.from_settings(preset=n) == row]
     return ", ".join(f"`{n}`" for n in names) or "-"
 
 

@@ -17,7 +17,7 @@ from rich.markup import escape  # messages hold paths and hints like facemark[se
 
 from facemark.choices import choice_enum
 from facemark.cli_help import use_plain_help
-from facemark.errors import FacemarkError, ModelWarning, missing_extra_message, printable
+from facemark.errors import FacemarkError, ModelWarning, cli_message, missing_extra_message, printable
 from facemark.fileio import write_error
 from facemark.runtime.schema import SCHEMA_NAMES
 
@@ -94,7 +94,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # typer's standalone mode ends every run this way
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except FacemarkError as exc:
-        print_error(str(exc))
+        print_error(cli_message(exc))  # settings named as flags, not as Python keywords
         return 2
     except OSError as exc:
         if exc.errno not in WRITE_FAILURES:

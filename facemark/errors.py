@@ -2,9 +2,45 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Self
+
 
 class FacemarkError(Exception):
-    """Base class: anything facemark raises on purpose."""
+    """Base class: anything facemark raises on purpose.
+
+    A message that tells the user which setting to change names it as the caller writes it: str(exc) in
+    Python's words (device='cpu'), `cli_message(exc)` in the command line's (--device cpu) when the raiser gave
+    that wording as `cli` (see `worded`)."""
+
+    def __init__(self, message: str, *, cli: str | None = None) -> None:
+        super().__init__(message)
+        self.cli = cli
+
+    @classmethod
+    def worded(cls, message: Callable[[bool], str]) -> Self:
+        """The error whose text `message(cli)` names settings by `setting(name, value, cli=cli)`."""
+        return cls(message(False), cli=message(True))
+
+
+def setting(name: str, value: object = None, *, cli: bool) -> str:
+    """A setting as the caller writes it: `name=value` (a FaceLandmarker keyword) or `--name value` (a flag)."""
+    if cli:
+        return f"--{name.replace('_', '-')}" + ("" if value is None else f" {value}")
+    return name if value is None else f"{name}={value!r}"
+
+
+def cli_message(exc: BaseException) -> str:
+    """The one line a command prints for `exc`: its command-line wording when it has one."""
+    return getattr(exc, "cli", None) or str(exc)
+
+
+class SettingError(FacemarkError, ValueError):
+    """A setting (a FaceLandmarker keyword, a command-line option) with a value that cannot work."""
+
+
+class ClosedError(FacemarkError, ValueError):
+    """An object used after its close() (its model sessions are released)."""
 
 
 class DataError(FacemarkError):

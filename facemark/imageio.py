@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -43,7 +44,21 @@ def probe_size(source: Path | io.BytesIO, name: object = None) -> tuple[int, int
 def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
                max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> np.ndarray:
     """Read an image file as 8-bit BGR (H, W, 3): decode_image on its bytes, errors naming the file."""
-    return decode_image(read_image_bytes(path, max_bytes), Path(path), max_pixels)
+    return decode_image(read_image_bytes(path, max_bytes), os.fspath(path), max_pixels)
+
+
+# scheme:// at the start of a name: a URL (https://, rtsp://, s3://), which a path cannot stand for.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(name: str | os.PathLike) -> bool:
+    return isinstance(name, str) and bool(_URL.match(name))
+
+
+def url_error(name: str) -> str:
+    """The one line for a URL given where a local file is expected (the name kept whole: Path() would make
+    https://host/a.jpg https:/host/a.jpg)."""
+    return f"{name}: a URL; facemark reads local files only (download it first)"
 
 
 # Why a file cannot be read, in words, for the errors whose system text says little.
@@ -67,10 +82,12 @@ def read_image_bytes(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_FILE_
     """The bytes of an image file, or one ImageError naming it and the real reason: any OSError (EIO, EACCES,
     EINVAL, ELOOP, ...), not a regular file (a folder, FIFO, device: opened without blocking), empty, or larger
     than `max_bytes` (told by its size before reading, and never read past, for files that report no size)."""
-    name = Path(path)
+    name = os.fspath(path)  # as given: Path() would turn a URL's // into /
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
+        if exc.errno == errno.ENOENT and is_url(name):
+            raise ImageError(url_error(name)) from None
         raise ImageError(f"{name}: cannot read ({_reason(exc)})") from None
     try:
         mode = os.fstat(fd).st_mode
@@ -230,6 +247,14 @@ def to_gray(image: np.ndarray) -> np.ndarray:
 COLOR_ORDERS = ("bgr", "rgb", "gray")
 
 
+def color_order(color: str) -> str:
+    """`color` as one of COLOR_ORDERS, any case ("RGB" is "rgb"); ImageError for another."""
+    key = color.lower() if isinstance(color, str) else color
+    if key not in COLOR_ORDERS:
+        raise ImageError(f"color {color!r}: expected one of {', '.join(COLOR_ORDERS)} (any case)")
+    return key
+
+
 def image_to_gray(image, color: str = "bgr") -> np.ndarray:
     """What `FaceLandmarker.detect` accepts -> 2-D uint8 gray.
 
@@ -238,8 +263,7 @@ def image_to_gray(image, color: str = "bgr") -> np.ndarray:
     - a PIL image: converted by its own mode (EXIF orientation is the caller's: PIL does not apply it);
     - a str or Path: read from disk with `read_image` (EXIF orientation honoured).
     """
-    if color not in COLOR_ORDERS:
-        raise ImageError(f"color {color!r}: expected one of {', '.join(COLOR_ORDERS)}")
+    color = color_order(color)
     if isinstance(image, (str, os.PathLike)):
         return read_gray(image)
     if isinstance(image, Image.Image):
@@ -282,6 +306,7 @@ _TO_BGR = {("bgr", 3): None, ("bgr", 4): cv2.COLOR_BGRA2BGR, ("rgb", 3): cv2.COL
 def image_to_gray_and_bgr(image, color: str = "bgr") -> tuple[np.ndarray, np.ndarray]:
     """`image_to_gray` and the image as uint8 BGR for detectors that use colour (the gray array itself when
     the image has none). Accepts what `image_to_gray` accepts; a file is read once."""
+    color = color_order(color)
     if isinstance(image, (str, os.PathLike)):
         image, color = read_image(image), "bgr"
     elif isinstance(image, Image.Image):

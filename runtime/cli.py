@@ -18,6 +18,7 @@ from rich.markup import escape  # file names may hold brackets: text, not markup
 
 from facemark.choices import AlignTemplate, DrawChoice, Provider
 from facemark.cli_names import DIR, FILE, renamed
+from facemark.errors import cli_message
 from facemark.fileio import DEFAULT_MAX_FILE_MB
 from facemark.reporting import progress_display
 from facemark.runtime.cli_options import flags_text, given, option_names, with_options
@@ -50,7 +51,7 @@ MODEL_HELP = "facemark ONNX model (default: the model shipped in facemark/assets
 def _landmarker_options(device: Provider, threads: int | None, trt_fp16: bool, trt_cache: Path | None,
                         options: RuntimeOptions) -> dict:
     """FaceLandmarker's keyword arguments from the command line (--ray hands them to every actor)."""
-    return {"provider": device.value, "threads": threads, "trt_fp16": trt_fp16, "trt_cache_dir": trt_cache,
+    return {"device": device.value, "threads": threads, "trt_fp16": trt_fp16, "trt_cache": trt_cache,
             "options": options}
 
 
@@ -67,7 +68,7 @@ def _landmarker(model: Path | None, *args, **kwargs):
     try:
         return FaceLandmarker(model, **_landmarker_options(*args, **kwargs))
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        raise typer.BadParameter(cli_message(exc)) from None
 
 
 SERVER_HELP = ("Send the images to a `facemark serve` server (http://HOST:PORT) instead of running the model here; "

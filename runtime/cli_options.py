@@ -17,12 +17,11 @@ from enum import Enum
 import typer
 
 from facemark.choices import choice_enum
+from facemark.errors import cli_message
 from facemark.runtime.detectors import HAAR
-from facemark.runtime.options import PRESETS, DetectorOptions, PipelineOptions
+from facemark.runtime.options import PRESET_HELP, PRESETS, DetectorOptions, PipelineOptions
 
 OPTION_CLASSES = (DetectorOptions, PipelineOptions)
-PRESET_HELP = ("A named trade-off of --refine and --tta (flags given explicitly win): fast = one landmark pass; "
-               "default (one pass); accurate = two passes with flip (docs/MODEL.md).")
 PresetChoice = choice_enum("PresetChoice", tuple(PRESETS))
 CTX = "_options_context"
 
@@ -70,11 +69,9 @@ def build_options(ctx: typer.Context, cls: type, values: dict[str, object], pres
         clash = given(ctx, DetectorOptions.HAAR_ONLY) if cls is DetectorOptions else []
         if clash and built.detector != HAAR:
             raise typer.BadParameter(f"{flags_text(clash)}: Haar options, not for --detector {built.detector}")
-        if cls is PipelineOptions:
-            built = built.with_preset(preset, keep=set(given(ctx, names)))
-        return built
+        return built.with_preset(preset, keep=set(given(ctx, names)))  # a preset may set fields of both classes
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        raise typer.BadParameter(cli_message(exc)) from None
 
 
 def with_options(command: Callable) -> Callable:

@@ -4,11 +4,16 @@ detect(image): detector boxes (Haar by default, or a CNN detector: runtime/detec
 (the model's for Haar, the detector's own for a CNN; identity when there is none) -> crops of
 all faces of the image in one batch -> the model (facemark.inference: `refine` extra passes on the landmark
 box of the previous pass, optional test-time flip) -> image pixels -> faces whose presence score is below
-`min_score` dropped (models with a presence head).
+`min_score` dropped (models with a presence head) -> faces in FACE_ORDER, the first `max_faces` kept.
+
+Its keywords are the command line's options with `_` (docs/DESIGN.md section 7): every field of
+facemark.runtime.options (SETTING_NAMES, `preset`) and where the model runs (LANDMARKER_KEYWORDS); the old
+keywords (DEPRECATED_KEYWORDS) still work with a DeprecationWarning naming the new one.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 import warnings
@@ -17,19 +22,24 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from facemark.contract import Box, BoxCalibration, box_from_landmarks, non_max_suppression
-from facemark.errors import ModelError, ModelWarning
+from facemark.errors import ClosedError, FacemarkError, ModelError, ModelWarning, SettingError, printable, setting
 from facemark.geometry import ARCFACE_SIZE, Pose, Template, aligned_chip, head_pose
-from facemark.imageio import image_to_gray, image_to_gray_and_bgr, to_gray
+from facemark.imageio import color_order, image_to_gray, image_to_gray_and_bgr, to_gray
 from facemark.inference import predict_faces
-from facemark.runtime.defaults import DEFAULT_MIN_SCORE, DEFAULT_REFINE
 from facemark.runtime.detector import Detection
-from facemark.runtime.detectors import HAAR, FaceDetector, calibration_for, create_detector
-from facemark.runtime.options import RuntimeOptions
+from facemark.runtime.detectors import FaceDetector, calibration_for, create_detector
+from facemark.runtime.options import SETTING_NAMES, DetectorOptions, RuntimeOptions, field_names
 from facemark.runtime.session import DEFAULT_MAX_BATCH, LandmarkModel
+
+if TYPE_CHECKING:  # annotations only: facemark.runtime.video loads when track() is called
+    from collections.abc import Iterator
+
+    from facemark.runtime.video import FrameResult
 
 DEFAULT_MODEL_NAME = "facemark-68.onnx"
 DEFAULT_MODEL_PATH = Path(str(resources.files("facemark") / "assets" / DEFAULT_MODEL_NAME))
@@ -37,7 +47,17 @@ IDENTITY = BoxCalibration()
 TIMING_KEYS = ("detect", "landmarks")
 MAX_DEFAULT_WORKERS = 8
 DUPLICATE_IOU = 0.5  # two faces whose landmark boxes overlap this much are one (distinct_faces)
-
+FACE_ORDER = ("by presence score, highest first, when the model has a trusted presence score; else (and among "
+              "equal scores) in the detector's order, its score highest first")
+# FaceLandmarker's keywords beyond the options of facemark.runtime.options: where and how the model runs.
+LANDMARKER_KEYWORDS = ("device", "threads", "trt_fp16", "trt_cache", "max_batch_size", "calibration", "spin")
+# Old keyword -> its name now (a DeprecationWarning names it); detector_options's keys -> the option fields.
+DEPRECATED_KEYWORDS = {"provider": "device", "flip": "tta", "trt_cache_dir": "trt_cache",
+                       "max_batch": "max_batch_size", "detector_options": "the detector's own keywords"}
+DETECTOR_OPTION_FIELDS = {"min_face_fraction": "min_face", "min_score": "min_detector_score",
+                          "input_side": "detector_input_side", "max_side": "max_side", "cascade": "cascade",
+                          "scale_factor": "scale_factor", "min_neighbors": "min_neighbors",
+                          "min_face_windows": "min_face_windows", "octaves": "octaves"}
 
 
 @dataclass
@@ -91,11 +111,29 @@ def default_workers() -> int:
 
 
 @dataclass
-class Detections:
+class Detections(Sequence):
+    """One image's result: a sequence of its faces (len, iteration, indexing; false when there is none) in
+    FACE_ORDER, with step times and problems. `error`: None, or the one line saying why the image could not be
+    processed (FaceLandmarker.detect_many; its faces are then empty)."""
+
     faces: list[Face]
     times: dict[str, float]  # milliseconds: detect, landmarks
     problems: list[str]  # one line each, e.g. faces dropped for non-finite model output
     presence_dropped: int = 0  # detections whose presence score fell below min_score
+    error: str | None = None
+
+    @classmethod
+    def failed(cls, error: str) -> Detections:
+        return cls([], {"detect": 0.0, "landmarks": 0.0}, [], error=error)
+
+    def __len__(self) -> int:
+        return len(self.faces)
+
+    def __getitem__(self, index):
+        return self.faces[index]
+
+    def __iter__(self):
+        return iter(self.faces)
 
 
 def distinct_faces(faces: Sequence[Face]) -> list[Face]:
@@ -126,6 +164,53 @@ def resolve_model_path(model_path: str | os.PathLike | bytes | None) -> str | os
     return DEFAULT_MODEL_PATH
 
 
+def _current_keywords(settings: dict[str, Any]) -> dict[str, Any]:
+    """FaceLandmarker's extra keywords with the deprecated ones renamed (one DeprecationWarning each); TypeError
+    for a keyword that is neither an option nor a deprecated name."""
+    current: dict[str, Any] = {}
+    for name, value in settings.items():
+        if name not in DEPRECATED_KEYWORDS:
+            current[name] = value
+            continue
+        warnings.warn(f"FaceLandmarker({name}=...) is deprecated: use {DEPRECATED_KEYWORDS[name]}"
+                      f"{'=' if name != 'detector_options' else ''}", DeprecationWarning, stacklevel=3)
+        if name == "flip":
+            current["tta"] = "flip" if value else "none"
+        elif name == "detector_options":
+            current.update(_detector_fields(value or {}))
+        else:
+            current[DEPRECATED_KEYWORDS[name]] = value
+    unknown = sorted(set(current) - {*SETTING_NAMES, *LANDMARKER_KEYWORDS})
+    if unknown:
+        valid = ", ".join(("model_path", "preset", *LANDMARKER_KEYWORDS, *SETTING_NAMES, "options"))
+        raise TypeError(f"FaceLandmarker got unknown keyword(s) {', '.join(unknown)}; the keywords are: {valid}")
+    return current
+
+
+def _detector_fields(detector_options: dict[str, Any]) -> dict[str, Any]:
+    """The old `detector_options` (runtime.detectors.create_detector's names) as option fields."""
+    unknown = sorted(set(detector_options) - set(DETECTOR_OPTION_FIELDS))
+    if unknown:
+        raise TypeError(f"detector_options: unknown key(s) {', '.join(unknown)}")
+    values = {DETECTOR_OPTION_FIELDS[k]: v for k, v in detector_options.items()}
+    if "max_side" in values and values["max_side"] is None:  # create_detector's None is the option's 0 (off)
+        values["max_side"] = 0
+    return values
+
+
+class _Closed:
+    """What a closed FaceLandmarker holds instead of its model and detector: every use is one clear error."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # copy, pickle and hasattr probes: not a use
+            raise AttributeError(name)
+        raise ClosedError("this FaceLandmarker is closed (close() or the end of its `with` block released its "
+                          "model); make a new one")
+
+    def __repr__(self) -> str:
+        return "<closed>"
+
+
 class FaceLandmarker:
     """68-point landmarks for every face in an image.
 
@@ -137,53 +222,71 @@ class FaceLandmarker:
     def __init__(
         self,
         model_path: str | os.PathLike | bytes | None = None,
-        provider: str = "auto",
-        detector: FaceDetector | str | None = None,
+        *,
+        preset: str | None = None,
+        device: str = "auto",
         threads: int | None = None,
-        trt_fp16: bool = False,
-        trt_cache_dir: str | os.PathLike | None = None,
-        max_batch: int = DEFAULT_MAX_BATCH,
-        calibration: BoxCalibration | None = None,
-        max_faces: int | None = None,
-        refine: int = DEFAULT_REFINE,
-        flip: bool = False,
-        min_score: float | None = DEFAULT_MIN_SCORE,
-        detector_options: dict | None = None,
-        spin: bool = False,
+        detector: FaceDetector | str | None = None,
         options: RuntimeOptions | None = None,
+        trt_fp16: bool = False,
+        trt_cache: str | os.PathLike | None = None,
+        max_batch_size: int = DEFAULT_MAX_BATCH,
+        calibration: BoxCalibration | None = None,
+        spin: bool = False,
+        **settings: Any,
     ) -> None:
-        """calibration: overrides the model's embedded detector calibration. max_faces: keep only the most
-        confident detections (None = all). refine: extra passes re-cropped on the previous pass's landmarks
-        (facemark.inference). flip: test-time flip. min_score: drop detections whose face presence score is
-        below it (models with a presence head; None or 0 keeps every detection). detector: a ready detector, or
-        a name from runtime.detectors.DETECTOR_NAMES (default "haar") made with `detector_options` over its
-        defaults (Haar's: a permissive cascade when the model scores presence; a CNN detector runs on this
-        model's provider, threads and TensorRT settings). spin: see LandmarkModel. options: the detector and
-        pipeline options as one object (facemark.runtime.options.RuntimeOptions); when given it sets detector,
-        detector_options, refine, flip, min_score and max_faces, which are then left at their defaults."""
-        if options is not None:
-            picked = options.landmarker_kwargs()
-            detector = detector if not isinstance(detector, str | None) else picked["detector"]
-            detector_options, refine, flip = picked["detector_options"], picked["refine"], picked["flip"]
-            min_score, max_faces = picked["min_score"], picked["max_faces"]
-        self.model = LandmarkModel(resolve_model_path(model_path), provider=provider, threads=threads,
-                                   trt_fp16=trt_fp16, trt_cache_dir=trt_cache_dir, max_batch=max_batch,
-                                   spin=spin)
-        if detector is None or isinstance(detector, str):
-            detector = create_detector(detector or HAAR, self.model.has_face_score, detector_options,
-                                       provider=provider, threads=threads, trt_fp16=trt_fp16,
-                                       trt_cache_dir=trt_cache_dir, spin=spin)
-        self.detector = detector
-        self.calibration = calibration or calibration_for(detector, self.model.info.calibration) or IDENTITY
-        self.max_faces = max_faces
-        if refine < 0:
-            raise ValueError(f"refine must be >= 0 (got {refine})")
-        self.refine, self.flip = refine, flip
+        """The keywords are those of `facemark runtime predict` with `_` (docs/CLI.md): preset ("fast",
+        "default", "accurate"), device ("auto", "cpu", "cuda", "tensorrt"), threads, trt_fp16, trt_cache, and
+        every detector and landmark option (facemark.runtime.options.SETTING_NAMES: refine, tta, min_score,
+        max_faces, min_face, scale_factor, ...). detector: a name (haar, the default, or a CNN detector) or a
+        ready FaceDetector. options: the options as one RuntimeOptions; the preset's values go over it, the
+        keywords over both. max_batch_size: the model's largest batch (TensorRT's profile; larger batches run
+        in chunks). calibration: overrides the model's embedded detector calibration. spin: see LandmarkModel.
+        An unknown keyword is a TypeError naming the valid ones; a value out of range a SettingError (ValueError).
+        Use it as a context manager, or call close(), to release the model at once."""
+        named = _current_keywords(settings)
+        detector_given = sorted(set(named) & set(field_names(DetectorOptions)))
+        if detector is not None and not isinstance(detector, str) and detector_given:
+            raise SettingError.worded(lambda cli: f"{', '.join(setting(n, cli=cli) for n in detector_given)}: "
+                                      "options of a detector made by name, not of a ready FaceDetector")
+        device = named.pop("device", device)
+        trt_cache = named.pop("trt_cache", trt_cache)
+        max_batch_size = named.pop("max_batch_size", max_batch_size)
+        ready = detector if detector is not None and not isinstance(detector, str) else None
+        if isinstance(detector, str):
+            named["detector"] = detector
+        if named.get("min_score", 0.0) is None:  # None and 0 both keep every face
+            named["min_score"] = 0.0
+        self.options = RuntimeOptions.from_settings(preset, options, **named)
+        picked = self.options.landmarker_kwargs()
+        self.model = LandmarkModel(resolve_model_path(model_path), provider=device, threads=threads,
+                                   trt_fp16=trt_fp16, trt_cache_dir=trt_cache, max_batch=max_batch_size, spin=spin)
+        self.detector = ready or create_detector(picked["detector"], self.model.has_face_score,
+                                                 picked["detector_options"], provider=device, threads=threads,
+                                                 trt_fp16=trt_fp16, trt_cache_dir=trt_cache, spin=spin)
+        self.calibration = calibration or calibration_for(self.detector, self.model.info.calibration) or IDENTITY
+        self.max_faces, self.refine, self.flip = picked["max_faces"], picked["refine"], picked["flip"]
         # A presence score the export found untrustworthy (an undertrained model) would drop real faces.
-        trusted = self.model.info.presence_trusted
-        self.min_score = min_score if self.model.has_face_score and trusted else None
+        trusted = self.model.has_face_score and self.model.info.presence_trusted
+        self.min_score = picked["min_score"] if trusted else None
+        self.by_presence = trusted  # FACE_ORDER
         for line in self.model.info.notices():  # once per landmarker; the CLI prints them as one line each
             warnings.warn(f"{self.model.path or 'model'}: {line}", ModelWarning, stacklevel=2)
+
+    def close(self) -> None:
+        """Release the ONNX Runtime sessions (the model's, a CNN detector's) and the detector; any later use
+        raises ClosedError. Closing twice is harmless."""
+        self.model = self.detector = _Closed()
+
+    @property
+    def closed(self) -> bool:
+        return isinstance(self.model, _Closed)
+
+    def __enter__(self) -> FaceLandmarker:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     @property
     def contract(self):
@@ -210,10 +313,10 @@ class FaceLandmarker:
         return {"refine": self.refine, "tta": "flip" if self.flip else "none", "min_score": self.min_score}
 
     def detect(self, image, color: str = "bgr") -> list[Face]:
-        """All faces of one image, most confident first; [] when there is none.
+        """All faces of one image in FACE_ORDER (`max_faces`: the first N); [] when there is none.
 
-        `image`: a numpy array in `color` order ("bgr" as cv2.imread gives, "rgb", "gray"), a PIL image, or a
-        file path (facemark.imageio.image_to_gray)."""
+        `image`: a numpy array in `color` order ("bgr" as cv2.imread gives, "rgb", "gray"; any case), a PIL
+        image, or a file path (facemark.imageio.image_to_gray; a URL is not fetched)."""
         return self.detect_timed(image, color)[0]
 
     def detect_timed(self, image, color: str = "bgr") -> tuple[list[Face], dict[str, float]]:
@@ -229,30 +332,60 @@ class FaceLandmarker:
         return self.landmarks_for_found([self.find(image, color)])[0]
 
     def detect_many(self, images: Iterable, color: str = "bgr", workers: int | None = None) -> list[Detections]:
-        """`detect_full` of several images, in input order and equal to one-by-one calls: conversion and Haar
-        run on `workers` threads (OpenCV releases the GIL; default: the core count), the landmark model once
-        per pass for the faces of all images together (batches of up to the model's max_batch).
+        """`detect_full` of several images: one Detections per image, in input order, each a sequence of its
+        faces equal to a one-by-one call. Conversion and Haar run on `workers` threads (OpenCV releases the
+        GIL; default: the core count), the landmark model once per pass for the faces of all images together
+        (batches of up to the model's max_batch_size).
 
-        An image that cannot be converted raises, as `detect` does; facemark.runtime.predict.predict_files
-        reports bad files one by one instead."""
+        An image that cannot be read or converted (None, a wrong dtype or shape, a missing or corrupt file)
+        does not fail the others: its result is empty with `.error`, the one-line reason."""
         items = list(images)
-        if not items:
-            return []
+        color = color_order(color)  # a wrong color is the caller's, not one image's: it raises
         count = max(1, min(workers or default_workers(), len(items)))
-        if count == 1:
-            found = [self.find(item, color) for item in items]
+        if count <= 1:
+            outcomes = [self._find_or_error(item, color) for item in items]
         else:
             with ThreadPoolExecutor(count, thread_name_prefix="facemark-detect") as pool:
-                found = list(pool.map(lambda item: self.find(item, color), items))
-        return self.landmarks_for_found(found)
+                outcomes = list(pool.map(lambda item: self._find_or_error(item, color), items))
+        done = iter(self.landmarks_for_found([o for o in outcomes if isinstance(o, Found)]))
+        return [next(done) if isinstance(o, Found) else Detections.failed(o) for o in outcomes]
+
+    def _find_or_error(self, image, color: str) -> Found | str:
+        """`find`, or the one-line reason the image cannot be used."""
+        try:
+            return self.find(image, color)
+        except ClosedError:
+            raise
+        except FacemarkError as exc:
+            return printable(str(exc))
+
+    def track(self, source, *, smooth: bool = True, detect_every: int = 10, full_scan_every: int | None = None,
+              max_frames: int | None = None, fps: float = 30.0) -> Iterator[FrameResult]:
+        """The faces of every frame of a video, as `facemark runtime video` finds them: one FrameResult per
+        frame (a sequence of Face like `detect` returns, with `.index`, `.time` in seconds and `.detected`).
+
+        `source`: a video file, a camera index (0), an rtsp:// or http(s):// URL, or an iterable of BGR frames
+        (numpy arrays; their times are index / `fps`). Faces are followed from frame to frame; the detector runs
+        every `detect_every` frames (every `full_scan_every`-th of those scans the whole frame, default 3) and
+        when a face is lost; `smooth`: One-Euro smoothing of the points (facemark.runtime.video).
+
+        >>> for frame_faces in landmarker.track("clip.mp4"):  # doctest: +SKIP
+        ...     print(frame_faces.index, len(frame_faces))
+        """
+        from facemark.runtime.video import DEFAULT_FULL_SCAN_EVERY, track
+
+        return track(self, source, smooth=smooth, detect_every=detect_every, max_frames=max_frames, fps=fps,
+                     full_scan_every=DEFAULT_FULL_SCAN_EVERY if full_scan_every is None else full_scan_every)
 
     def find(self, image, color: str = "bgr", near: Sequence[Box] | None = None) -> Found:
         """The first half of `detect_full`: the grayscale image and its detections (no model call);
         `near`: search only around these boxes."""
         t0 = time.perf_counter()
-        gray, seen = image_to_gray_and_bgr(image, color) if self.detector.color else (image_to_gray(image, color),) * 2
-        detections = self.detector.detect(seen) if near is None else self.detector.detect_near(seen, near)
-        if self.max_faces is not None and self.min_score is None:
+        detector, color = self.detector, color_order(color)
+        gray, seen = image_to_gray_and_bgr(image, color) if detector.color else (image_to_gray(image, color),) * 2
+        found = detector.detect(seen) if near is None else detector.detect_near(seen, near)
+        detections = sorted(found, key=lambda d: -d.score)  # FACE_ORDER's ties (stable: equal scores as found)
+        if self.max_faces is not None and not self.by_presence:  # no model call for faces max_faces drops
             detections = detections[: self.max_faces]
         return Found(gray, detections, (time.perf_counter() - t0) * 1e3)
 
@@ -276,8 +409,9 @@ class FaceLandmarker:
                 below, faces = len(faces) - len(kept), kept
             if self.model.has_face_score:  # its permissive detector defaults can put two boxes on one face
                 faces = distinct_faces(faces)
-            if self.min_score is not None and self.max_faces is not None:
-                faces = faces[: self.max_faces]
+            if self.by_presence:  # FACE_ORDER (a stable sort: equal scores keep the detector's order)
+                faces = sorted(faces, key=lambda face: -face.score)
+            faces = faces[: self.max_faces]
             share = len(mine) / len(entries) if entries else 0.0
             problems = [f"{dropped} face(s) dropped: the model returned non-finite values (NaN/Inf) for them"] \
                 if dropped else []
@@ -311,3 +445,18 @@ class FaceLandmarker:
 
     def __repr__(self) -> str:
         return f"FaceLandmarker(model={self.model!r}, detector={self.detector!r})"
+
+
+def _documented_signature() -> inspect.Signature:
+    """FaceLandmarker's signature as help() and editors show it: its own keywords, then every option (one
+    source: facemark.runtime.options) with its default, instead of **settings."""
+    own = [p for p in inspect.signature(FaceLandmarker.__init__).parameters.values() if p.kind != p.VAR_KEYWORD]
+    defaults = RuntimeOptions()
+    options = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                                 default=getattr(defaults.detection if hasattr(defaults.detection, name)
+                                                 else defaults.pipeline, name))
+               for name in SETTING_NAMES if name != "detector"]
+    return inspect.Signature([*own, *options])
+
+
+FaceLandmarker.__init__.__signature__ = _documented_signature()

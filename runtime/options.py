@@ -4,17 +4,20 @@
 presence threshold, face count) are frozen dataclasses. `FaceLandmarker(options=RuntimeOptions(...))` takes
 them, `facemark serve`'s config holds them, and the CLI makes its flags from their fields (each field's
 `metadata["cli"]`: flag, help, bounds; facemark.runtime.cli_options), so `runtime predict`, `runtime video`,
-`evaluate` and `serve` share one declaration of every option. Adding an option is one field here.
+`evaluate` and `serve` share one declaration of every option. `FaceLandmarker(preset=..., min_face=..., tta=...)`
+takes the same fields as keywords (the flags' names with `_`: SETTING_NAMES, built by
+`RuntimeOptions.from_settings`, which checks the flags' bounds too). Adding an option is one field here.
 
 Light (numpy-free at import apart from the detector registry's names): the CLI builds its help from here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from facemark.choices import TTA_MODES
+from facemark.errors import SettingError, setting
 from facemark.runtime import detector as haar
 from facemark.runtime.defaults import DEFAULT_MIN_SCORE, DEFAULT_REFINE
 from facemark.runtime.detectors import DETECTOR_NAMES, HAAR
@@ -26,8 +29,52 @@ def flag(decls: str, help: str, **bounds: Any) -> dict:
     return {"cli": {"decls": decls, "help": help, **bounds}}
 
 
+# Named trade-offs over fields of DetectorOptions and PipelineOptions (docs/MODEL.md; a field given explicitly,
+# as a flag or a keyword, wins over its preset's value). fast: Haar searches faces from 12 % of the shorter side
+# instead of 8 % (the cheapest search that keeps the validation faces: 1.4x the photos per second, faces below
+# that size missed); default: the runtime's defaults; accurate: two landmark passes with test-time flip (four
+# model runs per face, about 3x the default's landmark time), as accurate as four passes with flip at about half
+# their cost.
+FAST_MIN_FACE = 0.12
+PRESETS: dict[str, dict[str, Any]] = {"fast": {"min_face": FAST_MIN_FACE}, "default": {},
+                                      "accurate": {"refine": 1, "tta": "flip"}}
+PRESET_HELP = (f"A named trade-off (options given explicitly win): fast = faces from {FAST_MIN_FACE:g} of the "
+               "shorter side (--min-face; about 1.4x faster, smaller faces missed); default; accurate = two landmark "
+               "passes with flip (--refine 1 --tta flip; about 3x the landmark time); docs/MODEL.md.")
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    """The fields a preset sets; SettingError for an unknown name."""
+    if name not in PRESETS:
+        raise SettingError.worded(lambda cli: f"{setting('preset', name, cli=cli)}: choose one of "
+                                  f"{', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+class _Settings:
+    """What both option classes share: their flags' bounds checked in Python too, and presets."""
+
+    def _check_bounds(self) -> None:
+        for f in fields(self):
+            spec, value = f.metadata.get("cli", {}), getattr(self, f.name)
+            low, high = spec.get("min"), spec.get("max")
+            if value is not None and ((low is not None and value < low) or (high is not None and value > high)):
+                bounds = " and ".join(t for t in (f">= {low}" if low is not None else "",
+                                                  f"<= {high}" if high is not None else "") if t)
+                raise SettingError.worded(lambda cli, f=f, value=value, bounds=bounds:
+                                          f"{setting(f.name, value, cli=cli)}: must be {bounds}")
+
+    def with_preset(self, name: str | None, keep: set[str] = frozenset()):
+        """These options with the preset's values for their own fields, except those in `keep` (given
+        explicitly)."""
+        if name is None:
+            return self
+        mine = {f.name for f in fields(self)}
+        return replace(self, **{k: v for k, v in preset_values(name).items() if k in mine and k not in keep})
+
+
 @dataclass(frozen=True)
-class DetectorOptions:
+class DetectorOptions(_Settings):
     """Which detector finds the faces, and Haar's knobs (None: the default for the model, which depends on
     whether it scores face presence: runtime/detector.py)."""
 
@@ -66,8 +113,13 @@ class DetectorOptions:
     HAAR_ONLY = ("min_face", "max_side", "min_face_windows", "scale_factor", "min_neighbors", "cascade", "octaves")
 
     def __post_init__(self) -> None:
+        self._check_bounds()
+        if self.detector not in DETECTOR_NAMES:
+            raise SettingError.worded(lambda cli: f"{setting('detector', self.detector, cli=cli)}: choose one of "
+                                      f"{', '.join(DETECTOR_NAMES)}")
         if self.detector == HAAR and self.detector_input_side is not None:
-            raise ValueError("--detector-input-side: an option of the CNN detectors, not of haar")
+            raise SettingError.worded(lambda cli: f"{setting('detector_input_side', cli=cli)}: an option of the CNN "
+                                      "detectors, not of haar")
 
     def detector_kwargs(self) -> dict:
         """The chosen detector's options over its defaults (runtime.detectors.create_detector): Haar's knobs
@@ -85,16 +137,8 @@ class DetectorOptions:
         return chosen
 
 
-# Named trade-offs of PipelineOptions (docs/MODEL.md, the frontier of the shipped model): fast = one landmark
-# pass (pinned; the runtime's default passes too since the one-pass model); default = the runtime's defaults;
-# accurate = two passes with test-time flip (four model runs per face, about 3x the default's landmark time): as
-# accurate as four passes with flip on the validation split at about half their cost.
-PRESETS: dict[str, dict[str, Any]] = {"fast": {"refine": 0, "tta": "none"}, "default": {},
-                                      "accurate": {"refine": 1, "tta": "flip"}}
-
-
 @dataclass(frozen=True)
-class PipelineOptions:
+class PipelineOptions(_Settings):
     """What the landmark stage does with each detected face."""
 
     refine: int = field(default=DEFAULT_REFINE, metadata=flag(
@@ -110,25 +154,15 @@ class PipelineOptions:
         "--max-faces", "Keep the N most confident faces.", min=1))
 
     def __post_init__(self) -> None:
-        if self.refine < 0:
-            raise ValueError(f"refine must be >= 0 (got {self.refine})")
+        self._check_bounds()
         if self.tta not in TTA_MODES:
-            raise ValueError(f"tta {self.tta!r}: choose one of {', '.join(TTA_MODES)}")
+            raise SettingError.worded(lambda cli: f"{setting('tta', self.tta, cli=cli)}: choose one of "
+                                      f"{', '.join(TTA_MODES)}")
 
     @classmethod
     def preset(cls, name: str, **changes: Any) -> PipelineOptions:
-        """The named trade-off (PRESETS) with `changes` on top."""
-        if name not in PRESETS:
-            raise ValueError(f"preset {name!r}: choose one of {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **changes})
-
-    def with_preset(self, name: str | None, keep: set[str] = frozenset()) -> PipelineOptions:
-        """These options with the preset's values, except the fields in `keep` (given explicitly)."""
-        if name is None:
-            return self
-        if name not in PRESETS:
-            raise ValueError(f"preset {name!r}: choose one of {', '.join(PRESETS)}")
-        return replace(self, **{k: v for k, v in PRESETS[name].items() if k not in keep})
+        """The named trade-off's landmark settings (PRESETS) with `changes` on top."""
+        return cls(**changes).with_preset(name, keep=set(changes))
 
     def landmarker_kwargs(self) -> dict:
         return {"refine": self.refine, "flip": self.tta == "flip", "min_score": self.min_score or None,
@@ -143,6 +177,36 @@ class RuntimeOptions:
     pipeline: PipelineOptions = PipelineOptions()
 
     def landmarker_kwargs(self) -> dict:
-        """FaceLandmarker's keyword arguments for these options."""
+        """The landmark stage's settings (refine, flip, min_score, max_faces), the detector's name and its
+        runtime.detectors.create_detector options."""
         return {**self.pipeline.landmarker_kwargs(), "detector": self.detection.detector,
                 "detector_options": self.detection.detector_kwargs()}
+
+    @classmethod
+    def from_settings(cls, preset: str | None = None, base: RuntimeOptions | None = None,
+                      **settings: Any) -> RuntimeOptions:
+        """The options named by `settings` (fields of DetectorOptions and PipelineOptions: SETTING_NAMES) over
+        `base` (default: the defaults), with the preset's values for the fields not in `settings`. TypeError for
+        a name that is no field, SettingError (a ValueError) for a value out of its flag's bounds."""
+        unknown = sorted(set(settings) - set(SETTING_NAMES))
+        if unknown:
+            raise TypeError(f"unknown option(s) {', '.join(unknown)}; the options are: {', '.join(SETTING_NAMES)}")
+        base = base or cls()
+        parts = []
+        for part in (base.detection, base.pipeline):
+            mine = {k: v for k, v in settings.items() if k in field_names(type(part))}
+            parts.append(replace(part, **mine).with_preset(preset, keep=set(mine)))
+        return cls(*parts)
+
+
+OPTION_CLASSES = (DetectorOptions, PipelineOptions)
+
+
+def field_names(cls: type) -> tuple[str, ...]:
+    """The option fields of one class (those with a command-line flag)."""
+    return tuple(f.name for f in fields(cls) if "cli" in f.metadata)
+
+
+# Every option by its one name: the CLI's flag without "--" and with "_" (--min-face -> min_face), and
+# FaceLandmarker's keyword.
+SETTING_NAMES: tuple[str, ...] = tuple(n for cls in OPTION_CLASSES for n in field_names(cls))

@@ -27,7 +27,7 @@ import onnxruntime as ort
 
 from facemark.choices import PROVIDERS
 from facemark.contract import CropContract
-from facemark.errors import ModelError, ProviderError
+from facemark.errors import ModelError, ProviderError, setting
 from facemark.metadata import FACE_SCORE, INPUT_NAME, LANDMARK_SCORES, OUTPUT_NAME, ModelInfo, parse_metadata
 from facemark.scheme import NUM_POINTS
 
@@ -130,16 +130,18 @@ def resolve_providers(
     it cannot run (TensorRT -> CUDA -> CPU). Raises ProviderError for an explicit provider that cannot run."""
     key = requested.lower()
     if key not in PROVIDER_CHOICES:
-        raise ProviderError(f"unknown provider {requested!r}; choose one of {', '.join(PROVIDER_CHOICES)}")
+        raise ProviderError.worded(lambda cli: f"{setting('device', requested, cli=cli)}: unknown provider; choose "
+                                   f"one of {', '.join(PROVIDER_CHOICES)}")
     loadable = available_providers()
     if key == "auto":
         chosen = loadable[0]
     else:
         chosen = PROVIDER_NAMES[key]
         if chosen not in loadable:
-            raise ProviderError(
-                f"provider {key!r} ({chosen}) cannot run here (loadable: {', '.join(loadable)}); check the GPU "
-                "driver and the CUDA/cuDNN/TensorRT libraries, or use --provider cpu / auto"
+            raise ProviderError.worded(
+                lambda cli: f"{setting('device', key, cli=cli)}: {chosen} cannot run here (loadable: "
+                f"{', '.join(loadable)}); check the GPU driver and the CUDA/cuDNN/TensorRT libraries, or use "
+                f"{setting('device', 'cpu', cli=cli)} or {setting('device', 'auto', cli=cli)}"
             )
     chain = [p for p in (TENSORRT, CUDA, CPU) if p in loadable]
     chain = chain[chain.index(chosen):]
@@ -159,7 +161,7 @@ def session_options(threads: int | None, spin: bool) -> ort.SessionOptions:
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     if threads is not None:
         if threads < 1:
-            raise ProviderError(f"threads must be >= 1 (got {threads})")
+            raise ProviderError.worded(lambda cli: f"{setting('threads', threads, cli=cli)}: must be >= 1")
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     return options

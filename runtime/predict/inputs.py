@@ -13,7 +13,7 @@ from pathlib import Path
 
 from imutils.paths import list_files
 
-from facemark.imageio import IMAGE_SUFFIXES
+from facemark.imageio import IMAGE_SUFFIXES, is_url, url_error
 from facemark.outputs import path_bytes, utf8_text
 from facemark.runtime.landmarker import Face
 
@@ -80,5 +80,6 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], lis
             for item in matches:
                 add(Path(item))
         else:
-            failures.append(ImageResult(text, error=f"{text}: no such file or folder"))
+            missing = url_error(text) if is_url(text) else f"{text}: no such file or folder"
+            failures.append(ImageResult(text, error=missing))
     return files, failures
