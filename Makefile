@@ -25,7 +25,7 @@ $(VENV)/.stamp-all: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.stamp-runtime
 
 demo: $(VENV)/.stamp-runtime
-	$(BIN)/facemark runtime predict facemark/assets/samples --out demo --json demo/landmarks.json --draw contours
+	$(BIN)/facemark runtime predict facemark/assets/samples --out-dir demo --json demo/landmarks.json --draw contours
 
 lint: $(VENV)/.stamp-all
 	$(BIN)/ruff check .
@@ -77,10 +77,10 @@ $(MP_VENV)/.stamp:
 SHARED_300W := ../shared/data/300w
 BENCH_DATA := $(if $(wildcard $(SHARED_300W)),--data $(SHARED_300W),)
 bench: $(VENV)/.stamp-all $(MP_VENV)/.stamp detectors
-	$(BIN)/facemark bench --model facemark/assets/facemark-68.onnx $(BENCH_DATA) --out bench-out
+	$(BIN)/facemark bench --model facemark/assets/facemark-68.onnx $(BENCH_DATA) --out-dir bench-out
 
 bench-quick: $(VENV)/.stamp-all detectors
-	$(BIN)/facemark bench --model facemark/assets/facemark-68.onnx $(BENCH_DATA) --quick --out bench-out
+	$(BIN)/facemark bench --model facemark/assets/facemark-68.onnx $(BENCH_DATA) --quick --out-dir bench-out
 
 clean:
 	rm -rf $(VENV) $(MP_VENV) $(CV5_VENV) web/node_modules demo bench-out .pytest_cache .ruff_cache
