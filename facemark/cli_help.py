@@ -205,23 +205,30 @@ def _help_lines(help_text: str, extra: str, width: int) -> list[str]:
     return lines
 
 
-def term_column(rows: Iterable[tuple[str, str, str]]) -> int:
-    """Where the help column starts: after the widest term that fits beside its help (one column per page)."""
-    fitting = [len(term) for term, _, _ in rows if len(term) <= TERM_COLUMN_MAX]
-    return len(INDENT) + (max(fitting) if fitting else TERM_COLUMN_MAX) + 2
+def term_column(rows: Iterable[tuple[str, str, str]], width: int) -> int:
+    """Where the help column starts: after the widest term that fits beside its help (one column per page;
+    at most a third of the width, so that a narrow terminal keeps room for the help)."""
+    widest = min(TERM_COLUMN_MAX, width // 3)
+    fitting = [len(term) for term, _, _ in rows if len(term) <= widest]
+    return len(INDENT) + (max(fitting) if fitting else widest) + 2
 
 
 def definition_rows(rows: list[tuple[str, str, str]], width: int, column: int) -> list[str]:
-    """Rows of (term, help, extra) as two columns: the help beside the term, or below it when the term is wide."""
+    """Rows of (term, help, extra) as two columns: the help beside the term, or below it when the term is wide;
+    a help with a word too long for its column (a file name) starts on the next line, less indented."""
     lines: list[str] = []
     for term, help_text, extra in rows:
         body = _help_lines(help_text, extra, width - column)
-        if len(INDENT) + len(term) + 2 <= column:
+        indent = column
+        if max(map(len, body)) > width - column:
+            indent = 3 * len(INDENT)
+            body = _help_lines(help_text, extra, width - indent)
+        if indent == column and len(INDENT) + len(term) + 2 <= column:
             lines.append(f"{INDENT}{term}".ljust(column) + body[0])
             body = body[1:]
         else:
             lines.append(f"{INDENT}{term}")
-        lines += [" " * column + line for line in body if line]
+        lines += [" " * indent + line for line in body if line]
     return lines
 
 
@@ -289,7 +296,7 @@ def help_page(command, ctx, width: int) -> list[str]:
         listed = [(name, command.get_command(ctx, name)) for name in command.list_commands(ctx)]
         sections.append(("Commands", [(name, sub.short_help or first_sentence(sub.help or ""), "")
                                       for name, sub in listed if sub is not None and not sub.hidden]))
-    column = term_column(row for _, rows in sections for row in rows)
+    column = term_column((row for _, rows in sections for row in rows), width)
     for title, rows in sections:
         lines += ["", f"{title}:", *definition_rows(rows, width, column)]
     return lines
