@@ -5,7 +5,8 @@ body, and its HTTP library (libevhtp) reads a body sent as `application/x-www-fo
 arrays of the body's size to parse it as query arguments: above ~4 MB (on an 8 MiB thread stack) tritonserver
 dies of SIGSEGV, whatever the body holds. So Triton's HTTP endpoint listens on a private loopback port and this
 guard takes the public one; per request, from its head alone:
-- a body over `max_body_bytes` (Content-Length) is refused with 413 before any of it is read;
+- a body over request_limit_bytes (--max-request-mb and 1 MB; Content-Length) is refused with 413 before any of
+  it is read;
 - a body without Content-Length (chunked) is refused with 411;
 - a head over 64 KiB is refused with 431, one that does not parse with 400;
 - a Content-Type of application/x-www-form-urlencoded is dropped (Triton reads a KServe body as JSON or binary
@@ -69,26 +70,39 @@ def check_head(head: bytes, max_body_bytes: int) -> tuple[bytes, int] | bytes:
     return b"\r\n".join(kept) + b"\r\n\r\n", length
 
 
+REQUEST_ALLOWANCE_BYTES = 1_000_000  # beyond --max-request-mb: an HTTP body's JSON header, a gRPC message's fields
+
+
+def request_limit_bytes(max_request_mb: float) -> int:
+    """The largest HTTP body or gRPC message a guard passes on: --max-request-mb of images and the allowance."""
+    return int(max_request_mb * 1e6) + REQUEST_ALLOWANCE_BYTES
+
+
 @dataclass
-class _Connection:
-    """One client connection: the methods of its requests passed on to Triton and not answered yet, in order."""
+class Connection:
+    """One client connection of a guard, the task serving it, and when it last had something in flight."""
 
     task: asyncio.Task
-    pending: deque[bytes] = field(default_factory=deque)
-    between_requests: bool = True  # waiting for the client's next request head
-    last_activity: float = field(default_factory=time.monotonic)  # opened, a request head read, a reply sent
+    last_activity: float = field(default_factory=time.monotonic)  # opened, a request begun or answered
+
+    def in_flight(self) -> int:
+        """Requests (or calls) passed on to Triton and not answered yet."""
+        raise NotImplementedError
+
+    def busy(self) -> bool:
+        return self.in_flight() > 0
 
     def idle_for(self, now: float) -> float:
         """Seconds without a request in flight (0: one is)."""
-        return now - self.last_activity if self.between_requests and not self.pending else 0.0
+        return 0.0 if self.busy() else now - self.last_activity
 
 
-class HttpGuard:
-    """Listens on (host, port) and passes checked requests on to Triton's HTTP endpoint at 127.0.0.1:upstream.
-    Triton's replies are copied back one by one (their heads read for the body's length), so the guard knows
-    which requests are in flight: the drain closes each connection once it has had no request in flight for
-    IDLE_CLOSE_S (Triton would wait for an idle keep-alive connection until its exit timeout) and counts the
-    requests Triton did not answer (`cut`).
+class LoopbackGuard:
+    """Listens on (host, port) in front of one of Triton's endpoints at 127.0.0.1:upstream_port, on an asyncio
+    loop of its own thread; a subclass serves each client connection (`_handle`) and says what it has in flight.
+    The drain refuses new connections and closes each one once it has had nothing in flight for IDLE_CLOSE_S
+    (Triton would wait for an idle keep-alive connection until its exit timeout); `cut` counts the requests
+    (calls) whose connection ended without their answer from the drain on.
 
     >>> guard = HttpGuard("127.0.0.1", 8000, 18000, 33_000_000)  # doctest: +SKIP
     >>> guard.start()  # once Triton is ready  # doctest: +SKIP
@@ -96,16 +110,18 @@ class HttpGuard:
     >>> guard.stop()  # once Triton has stopped; guard.cut: requests left unanswered  # doctest: +SKIP
     """
 
-    def __init__(self, host: str, port: int, upstream_port: int, max_body_bytes: int) -> None:
-        self.host, self.port, self.upstream_port, self.max_body_bytes = host, port, upstream_port, max_body_bytes
+    name = "guard"
+
+    def __init__(self, host: str, port: int, upstream_port: int, max_bytes: int) -> None:
+        self.host, self.port, self.upstream_port, self.max_bytes = host, port, upstream_port, max_bytes
         self.refused = 0
         self.cut = 0  # requests in flight whose connection ended without their reply, from the drain on
         self._draining = False
         self._sweeper: asyncio.Task | None = None
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.AbstractServer | None = None
-        self._connections: list[_Connection] = []
-        self._thread = threading.Thread(target=self._loop.run_forever, name="facemark-http-guard", daemon=True)
+        self._connections: list[Connection] = []
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"facemark-{self.name}", daemon=True)
 
     def start(self) -> None:
         listener = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
@@ -159,10 +175,54 @@ class HttpGuard:
         if not self._thread.is_alive():
             self._loop.close()
 
+    def _new_connection(self, task: asyncio.Task) -> Connection:
+        raise NotImplementedError
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, connection: Connection
+                      ) -> None:
+        raise NotImplementedError
+
     async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        connection = _Connection(asyncio.current_task())  # type: ignore[arg-type]
+        connection = self._new_connection(asyncio.current_task())  # type: ignore[arg-type]
         self._connections.append(connection)
-        upstream_writer = None
+        try:
+            await self._handle(client_reader, client_writer, connection)
+        except (ConnectionError, asyncio.IncompleteReadError, OSError, asyncio.CancelledError):
+            pass  # the client or Triton went away, or the drain closed an idle connection: nothing to answer
+        finally:
+            client_writer.close()
+            self._connections.remove(connection)
+            if self._draining:
+                self.cut += connection.in_flight()
+
+
+@dataclass
+class _HttpConnection(Connection):
+    """The methods of the requests passed on to Triton and not answered yet, in order."""
+
+    pending: deque[bytes] = field(default_factory=deque)
+    between_requests: bool = True  # waiting for the client's next request head
+
+    def in_flight(self) -> int:
+        return len(self.pending)
+
+    def busy(self) -> bool:
+        return not self.between_requests or bool(self.pending)
+
+
+class HttpGuard(LoopbackGuard):
+    """Passes checked requests on to Triton's HTTP endpoint (check_head, the module docstring). Triton's replies
+    are copied back one by one (their heads read for the body's length), so the guard knows which requests are
+    in flight."""
+
+    name = "http-guard"
+
+    def _new_connection(self, task: asyncio.Task) -> _HttpConnection:
+        return _HttpConnection(task)
+
+    async def _handle(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,
+                      connection: _HttpConnection) -> None:  # type: ignore[override]
+        upstream_writer = replies = None
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port,
                                                                               limit=HEAD_LIMIT)
@@ -175,19 +235,14 @@ class HttpGuard:
                     await client_writer.drain()
                     await self._discard(client_reader)
                     break
-            replies.cancel()
-        except (ConnectionError, asyncio.IncompleteReadError, OSError, asyncio.CancelledError):
-            pass  # the client or Triton went away, or the drain closed an idle connection: nothing to answer
         finally:
-            for writer in (client_writer, upstream_writer):
-                if writer is not None:
-                    writer.close()
-            self._connections.remove(connection)
-            if self._draining:
-                self.cut += len(connection.pending)
+            if replies is not None:
+                replies.cancel()
+            if upstream_writer is not None:
+                upstream_writer.close()
 
     async def _pass_request(self, reader: asyncio.StreamReader, upstream: asyncio.StreamWriter,
-                            connection: _Connection) -> bytes | None:
+                            connection: _HttpConnection) -> bytes | None:
         """One request passed on; its refusal instead when its head says so. IncompleteReadError at the end."""
         connection.between_requests = True
         try:
@@ -195,7 +250,7 @@ class HttpGuard:
         except asyncio.LimitOverrunError:
             return _reply("431 Request Header Fields Too Large", f"the request head is over {HEAD_LIMIT} bytes")
         connection.between_requests, connection.last_activity = False, time.monotonic()
-        checked = check_head(head, self.max_body_bytes)
+        checked = check_head(head, self.max_bytes)
         if isinstance(checked, bytes):
             return checked
         head, left = checked
@@ -214,7 +269,7 @@ class HttpGuard:
                     pass
 
     async def _copy_replies(self, upstream: asyncio.StreamReader, client: asyncio.StreamWriter,
-                            connection: _Connection) -> None:
+                            connection: _HttpConnection) -> None:
         """Triton's replies to the client, one by one."""
         with contextlib.suppress(ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                                  ValueError, IndexError):  # the last two: a reply head that does not parse

@@ -10,7 +10,7 @@ every image of those requests (FaceLandmarker.detect_many), so concurrent client
 
 Behind a load balancer (docs/SERVING.md):
 - Readiness: the model repository is written before tritonserver starts and every model is loaded at its
-  start-up, and Triton opens its gRPC port and this process its HTTP port (the guard's) only after that. So
+  start-up, and this process opens the public HTTP and gRPC ports (the guards') only after that. So
   `/v2/health/ready` (and gRPC ServerReady) refuses connections until every facemark model answers, then says
   200 until shutdown begins.
 - Drain: SIGTERM (or SIGINT) makes Triton close its ports to new connections and finish the requests in flight
@@ -21,7 +21,9 @@ Behind a load balancer (docs/SERVING.md):
   in flight), the decoders ignore it, and only this process acts on it: it stops tritonserver with SIGINT after
   the drain, then kills what tritonserver left of its group.
 - Limits: an HTTP body over --max-request-mb (+1 MB of JSON header) is refused with 413 from its head by the
-  guard in front of Triton's HTTP endpoint (facemark.runtime.serving.guard, which says why); a request over
+  guard in front of Triton's HTTP endpoint (facemark.runtime.serving.guard, which says why), a gRPC message over
+  it with RESOURCE_EXHAUSTED from its announced length by the one in front of Triton's gRPC endpoint
+  (facemark.runtime.serving.grpc_guard); Triton listens on private loopback ports behind them; a request over
   `ServeLimits` is refused (every image of it gets the reason) before any decoding; uploads are decoded in
   worker processes (facemark.runtime.decode_pool), so a decoder crash costs one image.
 - Logs: Triton's log goes to a file; its warnings and errors are forwarded one line each (all of it with
@@ -55,7 +57,8 @@ from facemark.runtime import defaults
 from facemark.runtime.decode_pool import DecoderPool
 from facemark.runtime.landmarker import Detections, FaceLandmarker
 from facemark.runtime.options import RuntimeOptions
-from facemark.runtime.serving.guard import HttpGuard
+from facemark.runtime.serving.grpc_guard import GrpcGuard
+from facemark.runtime.serving.guard import HttpGuard, LoopbackGuard, request_limit_bytes
 from facemark.runtime.serving.protocol import (
     CROPS_MODEL,
     ERROR,
@@ -78,7 +81,6 @@ DEFAULT_MAX_BATCH = 16
 DEFAULT_QUEUE_DELAY_US = 2000  # how long Triton holds a request for others to batch with it
 NO_TENSOR_STORE = "PYTRITON_NO_TENSORSTORE"
 LEFTOVER_WAIT_S = 3.0  # for tritonserver's processes to end by themselves after it has exited
-JSON_HEADER_ALLOWANCE = 1_000_000  # bytes of an HTTP body beyond --max-request-mb: the request's JSON header
 
 
 class ServeError(FacemarkError):
@@ -319,9 +321,12 @@ class FacemarkServer:
         self._log_stop = threading.Event()
         self._log_thread: threading.Thread | None = None
         self._drain_log: list[str] = []  # Triton's log as it stopped (its folder is removed)
-        # Triton's HTTP endpoint on a private loopback port, behind the guard on the public one (guard.py says why)
-        self.guard = HttpGuard(config.host, config.http_port, free_loopback_port(),
-                               int(config.limits.max_request_mb * 1e6) + JSON_HEADER_ALLOWANCE)
+        # Triton's HTTP and gRPC endpoints on private loopback ports, behind guards on the public ones (guard.py
+        # and grpc_guard.py say why)
+        limit = request_limit_bytes(config.limits.max_request_mb)
+        self.http_guard = HttpGuard(config.host, config.http_port, free_loopback_port(), limit)
+        self.grpc_guard = GrpcGuard(config.host, config.grpc_port, free_loopback_port(), limit)
+        self.guards: tuple[LoopbackGuard, ...] = (self.http_guard, self.grpc_guard)
 
     def describe(self) -> dict:
         return self.landmarkers[0].describe()
@@ -333,7 +338,8 @@ class FacemarkServer:
         # PyTriton kills tritonserver 30 s after asking it to stop; the drain may take `grace_s`.
         pt.server.triton_server.SERVER_OUTPUT_TIMEOUT_SECS = c.grace_s + 15
         triton_config = pt.triton.TritonConfig(
-            http_address="127.0.0.1", http_port=self.guard.upstream_port, grpc_address=c.host, grpc_port=c.grpc_port,
+            http_address="127.0.0.1", http_port=self.http_guard.upstream_port, grpc_address="127.0.0.1",
+            grpc_port=self.grpc_guard.upstream_port,
             metrics_address=c.host, metrics_port=c.metrics_port, allow_metrics=True, allow_gpu_metrics=False,
             allow_cpu_metrics=True, exit_timeout_secs=c.grace_s, log_verbose=1 if c.verbose else 0,
             log_file=self.triton_log)
@@ -352,7 +358,8 @@ class FacemarkServer:
         except Exception as exc:  # PyTriton's TimeoutError and friends: one line with Triton's last error
             raise ServeError(f"Triton did not start ({exc.__class__.__name__}: {exc}){self._last_triton_error()}"
                              ) from None
-        self.guard.start()  # the public HTTP port opens once every model is ready
+        for guard in self.guards:
+            guard.start()  # the public ports open once every model is ready
 
     def _triton_log_lines(self) -> list[str]:
         return self.triton_log.read_text(errors="replace").splitlines() if self.triton_log.exists() else []
@@ -407,10 +414,10 @@ class FacemarkServer:
                 LOGGER.error("stopped on its own: %s", self._why_stopped())
                 self.stop()
                 return 1
-        self.guard.drain()
+        self._drain_guards()
         LOGGER.warning("draining: no new connections; requests in flight have up to %d s", self.config.grace_s)
         self.stop()
-        shortfall = drain_shortfall(self.guard.cut, self._drain_log)
+        shortfall = drain_shortfall(self.http_guard.cut, self._drain_log, self.grpc_guard.cut)
         if shortfall is not None:
             LOGGER.error("the drain did not finish within --grace %d s: %s", self.config.grace_s, shortfall)
             return 1
@@ -418,17 +425,22 @@ class FacemarkServer:
 
     def stop(self) -> None:
         """Stop Triton (it finishes the requests in flight within grace_s first), the decoders, the log."""
-        self.guard.drain()
+        self._drain_guards()
         if self._triton is not None:
             self._triton.stop()
             kill_leftovers(getattr(self._triton._triton_server, "group", None))
-        self.guard.stop()
+        for guard in self.guards:
+            guard.stop()
         self.decoders.close()
         self._log_stop.set()
         if self._log_thread is not None:
             self._log_thread.join(5)
         self._drain_log = self._drain_log or self._triton_log_lines()
         self._log_dir.cleanup()
+
+    def _drain_guards(self) -> None:
+        for guard in self.guards:
+            guard.drain()
 
     def __enter__(self) -> FacemarkServer:
         self.start()
@@ -459,11 +471,11 @@ INFLIGHT_INFERENCES = re.compile(r"Model '([^']+)' \(version \d+\) has (\d+) in-
 EXIT_TIMEOUT_EXPIRED = "Exit timeout expired"
 
 
-def drain_shortfall(http_cut: int, log_lines: Sequence[str]) -> str | None:
-    """What the drain left unanswered: None when it finished in time. `http_cut`: the HTTP requests in flight
-    whose connection ended without their reply (the guard counts them); from Triton's log, whether its exit
-    timeout expired and the inferences it still ran then (any protocol; requests still queued are not among
-    them)."""
+def drain_shortfall(http_cut: int, log_lines: Sequence[str], grpc_cut: int = 0) -> str | None:
+    """What the drain left unanswered: None when it finished in time. `http_cut`, `grpc_cut`: the HTTP requests
+    and gRPC calls in flight whose connection ended without their answer (the guards count them); from Triton's
+    log, whether its exit timeout expired and the inferences it still ran then (any protocol; requests still
+    queued are not among them)."""
     inflight: dict[str, int] = {}
     expired = False
     for line in log_lines:
@@ -471,10 +483,11 @@ def drain_shortfall(http_cut: int, log_lines: Sequence[str]) -> str | None:
             inflight[match.group(1)] = int(match.group(2))
         elif EXIT_TIMEOUT_EXPIRED in line:
             expired = True
-    if not expired and not http_cut:
+    if not expired and not http_cut and not grpc_cut:
         return None
     running = ", ".join(f"{count} of model {name}" for name, count in inflight.items()) or "none"
     return (f"{http_cut} HTTP request(s) in flight were not answered"
+            + (f"; {grpc_cut} gRPC call(s) in flight were not answered" if grpc_cut else "")
             + (f"; Triton's exit timeout expired with inference(s) still running: {running}" if expired else ""))
 
 

@@ -1,0 +1,174 @@
+"""gRPC messages above --max-request-mb are refused with RESOURCE_EXHAUSTED by the guard in front of Triton's gRPC
+endpoint (facemark.runtime.serving.grpc_guard) before Triton buffers them, and the server, the channel and the
+other calls on the same connection go on. One `facemark serve` on loopback for the whole file.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from facemark.benchmarks.serve_load import PeakRss, ServerProcess, tree_rss_bytes
+from tests.conftest import SAMPLES
+
+PHOTO = (SAMPLES / "2008_002470.jpg").read_bytes()
+PHOTO_SIZE = (500, 332)
+LIMIT_MB = 2
+LIMIT_BYTES = LIMIT_MB * 1_000_000 + 1_000_000  # --max-request-mb and the allowance shared with the HTTP guard
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+CONCURRENT_40_MB = 6
+RSS_GROWTH_MB = 200  # allowed peak growth of the tree's RSS while 6 x 40 MB are sent twice
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    pytest.importorskip("pytriton", reason="the serve extra is not installed (pip install 'facemark[serve]')")
+    started = ServerProcess(["--max-batch", "8", "--max-images", "4", "--max-request-mb", str(LIMIT_MB), "--grace",
+                             "5"], log=tmp_path_factory.mktemp("grpc-limit") / "serve.log")
+    yield started
+    started.stop()
+
+
+def _image(megabytes: float) -> bytes:
+    """The photo followed by zeros up to `megabytes` (decoders stop at the JPEG's end)."""
+    return PHOTO + b"\x00" * max(0, int(megabytes * 1e6) - len(PHOTO))
+
+
+def _request(image: bytes) -> bytes:
+    """A serialized ModelInferRequest of model `facemark` with one image."""
+    from tritonclient.grpc import service_pb2
+
+    message = service_pb2.ModelInferRequest(model_name="facemark")
+    tensor = message.inputs.add(name="image", datatype="BYTES")
+    tensor.shape.extend([1, 1])
+    message.raw_input_contents.append(struct.pack("<I", len(image)) + image)
+    return message.SerializeToString()
+
+
+def _faces(client, image: bytes = PHOTO) -> int:
+    """Faces found in one image sent with a tritonclient.grpc client; its `error` output must be empty."""
+    import tritonclient.grpc as grpcclient
+
+    tensor = grpcclient.InferInput("image", [1, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[image]], dtype=object))
+    result = client.infer("facemark", [tensor], client_timeout=60)
+    assert result.as_numpy("error").reshape(-1)[0] == b""
+    return int(result.as_numpy("face_count").reshape(-1)[0])
+
+
+def _client(server: ServerProcess):
+    import tritonclient.grpc as grpcclient
+
+    return grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}")
+
+
+def _raw_channel(server: ServerProcess):
+    import grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc}")
+    return channel, channel.unary_unary(INFER, request_serializer=lambda raw: raw,
+                                        response_deserializer=lambda raw: raw)
+
+
+@pytest.mark.parametrize("megabytes", [5, 20, 40])
+def test_an_oversized_grpc_request_is_refused_with_resource_exhausted_and_the_channel_goes_on(server, megabytes):
+    from tritonclient.utils import InferenceServerException
+
+    client = _client(server)
+    for _ in range(3):  # several on one connection: the window of the bytes swallowed is given back each time
+        started = time.monotonic()
+        with pytest.raises(InferenceServerException) as refused:
+            _faces(client, _image(megabytes))
+        print(f"{megabytes} MB refused in {time.monotonic() - started:.3f} s")  # with -s
+        assert refused.value.status() == "StatusCode.RESOURCE_EXHAUSTED", refused.value
+        assert f"above --max-request-mb {LIMIT_MB}" in refused.value.message()
+    assert _faces(client) >= 1  # the same channel
+    assert _faces(_client(server)) >= 1  # a new one
+    assert server.proc.poll() is None
+
+
+def test_a_request_just_under_the_limit_is_answered(server):
+    image = _image(LIMIT_MB - 0.1)
+    assert len(_request(image)) < LIMIT_BYTES
+    assert _faces(_client(server), image) >= 1
+
+
+def test_an_oversized_call_and_a_good_one_on_one_connection_the_good_one_is_answered(server):
+    import grpc
+
+    channel, infer = _raw_channel(server)
+    with channel:
+        for _ in range(3):
+            good = infer.future(_request(PHOTO), timeout=60)
+            oversized = infer.future(_request(_image(40)), timeout=60)
+            also_good = infer.future(_request(PHOTO), timeout=60)
+            with pytest.raises(grpc.RpcError) as refused:
+                oversized.result()
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert good.result() and also_good.result()
+
+
+def test_oversized_grpc_requests_do_not_grow_the_server_memory(server):
+    import grpc
+
+    channel, infer = _raw_channel(server)
+    payload = _request(_image(40))
+    codes: list[str] = []
+    before = tree_rss_bytes(server.proc.pid)
+    with channel, PeakRss(server.proc.pid, period_s=0.05) as peak:
+        for _ in range(2):
+            calls = [infer.future(payload, timeout=120) for _ in range(CONCURRENT_40_MB)]
+            for call in calls:
+                try:
+                    call.result()
+                    codes.append("OK")
+                except grpc.RpcError as exc:
+                    codes.append(exc.code().name)
+    grown = (peak.peak_mb or 0) - before / 2**20
+    print(f"tree RSS {before / 2**20:.0f} MB before, peak {peak.peak_mb:.0f} MB while sending "
+          f"{2 * CONCURRENT_40_MB} x 40 MB", codes)
+    assert codes == ["RESOURCE_EXHAUSTED"] * 2 * CONCURRENT_40_MB
+    assert grown < RSS_GROWTH_MB, grown
+
+
+def _closed_within(connection: socket.socket, seconds: float) -> bool:
+    """Whether the guard closes `connection` within `seconds` (what it sends first is read and dropped)."""
+    connection.settimeout(seconds)
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            if not connection.recv(65536):
+                return True
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+    return False
+
+
+def test_garbage_or_a_stalled_preface_closes_that_connection_alone(server):
+    client = _client(server)
+    assert _faces(client) >= 1
+    closed = {}
+
+    def probe(name: str, data: bytes, seconds: float) -> None:
+        with socket.create_connection(("127.0.0.1", server.grpc), timeout=30) as connection:
+            connection.sendall(data)
+            closed[name] = _closed_within(connection, seconds)
+
+    cases = {"http/1.1": (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 10),
+             "random bytes": (np.random.default_rng(38).bytes(5000), 10),
+             "half a preface, then silence": (b"PRI * HTTP/2.0\r\n", 15)}
+    threads = [threading.Thread(target=probe, args=(name, *case)) for name, case in cases.items()]
+    for thread in threads:
+        thread.start()
+    assert _faces(client) >= 1  # while they are open
+    for thread in threads:
+        thread.join(60)
+    assert closed == dict.fromkeys(cases, True)
+    assert _faces(client) >= 1 and server.proc.poll() is None
