@@ -57,8 +57,8 @@ def export_command(
         False, "--triton-tensorrt", help="Run the model through ONNX Runtime's TensorRT accelerator (fp16, engine "
         "cache in /tmp/facemark-trt-cache on the server; GPU instances)."),
 ) -> None:
-    """Export a checkpoint to one self-contained ONNX file, verified against PyTorch and gated; optionally a Triton
-    model repository for it."""
+    """Export a checkpoint to one self-contained ONNX file, verified against PyTorch and gated. Optionally also a
+    Triton model repository for it."""
     if triton_kind not in ("gpu", "cpu"):
         raise typer.BadParameter(f"--triton-kind {triton_kind!r}: expected gpu or cpu")
     if triton_tensorrt and triton_kind != "gpu":

@@ -138,8 +138,8 @@ def predict_command(
     max_file_mb: float = typer.Option(DEFAULT_MAX_FILE_MB, "--max-file-mb", min=0.001, help="Refuse a larger "
                                       "input file by its size, before reading it (that input's error)."),
 ) -> None:
-    """Landmarks for every face in photos: annotated images (--out-dir), one JSON document (--json), JSON lines
-    streamed per image (--jsonl, resumable with --resume), CSV (--csv), aligned face chips (--aligned);
+    """Landmarks for every face in photos. Writes annotated images (--out-dir), one JSON document (--json), JSON
+    lines streamed per image (--jsonl, resumable with --resume), CSV (--csv), aligned face chips (--aligned);
     locally or on a `facemark serve` server (--server). Writes only what is asked for, each file complete or not
     at all; never an input, never a picture it did not write itself (its folders' facemark-outputs.json says
     which). Messages and the summary go to stderr."""
@@ -452,11 +452,11 @@ def serve_command(
     verbose: bool = typer.Option(False, "--verbose", help="Triton's whole log on stderr (default: its warnings and "
                                  "errors, one line each)."),
 ) -> None:
-    """Serve the pipeline (model `facemark`: encoded images in, faces out) and the landmark model (model
-    `facemark_crops`) on NVIDIA Triton Inference Server (PyTriton; extra facemark[serve]) until SIGINT/SIGTERM,
-    which drains the requests in flight (--grace). Prints one JSON line {"ready": true, ...} on stdout once every
-    model is ready; /v2/health/ready answers 200 from then until shutdown begins (the readiness probe),
-    /v2/health/live is the liveness probe."""
+    """Serve the landmark pipeline on NVIDIA Triton Inference Server (PyTriton; extra facemark[serve]). Two
+    models: `facemark` (encoded images in, faces out) and `facemark_crops` (the landmark model), until
+    SIGINT/SIGTERM, which drains the requests in flight (--grace). Prints one JSON line {"ready": true, ...} on
+    stdout once every model is ready; /v2/health/ready answers 200 from then until shutdown begins (the
+    readiness probe), /v2/health/live is the liveness probe."""
     import logging
     import threading
 

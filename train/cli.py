@@ -92,7 +92,7 @@ def train_command(
                                    "runs with other seeds validate on the same faces)."),
     workers: int = typer.Option(1, "--workers", help="Data loader processes."),
 ) -> None:
-    """Train the ResNet18 landmark network (PIP or regression head, presence score); keeps best.pt (by
+    """Train the ResNet18 landmark network (PIP or regression head, presence score). Keeps best.pt (by
     validation NME) and last.pt."""
     from dataclasses import asdict
 

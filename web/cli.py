@@ -21,8 +21,8 @@ def web_command(
                                       "onnxruntime-web and @techstark/opencv-js (default: $FACEMARK_WEB_MODULES, "
                                       "else web/node_modules: `make web-deps`)."),
 ) -> None:
-    """Write a static folder that finds faces and their 68 points in the browser: model, ONNX Runtime Web,
-    OpenCV.js, the cascade, facemark.js and a demo index.html (host it with the COOP/COEP headers of
+    """Write a static folder that finds faces and their 68 points in the browser. It holds the model, ONNX Runtime
+    Web, OpenCV.js, the cascade, facemark.js and a demo index.html (host it with the COOP/COEP headers of
     docs/WEB.md for WebAssembly threads)."""
     from facemark.web.build import build_web_folder
 
