@@ -346,7 +346,7 @@ def serve_benchmark(model: Path | None, photos: Sequence[Path], requests: int = 
     then (`damaged_every` or `oversized_every` > 0) the same load with damaged uploads and oversized JSON
     requests mixed in, in "damaged", and whether the server exited meanwhile ("server_exits", 0 or 1: nothing
     restarts it here)."""
-    args = ["--max-batch", str(max_batch), "--instances", str(instances)]
+    args = ["--max-batch-size", str(max_batch), "--instances", str(instances)]
     if model is not None:
         args += ["--model", str(model)]
     hostile = damaged_every > 0 or oversized_every > 0
@@ -375,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--url", default=None, help="A running server (default: start one).")
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--max-batch-size", dest="max_batch", type=int, default=16)
     parser.add_argument("--instances", type=int, default=1)
     parser.add_argument("--damaged-every", type=int, default=DAMAGED_EVERY,
                         help="The second load sends a damaged upload every N requests (0: none).")

@@ -264,8 +264,8 @@ def test_report_renders_without_optional_sections():
 def test_cli_rejects_bad_batch_sizes(tmp_path, capsys):
     from facemark.cli import run
 
-    assert run(["bench", "--batch-sizes", "1,zero", "--out", str(tmp_path)]) == 2
-    assert "--batch-sizes" in capsys.readouterr().err
+    assert run(["bench", "--batch-size", "1,zero", "--out-dir", str(tmp_path)]) == 2
+    assert "--batch-size" in capsys.readouterr().err
 
 
 def test_train_throughput_measures_fp32_and_reports_data_wait(tmp_path):
@@ -292,7 +292,7 @@ def test_bench_model_runs_without_a_checkpoint_and_without_torch(tiny_checkpoint
     code = ("import sys; sys.modules['torch'] = None\n"
             "from facemark.cli import run\n"
             f"sys.exit(run(['bench', '--model', {str(model)!r}, '--threads', '1,2', '--quick', "
-            f"'--out', {str(out)!r}]))")
+            f"'--out-dir', {str(out)!r}]))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())

@@ -72,7 +72,7 @@ def test_default_landmarker_finds_and_landmarks_the_sample_faces(records, landma
 def test_predict_cli_works_without_a_model_argument(tmp_path):
     out = tmp_path / "landmarks.json"
     assert run(["runtime", "predict", str(SAMPLES / "2009_004587.jpg"), str(SAMPLES / "dogs.jpg"),
-                "--json", str(out), "--out", str(tmp_path / "img")]) == 0
+                "--json", str(out), "--out-dir", str(tmp_path / "img")]) == 0
     doc = json.loads(out.read_text())
     faces = {img["path"].rsplit("/", 1)[-1]: img["faces"] for img in doc["images"]}
     assert len(faces["2009_004587.jpg"]) >= 1 and faces["dogs.jpg"] == []

@@ -238,7 +238,7 @@ def test_the_landmarker_uses_the_detectors_own_calibration_and_haar_the_models(c
 def test_predict_with_a_cnn_detector_records_it_and_refuses_haar_options(tmp_path, capsys):
     fetched("faceboxes")
     out = tmp_path / "doc.json"
-    assert run(["runtime", "predict", str(PHOTO), "--detector", "faceboxes", "--json", str(out), "--provider",
+    assert run(["runtime", "predict", str(PHOTO), "--detector", "faceboxes", "--json", str(out), "--device",
                 "cpu", "--threads", "1"]) == 0
     doc = json.loads(out.read_text())
     assert doc["detector"]["name"] == "faceboxes" and doc["images"][0]["faces"]
@@ -247,7 +247,7 @@ def test_predict_with_a_cnn_detector_records_it_and_refuses_haar_options(tmp_pat
     assert run(["runtime", "predict", str(PHOTO), "--detector", "nope"]) == 2
     strict = tmp_path / "strict.json"
     assert run(["runtime", "predict", str(PHOTO), "--detector", "faceboxes", "--min-detector-score", "0.999",
-                "--min-score", "0", "--json", str(strict), "--provider", "cpu"]) == 0
+                "--min-score", "0", "--json", str(strict), "--device", "cpu"]) == 0
     kept = json.loads(strict.read_text())
     assert kept["detector"]["min_score"] == 0.999
     assert all(f["detector_score"] >= 0.999 for f in kept["images"][0]["faces"])
@@ -272,7 +272,7 @@ def test_video_runs_with_a_cnn_detector(tmp_path, capsys):
         writer.write(frame)
     writer.release()
     jsonl = tmp_path / "frames.jsonl"
-    assert run(["runtime", "video", str(clip), "--detector", "faceboxes", "--provider", "cpu", "--threads", "1",
+    assert run(["runtime", "video", str(clip), "--detector", "faceboxes", "--device", "cpu", "--threads", "1",
                 "--jsonl", str(jsonl), "--detect-every", "2", "--full-scan-every", "2"]) == 0
     frames = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert len(frames) == 6 and all(f["faces"] for f in frames)
@@ -321,7 +321,7 @@ def test_evaluate_takes_a_cnn_detector_end_to_end_only(tmp_path, capsys):
     xml = str(SAMPLES / "landmarks.xml")
     out = tmp_path / "eval.json"
     assert run(["evaluate", "--model", str(SHIPPED), "--data", xml, "--split", "all", "--boxes", "pipeline",
-                "--detector", "faceboxes", "--provider", "cpu", "--json", str(out)]) == 0
+                "--detector", "faceboxes", "--device", "cpu", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["detector"]["name"] == "faceboxes" and doc["detection_rate"] == 1.0
     assert run(["evaluate", "--model", str(SHIPPED), "--data", xml, "--boxes", "gt", "--detector", "faceboxes"]) == 2
@@ -367,7 +367,7 @@ def test_boxes_are_the_runtimes_first_pass_boxes_of_each_annotated_face(tmp_path
     from facemark.runtime.landmarker import FaceLandmarker
 
     out = tmp_path / "boxes.json"
-    assert run(["detectors", "boxes", "--data", str(SAMPLES / "landmarks.xml"), "--out", str(out)]) == 0
+    assert run(["detectors", "boxes", "--data", str(SAMPLES / "landmarks.xml"), "--output", str(out)]) == 0
     document = json.loads(out.read_text())
     records = load_records([SAMPLES / "landmarks.xml"], lambda _m: None)
     assert set(document["faces"]) == {r.key for r in records}
@@ -395,9 +395,9 @@ def test_boxes_refuses_an_out_that_is_an_input_or_not_json_before_detecting(tmp_
     xml = tmp_path / "landmarks.xml"
     shutil.copy(SAMPLES / "landmarks.xml", xml)
     before = xml.read_bytes()
-    assert run(["detectors", "boxes", "--data", str(xml), "--out", str(xml)]) == 2
-    assert xml.read_bytes() == before and "--out would write over --data" in capsys.readouterr().err
-    assert run(["detectors", "boxes", "--data", str(xml), "--out", str(tmp_path / "boxes.txt")]) == 2
+    assert run(["detectors", "boxes", "--data", str(xml), "--output", str(xml)]) == 2
+    assert xml.read_bytes() == before and "--output would write over --data" in capsys.readouterr().err
+    assert run(["detectors", "boxes", "--data", str(xml), "--output", str(tmp_path / "boxes.txt")]) == 2
     (tmp_path / "taken.json").mkdir()
-    assert run(["detectors", "boxes", "--data", str(xml), "--out", str(tmp_path / "taken.json")]) == 2
+    assert run(["detectors", "boxes", "--data", str(xml), "--output", str(tmp_path / "taken.json")]) == 2
     assert "is a folder" in capsys.readouterr().err

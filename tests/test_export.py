@@ -202,7 +202,7 @@ def test_cli_failed_gate_exits_non_zero_without_a_model(tiny_checkpoint, tmp_pat
 
 def test_cli_static_batch(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "static.onnx"
-    assert run(["export", str(tiny_checkpoint), "--output", str(out), "--batch", "3", "--opset", "17"]) == 0
+    assert run(["export", str(tiny_checkpoint), "--output", str(out), "--batch-size", "3", "--opset", "17"]) == 0
     assert str(out) in capsys.readouterr().out
     model = onnx.load(out)
     input_dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
@@ -225,7 +225,7 @@ def test_cli_no_verify_is_an_explicit_opt_out(tiny_checkpoint, tmp_path):
 def test_bad_arguments_are_one_line_errors(tiny_checkpoint, tmp_path, capsys):
     with pytest.raises(FacemarkError, match="precision 'int4'"):
         export_model(tiny_checkpoint, tmp_path / "x.onnx", precision="int4")
-    assert run(["export", str(tiny_checkpoint), "-o", str(tmp_path / "x.onnx"), "--batch", "zero"]) == 2
+    assert run(["export", str(tiny_checkpoint), "-o", str(tmp_path / "x.onnx"), "--batch-size", "zero"]) == 2
     assert run(["export", str(tmp_path / "missing.pt")]) == 2
     assert "missing.pt" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.onnx"))

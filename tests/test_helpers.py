@@ -157,7 +157,7 @@ def test_predict_writes_pose_csv_and_aligned_chips_that_match_the_schema(tmp_pat
                                        tmp_path / "chips")
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"no png")
-    code = run(["runtime", "predict", str(SAMPLES), str(broken), "--model", str(tiny_onnx), "--provider", "cpu",
+    code = run(["runtime", "predict", str(SAMPLES), str(broken), "--model", str(tiny_onnx), "--device", "cpu",
                 "--json", str(out_json), "--jsonl", str(jsonl), "--csv", str(out_csv), "--pose",
                 "--aligned", str(chips), "--aligned-size", "96"])
     assert code == 1, "the broken file fails the run; the rest is written"
@@ -181,7 +181,7 @@ def test_predict_writes_pose_csv_and_aligned_chips_that_match_the_schema(tmp_pat
 
 def test_choices_are_checked_before_any_work(tiny_onnx, capsys):
     for args in (["runtime", "predict", str(SAMPLES), "--draw", "dots"], ["runtime", "predict", str(SAMPLES),
-                 "--provider", "gpu"], ["runtime", "predict", str(SAMPLES), "--tta", "mirror"],
+                 "--device", "gpu"], ["runtime", "predict", str(SAMPLES), "--tta", "mirror"],
                  ["runtime", "video", "x.mp4", "--draw", "dots"], ["export", "x.pt", "--precision", "int4"],
                  ["evaluate", "--model", "m.onnx", "--data", ".", "--boxes", "dlib"]):
         assert run(args) == 2, args
@@ -192,7 +192,7 @@ def test_choices_are_checked_before_any_work(tiny_onnx, capsys):
 # --- video: JSON lines on stdout, detector options ---------------------------------------------------------------
 def test_video_without_outputs_streams_schema_valid_json_lines_to_stdout(tmp_path, tiny_onnx, capsys):
     clip = write_clip(tmp_path / "clip.mp4", still_face_frames(5))
-    code = run(["runtime", "video", str(clip), "--model", str(tiny_onnx), "--provider", "cpu", "--no-smooth",
+    code = run(["runtime", "video", str(clip), "--model", str(tiny_onnx), "--device", "cpu", "--no-smooth",
                 "--scale-factor", "1.2", "--min-neighbors", "2", "--max-side", "320", "--max-faces", "1",
                 "--cascade", "haarcascade_frontalface_default.xml"])
     captured = capsys.readouterr()

@@ -86,10 +86,10 @@ FILE_TARGETS: list[tuple[str, str, Callable[[Inputs], Path]]] = [
     ("predict", "--json", lambda i: i.photo),
     ("predict", "--jsonl", lambda i: i.photo),
     ("predict", "--csv", lambda i: i.photo),
-    ("predict", "--out", lambda i: i.photo),
+    ("predict", "--out-dir", lambda i: i.photo),
     ("predict", "--aligned", lambda i: i.photo),
     ("predict", "--json", lambda i: i.model),
-    ("video", "--out", lambda i: i.clip),
+    ("video", "--output", lambda i: i.clip),
     ("video", "--jsonl", lambda i: i.clip),
     ("video", "--jsonl", lambda i: i.model),
     ("export", "-o", lambda i: i.checkpoint),
@@ -98,9 +98,9 @@ FILE_TARGETS: list[tuple[str, str, Callable[[Inputs], Path]]] = [
     ("evaluate", "--json", lambda i: i.model),
     ("evaluate", "--csv", lambda i: i.xml),
     ("evaluate", "--plot", lambda i: i.xml.parent / "2008_002506.jpg"),  # a photo the XML names
-    ("train", "--out", lambda i: i.checkpoint),
-    ("detectors-boxes", "--out", lambda i: i.xml),
-    ("bench", "--out", lambda i: i.model),
+    ("train", "--out-dir", lambda i: i.checkpoint),
+    ("detectors-boxes", "--output", lambda i: i.xml),
+    ("bench", "--out-dir", lambda i: i.model),
 ]
 
 
@@ -147,7 +147,8 @@ def test_an_output_on_an_input_is_refused_in_one_line_and_the_input_keeps_its_by
 
 # An input inside a folder the command writes into, where the command would write over it.
 FOLDER_CASES: list[tuple[str, Callable[[Inputs], list[str]], str]] = [
-    ("predict --out on the photos' folder", lambda i: [*COMMANDS["predict"](i), "--out", str(i.photos)], "photos"),
+    ("predict --out-dir on the photos' folder", lambda i: [*COMMANDS["predict"](i), "--out-dir", str(i.photos)],
+     "photos"),
     ("predict --aligned on the photos' folder", lambda i: [*COMMANDS["predict"](i), "--aligned", str(i.photos)],
      "photos"),
     ("predict --jsonl on a photo of an input folder",
@@ -156,12 +157,12 @@ FOLDER_CASES: list[tuple[str, Callable[[Inputs], list[str]], str]] = [
                                                         str(i.checkpoint.with_suffix(".onnx"))], "best.pt"),
     ("export --triton-repo holding the model", lambda i: ["export", str(_in_repo(i)), "--triton-repo",
                                                           str(i.root / "repo")], "model.onnx"),
-    ("train --out holding --init as best.pt", lambda i: ["--out", str(_as_run(i)), *COMMANDS["train"](i)][2:] +
-     ["--out", str(i.root / "run")], "best.pt"),
-    ("train --out on the data folder", lambda i: ["train", "--data", str(i.xml.parent), "--out", str(i.xml.parent)],
-     "data"),
-    ("bench --out holding --model in models/", lambda i: ["bench", "--model", str(_in_bench(i)), "--out",
-                                                          str(i.root / "bench")], "model.onnx"),
+    ("train --out-dir holding --init as best.pt", lambda i: ["--out-dir", str(_as_run(i)), *COMMANDS["train"](i)][2:] +
+     ["--out-dir", str(i.root / "run")], "best.pt"),
+    ("train --out-dir on the data folder", lambda i: ["train", "--data", str(i.xml.parent), "--out-dir",
+                                                     str(i.xml.parent)], "data"),
+    ("bench --out-dir holding --model in models/", lambda i: ["bench", "--model", str(_in_bench(i)), "--out-dir",
+                                                              str(i.root / "bench")], "model.onnx"),
     ("evaluate --csv on a photo of --data's folder",
      lambda i: ["evaluate", "--model", str(i.model), "--data", str(i.xml.parent), "--csv",
                 str(i.xml.parent / "dogs.jpg")], "dogs.jpg"),
@@ -208,9 +209,9 @@ TWO_OUTPUTS: list[tuple[str, list[str]]] = [
     ("predict", ["--json", "{o}", "--csv", "{o}"]),
     ("predict", ["--json", "{o}", "--jsonl", "{o}"]),
     ("predict", ["--jsonl", "{o}", "--csv", "{link}"]),
-    ("predict", ["--out", "{o}", "--aligned", "{o}"]),
-    ("predict", ["--json", "{o}", "--out", "{o}"]),
-    ("video", ["--out", "{o}", "--jsonl", "{o}"]),
+    ("predict", ["--out-dir", "{o}", "--aligned", "{o}"]),
+    ("predict", ["--json", "{o}", "--out-dir", "{o}"]),
+    ("video", ["--output", "{o}", "--jsonl", "{o}"]),
     ("export", ["-o", "{o}", "--triton-repo", "{o}"]),
     ("export", ["-o", "{repo_model}", "--triton-repo", "{repo}"]),
     ("evaluate", ["--json", "{o}", "--csv", "{o}"]),
@@ -393,7 +394,7 @@ def test_train_that_fails_its_data_check_claims_no_run_folder_and_says_why_each_
     shutil.copy(sorted(SAMPLES.glob("*.jpg"))[0], data / "face.jpg")
     (data / "face.pts").write_text("version: 1\nn_points: 68\n{\n1 2\n}\n")  # 1 point, not 68
     out = tmp_path / "runs" / "x"
-    proc = subprocess.run([sys.executable, "-m", "facemark", "train", "--data", str(data), "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "facemark", "train", "--data", str(data), "--out-dir", str(out),
                            "--epochs", "1"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     text = proc.stdout + proc.stderr

@@ -150,7 +150,7 @@ def test_train_export_and_run_your_own_model_end_to_end(tmp_path):
     (never a traceback), the written ones find the sample photos' faces; a one-epoch fine-tune of the shipped model
     ends with best.pt no worse than its initial weights on the run's validation split."""
     run_dir = tmp_path / "tiny"
-    code, err = _cli("train", "--data", str(LFPW), "--max-images", "64", "--epochs", "2", "--out", str(run_dir))
+    code, err = _cli("train", "--data", str(LFPW), "--max-images", "64", "--epochs", "2", "--out-dir", str(run_dir))
     assert code == 0, err
     best = run_dir / "best.pt"
     figures = {}
@@ -174,7 +174,7 @@ def test_train_export_and_run_your_own_model_end_to_end(tmp_path):
     tuned = tmp_path / "ft"
     shipped = REPO / "facemark" / "assets" / "facemark-68.onnx"
     code, err = _cli("train", "--init", str(shipped), "--data", str(LFPW), "--max-images", "32", "--epochs", "1",
-                     "--out", str(tuned))
+                     "--out-dir", str(tuned))
     assert code == 0, err
     history = [json.loads(line) for line in (tuned / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [0, 1] and history[0]["train_loss"] is None

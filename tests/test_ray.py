@@ -60,11 +60,11 @@ def test_without_the_extra_one_line_names_it(tmp_path):
 def test_ray_options_are_refused_where_they_mean_nothing(tmp_path, capsys):
     out = str(tmp_path / "rows.parquet")
     assert run(["runtime", "predict", str(SAMPLES), "--parquet", out]) == 2
-    assert run(["runtime", "predict", str(SAMPLES), "--ray", "local", "--jsonl", out, "--out", str(tmp_path)]) == 2
+    assert run(["runtime", "predict", str(SAMPLES), "--ray", "local", "--jsonl", out, "--out-dir", str(tmp_path)]) == 2
     assert run(["runtime", "predict", str(SAMPLES), "--ray", "local"]) == 2
     assert run(["runtime", "predict", str(SAMPLES), "--ray", "local", "--server", "http://127.0.0.1:9"]) == 2
     err = capsys.readouterr().err
-    assert "--parquet: only with --ray" in err and "--out: not with --ray" in err and "--ray needs --jsonl" in err
+    assert "--parquet: only with --ray" in err and "--out-dir: not with --ray" in err and "--ray needs --jsonl" in err
     assert "--server and --ray" in err
     assert not list(tmp_path.iterdir())
 

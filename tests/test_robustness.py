@@ -58,7 +58,7 @@ def test_shared_landmarker_across_threads_gives_the_sequential_results(tiny_onnx
 def test_jsonl_has_one_line_per_input_in_order_and_equals_the_json_entries(tmp_path, tiny_onnx):
     jsonl, doc_path = tmp_path / "out.jsonl", tmp_path / "out.json"
     inputs = [str(p) for p in photos()]
-    code = run(["runtime", "predict", *inputs, "--model", str(tiny_onnx), "--provider", "cpu", "--jsonl",
+    code = run(["runtime", "predict", *inputs, "--model", str(tiny_onnx), "--device", "cpu", "--jsonl",
                 str(jsonl), "--json", str(doc_path)])
     assert code == 0
     lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
@@ -74,14 +74,14 @@ def test_jsonl_has_one_line_per_input_in_order_and_equals_the_json_entries(tmp_p
 def test_resume_skips_complete_lines_and_redoes_a_truncated_last_line(tmp_path, tiny_onnx):
     jsonl = tmp_path / "out.jsonl"
     inputs = [str(p) for p in photos()]
-    assert run(["runtime", "predict", *inputs, "--model", str(tiny_onnx), "--provider", "cpu",
+    assert run(["runtime", "predict", *inputs, "--model", str(tiny_onnx), "--device", "cpu",
                 "--jsonl", str(jsonl)]) == 0
     full = jsonl.read_text().splitlines()
     # A run killed while writing its third line: two complete lines and half of the third.
     jsonl.write_text(full[0] + "\n" + full[1] + "\n" + full[2][: len(full[2]) // 2])
     assert set(read_jsonl_entries(jsonl)) == {os.path.realpath(p) for p in inputs[:2]}
     assert jsonl.read_text().count("\n") == 2  # the cut line is gone
-    assert run(["runtime", "predict", *inputs, "--model", str(tiny_onnx), "--provider", "cpu",
+    assert run(["runtime", "predict", *inputs, "--model", str(tiny_onnx), "--device", "cpu",
                 "--jsonl", str(jsonl), "--resume"]) == 0
     assert jsonl.read_text().splitlines() == full
 
@@ -94,7 +94,7 @@ def test_interrupted_predict_writes_what_is_done_and_exits_128_plus_signal(tmp_p
         shutil.copy(photos()[i % len(photos())], folder / f"{i:03d}.jpg")
     doc_path, jsonl = tmp_path / "doc.json", tmp_path / "doc.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "facemark", "runtime", "predict", str(folder), "--model",
-                             str(tiny_onnx), "--provider", "cpu", "--json", str(doc_path), "--jsonl", str(jsonl)],
+                             str(tiny_onnx), "--device", "cpu", "--json", str(doc_path), "--jsonl", str(jsonl)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
     deadline = time.time() + 120
     while time.time() < deadline and (not jsonl.is_file() or jsonl.read_text().count("\n") < 3):
@@ -111,7 +111,7 @@ def test_interrupted_predict_writes_what_is_done_and_exits_128_plus_signal(tmp_p
 def test_unwritable_output_fails_before_any_image_is_processed(tmp_path, tiny_onnx, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    code = run(["runtime", "predict", str(SAMPLES), "--model", str(tiny_onnx), "--provider", "cpu",
+    code = run(["runtime", "predict", str(SAMPLES), "--model", str(tiny_onnx), "--device", "cpu",
                 "--json", str(blocker / "sub" / "out.json")])
     err = capsys.readouterr().err
     assert code == 2 and "cannot create the folder" in err and "images" not in err
@@ -202,7 +202,7 @@ def test_non_finite_model_output_drops_the_face_and_marks_the_image(tmp_path):
     path = graph_model(tmp_path / "nan.onnx", poison=True)
     doc_path = tmp_path / "out.json"
     photo = SAMPLES / "2009_004587.jpg"  # several faces
-    code = run(["runtime", "predict", str(photo), "--model", str(path), "--provider", "cpu",
+    code = run(["runtime", "predict", str(photo), "--model", str(path), "--device", "cpu",
                 "--json", str(doc_path)])
     text = doc_path.read_text()
     doc = json.loads(text, parse_constant=lambda token: pytest.fail(f"bare {token} in the JSON document"))

@@ -27,7 +27,7 @@ def tiny_onnx(tiny_checkpoint, tmp_path_factory) -> Path:
 
 def predict(tmp_path: Path, model: Path, *args: str) -> tuple[int, dict]:
     out_json = tmp_path / "result" / "landmarks.json"
-    code = run(["runtime", "predict", *args, "--model", str(model), "--json", str(out_json), "--provider", "cpu",
+    code = run(["runtime", "predict", *args, "--model", str(model), "--json", str(out_json), "--device", "cpu",
                 "--threads", "1"])
     return code, json.loads(out_json.read_text()) if out_json.is_file() else {}
 
@@ -51,7 +51,7 @@ def check_schema(doc: dict) -> None:
 
 def test_predict_samples_folder_writes_json_and_annotated_images(tmp_path, tiny_onnx):
     out = tmp_path / "demo"
-    code, doc = predict(tmp_path, tiny_onnx, str(SAMPLES), "--out", str(out), "--draw", "contours")
+    code, doc = predict(tmp_path, tiny_onnx, str(SAMPLES), "--out-dir", str(out), "--draw", "contours")
     assert code == 0
     check_schema(doc)
     images = {Path(i["path"]).name: i for i in doc["images"]}
@@ -131,7 +131,7 @@ def test_inputs_from_folders_globs_and_duplicates(tmp_path):
 
 
 def test_json_goes_to_stdout_without_out_or_json(tiny_onnx, capsys):
-    code = run(["runtime", "predict", str(SAMPLES / "dogs.jpg"), "--model", str(tiny_onnx), "--provider", "cpu"])
+    code = run(["runtime", "predict", str(SAMPLES / "dogs.jpg"), "--model", str(tiny_onnx), "--device", "cpu"])
     assert code == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["images"][0]["faces"] == [] and doc["images"][0]["error"] is None
@@ -146,7 +146,7 @@ def test_model_and_provider_errors_are_one_line_exit_2(tmp_path, tiny_onnx, caps
 
     if CUDA not in available_providers():
         assert run(["runtime", "predict", str(SAMPLES / "dogs.jpg"), "--model", str(tiny_onnx),
-                    "--provider", "cuda"]) == 2
+                    "--device", "cuda"]) == 2
         assert "cannot run here" in capsys.readouterr().err
 
 

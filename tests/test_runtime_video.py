@@ -162,7 +162,7 @@ def test_run_video_writes_jsonl_and_annotated_video(tmp_path, tiny_onnx):
 def test_video_cli_and_bad_sources(tmp_path, tiny_onnx, capsys):
     clip = write_clip(tmp_path / "clip.mp4", still_face_frames(6))
     jsonl = tmp_path / "frames.jsonl"
-    code = run(["runtime", "video", str(clip), "--model", str(tiny_onnx), "--provider", "cpu", "--jsonl",
+    code = run(["runtime", "video", str(clip), "--model", str(tiny_onnx), "--device", "cpu", "--jsonl",
                 str(jsonl), "--no-smooth", "--detect-every", "3"])
     assert code == 0
     assert "6 frames" in capsys.readouterr().err
@@ -194,7 +194,7 @@ def corrupt_mjpg_clip(path: Path, frames: list[np.ndarray], bad: range) -> Path:
 def test_video_goes_on_past_corrupt_frames_counts_them_and_exits_1(tmp_path, tiny_onnx, capsys):
     clip = corrupt_mjpg_clip(tmp_path / "broken.avi", still_face_frames(100), range(34, 38))
     jsonl = tmp_path / "frames.jsonl"
-    code = run(["runtime", "video", str(clip), "--model", str(tiny_onnx), "--provider", "cpu", "--jsonl",
+    code = run(["runtime", "video", str(clip), "--model", str(tiny_onnx), "--device", "cpu", "--jsonl",
                 str(jsonl), "--detect-every", "10"])
     err = capsys.readouterr().err
     lines = [json.loads(line) for line in jsonl.read_text().splitlines()]

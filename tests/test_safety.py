@@ -171,7 +171,7 @@ def _predict(*args: str, limit_bytes: int | None = None, **kwargs) -> subprocess
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
 
-    return subprocess.run([sys.executable, "-m", "facemark", "runtime", "predict", "--provider", "cpu", *args],
+    return subprocess.run([sys.executable, "-m", "facemark", "runtime", "predict", "--device", "cpu", *args],
                           capture_output=True, text=True, timeout=300,
                           preexec_fn=limit if limit_bytes is not None else None, **kwargs)
 
@@ -195,10 +195,10 @@ def two_photos(tmp_path) -> list[Path]:
 def test_out_folder_holding_the_inputs_is_refused_before_any_work_and_inputs_keep_their_bytes(two_photos):
     folder = two_photos[0].parent
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    proc = _predict(str(folder), "--out", str(folder), "--jsonl", str(folder.parent / "r.jsonl"))
+    proc = _predict(str(folder), "--out-dir", str(folder), "--jsonl", str(folder.parent / "r.jsonl"))
     assert proc.returncode == 2
     line = _one_error_line(proc)
-    assert "--out would write over the input" in line and str(folder) in line
+    assert "--out-dir would write over the input" in line and str(folder) in line
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert not (folder.parent / "r.jsonl").exists(), "refused before any output was opened"
 
@@ -212,7 +212,7 @@ def test_inputs_sharing_a_stem_and_a_rerun_with_other_inputs_never_overwrite_a_p
     out.mkdir()
     foreign = out / two_photos[1].name  # a file of the user's, not written by facemark, with an output's name
     foreign.write_bytes(b"the user's own file")
-    assert _predict(str(two_photos[0]), str(as_png), str(two_photos[1]), "--out", str(out),
+    assert _predict(str(two_photos[0]), str(as_png), str(two_photos[1]), "--out-dir", str(out),
                     "--aligned", str(chips), "--json", str(tmp_path / "r.json")).returncode == 0
     first, second = two_photos[0].stem, two_photos[1].stem
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -225,18 +225,18 @@ def test_inputs_sharing_a_stem_and_a_rerun_with_other_inputs_never_overwrite_a_p
     other = tmp_path / "other" / two_photos[0].name
     other.parent.mkdir()
     other.write_bytes(two_photos[1].read_bytes())
-    assert _predict(str(two_photos[0]), str(other), "--out", str(out), "--json", "-").returncode == 0
+    assert _predict(str(two_photos[0]), str(other), "--out-dir", str(out), "--json", "-").returncode == 0
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in pictures} == pictures
     assert (out / f"{first}-2.jpg").is_file() and foreign.read_bytes() == b"the user's own file"
 
 
 def test_out_and_aligned_in_one_folder_is_refused(tmp_path, two_photos):
-    proc = _predict(str(two_photos[0]), "--out", str(tmp_path / "o"), "--aligned", str(tmp_path / "o"))
+    proc = _predict(str(two_photos[0]), "--out-dir", str(tmp_path / "o"), "--aligned", str(tmp_path / "o"))
     assert proc.returncode == 2 and "same folder" in _one_error_line(proc)
 
 
 def test_dash_writes_the_document_to_stdout_and_the_summary_to_stderr(tmp_path, two_photos):
-    proc = _predict(*map(str, two_photos), "--json", "-", "--out", str(tmp_path / "o"), cwd=tmp_path)
+    proc = _predict(*map(str, two_photos), "--json", "-", "--out-dir", str(tmp_path / "o"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)["images"]) == 2 and "2 images" in proc.stderr
     assert not (tmp_path / "-").exists()
@@ -265,7 +265,7 @@ def test_dev_stdout_and_a_fifo_are_written_directly_not_renamed_over(tmp_path, t
 
 def test_a_full_disk_is_one_line_exit_2_and_leaves_no_partial_file(tmp_path, two_photos):
     out, jsonl = tmp_path / "out", tmp_path / "r.jsonl"
-    proc = _predict(*map(str, two_photos), "--out", str(out), "--jsonl", str(jsonl), "--workers", "1",
+    proc = _predict(*map(str, two_photos), "--out-dir", str(out), "--jsonl", str(jsonl), "--workers", "1",
                     limit_bytes=30_000)  # the annotated photos are larger
     assert proc.returncode == 2
     line = _one_error_line(proc)
@@ -292,8 +292,8 @@ def test_a_full_disk_under_a_video_fails_the_command(tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
-    proc = subprocess.run([sys.executable, "-m", "facemark", "runtime", "video", str(clip), "--out", str(out),
-                           "--provider", "cpu"], capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    proc = subprocess.run([sys.executable, "-m", "facemark", "runtime", "video", str(clip), "--output", str(out),
+                           "--device", "cpu"], capture_output=True, text=True, timeout=300, preexec_fn=limit)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert str(out) in _one_error_line(proc) and not any(out.parent.iterdir())
 
@@ -360,7 +360,7 @@ def test_a_face_whose_outer_eye_corners_coincide_is_reported_and_skipped_by_eval
     assert len(warnings) == 1 and "degenerate.pts" in warnings[0] and "outer eye corners" in warnings[0]
     proc = subprocess.run([sys.executable, "-m", "facemark", "evaluate", "--model",
                            str(SAMPLES.parent / "facemark-68.onnx"), "--data", str(tmp_path), "--split", "all",
-                           "--provider", "cpu"], capture_output=True, text=True, timeout=300)
+                           "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "degenerate.pts" in proc.stdout and "1 faces" in proc.stdout
     nme = float(proc.stdout.split("): NME ")[1].split("%")[0])

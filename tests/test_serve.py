@@ -58,7 +58,7 @@ def _alive(pid: int) -> bool:
 def server(tmp_path_factory):
     pytest.importorskip("pytriton", reason="the serve extra is not installed (pip install 'facemark[serve]')")
     pytest.importorskip("tritonclient.http", reason="the serve extra is not installed")
-    started = ServerProcess(["--max-batch", "8", *LIMITS], log=tmp_path_factory.mktemp("serve") / "serve.log")
+    started = ServerProcess(["--max-batch-size", "8", *LIMITS], log=tmp_path_factory.mktemp("serve") / "serve.log")
     yield started
     started.stop()
     _kill(_descendants(started.proc.pid))  # nothing may outlive a failed test
@@ -66,7 +66,7 @@ def server(tmp_path_factory):
 
 def _predict(tmp: Path, name: str, inputs: list[str], *extra: str) -> tuple[int, dict]:
     out = tmp / name
-    code = cli_run(["runtime", "predict", *inputs, "--json", str(out / "doc.json"), "--out", str(out / "pictures"),
+    code = cli_run(["runtime", "predict", *inputs, "--json", str(out / "doc.json"), "--out-dir", str(out / "pictures"),
                     "--workers", "2", *extra])
     return code, json.loads((out / "doc.json").read_text())
 
@@ -434,7 +434,7 @@ def test_serve_start_up_failures_are_one_line_exit_2(case, tmp_path, monkeypatch
     err = capsys.readouterr().err.strip().splitlines()
     expected = {"unloadable model": "garbage.onnx: not a loadable ONNX model",
                 "missing extra": "pip install 'facemark[serve]'",
-                "images above the batch": "--max-images 20 is above --max-batch 16"}[case]
+                "images above the batch": "--max-images 20 is above --max-batch-size 16"}[case]
     assert code == 2 and len(err) == 1 and expected in err[0], err
 
 
@@ -485,7 +485,7 @@ def test_triton_repository_config_parses_and_matches_the_onnx_file(tmp_path, ten
     (repo / "facemark_crops").mkdir(parents=True)
     (repo / "facemark_crops" / "stale.txt").write_text("replaced")  # an older export is replaced whole
     (repo / "other_model").mkdir()  # other models in the repository are left alone
-    args = ["export", str(SHIPPED), "--triton-repo", str(repo), "--triton-max-batch", "8"]
+    args = ["export", str(SHIPPED), "--triton-repo", str(repo), "--triton-max-batch-size", "8"]
     assert cli_run(args + (["--triton-tensorrt"] if tensorrt else ["--triton-kind", "cpu"])) == 0
     folder = repo / "facemark_crops"
     assert sorted(p.name for p in folder.iterdir()) == ["1", "config.pbtxt"] and (repo / "other_model").is_dir()
@@ -543,7 +543,7 @@ def test_bench_serve_adds_a_load_row_with_no_errors_and_identical_faces(tmp_path
     pytest.importorskip("pytriton", reason="the serve extra is not installed (pip install 'facemark[serve]')")
     out = tmp_path / "bench"
     code = cli_run(["bench", "--serve", "--quick", "--serve-requests", "24", "--serve-clients", "3",
-                    "--serve-damaged-every", "8", "--out", str(out)])
+                    "--serve-damaged-every", "8", "--out-dir", str(out)])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     serve = report["serve"]

@@ -1,7 +1,7 @@
 """Malformed and oversized requests against one `facemark serve` on loopback: KServe v2 HTTP as JSON, HTTP with
 binary tensors, and gRPC. After each batch the server is up, answers a good request with faces, and its
-resident memory (the whole process tree) stays bounded. The requests are made from a seeded generator: the
-same few hundred every run.
+resident memory (the whole process tree) stays bounded; the gRPC messages over the limit are refused with
+RESOURCE_EXHAUSTED. The requests are made from a seeded generator: the same few hundred every run.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from tests.conftest import SAMPLES
 
 PHOTO = (SAMPLES / "2008_002470.jpg").read_bytes()
 LIMIT_MB = 2
+LIMIT_BYTES = LIMIT_MB * 1_000_000 + 1_000_000  # --max-request-mb and the guards' allowance
 PER_BATCH = 60
 ROUNDS = 2  # of PER_BATCH requests per encoding
 RSS_GROWTH_MB = 600  # allowed growth of the tree's RSS over the whole fuzz, after the first good answer
@@ -29,7 +30,7 @@ RSS_ROUND_GROWTH_MB = 200  # allowed growth from the first round's peak to the s
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     pytest.importorskip("pytriton", reason="the serve extra is not installed (pip install 'facemark[serve]')")
-    started = ServerProcess(["--max-batch", "8", "--max-images", "4", "--max-request-mb", str(LIMIT_MB), "--grace",
+    started = ServerProcess(["--max-batch-size", "8", "--max-images", "4", "--max-request-mb", str(LIMIT_MB), "--grace",
                              "5"], log=tmp_path_factory.mktemp("fuzz") / "serve.log")
     yield started
     started.stop()
@@ -103,7 +104,7 @@ def _grpc_cases(rng: np.random.Generator):
     good = request([PHOTO])
     cases = [b"", b"\xff" * 100, request([PHOTO], shape=[1_000_000, 1]), request([PHOTO], shape=[]),
              request([PHOTO], datatype="FP32"), request([PHOTO], model="missing"), request([PHOTO] * 9),
-             request([b"\x00" * int(3e6)]), request([b"\xff" * int(20e6)])]
+             request([b"\x00" * int(3e6)]), request([b"\xff" * int(20e6)]), request([b"\x00" * int(40e6)])]
     while len(cases) < PER_BATCH:
         mutated = bytearray(good)
         for position in rng.integers(0, len(mutated), int(rng.integers(1, 30))):
@@ -142,9 +143,12 @@ def _fuzz_round(server: ServerProcess, rng: np.random.Generator, statuses: dict[
         for raw in _grpc_cases(rng):
             try:
                 infer(raw, timeout=60)
-                statuses["grpc"].append("OK")
+                status = "OK"
             except grpc.RpcError as exc:
-                statuses["grpc"].append(exc.code().name)
+                status = exc.code().name
+            statuses["grpc"].append(status)
+            if len(raw) > LIMIT_BYTES:
+                statuses["grpc oversized"].append(status)
     _after_batch(server, rss)
 
 
@@ -152,13 +156,14 @@ def test_fuzz_every_encoding_and_the_server_stays_up_with_bounded_memory(server)
     rng = np.random.default_rng(38)
     rss: list[int] = []
     _after_batch(server, rss)
-    statuses: dict[str, list[int | str]] = {"json": [], "binary": [], "grpc": []}
+    statuses: dict[str, list[int | str]] = {"json": [], "binary": [], "grpc": [], "grpc oversized": []}
     for _ in range(ROUNDS):
         _fuzz_round(server, rng, statuses, rss)
     mb = [round(r / 2**20) for r in rss]
     print({kind: dict(Counter(map(str, values))) for kind, values in statuses.items()},  # the counts, with -s
           "tree RSS after each batch (MB):", mb)
-    assert sum(len(s) for s in statuses.values()) == ROUNDS * 3 * PER_BATCH
+    assert sum(len(statuses[kind]) for kind in ("json", "binary", "grpc")) == ROUNDS * 3 * PER_BATCH
+    assert statuses["grpc oversized"] == ["RESOURCE_EXHAUSTED"] * ROUNDS * 3, statuses["grpc oversized"]
     # every request got an answer: an HTTP status (Triton answers JSON it cannot parse with 500), a gRPC status
     # other than "unavailable" or a timeout
     assert [s for kind in ("json", "binary") for s in statuses[kind] if s == 0] == [], statuses

@@ -82,7 +82,7 @@ def _requests_in_flight(url: str, answers: dict[int, tuple[float, object]]) -> l
 
 def _start(tmp_path: Path, *args: str) -> ServerProcess:
     pytest.importorskip("pytriton", reason="the serve extra is not installed (pip install 'facemark[serve]')")
-    return ServerProcess(["--max-batch", "8", *args], log=tmp_path / "serve.log", new_session=True)
+    return ServerProcess(["--max-batch-size", "8", *args], log=tmp_path / "serve.log", new_session=True)
 
 
 @pytest.mark.parametrize("stop", list(STOPS))

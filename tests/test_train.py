@@ -187,7 +187,7 @@ def test_split_is_reported_and_callbacks_fire(tmp_path):
 
 def test_train_and_evaluate_cli(tmp_path):
     out = tmp_path / "cli"
-    code = run(["train", "--data", SAMPLES_XML, "--val-data", SAMPLES_XML, "--out", str(out), "--epochs", "1",
+    code = run(["train", "--data", SAMPLES_XML, "--val-data", SAMPLES_XML, "--out-dir", str(out), "--epochs", "1",
                 "--image-size", "64", "--batch-size", "8", "--max-images", "8", "--workers", "0"])
     assert code == 0 and (out / "best.pt").is_file() and (out / "last.pt").is_file()
     report = tmp_path / "eval.json"
@@ -205,7 +205,7 @@ def test_train_and_evaluate_cli(tmp_path):
 
 # --- a train that never hangs, resumes exactly, never overwrites (issue 12) -----------------------------------
 def test_bad_choice_is_refused_before_any_data_is_read(tmp_path, capsys):
-    code = run(["train", "--data", str(tmp_path / "missing"), "--loss", "foo", "--out", str(tmp_path / "r")])
+    code = run(["train", "--data", str(tmp_path / "missing"), "--loss", "foo", "--out-dir", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert code == 2 and "--loss" in err and "missing" not in err
     with pytest.raises(Exception, match="--optimizer 'sgd'"):
@@ -294,7 +294,7 @@ def test_a_failing_train_command_is_one_line_and_exit_2(tmp_path, monkeypatch, c
         raise RuntimeError("boom in the step")
 
     monkeypatch.setattr(loop, "compute_loss", boom)
-    code = run(["train", "--data", SAMPLES_XML, "--val-data", SAMPLES_XML, "--out", str(tmp_path / "r"),
+    code = run(["train", "--data", SAMPLES_XML, "--val-data", SAMPLES_XML, "--out-dir", str(tmp_path / "r"),
                 "--epochs", "1", "--image-size", "64", "--batch-size", "8", "--max-images", "8", "--workers", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "training failed: RuntimeError: boom in the step" in err and "Traceback" not in err
@@ -557,7 +557,7 @@ def test_validation_detector_boxes_are_the_real_first_pass_boxes_where_given(tmp
 def test_first_pass_boxes_file_is_checked_in_one_line(tmp_path, capsys):
     bad = tmp_path / "boxes.json"
     bad.write_text("{\"faces\": [1, 2]}")
-    code = run(["train", "--data", SAMPLES_XML, "--val-data", SAMPLES_XML, "--out", str(tmp_path / "r"),
+    code = run(["train", "--data", SAMPLES_XML, "--val-data", SAMPLES_XML, "--out-dir", str(tmp_path / "r"),
                 "--epochs", "1", "--first-pass-boxes", str(bad)])
     assert code == 2
     err = capsys.readouterr().err
@@ -568,11 +568,11 @@ def test_first_pass_boxes_file_is_checked_in_one_line(tmp_path, capsys):
                          ([1, 2, 3, 4, 5], "[1, 2, 3, 4, 5] is not a list of four numbers"),
                          ([True, True, True, True], "[True, True, True, True] is not a list of four numbers")]:
         bad.write_text(json.dumps({"faces": {"spot.png#0": box}, "landmark_boxes": {"spot.png#0": [1, 2, 3, 4]}}))
-        assert run(["train", "--data", SAMPLES_XML, "--val-data", SAMPLES_XML, "--out", str(tmp_path / "r"),
+        assert run(["train", "--data", SAMPLES_XML, "--val-data", SAMPLES_XML, "--out-dir", str(tmp_path / "r"),
                     "--epochs", "1", "--first-pass-boxes", str(bad)]) == 2
         assert f"face spot.png#0: {problem}" in capsys.readouterr().err
     bad.write_text(json.dumps({"faces": {"spot.png#0": [1, 2, 3, 4]}}))  # an older file: no landmark boxes
-    assert run(["train", "--data", SAMPLES_XML, "--out", str(tmp_path / "r"), "--epochs", "1",
+    assert run(["train", "--data", SAMPLES_XML, "--out-dir", str(tmp_path / "r"), "--epochs", "1",
                 "--first-pass-boxes", str(bad)]) == 2
     assert "not a first-pass boxes file" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()

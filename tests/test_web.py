@@ -173,7 +173,7 @@ def assert_same_faces(browser: dict[str, dict], python: dict[str, dict]) -> int:
 def predicted(tmp_path: Path, names: list[str], *options: str) -> dict[str, dict]:
     """`facemark runtime predict` on the named samples: each image entry by file name."""
     out = tmp_path / "py.json"
-    assert run(["runtime", "predict", *(str(SAMPLES / n) for n in names), "--json", str(out), "--provider", "cpu",
+    assert run(["runtime", "predict", *(str(SAMPLES / n) for n in names), "--json", str(out), "--device", "cpu",
                 *options]) == 0
     return {Path(image["path"]).name: image for image in json.loads(out.read_text())["images"]}
 
