@@ -98,7 +98,7 @@ def evaluate_command(
     json_path: Path | None = typer.Option(None, "--json", metavar=FILE, help="Write the summary as JSON."),
     csv_path: Path | None = typer.Option(None, "--csv", metavar=FILE, help="Write per-face errors as CSV."),
     plot_path: Path | None = typer.Option(None, "--plot", metavar=FILE, help="Write the CED curve as PNG."),
-    batch_size: int = typer.Option(32, "--batch-size"),
+    batch_size: int = typer.Option(32, "--batch-size", help="Face crops per model run."),
     verbose: bool = typer.Option(False, "--verbose", help="List every data warning (default: one line per kind)."),
 ) -> None:
     """NME (inter-ocular), failure rate and AUC at 0.08, per-face CSV and CED plot."""

@@ -36,7 +36,7 @@ def train_command(
                              "...)."),
     exist_ok: bool = typer.Option(False, "--exist-ok", help="Reuse --out-dir even when it holds a run."),
     epochs: int = typer.Option(55, "--epochs", min=1, help="With --resume: a larger value extends the schedule."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Face crops per training step."),
     image_size: int = typer.Option(128, "--image-size", min=16, help="Crop side in pixels."),
     loss: Loss = typer.Option("l1", "--loss", help="Landmark loss (pip: the offsets' loss)."),
     head: Head = typer.Option("pip", "--head", help="pip: score maps + offsets, decoded in the graph; "
@@ -46,7 +46,7 @@ def train_command(
                                   help="Train a face-presence score on face-free crops of the training photos."),
     lr: float = typer.Option(3e-4, "--lr", help="Peak learning rate."),
     optimizer: Optimizer = typer.Option("adamw", "--optimizer", help="The tutorial: adam, 1e-4."),
-    schedule: Schedule = typer.Option("onecycle", "--schedule"),
+    schedule: Schedule = typer.Option("onecycle", "--schedule", help="Learning-rate schedule over the epochs."),
     rotate: float = typer.Option(30.0, "--rotate", help="Rotation jitter in degrees (the tutorial: 10, PIPNet 30)."),
     flip: bool = typer.Option(True, "--flip/--no-flip", help="Horizontal flip with the point permutation."),
     zoom: float = typer.Option(0.1, "--zoom", help="Box scale jitter (share of the side)."),
