@@ -6,9 +6,10 @@ columns, shows `<bool>` after every flag and reads help text as markup (`facemar
 wrapped at the terminal's width without ever breaking an option name or a default, flags without a value
 placeholder, every help string as plain text, and the options grouped in panels.
 
-The panels are named once (PANELS) and every option's panel is set here, by parameter name (PANEL_OF), with
-the few names whose meaning differs between commands set per command (COMMAND_PANELS); tests/test_cli_help.py
-fails on an option that no panel holds. Only the help pages change: errors keep typer's own display.
+The panels are named once (PANELS) and every option's panel is set here, by option name (PANEL_MEMBERS, which
+also orders each panel), with the few names whose meaning differs between commands set per command
+(COMMAND_PANELS); tests/test_cli_help.py fails on an option that no panel holds. `use_plain_help(app)`, called
+once at the root (facemark/cli.py), gives every command these pages; errors keep typer's own display.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def option_name(param) -> str:
 
 
 def panel_of(command_path: str, name: str) -> str | None:
-    """The panel of parameter `name` in the command `command_path` ("runtime predict"); None: unassigned."""
+    """The panel of option `name` (option_name) in the command `command_path` ("runtime predict"); None: none."""
     return COMMAND_PANELS.get(command_path, {}).get(name) or PANEL_OF.get(name)
 
 
@@ -124,10 +125,9 @@ def _is_flag(param) -> bool:
 
 def option_term(param) -> str:
     """`-m, --model PATH`; `--smooth / --no-smooth`; `--pose` (a flag takes no value)."""
-    names = ", ".join(sorted(param.opts, key=lambda opt: opt.startswith("--")))
     if param.param_type_name == "argument":
-        names = (param.metavar or param.name.upper()) + ("..." if param.nargs != 1 else "")
-        return names
+        return (param.metavar or param.name.upper()) + ("..." if param.nargs != 1 else "")
+    names = ", ".join(sorted(param.opts, key=lambda opt: opt.startswith("--")))  # -m, --model
     if param.secondary_opts:
         return f"{names} / {', '.join(param.secondary_opts)}"
     return names if _is_flag(param) else f"{names} {param.metavar or _type_label(param)}"
@@ -153,10 +153,9 @@ def default_text(param, ctx) -> str | None:
     default = param.get_default(ctx, call=False) if hasattr(param, "get_default") else param.default
     if callable(default):
         return "(dynamic)"
-    if _is_flag(param):
-        if not param.secondary_opts:
-            return None if not default else param.opts[-1]
-        return param.opts[-1] if default else param.secondary_opts[-1]
+    if _is_flag(param):  # the flag that gives the default: --smooth, --no-octaves; nothing for an unset --pose
+        chosen = param.opts if default else param.secondary_opts
+        return next((opt for opt in chosen if opt.startswith("--")), chosen[0]) if chosen else None
     if default is None or default == [] or default == ():
         return None
     values = default if isinstance(default, list | tuple) else [default]
