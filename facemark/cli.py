@@ -75,7 +75,8 @@ SchemaName = choice_enum("SchemaName", SCHEMA_NAMES)
 
 
 def schema_command(name: SchemaName = typer.Argument("predict", help="predict (the JSON document), "
-                                                     "image (a predict --jsonl line) or video (a video --jsonl line)."
+                                                     "image (a predict --jsonl line), video (a video --jsonl line) "
+                                                     "or video-document (the video --json document)."
                                                      )) -> None:
     """Print the JSON Schema of facemark's JSON output."""
     from facemark.runtime.schema import schema_text

@@ -363,11 +363,25 @@ def _print_summary(results, providers: list[str], out_dir: Path | None, json_pat
 @with_options
 def video_command(
     ctx: typer.Context,
-    source: str = typer.Argument(..., help="A video file, or a camera index such as 0."),
+    source: str = typer.Argument(..., help="A video file, a camera index such as 0, or a network stream "
+                                 "(rtsp://, http(s):// URL)."),
     out: Path | None = typer.Option(None, "-o", "--output", metavar=FILE, help="Annotated video (.mp4, mp4v "
                                     "codec)."),
     jsonl: Path | None = typer.Option(None, "--jsonl", metavar=FILE, help="Per-frame landmarks as JSON lines "
-                                      "(with neither --output nor --jsonl: JSON lines on stdout)."),
+                                      "(with no output option: JSON lines on stdout); - for stdout."),
+    json_path: Path | None = typer.Option(None, "--json", metavar=FILE, help="One JSON document: the model "
+                                          "block as predict's, the source, every frame, the summary (`facemark "
+                                          "schema video-document`); - for stdout."),
+    csv_path: Path | None = typer.Option(None, "--csv", metavar=FILE, help="One CSV row per face per frame: "
+                                         "predict's columns with frame and time (seconds) after the path; - for "
+                                         "stdout."),
+    aligned: Path | None = typer.Option(None, "--aligned", metavar=DIR, help="Folder for each face's "
+                                        "similarity-aligned chip per frame (PNG, NAME-frameNNNNNN-faceI.png)."),
+    aligned_size: int = typer.Option(112, "--aligned-size", min=8, help="Side of the aligned chips in pixels."),
+    aligned_template: AlignTemplate = typer.Option("arcface", "--aligned-template",
+                                                   help="arcface: the five-point ArcFace layout; eyes: eye centres."),
+    pose: bool = typer.Option(False, "--pose", help="Add each face's head pose (yaw, pitch, roll in degrees) to the "
+                              "JSON, JSONL and CSV."),
     smooth: bool = typer.Option(True, "--smooth/--no-smooth", help="One-Euro smoothing of the points."),
     detect_every: int = typer.Option(10, "--detect-every", min=1, help="Run the detector every N frames (and on "
                                      "loss)."),
@@ -382,43 +396,89 @@ def video_command(
     pipeline: PipelineOptions = PipelineOptions(),
     max_frames: int | None = typer.Option(None, "--max-frames", min=1, help="Stop after N frames."),
 ) -> None:
-    """Per-frame landmarks of a video or camera: JSON lines and an annotated video; prints frames, faces, fps."""
+    """Per-frame landmarks of a video file, camera or network stream. Writes an annotated video (--output), JSON
+    lines (--jsonl), one JSON document (--json), CSV (--csv), aligned face chips (--aligned); each file complete
+    or not at all. A progress line on a terminal; the summary goes to stderr."""
+    from facemark.fileio import is_stdout
     from facemark.outputs import OutputPlan
-    from facemark.runtime.predict.writers import dumps
-    from facemark.runtime.video import is_camera_source, run_video
+    from facemark.runtime.predict.writers import ChipOptions, dumps
+    from facemark.runtime.video import is_camera_source, is_stream_url, quiet_opencv, run_video
 
-    plan = OutputPlan().read(None if is_camera_source(source) else source, "the video").read(
-        model or _default_model(), "--model")
-    plan.write(out, "--output").write(jsonl, "--jsonl").check()  # before the model loads
+    if sum(is_stdout(p) for p in (json_path, jsonl, csv_path)) > 1:
+        raise typer.BadParameter("only one of --json, --jsonl and --csv can be - (stdout)")
+    # The command says in one line what failed (a stream, a frame): not FFmpeg's and OpenCV's own log lines.
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    quiet_opencv()
+    local = not (is_camera_source(source) or is_stream_url(source))
+    plan = OutputPlan().read(source if local else None, "the video").read(model or _default_model(), "--model")
+    for path, option in ((out, "--output"), (jsonl, "--jsonl"), (json_path, "--json"), (csv_path, "--csv")):
+        plan.write(path, option)
+    plan.write_folder(aligned, "--aligned").check()  # before the model loads
     landmarker = _landmarker(model, device, threads, False, None, RuntimeOptions(detection, pipeline))
+    chips = ChipOptions(aligned, aligned_size, aligned_template.value) if aligned else None
+    progress, on_open, on_progress = _video_progress(max_frames)
 
     def to_stdout(frame) -> None:  # nothing asked to be saved: stream the frames as JSON lines
-        sys.stdout.write(dumps(frame.to_json()) + "\n")
+        sys.stdout.write(dumps(frame.to_json(pose)) + "\n")
         sys.stdout.flush()
 
+    def on_frame(frame) -> None:
+        if not any((out, jsonl, json_path, csv_path, aligned)):
+            to_stdout(frame)
+        on_progress(frame)
+
     stop = _StopFlag()
-    with stop:
+    with stop, progress:
         summary = run_video(source, landmarker, out=out, jsonl=jsonl, detect_every=detect_every,
-                            full_scan_every=full_scan_every, smooth=smooth,
-                            on_frame=to_stdout if out is None and jsonl is None else None,
+                            full_scan_every=full_scan_every, smooth=smooth, on_frame=on_frame,
                             draw=draw.value, max_frames=max_frames, stop_requested=stop.requested,  # type: ignore[arg-type]
                             on_skip=lambda i: console.print(f"[yellow]frame {i}: cannot be decoded; skipped[/yellow]"),
                             on_damaged=lambda i, why: console.print(f"[yellow]frame {i}: damaged ({why}); "
-                                                                    "skipped[/yellow]"))
-    failed = summary.skipped + summary.damaged
+                                                                    "skipped[/yellow]"),
+                            json_path=json_path, csv_path=csv_path, chips=chips, pose=pose, on_open=on_open,
+                            on_end=lambda line: console.print(f"[yellow]{escape(line)}[/yellow]"))
+    failed = summary.skipped + summary.damaged + summary.dropped
     color = "yellow" if failed or summary.interrupted else "green"
     console.print(f"[{color}]{summary.frames} frames, {summary.faces} faces, {summary.fps:.1f} fps, "
                   f"{summary.skipped} skipped, {summary.damaged} damaged[/{color}] (detector on "
                   f"{summary.detections} frames, {summary.full_scans} of them whole, {summary.losses} tracks lost) "
                   f"on {landmarker.providers[0]}")
     for path in summary.outputs:
-        console.print(f"written: {path}")
+        console.print(f"written: {escape(path)}")
     if summary.interrupted:
         console.print("[yellow]interrupted: the frames so far were written[/yellow]")
         if stop.signal is not None:
             raise typer.Exit(code=128 + stop.signal.value)
     if failed:
         raise typer.Exit(code=1)
+
+
+def _video_progress(max_frames: int | None):
+    """The video's progress line on a terminal (frames done of the known count, fps, faces, time left), none
+    elsewhere: (the display, on_open(info) that starts it, on_frame(result) that advances it)."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[fps]:.1f} fps, {task.fields[faces]} faces"), TimeRemainingColumn())
+    progress = progress_display(console, *columns, disable=not console.is_terminal)
+    state = {"task": None, "start": 0.0, "frames": 0, "faces": 0}
+
+    def on_open(info) -> None:
+        total = info.frames if max_frames is None or info.frames is None else min(info.frames, max_frames)
+        state["task"] = progress.add_task("frames", total=total if total is not None else max_frames, fps=0.0,
+                                          faces=0)
+        state["start"] = time.monotonic()
+
+    def on_frame(result) -> None:
+        state["frames"] += 1
+        state["faces"] += len(result.faces)
+        elapsed = max(time.monotonic() - state["start"], 1e-9)
+        progress.update(state["task"], completed=result.index + 1, fps=state["frames"] / elapsed,
+                        faces=state["faces"])
+
+    return progress, on_open, on_frame
 
 
 @renamed(max_batch_size="--max-batch", device=("--provider", "-p"), workers="--decoders")

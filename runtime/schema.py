@@ -3,7 +3,8 @@ truth for the output format (`facemark schema` prints it; tests validate real ou
 
 - "predict": the JSON document of `runtime predict` (--json, or stdout);
 - "image": one `images[]` entry = one line of `runtime predict --jsonl`;
-- "video": one line of `runtime video --jsonl` (one frame).
+- "video": one line of `runtime video --jsonl` (one frame);
+- "video-document": the JSON document of `runtime video --json`.
 Coordinates are 0-based image pixels (pixel centres at integers); JSON never holds NaN.
 """
 
@@ -14,7 +15,7 @@ import json
 from facemark.scheme import NUM_POINTS
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
-SCHEMA_NAMES = ("predict", "image", "video")
+SCHEMA_NAMES = ("predict", "image", "video", "video-document")
 
 _NUMBER = {"type": "number"}
 _BOX = {"type": "array", "items": _NUMBER, "minItems": 4, "maxItems": 4,
@@ -126,18 +127,52 @@ VIDEO = {
     },
 }
 
-_ROOTS = {"predict": PREDICT, "image": IMAGE, "video": VIDEO}
+VIDEO_DOCUMENT = {
+    "type": "object",
+    "required": ["model", "detector", "pipeline", "source", "tracking", "complete", "frames", "summary"],
+    "additionalProperties": False,
+    "properties": {
+        **{key: PREDICT["properties"][key] for key in ("model", "detector", "pipeline")},
+        "source": {"type": "object", "required": ["path", "kind", "fps", "frames", "width", "height"],
+                   "additionalProperties": False,
+                   "properties": {"path": {"type": "string", "description": "the file, camera index or URL"},
+                                  "kind": {"enum": ["file", "camera", "stream"]},
+                                  "fps": {"type": "number", "exclusiveMinimum": 0},
+                                  "frames": {**_nullable({"type": "integer", "minimum": 1}),
+                                             "description": "the count it declares (null: a camera, a live "
+                                                            "stream)"},
+                                  "width": _nullable({"type": "integer", "minimum": 1}),
+                                  "height": _nullable({"type": "integer", "minimum": 1})}},
+        "tracking": {"type": "object", "required": ["detect_every", "full_scan_every", "smooth", "pose"],
+                     "properties": {"detect_every": {"type": "integer", "minimum": 1},
+                                    "full_scan_every": {"type": "integer", "minimum": 1},
+                                    "smooth": {"type": "boolean"}, "pose": {"type": "boolean"}}},
+        "complete": {"type": "boolean", "description": "false when the run was interrupted or the stream dropped"},
+        "frames": {"type": "array", "items": {"$ref": "#/$defs/frame"}},
+        "summary": {"type": "object",
+                    "required": ["frames", "faces", "detections", "full_scans", "losses", "skipped", "damaged",
+                                 "seconds", "fps", "interrupted", "ended"],
+                    "properties": {**{k: {"type": "integer", "minimum": 0} for k in (
+                        "frames", "faces", "detections", "full_scans", "losses", "skipped", "damaged")},
+                        "seconds": _NUMBER, "fps": _NUMBER, "interrupted": {"type": "boolean"},
+                        "ended": {**_nullable({"type": "string"}),
+                                  "description": "a network stream that ended early: the one line"}}},
+    },
+}
+
+_ROOTS = {"predict": PREDICT, "image": IMAGE, "video": VIDEO, "video-document": VIDEO_DOCUMENT}
 _TITLES = {"predict": "facemark runtime predict: JSON document",
            "image": "facemark runtime predict: one images[] entry (a --jsonl line)",
-           "video": "facemark runtime video: one frame (a --jsonl line)"}
+           "video": "facemark runtime video: one frame (a --jsonl line)",
+           "video-document": "facemark runtime video: JSON document (--json)"}
 
 
 def schema(name: str) -> dict:
-    """The self-contained JSON Schema of one output: "predict", "image" or "video"."""
+    """The self-contained JSON Schema of one output: one of SCHEMA_NAMES."""
     if name not in _ROOTS:
         raise ValueError(f"schema {name!r}: choose one of {', '.join(SCHEMA_NAMES)}")
     return {"$schema": SCHEMA_DIALECT, "$id": f"urn:facemark:schema:{name}", "title": _TITLES[name],
-            **_ROOTS[name], "$defs": {"face": FACE, "image": IMAGE}}
+            **_ROOTS[name], "$defs": {"face": FACE, "image": IMAGE, "frame": VIDEO}}
 
 
 def schema_text(name: str) -> str:

@@ -18,15 +18,20 @@ what is reported.
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import math
 import os
+import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
+from typing import TextIO
+from urllib.parse import urlsplit
 
 import cv2
 import numpy as np
@@ -34,10 +39,28 @@ import numpy as np
 from facemark.contract import Box, box_from_landmarks, box_iou
 from facemark.drawing import DrawMode, draw_face
 from facemark.errors import ImageError, WriteError
-from facemark.fileio import atomic_path
-from facemark.imageio import JPEG_HEADER_BYTES, probe_size, sniff_format
+from facemark.fileio import atomic_path, is_stdout, is_stream, write_error, write_output_text
+from facemark.imageio import IMAGE_SUFFIXES, JPEG_HEADER_BYTES, probe_size, sniff_format, write_image
+from facemark.outputs import path_bytes, utf8_text
 from facemark.runtime.defaults import DEFAULT_FULL_SCAN_EVERY
 from facemark.runtime.landmarker import Face, FaceLandmarker
+from facemark.runtime.predict.writers import (
+    ChipOptions,
+    OutputFolder,
+    chip_name,
+    claim_output_stems,
+    face_csv_cells,
+    face_csv_columns,
+)
+
+# Network streams OpenCV's FFmpeg backend reads: no file to check, a timeout instead of a hang.
+STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://")
+STREAM_TIMEOUT_MS = 15_000
+DEFAULT_FPS = 30.0  # a camera's, and a source's that declares none
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp",
+                  ".ts", ".mts", ".m2ts", ".ogv")
+# ISO media brands of still images (HEIF/AVIF share the container with MP4): not videos.
+_IMAGE_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"mif1", b"msf1", b"avif")
 
 
 class OneEuroFilter:
@@ -92,18 +115,31 @@ class Track:
 
 @dataclass
 class FrameResult:
-    index: int
-    time: float
+    """The faces of one frame, usable as the list FaceLandmarker.detect returns (len, iteration, [i])."""
+
+    index: int  # the frame's position in the source (skipped frames count too)
+    time: float  # seconds from the start of the source
     faces: list[Face]
     detected: bool  # True when Haar ran on this frame, False when the faces were tracked
 
-    def to_json(self) -> dict:
+    def __len__(self) -> int:
+        return len(self.faces)
+
+    def __iter__(self) -> Iterator[Face]:
+        return iter(self.faces)
+
+    def __getitem__(self, item):  # an int gives a Face, a slice a list of them
+        return self.faces[item]
+
+    def to_json(self, pose: bool = False) -> dict:
         return {"frame": self.index, "time": round(self.time, 4), "detected": self.detected,
-                "faces": [f.to_json() for f in self.faces]}
+                "faces": [f.to_json(pose) for f in self.faces]}
 
 
 class FaceTracker:
-    """Per-frame landmarks for a stream of frames (see the module docstring for the policy)."""
+    """Per-frame landmarks for frames handed in one at a time, in order (see the module docstring for the
+    policy); `FaceLandmarker.track` runs one over a whole source. `process(frame)` returns the frame's
+    FrameResult."""
 
     def __init__(
         self,
@@ -133,8 +169,14 @@ class FaceTracker:
         self._near_scans = 0  # region-of-interest detections since the last full scan
         self.losses = 0  # tracks that ended: lost while followed, or not found again by a detection
         self._counted: set[int] = set()  # tracks already counted as lost on this frame
+        self._next_index = 0
 
-    def process(self, frame: np.ndarray, index: int, t: float) -> FrameResult:
+    def process(self, frame: np.ndarray, index: int | None = None, t: float | None = None) -> FrameResult:
+        """The faces of the next frame (BGR, as OpenCV reads it). `index` defaults to the count of frames
+        processed so far, `t` (seconds; smoothing uses it) to index / DEFAULT_FPS."""
+        index = self._next_index if index is None else index
+        t = index / DEFAULT_FPS if t is None else t
+        self._next_index = index + 1
         due = not self.tracks or self._since_detection >= self.detect_every
         tracked = None if due else self._follow(frame)
         if tracked is None:
@@ -147,7 +189,8 @@ class FaceTracker:
             self.tracks = tracked
             self._since_detection += 1
             detected = False
-        faces = [self._report(track, t) for track in self.tracks]
+        size = (frame.shape[1], frame.shape[0])
+        faces = [self._report(track, t, size) for track in self.tracks]
         return FrameResult(index, t, faces, detected)
 
     def _follow(self, frame: np.ndarray) -> list[Track] | None:
@@ -213,13 +256,13 @@ class FaceTracker:
         o = self.smoothing
         return OneEuroFilter(o.min_cutoff, o.beta, o.d_cutoff)
 
-    def _report(self, track: Track, t: float) -> Face:
+    def _report(self, track: Track, t: float, image_size: tuple[int, int]) -> Face:
         points = track.landmarks
         if track.filter is not None:
             points = track.filter(points / track.face_size, t) * track.face_size
         points = points.astype(np.float32)
         return Face(box=box_from_landmarks(points), landmarks=points, score=track.score,
-                    landmark_scores=track.landmark_scores)
+                    landmark_scores=track.landmark_scores, image_size=image_size)
 
 
 def _inside_fraction(box: Box, width: int, height: int) -> float:
@@ -233,16 +276,76 @@ def is_camera_source(source: str | int) -> bool:
     return isinstance(source, int) or (isinstance(source, str) and source.isdigit())
 
 
-def open_capture(source: str | int) -> tuple[cv2.VideoCapture, bool]:
-    """A cv2.VideoCapture for a file or a camera index ("0" counts as camera 0); (capture, is_camera)."""
-    is_camera = is_camera_source(source)
-    if not is_camera and not Path(source).is_file():
+def is_stream_url(source: str | int | os.PathLike) -> bool:
+    return isinstance(source, str) and source.lower().startswith(STREAM_SCHEMES)
+
+
+def looks_like_video(path: str | os.PathLike) -> bool:
+    """A video file, by its name (VIDEO_SUFFIXES) or, when the name is not an image's, by its container's first
+    bytes (MP4/MOV, AVI, Matroska/WebM, MPEG, FLV, Ogg, ASF): `runtime predict` points such a file to video."""
+    suffix = Path(path).suffix.lower()
+    if suffix in VIDEO_SUFFIXES:
+        return True
+    if suffix in IMAGE_SUFFIXES or not Path(path).is_file():
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return False  # reading it says why, as for any input
+    if head[4:8] == b"ftyp":
+        return head[8:12] not in _IMAGE_BRANDS
+    return (head[:4] == b"RIFF" and head[8:12] == b"AVI ") or head.startswith(
+        (b"\x1a\x45\xdf\xa3", b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3", b"FLV", b"OggS",
+         b"\x30\x26\xb2\x75"))
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What an opened source declares."""
+
+    source: str
+    kind: str  # "file", "camera" or "stream" (a network URL)
+    fps: float  # the source's, else DEFAULT_FPS
+    frames: int | None  # the frame count a file or stream declares; None for a camera or a live stream
+    width: int
+    height: int
+
+    def to_json(self) -> dict:
+        return {"path": utf8_text(self.source), "kind": self.kind, "fps": round(self.fps, 3), "frames": self.frames,
+                "width": self.width or None, "height": self.height or None}
+
+
+def quiet_opencv() -> None:
+    """OpenCV's warnings off (errors stay): a command reports a source's problems in its own one line."""
+    cv2.setLogLevel(2)  # cv2's LOG_LEVEL_ERROR
+
+
+def open_capture(source: str | int) -> tuple[cv2.VideoCapture, VideoInfo]:
+    """A cv2.VideoCapture for a file, a camera index ("0" counts as camera 0) or a network stream (rtsp://,
+    http(s)://, through FFmpeg), and what it declares; one line (ImageError) when it cannot be opened."""
+    kind = "camera" if is_camera_source(source) else "stream" if is_stream_url(source) else "file"
+    if kind == "file" and not Path(source).is_file():
         raise ImageError(f"{source}: no such video file")
-    capture = cv2.VideoCapture(int(source) if is_camera else str(source))
+    if kind == "camera":
+        capture = cv2.VideoCapture(int(source))
+    elif kind == "stream":
+        capture = cv2.VideoCapture(str(source), cv2.CAP_FFMPEG, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_TIMEOUT_MS,
+                                                                cv2.CAP_PROP_READ_TIMEOUT_MSEC, STREAM_TIMEOUT_MS])
+    else:
+        capture = cv2.VideoCapture(str(source))
     if not capture.isOpened():
         capture.release()
-        raise ImageError(f"{source}: cannot open {'camera' if is_camera else 'video'} (unsupported or corrupt)")
-    return capture, is_camera
+        if kind == "stream":
+            raise ImageError(f"{source}: cannot open the stream (no answer within {STREAM_TIMEOUT_MS // 1000} s, "
+                             "refused, not found, or not a video FFmpeg reads)")
+        raise ImageError(f"{source}: cannot open {'camera' if kind == 'camera' else 'video'} (unsupported or corrupt)")
+    declared = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if kind != "camera" else 0
+    fps = capture.get(cv2.CAP_PROP_FPS) if kind != "camera" else 0.0
+    info = VideoInfo(str(source), kind, fps if fps and 0 < fps < 1000 else DEFAULT_FPS,
+                     declared if declared > 0 else None, int(capture.get(cv2.CAP_PROP_FRAME_WIDTH) or 0),
+                     int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0))
+    return capture, info
 
 
 # A run of this many unreadable frames in a row ends the stream (a broken file, an unplugged camera).
@@ -276,18 +379,24 @@ def _packet_sizes(source: str) -> Iterator[tuple[int, int] | None]:
 def read_frames(source: str | int, max_frames: int | None = None,
                 on_skip: Callable[[int], None] | None = None,
                 max_bad_in_a_row: int = MAX_BAD_FRAMES_IN_A_ROW,
-                on_damaged: Callable[[int, str], None] | None = None) -> Iterator[tuple[int, float, np.ndarray]]:
-    """(index, time in seconds, BGR frame) for each frame of a file or camera.
+                on_damaged: Callable[[int, str], None] | None = None,
+                on_open: Callable[[VideoInfo], None] | None = None,
+                on_end: Callable[[str, bool], None] | None = None) -> Iterator[tuple[int, float, np.ndarray]]:
+    """(index, time in seconds, BGR frame) for each frame of a file, camera or network stream.
 
     A frame that cannot be decoded is skipped (`on_skip(index)`) and reading goes on: a file until its frame
     count, a camera until `max_bad_in_a_row` failures in a row. A frame whose size is not the stream's (its
     packet's or its own) is damaged: skipped too, `on_damaged(index, why)`. Indices count skipped frames too,
-    so they stay the positions in the file."""
-    capture, is_camera = open_capture(source)
-    fps = capture.get(cv2.CAP_PROP_FPS) or 30.0
-    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if not is_camera else 0
-    stream = (int(capture.get(cv2.CAP_PROP_FRAME_WIDTH) or 0), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0))
-    packets = _packet_sizes(str(source)) if not is_camera else None
+    so they stay the positions in the file. A network stream ends at its first failed read (it does not resync):
+    `on_end(line, short)`, `short` when it declared more frames (it dropped). `on_open(info)` once it is open."""
+    capture, info = open_capture(source)
+    if on_open:
+        on_open(info)
+    is_camera, is_stream = info.kind == "camera", info.kind == "stream"
+    total = info.frames or 0
+    stream = (info.width, info.height)
+    # the packets' own sizes come from a second reader of the file: not for a camera or a network stream
+    packets = _packet_sizes(str(source)) if info.kind == "file" else None
     start = time.monotonic()
     index, bad_run = 0, 0
     try:
@@ -304,6 +413,10 @@ def read_frames(source: str | int, max_frames: int | None = None,
                     index += 1
                     continue
             if not ok or frame is None:
+                if is_stream:
+                    if on_end and (not total or index < total):
+                        on_end(_stream_end_line(source, index, total), index < total)
+                    break
                 more = is_camera or index < total - 1
                 if not more or bad_run + 1 >= max_bad_in_a_row:
                     break
@@ -313,12 +426,18 @@ def read_frames(source: str | int, max_frames: int | None = None,
                 index += 1
                 continue
             bad_run = 0
-            yield index, (time.monotonic() - start) if is_camera else index / fps, frame
+            yield index, (time.monotonic() - start) if is_camera else index / info.fps, frame
             index += 1
     finally:
         capture.release()
         if packets is not None:
             packets.close()
+
+
+def _stream_end_line(source: str | int, frames: int, declared: int) -> str:
+    if declared:
+        return f"{source}: the stream dropped after {frames} of its {declared} frames; the frames read are kept"
+    return f"{source}: the stream ended after {frames} frames (closed by its server, or dropped)"
 
 
 @dataclass
@@ -332,11 +451,19 @@ class VideoSummary:
     damaged: int = 0  # frames of another size than the stream's (skipped: OpenCV hands them out stale or garbled)
     seconds: float = 0.0
     interrupted: bool = False
+    ended: str | None = None  # a network stream that ended early or without a declared length: the one line
+    dropped: bool = False  # ... and it declared more frames than it gave (a connection lost mid-way)
     outputs: list[str] = field(default_factory=list)
 
     @property
     def fps(self) -> float:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict:
+        return {"frames": self.frames, "faces": self.faces, "detections": self.detections,
+                "full_scans": self.full_scans, "losses": self.losses, "skipped": self.skipped,
+                "damaged": self.damaged, "seconds": round(self.seconds, 3), "fps": round(self.fps, 2),
+                "interrupted": self.interrupted, "ended": self.ended}
 
 
 def run_video(
@@ -353,72 +480,185 @@ def run_video(
     on_skip: Callable[[int], None] | None = None,
     full_scan_every: int = DEFAULT_FULL_SCAN_EVERY,
     on_damaged: Callable[[int, str], None] | None = None,
+    json_path: str | os.PathLike | None = None,
+    csv_path: str | os.PathLike | None = None,
+    chips: ChipOptions | None = None,
+    pose: bool = False,
+    on_open: Callable[[VideoInfo], None] | None = None,
+    on_end: Callable[[str], None] | None = None,
 ) -> VideoSummary:
-    """Landmarks for every frame; JSON lines and an annotated video (mp4v), each written atomically.
+    """Landmarks for every frame of a file, camera or network stream; each output written atomically: the
+    annotated video (`out`, mp4v), JSON lines (`jsonl`), one JSON document (`json_path`: the model block as
+    predict's, the source, the frames, the summary; schema "video-document"), CSV (`csv_path`: predict's
+    columns plus frame and time), aligned chips (`chips`: STEM-frameNNNNNN-faceI.png); `pose` adds the head
+    pose to the JSON, JSONL and CSV.
 
     Undecodable frames are skipped and counted (`on_skip(index)`), and so are damaged ones, of another size
     than the stream's (`on_damaged(index, why)`): not drawn, not tracked, no line. When `stop_requested()`
     turns true (the CLI's SIGINT/SIGTERM) or on KeyboardInterrupt, the frames so far are finalised into a
-    playable video and a complete JSONL, and the summary says `interrupted`."""
+    playable video and a complete JSONL, and the summary says `interrupted`. A network stream that drops keeps
+    what was read (`on_end(line)`, summary.ended). `on_open(info)` once the source is open."""
     tracker = FaceTracker(landmarker, detect_every=detect_every, smooth=smooth, full_scan_every=full_scan_every)
     summary = VideoSummary()
-    capture_fps = 30.0 if is_camera_source(source) else _probe_fps(source)
+    opened: list[VideoInfo] = []
+
+    def skipped(index: int) -> None:
+        summary.skipped += 1
+        if on_skip:
+            on_skip(index)
+
+    def damaged(index: int, why: str) -> None:
+        summary.damaged += 1
+        if on_damaged:
+            on_damaged(index, why)
+
+    def ended(line: str, short: bool) -> None:
+        summary.ended, summary.dropped = line, short
+        if on_end:
+            on_end(line)
+
+    def started(info: VideoInfo) -> None:
+        opened.append(info)
+        if on_open:
+            on_open(info)
+
     with ExitStack() as stack:
-        lines = None
-        if jsonl is not None:
-            lines = stack.enter_context(open(stack.enter_context(atomic_path(jsonl)), "w", encoding="utf-8"))
-        writer = None
-        tmp_video = stack.enter_context(atomic_path(out)) if out is not None else None
+        sinks = _FrameSinks(stack, source, out, jsonl, csv_path, chips, pose, draw, keep=json_path is not None)
         start = time.perf_counter()
         try:  # Ctrl-C ends a camera session like the end of a file: the outputs so far are kept
-            def skipped(index: int) -> None:
-                summary.skipped += 1
-                if on_skip:
-                    on_skip(index)
-
-            def damaged(index: int, why: str) -> None:
-                summary.damaged += 1
-                if on_damaged:
-                    on_damaged(index, why)
-
-            for index, t, frame in read_frames(source, max_frames, skipped, on_damaged=damaged):
+            for index, t, frame in read_frames(source, max_frames, skipped, on_damaged=damaged, on_open=started,
+                                               on_end=ended):
                 if stop_requested():
                     summary.interrupted = True
                     break
                 result = tracker.process(frame, index, t)
                 summary.frames += 1
                 summary.faces += len(result.faces)
-                if lines is not None:
-                    lines.write(json.dumps(result.to_json(), allow_nan=False) + "\n")
-                if tmp_video is not None:
-                    if writer is None:
-                        writer = _open_writer(tmp_video, capture_fps, frame.shape[1], frame.shape[0], out)
-                    canvas = frame.copy()
-                    for face in result.faces:
-                        draw_face(canvas, face.landmarks, face.box, draw)
-                    writer.write(canvas)
+                sinks.write(result, frame, opened[0].fps)
                 if on_frame:
                     on_frame(result)
         except KeyboardInterrupt:
             summary.interrupted = True
         summary.seconds = time.perf_counter() - start
-        if writer is not None:
-            writer.release()
+        summary.detections, summary.losses = tracker.detections, tracker.losses
+        summary.full_scans = tracker.full_scans
+        sinks.finish_video(summary.frames)
         if summary.frames == 0:
             raise ImageError(f"{source}: no frames could be read")
-        if tmp_video is not None:
-            _check_frames_written(tmp_video, summary.frames, out)
-    summary.detections, summary.losses = tracker.detections, tracker.losses
-    summary.full_scans = tracker.full_scans
-    summary.outputs = [str(p) for p in (out, jsonl) if p is not None]
+        if json_path is not None:
+            settings = {"detect_every": detect_every, "full_scan_every": full_scan_every, "smooth": smooth,
+                        "pose": pose}
+            document = video_document(landmarker, opened[0], settings, sinks.frames or [], summary)
+            write_output_text(json_path, json.dumps(document, allow_nan=False) + "\n")
+    summary.outputs = [str(p) for p in (out, jsonl, json_path, csv_path) if p is not None]
+    if chips is not None:
+        summary.outputs.append(str(chips.folder))
     return summary
 
 
-def _probe_fps(source: str | int) -> float:
-    capture, _ = open_capture(source)
-    fps = capture.get(cv2.CAP_PROP_FPS)
-    capture.release()
-    return fps if fps and fps > 0 else 30.0
+def video_document(landmarker: FaceLandmarker, info: VideoInfo, tracking: dict, frames: list[dict],
+                   summary: VideoSummary) -> dict:
+    """`runtime video --json`: predict's header (model, detector, pipeline), the source, the tracking settings,
+    `complete` (false when interrupted or a stream dropped), every frame as its --jsonl line, the summary."""
+    return {**landmarker.describe(), "source": info.to_json(), "tracking": tracking,
+            "complete": not (summary.interrupted or summary.dropped), "frames": frames,
+            "summary": summary.to_json()}
+
+
+def video_csv_header(pose: bool) -> list[str]:
+    """`runtime video --csv`: predict's columns with the frame's index and time (seconds) after the path."""
+    return ["path", "frame", "time", "face", *face_csv_columns(pose), "path_bytes"]
+
+
+def _open_text(stack: ExitStack, path: str | os.PathLike | None) -> TextIO | None:
+    """A text output: `-` is stdout, a pipe or device is written as it is, a file through a temporary file
+    renamed into place when the stack closes without an error."""
+    if path is None:
+        return None
+    if is_stdout(path):
+        return sys.stdout
+    target = path if is_stream(path) else stack.enter_context(atomic_path(path))
+    try:
+        return stack.enter_context(open(target, "w", encoding="utf-8", newline=""))
+    except OSError as exc:
+        raise write_error(path, exc) from None
+
+
+def _source_name(source: str | int) -> Path:
+    """The name a source's chips take their stem from: the file's, the URL's last part, camera0."""
+    if is_camera_source(source):
+        return Path(f"camera{source}")
+    if is_stream_url(source):
+        return Path(Path(urlsplit(str(source)).path).name or urlsplit(str(source)).hostname or "stream")
+    return Path(source)
+
+
+class _FrameSinks:
+    """run_video's per-frame outputs, each in a temporary file renamed into place once the run ends well."""
+
+    def __init__(self, stack: ExitStack, source: str | int, out: str | os.PathLike | None,
+                 jsonl: str | os.PathLike | None, csv_path: str | os.PathLike | None, chips: ChipOptions | None,
+                 pose: bool, draw: DrawMode, keep: bool) -> None:
+        self.name, self.name_bytes = utf8_text(str(source)), path_bytes(str(source)) or ""
+        self.pose, self.draw, self.chips = pose, draw, chips
+        self.lines = _open_text(stack, jsonl)
+        csv_file = _open_text(stack, csv_path)
+        self.rows = csv.writer(csv_file, lineterminator="\n") if csv_file is not None else None
+        if self.rows is not None:
+            self.rows.writerow(video_csv_header(pose))
+        self.frames: list[dict] | None = [] if keep else None  # the JSON document's frames
+        self.out = out
+        self.tmp_video = stack.enter_context(atomic_path(out)) if out is not None else None
+        self.writer: cv2.VideoWriter | None = None
+        self.stem = ""
+        if chips is not None:  # claimed before any frame: never a chip over a file facemark did not write
+            name = _source_name(source)
+            self.stem = claim_output_stems([name], [OutputFolder(Path(chips.folder), "--aligned")])[str(name)]
+
+    def write(self, result: FrameResult, frame: np.ndarray, fps: float) -> None:
+        entry = result.to_json(self.pose) if self.lines is not None or self.frames is not None else None
+        if self.lines is not None:
+            self.lines.write(json.dumps(entry, allow_nan=False) + "\n")
+        if self.frames is not None:
+            self.frames.append(entry)
+        if self.rows is not None:
+            self.rows.writerows([self.name, result.index, round(result.time, 4), i, *face_csv_cells(face, self.pose),
+                                 self.name_bytes] for i, face in enumerate(result.faces))
+        if self.tmp_video is not None:
+            if self.writer is None:
+                self.writer = _open_writer(self.tmp_video, fps, frame.shape[1], frame.shape[0], self.out)
+            canvas = frame.copy()
+            for face in result.faces:
+                draw_face(canvas, face.landmarks, face.box, self.draw)
+            self.writer.write(canvas)
+        if self.chips is not None:
+            stem = f"{self.stem}-frame{result.index:06d}"
+            for i, face in enumerate(result.faces):
+                write_image(Path(self.chips.folder) / chip_name(stem, i),
+                            face.aligned(frame, self.chips.size, self.chips.template))
+
+    def finish_video(self, frames: int) -> None:
+        if self.writer is not None:
+            self.writer.release()
+        if self.tmp_video is not None and frames:
+            _check_frames_written(self.tmp_video, frames, self.out)
+
+
+def track(landmarker: FaceLandmarker, source: str | int | os.PathLike | Iterable[np.ndarray], *,
+          smooth: bool = True, detect_every: int = 10, full_scan_every: int = DEFAULT_FULL_SCAN_EVERY,
+          max_frames: int | None = None, fps: float = DEFAULT_FPS) -> Iterator[FrameResult]:
+    """FaceLandmarker.track: one FrameResult per frame of a video file, camera index, network URL or an
+    iterable of BGR frames (times index / `fps` for those), tracked and smoothed as `runtime video` does."""
+    if isinstance(source, np.ndarray) and source.ndim < 4:
+        raise TypeError("track() takes a video or several frames; for one image use detect(image)")
+    tracker = FaceTracker(landmarker, detect_every=detect_every, smooth=smooth, full_scan_every=full_scan_every)
+    if isinstance(source, str | int | os.PathLike):
+        frames: Iterable[tuple[int, float, np.ndarray]] = read_frames(
+            os.fspath(source) if isinstance(source, os.PathLike) else source, max_frames)
+    else:
+        frames = ((index, index / fps, frame) for index, frame in enumerate(islice(source, max_frames)))
+    for index, t, frame in frames:
+        yield tracker.process(frame, index, t)
 
 
 def _check_frames_written(video: Path, expected: int, target: str | os.PathLike) -> None:

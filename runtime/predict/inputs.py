@@ -51,15 +51,22 @@ def find_images(folder: str) -> list[str]:
 def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[ImageResult]]:
     """Files as given, folders searched recursively for images, globs expanded (recursive `**`).
 
-    Returns the files in order (each once) and an error result for each input that yields nothing."""
+    Returns the files in order (each once) and an error result for each input that yields nothing, or that is a
+    video (by name or content): that one points to `runtime video`."""
+    from facemark.runtime.video import looks_like_video  # here: video imports predict's writers, which import us
+
     files: list[Path] = []
     failures: list[ImageResult] = []
     seen: set[str] = set()
 
     def add(path: Path) -> None:
         key = os.path.realpath(path)  # a relative and an absolute name (or a link) of one file: one input
-        if key not in seen:
-            seen.add(key)
+        if key in seen:
+            return
+        seen.add(key)
+        if looks_like_video(path):
+            failures.append(ImageResult(str(path), error=f"{path}: a video: use `facemark runtime video {path}`"))
+        else:
             files.append(path)
 
     for raw in inputs:
