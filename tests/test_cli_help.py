@@ -4,7 +4,10 @@ wider than the terminal, flags without a value placeholder, help text kept as wr
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,3 +122,13 @@ def test_panel_table_names_only_panels_and_real_commands():
     assert all(set(changes.values()) <= set(PANELS) for changes in COMMAND_PANELS.values())
     assert set(COMMAND_PANELS) <= {" ".join(p) for p in PATHS}
 
+
+
+def test_the_installed_command_prints_the_same_page():
+    env = {**os.environ, "COLUMNS": "80"}
+    done = subprocess.run([sys.executable, "-m", "facemark", "runtime", "predict", "--help"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("Usage: ") and max(map(len, lines)) <= 80
+    assert any(whole("--min-detector-score").search(line) for line in lines)
