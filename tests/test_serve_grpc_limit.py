@@ -50,13 +50,13 @@ def _request(image: bytes) -> bytes:
     return message.SerializeToString()
 
 
-def _faces(client, image: bytes = PHOTO) -> int:
+def _faces(client, image: bytes = PHOTO, compression: str | None = None) -> int:
     """Faces found in one image sent with a tritonclient.grpc client; its `error` output must be empty."""
     import tritonclient.grpc as grpcclient
 
     tensor = grpcclient.InferInput("image", [1, 1], "BYTES")
     tensor.set_data_from_numpy(np.array([[image]], dtype=object))
-    result = client.infer("facemark", [tensor], client_timeout=60)
+    result = client.infer("facemark", [tensor], client_timeout=60, compression_algorithm=compression)
     assert result.as_numpy("error").reshape(-1)[0] == b""
     return int(result.as_numpy("face_count").reshape(-1)[0])
 
@@ -172,3 +172,46 @@ def test_garbage_or_a_stalled_preface_closes_that_connection_alone(server):
         thread.join(60)
     assert closed == dict.fromkeys(cases, True)
     assert _faces(client) >= 1 and server.proc.poll() is None
+
+
+def test_a_compressed_request_is_refused_as_unimplemented(server):
+    """Its size is known only once decompressed (a few MB of gzip can unpack to Triton's 2 GB limit)."""
+    from tritonclient.utils import InferenceServerException
+
+    client = _client(server)
+    with pytest.raises(InferenceServerException) as refused:
+        _faces(client, compression="gzip")
+    assert refused.value.status() == "StatusCode.UNIMPLEMENTED", refused.value
+    assert _faces(client) >= 1
+
+
+def test_message_framing_judges_each_message_by_its_announced_length_wherever_the_frames_cut_it():
+    from facemark.runtime.serving.grpc_guard import RESOURCE_EXHAUSTED, UNIMPLEMENTED, MessageFraming
+
+    def prefix(length: int, compressed: int = 0) -> bytes:
+        return bytes((compressed,)) + length.to_bytes(4, "big")
+
+    def judged(stream: bytes, cuts: int) -> tuple[int, str] | None:
+        framing, step = MessageFraming(), max(1, len(stream) // cuts)
+        for start in range(0, len(stream), step):
+            if (refusal := framing.refusal(memoryview(stream[start : start + step]), 100)) is not None:
+                return refusal
+        return None
+
+    acceptable = prefix(100) + b"a" * 100 + prefix(0) + prefix(7) + b"b" * 7
+    for cuts in (1, 3, len(acceptable)):  # one frame, a few, one byte per frame
+        assert judged(acceptable, cuts) is None
+        assert judged(acceptable + prefix(101), cuts)[0] == RESOURCE_EXHAUSTED  # refused from its prefix alone
+        assert judged(acceptable + prefix(5, compressed=1) + b"c" * 5, cuts)[0] == UNIMPLEMENTED
+    assert "request is 0.0 MB" in judged(prefix(101), 1)[1]
+
+
+def test_hpack_answer_and_padding_helpers():
+    from facemark.runtime.serving.grpc_guard import PADDED, _hpack_integer, data_span, trailers_only
+
+    assert _hpack_integer(10, 5) == b"\x0a" and _hpack_integer(1337, 5) == b"\x1f\x9a\x0a"  # RFC 7541 C.1
+    block = trailers_only(8, "too big")
+    assert block.startswith(b"\x88\x0f\x10\x10application/grpc")  # :status 200 indexed, content-type literal
+    assert block.endswith(b"\x00\x0bgrpc-status\x018\x00\x0cgrpc-message\x07too big")
+    assert not trailers_only(8, "x", headers_sent=True).startswith(b"\x88")
+    assert data_span(b"\x03abc\x00\x00\x00", PADDED) == (1, 4) and data_span(b"abc", 0) == (0, 3)
