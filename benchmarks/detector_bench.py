@@ -108,7 +108,7 @@ def detector_rows(model: Path, val: Sequence, scenes_dir: Path, quick: bool = Fa
     scene = pipeline_mod.compose_scene(640, 480, 1, scenes_dir)
     image = read_image(scene.path)
     gray = to_gray(image)
-    base = FaceLandmarker(model, provider="cpu")
+    base = FaceLandmarker(model, device="cpu")
     by_threads = {t: _detectors(base.model.has_face_score, t, notes, variants) for t in THREADS}
     names = list(by_threads[THREADS[0]])
     rows = {name: {"detector": name} for name in names}

@@ -193,7 +193,7 @@ def main(data: list[Path] = typer.Option(..., "--data"), model: Path | None = ty
         from facemark.runtime.evaluation import evaluate_pipeline, with_settings
         from facemark.runtime.landmarker import FaceLandmarker
 
-        landmarker = FaceLandmarker(model, provider="cpu", refine=refine)
+        landmarker = FaceLandmarker(model, device="cpu", refine=refine)
     scenes = Path(tempfile.mkdtemp(prefix="facemark-sweep-"))
     for options in chosen:
         detector = HaarDetector(**options)

@@ -30,7 +30,7 @@ def frontier_rows(model: Path, records: Sequence[FaceRecord], threads: Sequence[
         progress(f"frontier: {label}")
         row: dict = {"passes": refine + 1, "refine": refine, "tta": "flip" if flip else "none"}
         for t in threads:
-            landmarker = FaceLandmarker(model, provider="cpu", threads=t, refine=refine, flip=flip)
+            landmarker = FaceLandmarker(model, device="cpu", threads=t, refine=refine, tta=row["tta"])
             row.setdefault("input", landmarker.contract.size)
             row.setdefault("precision", landmarker.info.precision)
             timed = pipeline_mod.time_pipeline(landmarker, scene, repeats)

@@ -239,7 +239,7 @@ def run_pipeline(model_path: Path, cfg: BenchConfig, threads: int, progress: Pro
     except ImportError as exc:
         notes.append(f"end-to-end rows skipped: the runtime's FaceLandmarker is not available ({exc})")
         return []
-    kwargs: dict = {"provider": "cpu"}
+    kwargs: dict = {"device": "cpu"}
     if "threads" in inspect.signature(FaceLandmarker).parameters:
         kwargs["threads"] = threads
     landmarker = FaceLandmarker(model_path, **kwargs)
@@ -378,7 +378,7 @@ def run_benchmark(cfg: BenchConfig, progress: Progress = lambda _msg: None) -> d
         from facemark.benchmarks.video_bench import bench_video_rows
         from facemark.runtime.landmarker import FaceLandmarker
 
-        video = bench_video_rows(FaceLandmarker(onnx_models[precision][0], provider="cpu", threads=budget),
+        video = bench_video_rows(FaceLandmarker(onnx_models[precision][0], device="cpu", threads=budget),
                                  cfg.out / "clips", cfg.quick)
         if random_weights:  # the clip's ground truth means nothing to an untrained network
             video = [{**row, "nme": None} for row in video]

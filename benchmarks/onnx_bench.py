@@ -90,7 +90,7 @@ def run_model_benchmark(model: Path, out: Path, threads: Sequence[int], data: Se
              "size_mb": size_mb, "max_abs_err": None, "nme": nme, "nme_note": None if nme is not None else nme_source,
              "gated": export_gate(info.raw), "repeats": t["samples"]} for t in timed]
     progress("end to end")
-    landmarker = FaceLandmarker(model, provider="cpu")
+    landmarker = FaceLandmarker(model, device="cpu")
     scenes_dir = out / "scenes"  # the composed test photos, kept beside the report (as the checkpoint bench does)
     pipeline_rows = []
     for width, height, faces in pipeline_mod.DEFAULT_SCENES:

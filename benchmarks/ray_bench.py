@@ -53,7 +53,7 @@ def ray_benchmark(model: Path | None, files: Sequence[Path], actors: int | None 
     except ModuleNotFoundError as exc:  # the message names the extra (facemark.runtime.ray)
         return {"skipped": str(exc)}
     paths = [str(f) for f in files]
-    landmarker = FaceLandmarker(model, provider="cpu")
+    landmarker = FaceLandmarker(model, device="cpu")
     predict_files(landmarker, files[:4])  # warm-up: session, cascades, page cache
     start = time.perf_counter()
     local = [r.to_json() for r in predict_files(landmarker, files)]

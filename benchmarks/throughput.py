@@ -61,7 +61,7 @@ def previous_detector(current: HaarDetector) -> HaarDetector:
 def previous_landmarker(model: Path | None, provider: str, current: FaceLandmarker) -> FaceLandmarker:
     """The runner's landmarker before this change: ONNX Runtime's own thread defaults (spinning), the previous
     detector."""
-    return with_settings(FaceLandmarker(model, provider=provider, spin=True),
+    return with_settings(FaceLandmarker(model, device=provider, spin=True),
                          detector=previous_detector(current.detector))
 
 
@@ -79,7 +79,7 @@ def max_landmark_difference(a: Sequence[ImageResult], b: Sequence[ImageResult]) 
 def folder_throughput(model: Path | None, files: Sequence[Path], rounds: int = 2, provider: str = "cpu"
                       ) -> dict:
     """Images/s of the three configurations (module docstring), best round of each, and the identity check."""
-    current = FaceLandmarker(model, provider=provider)
+    current = FaceLandmarker(model, device=provider)
     previous = previous_landmarker(model, provider, current)
     configs = {"previous": (previous, 1), "one-by-one": (current, 1), "pipelined": (current, default_workers())}
     seconds: dict[str, list[float]] = {name: [] for name in configs}

@@ -128,7 +128,7 @@ def main(model: Path | None = typer.Option(None, "--model", help="Default: the s
          json_out: Path | None = typer.Option(None, "--json")) -> None:
     from facemark.runtime.landmarker import FaceLandmarker
 
-    landmarker = FaceLandmarker(model, provider="cpu")
+    landmarker = FaceLandmarker(model, device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
         rows = video_rows(landmarker, Path(tmp), frames)
     for row in rows:

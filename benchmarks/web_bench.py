@@ -123,7 +123,7 @@ def web_benchmark(model: Path | None = None, image: Path = DEFAULT_IMAGE, repeat
     except FacemarkError as exc:
         return {"skipped": str(exc)}
     model_path = Path(model or DEFAULT_MODEL_PATH)
-    landmarker = FaceLandmarker(model_path, provider="cpu", threads=1)
+    landmarker = FaceLandmarker(model_path, device="cpu", threads=1)
     gray = read_gray(image)
     # every detection, calibrated, before the presence threshold: the boxes the page times (index.html)
     boxes = [landmarker.calibration.apply(d.box) for d in landmarker.find(gray, color="gray").detections]

@@ -170,7 +170,7 @@ def _evaluate_pipeline(model: Path, provider: str, records, options: RuntimeOpti
 
     if model.suffix != ".onnx":
         raise DataError("--boxes pipeline runs the deployed runtime: pass an exported .onnx model")
-    landmarker = FaceLandmarker(model, provider=provider, options=options)
+    landmarker = FaceLandmarker(model, device=provider, options=options)
     with progress_display(console) as progress:
         task = progress.add_task("pipeline", total=len(records))
         result = evaluate_pipeline(landmarker, records, lambda n: progress.advance(task, n))

@@ -134,7 +134,7 @@ def boxes_command(
                                  f"{repeated[0]}: training could not tell those faces' boxes apart; give one "
                                  "of the folders", param_hint="--data")
     try:
-        landmarker = FaceLandmarker(model, detector=detector, provider="cpu")
+        landmarker = FaceLandmarker(model, detector=detector, device="cpu")
     except (FacemarkError, ValueError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--model/--detector") from None
     with progress_display(console) as progress:

@@ -145,7 +145,7 @@ def build_web_folder(out: str | os.PathLike, model: str | os.PathLike | None = N
         raise FacemarkError(f"{target}: exists and is not a facemark web folder; name a new or empty folder")
     modules = find_node_modules(node_modules)
     model_path = Path(resolve_model_path(model))
-    landmarker = FaceLandmarker(model_path, provider="cpu", detector=detector)
+    landmarker = FaceLandmarker(model_path, device="cpu", detector=detector)
     entry, detector_files = (haar_detector if detector == HAAR else cnn_detector)(landmarker)
     config = web_config(landmarker, model_path.name, file_sha256(model_path), entry)
     check_writable_folder(target.parent if target.parent != Path("") else Path("."), "folder for the web build")

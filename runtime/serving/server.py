@@ -162,8 +162,8 @@ def _threads_per_instance(config: ServeConfig) -> int:
 
 
 def build_landmarker(config: ServeConfig) -> FaceLandmarker:
-    return FaceLandmarker(config.model, provider=config.provider, threads=_threads_per_instance(config),
-                          max_batch=max(config.max_batch, 1), options=config.options)
+    return FaceLandmarker(config.model, device=config.provider, threads=_threads_per_instance(config),
+                          max_batch_size=max(config.max_batch, 1), options=config.options)
 
 
 def _request_bytes(request_images: np.ndarray) -> list[bytes]:
