@@ -12,6 +12,8 @@ _EXPORTS = {
     "FaceLandmarker": "landmarker",
     "Face": "landmarker",
     "DEFAULT_MODEL_PATH": "landmarker",
+    "FaceTracker": "video",
+    "FrameResult": "video",
     "LandmarkModel": "session",
     "available_providers": "session",
     "resolve_providers": "session",
