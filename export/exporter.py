@@ -152,8 +152,8 @@ def export_model(checkpoint: Path, output: Path, *, opset: int = DEFAULT_OPSET, 
 
 
 def keep_failed_report(path: Path, say: Progress) -> None:
-    """A failed export's report is what explains it: a re-run moves it aside (`best.parity.failed.json`,
-    `best.parity.failed-2.json`, ...) instead of replacing it, and says so."""
+    """A failed export's report is what explains it: a re-run moves it aside (`best.int8.parity.failed.json`,
+    `best.int8.parity.failed-2.json`, ...) instead of replacing it, and says so."""
     try:
         earlier = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
