@@ -24,6 +24,10 @@ _EXPORTS = {
     "DETECTOR_NAMES": "detectors",
     "match_detection": "calibration",
     "fit_calibration": "calibration",
+    "Detections": "landmarker",  # detect_many's per-image result: a sequence of faces with .error
+    "RuntimeOptions": "options",
+    "DetectorOptions": "options",
+    "PipelineOptions": "options",
 }
 __all__ = sorted(_EXPORTS)
 

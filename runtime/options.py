@@ -191,6 +191,11 @@ class RuntimeOptions:
         unknown = sorted(set(settings) - set(SETTING_NAMES))
         if unknown:
             raise TypeError(f"unknown option(s) {', '.join(unknown)}; the options are: {', '.join(SETTING_NAMES)}")
+        clash = sorted(set(settings) & set(DetectorOptions.HAAR_ONLY))
+        detector = settings.get("detector", (base or cls()).detection.detector)
+        if clash and detector != HAAR:  # as the command line refuses them (facemark.runtime.cli_options)
+            raise SettingError.worded(lambda cli: f"{', '.join(setting(n, cli=cli) for n in clash)}: Haar options, "
+                                      f"not for {setting('detector', detector, cli=cli)}")
         base = base or cls()
         parts = []
         for part in (base.detection, base.pipeline):

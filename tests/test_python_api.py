@@ -96,6 +96,8 @@ def test_values_are_checked_against_the_flags_bounds():
         FaceLandmarker(device="cpu", max_faces=0)
     with pytest.raises(ValueError, match="min_score=1.5"):
         FaceLandmarker(device="cpu", min_score=1.5)
+    with pytest.raises(SettingError, match="min_face: Haar options, not for detector='faceboxes'"):
+        FaceLandmarker(device="cpu", detector="faceboxes", min_face=0.1)  # refused as on the command line
 
 
 # --- detect_many ---------------------------------------------------------------------------------------------
