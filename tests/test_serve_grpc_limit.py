@@ -5,11 +5,13 @@ other calls on the same connection go on. One `facemark serve` on loopback for t
 
 from __future__ import annotations
 
+import signal
 import socket
 import struct
 import threading
 import time
 
+import cv2
 import numpy as np
 import pytest
 
@@ -215,3 +217,46 @@ def test_hpack_answer_and_padding_helpers():
     assert block.endswith(b"\x00\x0bgrpc-status\x018\x00\x0cgrpc-message\x07too big")
     assert not trailers_only(8, "x", headers_sent=True).startswith(b"\x88")
     assert data_span(b"\x03abc\x00\x00\x00", PADDED) == (1, 4) and data_span(b"abc", 0) == (0, 3)
+
+
+def _refused_at(port: int, timeout_s: float = 10.0) -> float | None:
+    """When a new connection to `port` is first refused (None: not within `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except ConnectionRefusedError:
+            return time.monotonic()
+        time.sleep(0.05)
+    return None
+
+
+def _big_photo_request() -> bytes:
+    """One photo of 1500x996: about a second of work per few calls on 2 cores."""
+    big = cv2.resize(cv2.imdecode(np.frombuffer(PHOTO, np.uint8), cv2.IMREAD_COLOR), None, fx=3, fy=3)
+    return _request(cv2.imencode(".jpg", big)[1].tobytes())
+
+
+def test_the_drain_answers_the_grpc_calls_in_flight_and_refuses_new_connections(tmp_path):
+    import grpc
+
+    pytest.importorskip("pytriton", reason="the serve extra is not installed (pip install 'facemark[serve]')")
+    server = ServerProcess(["--max-batch", "8", "--grace", "60"], log=tmp_path / "serve.log")
+    try:
+        channel, infer = _raw_channel(server)
+        with channel:
+            calls = [infer.future(_big_photo_request(), timeout=120) for _ in range(8)]
+            answered: list[float] = []
+            for call in calls:
+                call.add_done_callback(lambda _: answered.append(time.monotonic()))
+            time.sleep(0.4)
+            server.proc.send_signal(signal.SIGTERM)
+            refused = _refused_at(server.grpc)
+            codes = [call.code() for call in calls]
+            assert codes == [grpc.StatusCode.OK] * len(calls), [call.exception() for call in calls]
+        code = server.proc.wait(120)
+    finally:
+        server.stop()
+    assert refused is not None and max(answered) > refused, "no call was still in flight once the port closed"
+    assert code == 0, server.log.read_text()[-3000:]
+
