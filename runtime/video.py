@@ -1,4 +1,12 @@
-"""Video: per-frame landmarks with tracking between detections and optional One-Euro smoothing.
+"""Video: per-frame landmarks with tracking between detections and optional One-Euro smoothing (docs/DESIGN.md
+section 7: `runtime video`; the Python API is `FaceLandmarker.track`, built on FaceTracker).
+
+Sources: a file, a camera index, or a network stream (rtsp://, rtsps://, http(s)://) that OpenCV's FFmpeg
+backend opens with a timeout; a stream ends at its first failed read (it does not resync) and says so in one
+line. Outputs (`run_video`) are predict's, per frame and reusing predict's writers: the annotated video, JSON
+lines, one JSON document (schema "video-document"), CSV with frame and time, aligned chips. The files are
+written through temporary files renamed into place when the run ends (complete or absent), each chip atomically
+as it is made.
 
 Tracking: between detections each face is followed from its previous landmarks: the next crop box is
 `box_from_landmarks(previous landmarks)`, which is exactly the training box convention, so no calibration is
@@ -613,7 +621,8 @@ class _FrameSinks:
         self.stem = ""
         if chips is not None:  # claimed before any frame: never a chip over a file facemark did not write
             name = _source_name(source)
-            self.stem = claim_output_stems([name], [OutputFolder(Path(chips.folder), "--aligned")])[str(name)]
+            folder = OutputFolder(Path(chips.folder), "--aligned")
+            self.stem = claim_output_stems([name], [folder], per_frame=True)[str(name)]
 
     def write(self, result: FrameResult, frame: np.ndarray, fps: float) -> None:
         entry = result.to_json(self.pose) if self.lines is not None or self.frames is not None else None

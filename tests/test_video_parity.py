@@ -100,6 +100,18 @@ def test_json_csv_pose_and_aligned_as_in_predict(clip, tmp_path, landmarker):
     assert cv2.imread(str(out / "chips" / chips[0])).shape == (64, 64, 3)
 
 
+def test_aligned_chips_never_replace_a_file_facemark_did_not_write(clip, tmp_path):
+    chips = tmp_path / "chips"
+    chips.mkdir()
+    foreign = chips / "clip-frame000001-face0.png"  # someone's file, named as this video's chip would be
+    foreign.write_bytes(b"not ours")
+    assert run(["runtime", "video", str(clip), *CPU, "--aligned", str(chips), "--max-frames", "2"]) == 0
+    assert foreign.read_bytes() == b"not ours"
+    assert (chips / "clip-1-frame000001-face0.png").is_file()
+    assert run(["runtime", "video", str(clip), *CPU, "--aligned", str(chips), "--max-frames", "2"]) == 0
+    assert not (chips / "clip-2-frame000000-face0.png").exists()  # a rerun replaces its own chips
+
+
 def test_outputs_are_checked_against_the_video_and_each_other_before_any_work(clip, tmp_path, capsys):
     same = tmp_path / "same.json"
     assert run(["runtime", "video", str(clip), *CPU, "--json", str(same), "--csv", str(same)]) == 2

@@ -78,6 +78,7 @@ OUTPUTS_MANIFEST = "facemark-outputs.json"  # in each --out-dir / --aligned fold
 
 
 _CHIP_STEM = re.compile(r"^(.*)-face\d+$", re.IGNORECASE)
+_FRAME_STEM = re.compile(r"^(.*)-frame\d+$", re.IGNORECASE)  # a video's chips: STEM-frameN-faceI.png
 
 
 def annotated_suffix(path: Path) -> str:
@@ -125,12 +126,14 @@ class OutputFolder:
                                     "give a folder that holds no inputs")
 
 
-def claim_output_stems(files: Sequence[Path], folders: Sequence[OutputFolder]) -> dict[str, str]:
+def claim_output_stems(files: Sequence[Path], folders: Sequence[OutputFolder], per_frame: bool = False
+                       ) -> dict[str, str]:
     """The output stem of each input (by str(path)) in these folders, saved in each folder's manifest before any
     picture is written. An input named in a manifest keeps its stem (a rerun or --resume replaces only what it
     wrote for that input); a new one gets its own stem, or stem-1, stem-2, ... when a file in the folders (one
     that facemark did not write for it) or another input of the run uses that one. Raises FacemarkError for a
-    folder that cannot be written, that is another option's folder too, or where an output would be an input."""
+    folder that cannot be written, that is another option's folder too, or where an output would be an input.
+    `per_frame`: the names will be STEM-frameN-... (runtime video's chips), so a name STEM-frameN takes STEM too."""
     if not folders:
         return {}
     if len({os.path.realpath(f.path) for f in folders}) < len(folders):
@@ -144,6 +147,8 @@ def claim_output_stems(files: Sequence[Path], folders: Sequence[OutputFolder]) -
     taken = {stem.lower() for stem in mine.values()}
     for folder in folders:
         taken |= {folder.stem_of(name) for name in os.listdir(folder.path) if name != OUTPUTS_MANIFEST}
+    if per_frame:
+        taken |= {match.group(1) for stem in list(taken) if (match := _FRAME_STEM.match(stem))}
     stems: dict[str, str] = {}
     for path in dict.fromkeys(files):  # a file listed twice is one input
         stem = mine.get(resolved[str(path)])
