@@ -30,7 +30,7 @@ RSS_GROWTH_MB = 200  # allowed peak growth of the tree's RSS while 6 x 40 MB are
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     pytest.importorskip("pytriton", reason="the serve extra is not installed (pip install 'facemark[serve]')")
-    started = ServerProcess(["--max-batch", "8", "--max-images", "4", "--max-request-mb", str(LIMIT_MB), "--grace",
+    started = ServerProcess(["--max-batch-size", "8", "--max-images", "4", "--max-request-mb", str(LIMIT_MB), "--grace",
                              "5"], log=tmp_path_factory.mktemp("grpc-limit") / "serve.log")
     yield started
     started.stop()
@@ -241,7 +241,7 @@ def test_the_drain_answers_the_grpc_calls_in_flight_and_refuses_new_connections(
     import grpc
 
     pytest.importorskip("pytriton", reason="the serve extra is not installed (pip install 'facemark[serve]')")
-    server = ServerProcess(["--max-batch", "8", "--grace", "60"], log=tmp_path / "serve.log")
+    server = ServerProcess(["--max-batch-size", "8", "--grace", "60"], log=tmp_path / "serve.log")
     try:
         channel, infer = _raw_channel(server)
         with channel:
