@@ -151,7 +151,8 @@ class PipelineOptions(_Settings):
         "--min-score", "Drop faces whose presence score (0-1, models with a presence head) is below this; "
         "0 keeps all.", min=0.0, max=1.0))
     max_faces: int | None = field(default=None, metadata=flag(
-        "--max-faces", "Keep the N most confident faces.", min=1))
+        "--max-faces", "Keep the first N faces: the highest presence scores (then detector scores; "
+        "docs/CLI.md, face order).", min=1))
 
     def __post_init__(self) -> None:
         self._check_bounds()
