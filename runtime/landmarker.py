@@ -159,8 +159,9 @@ def resolve_model_path(model_path: str | os.PathLike | bytes | None) -> str | os
     if model_path is not None:
         return model_path
     if not DEFAULT_MODEL_PATH.is_file():
-        raise ModelError(f"{DEFAULT_MODEL_PATH}: the default model is not installed; pass a model exported with "
-                         "`facemark export` (FaceLandmarker('model.onnx') or --model model.onnx)")
+        how = {False: "FaceLandmarker('model.onnx')", True: "--model model.onnx"}  # in Python, on the command line
+        raise ModelError.worded(lambda cli: f"{DEFAULT_MODEL_PATH}: the default model is not installed; pass a model "
+                                f"exported with `facemark export` ({how[cli]})")
     return DEFAULT_MODEL_PATH
 
 

@@ -180,6 +180,17 @@ def test_option_errors_name_the_keyword_in_python_and_the_flag_on_the_command_li
     assert "--detector-input-side" in capsys.readouterr().err
 
 
+def test_a_missing_default_model_says_how_to_pass_one_in_the_callers_words(monkeypatch, tmp_path):
+    from facemark.errors import ModelError
+    from facemark.runtime import landmarker as landmarker_module
+
+    monkeypatch.setattr(landmarker_module, "DEFAULT_MODEL_PATH", tmp_path / "absent.onnx")
+    with pytest.raises(ModelError) as caught:
+        FaceLandmarker(device="cpu")
+    assert "FaceLandmarker('model.onnx')" in str(caught.value) and "--model" not in str(caught.value)
+    assert "--model model.onnx" in cli_message(caught.value)
+
+
 # --- URLs ----------------------------------------------------------------------------------------------------
 def test_a_url_keeps_its_slashes_and_says_it_is_not_fetched(landmarker, capsys):
     with pytest.raises(ImageError) as caught:
