@@ -56,8 +56,8 @@ def test_landmarker_options_object_equals_its_keywords():
 
     image = read_image(SAMPLES / "2008_002470.jpg")
     options = RuntimeOptions(DetectorOptions(scale_factor=1.2), PipelineOptions(refine=0, tta="flip"))
-    by_options = FaceLandmarker(provider="cpu", options=options)
-    by_keywords = FaceLandmarker(provider="cpu", refine=0, flip=True, detector_options={"scale_factor": 1.2})
+    by_options = FaceLandmarker(device="cpu", options=options)
+    by_keywords = FaceLandmarker(device="cpu", refine=0, tta="flip", scale_factor=1.2)
     assert by_options.detector.config() == by_keywords.detector.config()
     a, b = by_options.detect(image), by_keywords.detect(image)
     assert len(a) == len(b) > 0

@@ -63,7 +63,7 @@ def tiny_onnx(tiny_checkpoint, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def landmarker(tiny_onnx) -> FaceLandmarker:
-    return FaceLandmarker(tiny_onnx, provider="cpu", threads=1)
+    return FaceLandmarker(tiny_onnx, device="cpu", threads=1)
 
 
 # --- providers and sessions ----------------------------------------------------------------------------------
@@ -280,7 +280,7 @@ def test_haar_box_source_drives_evaluation_with_and_without_calibration(landmark
 # --- FaceLandmarker --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("refine", [0, 2])
 def test_landmarker_detects_sample_faces_in_one_batched_call_per_pass(tiny_onnx, refine, monkeypatch):
-    landmarker = FaceLandmarker(tiny_onnx, provider="cpu", threads=1, refine=refine)
+    landmarker = FaceLandmarker(tiny_onnx, device="cpu", threads=1, refine=refine)
     image = read_image(SAMPLES / "2009_004587.jpg")
     calls = []
     original = landmarker.model.predict_outputs
@@ -335,7 +335,7 @@ def test_no_face_is_an_empty_list(landmarker):
 def test_model_calibration_is_applied_to_detector_boxes(tiny_checkpoint, tmp_path):
     calibration = BoxCalibration(dx=0.0, dy=0.1, sw=0.8, sh=0.9, detector="opencv-haar", samples=10)
     path = export_tiny_onnx(tiny_checkpoint, tmp_path / "calibrated.onnx", calibration)
-    landmarker = FaceLandmarker(path, provider="cpu", threads=1, refine=0)
+    landmarker = FaceLandmarker(path, device="cpu", threads=1, refine=0)
     assert landmarker.calibration == calibration
     face = landmarker.detect(read_image(SAMPLES / "2009_004587.jpg"))[0]
     np.testing.assert_allclose(face.box, calibration.apply(face.detector_box))
@@ -385,7 +385,7 @@ def _same_faces(a: list[Face], b: list[Face], atol: float = 0.05) -> None:
 
 @pytest.mark.parametrize("refine", [0, 1])
 def test_detect_many_equals_one_by_one_with_one_model_call_per_pass(tiny_onnx, refine, monkeypatch):
-    landmarker = FaceLandmarker(tiny_onnx, provider="cpu", threads=1, refine=refine)
+    landmarker = FaceLandmarker(tiny_onnx, device="cpu", threads=1, refine=refine)
     images = [read_image(p) for p in _sample_paths()]
     alone = [landmarker.detect_full(image) for image in images]
     calls = []
