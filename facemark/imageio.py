@@ -95,8 +95,7 @@ def read_image_bytes(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_FILE_
             raise ImageError(f"{name}: not a regular file ({_file_kind(mode)})")
         size = os.fstat(fd).st_size
         if size > max_bytes:
-            raise ImageError(f"{name}: {_megabytes(size)} is larger than the limit of {_megabytes(max_bytes)} "
-                             "(--max-file-mb)")
+            raise _too_large(f"{name}: {_megabytes(size)} is larger than the limit of {_megabytes(max_bytes)}")
         head = _read_up_to(fd, min(SNIFF_BYTES, max_bytes + 1))
         if len(head) == SNIFF_BYTES and not _may_be_image(head):  # more follows: not read for nothing
             raise ImageError(f"{name}: not an image (its first bytes name no image format)")
@@ -106,8 +105,13 @@ def read_image_bytes(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_FILE_
     finally:
         os.close(fd)
     if len(data) > max_bytes:  # a file that reports no size (/proc) and goes on
-        raise ImageError(f"{name}: larger than the limit of {_megabytes(max_bytes)} (--max-file-mb)")
+        raise _too_large(f"{name}: larger than the limit of {_megabytes(max_bytes)}")
     return data
+
+
+def _too_large(message: str) -> ImageError:
+    """The size refusal: Python's caller set `max_bytes`, the command line's --max-file-mb (cli_message)."""
+    return ImageError(f"{message} (read_image's max_bytes)", cli=f"{message} (--max-file-mb)")
 
 
 def _read_up_to(fd: int, count: int) -> bytes:

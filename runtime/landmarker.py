@@ -14,6 +14,7 @@ keywords (DEPRECATED_KEYWORDS) still work with a DeprecationWarning naming the n
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import time
 import warnings
@@ -47,8 +48,9 @@ IDENTITY = BoxCalibration()
 TIMING_KEYS = ("detect", "landmarks")
 MAX_DEFAULT_WORKERS = 8
 DUPLICATE_IOU = 0.5  # two faces whose landmark boxes overlap this much are one (distinct_faces)
-FACE_ORDER = ("by presence score, highest first, when the model has a trusted presence score; else (and among "
-              "equal scores) in the detector's order, its score highest first")
+SCORE_DIGITS = 4  # a face's presence and detector scores in the JSON; FACE_ORDER compares presence scores so
+FACE_ORDER = ("by presence score as reported (4 decimals), highest first, when the model has a trusted presence "
+              "score; else (and among equal reported scores) in the detector's order, its score highest first")
 # FaceLandmarker's keywords beyond the options of facemark.runtime.options: where and how the model runs.
 LANDMARKER_KEYWORDS = ("device", "threads", "trt_fp16", "trt_cache", "max_batch_size", "calibration", "spin")
 # Old keyword -> its name now (a DeprecationWarning names it); detector_options's keys -> the option fields.
@@ -88,8 +90,8 @@ class Face:
         return {
             "box": _rounded(self.box, 2),
             "landmarks": _rounded(self.landmarks, 2),
-            "score": _rounded(self.score, 4),
-            "detector_score": _rounded(self.detector_score, 4),
+            "score": _rounded(self.score, SCORE_DIGITS),
+            "detector_score": _rounded(self.detector_score, SCORE_DIGITS),
             "detector_box": _rounded(self.detector_box, 2),
             "landmark_scores": _rounded(self.landmark_scores, 3),
             **extra,
@@ -143,6 +145,13 @@ def distinct_faces(faces: Sequence[Face]) -> list[Face]:
     kept = non_max_suppression([box_from_landmarks(face.landmarks) for face in faces],
                                [face.score or 0.0 for face in faces], DUPLICATE_IOU)
     return [faces[i] for i in sorted(kept)]
+
+
+def presence_rank(score: float) -> int:
+    """A presence score as FACE_ORDER compares it: at the JSON's precision, so that scores the JSON shows as equal
+    (most clear faces saturate near 1.0, differing in the last float bits from one backend to another: CPU, WASM)
+    keep the detector's order. Rounds half up, as facemark.js does."""
+    return math.floor(score * 10**SCORE_DIGITS + 0.5)
 
 
 def _rounded(value, digits: int):
@@ -411,7 +420,7 @@ class FaceLandmarker:
             if self.model.has_face_score:  # its permissive detector defaults can put two boxes on one face
                 faces = distinct_faces(faces)
             if self.by_presence:  # FACE_ORDER (a stable sort: equal scores keep the detector's order)
-                faces = sorted(faces, key=lambda face: -face.score)
+                faces = sorted(faces, key=lambda face: -presence_rank(face.score))
             faces = faces[: self.max_faces]
             share = len(mine) / len(entries) if entries else 0.0
             problems = [f"{dropped} face(s) dropped: the model returned non-finite values (NaN/Inf) for them"] \

@@ -19,7 +19,7 @@ from facemark.cli import run
 from facemark.errors import ClosedError, ImageError, ProviderError, SettingError, cli_message
 from facemark.imageio import read_image
 from facemark.runtime import session
-from facemark.runtime.landmarker import FACE_ORDER, Detections, FaceLandmarker
+from facemark.runtime.landmarker import FACE_ORDER, Detections, FaceLandmarker, presence_rank
 from facemark.runtime.options import PRESETS, SETTING_NAMES, DetectorOptions, PipelineOptions, RuntimeOptions
 
 GROUP = SAMPLES / "2008_002470.jpg"  # six faces whose presence scores are not in the detector's order
@@ -122,7 +122,7 @@ def test_detect_many_gives_one_sequence_of_faces_per_image_and_a_bad_image_only_
 # --- face order ----------------------------------------------------------------------------------------------
 def test_faces_come_by_presence_score_then_detector_score_in_detect_and_detect_many(landmarker, group):
     faces = landmarker.detect(group)
-    keys = [(f.score, f.detector_score) for f in faces]
+    keys = [(presence_rank(f.score), f.detector_score) for f in faces]
     assert len(faces) > 2 and keys == sorted(keys, reverse=True), FACE_ORDER
     assert [f.box for f in landmarker.detect_many([group])[0]] == [f.box for f in faces]
     plain = FaceLandmarker(device="cpu", threads=1, min_score=0)
@@ -134,7 +134,8 @@ def test_faces_come_by_presence_score_then_detector_score_in_detect_and_detect_m
 def test_max_faces_keeps_the_first_of_that_order(landmarker, group):
     everything = landmarker.detect(group)
     two = FaceLandmarker(device="cpu", threads=1, max_faces=2).detect(group)
-    assert [f.score for f in two] == sorted((f.score for f in everything), reverse=True)[:2]
+    assert [presence_rank(f.score) for f in two] == sorted((presence_rank(f.score) for f in everything),
+                                                             reverse=True)[:2]
     assert [f.box for f in two] == [f.box for f in everything[:2]]
 
 
@@ -200,6 +201,18 @@ def test_a_url_keeps_its_slashes_and_says_it_is_not_fetched(landmarker, capsys):
     assert run(["runtime", "predict", URL, "--json", "-"]) == 1
     error = json.loads(capsys.readouterr().out)["images"][0]["error"]
     assert error.startswith(URL + ":") and "URL" in error
+
+
+def test_a_file_over_the_size_limit_names_the_keyword_in_python_and_the_flag_on_the_command_line(tmp_path, capsys):
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes((SAMPLES / "2008_002470.jpg").read_bytes())
+    with pytest.raises(ImageError) as caught:
+        read_image(photo, max_bytes=1000)
+    assert "max_bytes" in str(caught.value) and "--max-file-mb" not in str(caught.value)
+    assert "--max-file-mb" in cli_message(caught.value)
+    assert run(["runtime", "predict", str(photo), "--max-file-mb", "0.001", "--json", "-"]) == 1
+    error = json.loads(capsys.readouterr().out)["images"][0]["error"]
+    assert "larger than the limit" in error and "--max-file-mb" in error and "max_bytes" not in error
 
 
 def test_deprecation_warnings_are_not_raised_by_the_current_keywords():

@@ -23,7 +23,7 @@ from facemark.cli import run
 from facemark.imageio import read_gray
 from facemark.runtime.detector_files import CACHE_ENV, cached_path
 from facemark.runtime.detectors import CNN_DETECTORS
-from facemark.runtime.landmarker import FaceLandmarker
+from facemark.runtime.landmarker import SCORE_DIGITS, FaceLandmarker
 from facemark.runtime.schema import schema_text
 from facemark.web.build import CONFIG_FILE, INSTALL_HINT, find_node_modules, pinned_versions
 from facemark.web.serve import dump_dom, find_chromium, serve_folder
@@ -62,7 +62,9 @@ def test_the_folder_carries_the_pinned_runtimes_and_the_python_runtimes_settings
     assert {k: v for k, v in config["detector"]["settings"].items() if k != "window"} == detector
     cascade = landmarker.detector.cascade_path
     assert (web_folder / config["detector"]["cascade_file"]).read_bytes() == cascade.read_bytes()
-    assert {k: v for k, v in config["pipeline"].items() if k != "duplicate_iou"} == described["pipeline"]
+    pipeline = dict(config["pipeline"])  # the runtime's settings and what facemark.js needs to order faces as it
+    assert (pipeline.pop("face_order"), pipeline.pop("score_digits")) == ("presence", SCORE_DIGITS)
+    assert {k: v for k, v in pipeline.items() if k != "duplicate_iou"} == described["pipeline"]
     assert (web_folder / config["model"]["file"]).read_bytes() == landmarker.model.path.read_bytes()
     pins = pinned_versions()
     assert f"ONNX Runtime Web v{pins['onnxruntime-web']}" in (web_folder / "ort" / "ort.wasm.min.mjs").read_text()[:200]

@@ -117,7 +117,7 @@ def cnn_detector(landmarker) -> tuple[dict, dict[str, bytes]]:
 
 def web_config(landmarker, model_file: str, model_sha256: str, detector: dict) -> dict:
     """facemark-web.json: what facemark.js cannot read from the model itself, taken from the runtime."""
-    from facemark.runtime.landmarker import DUPLICATE_IOU
+    from facemark.runtime.landmarker import DUPLICATE_IOU, SCORE_DIGITS
 
     described = landmarker.describe()
     return {
@@ -129,7 +129,9 @@ def web_config(landmarker, model_file: str, model_sha256: str, detector: dict) -
         "outputs": {"input": metadata.INPUT_NAME, "landmarks": metadata.OUTPUT_NAME,
                     "landmark_scores": metadata.LANDMARK_SCORES, "face_score": metadata.FACE_SCORE},
         "detector": detector,
-        "pipeline": {**described["pipeline"], "duplicate_iou": DUPLICATE_IOU},
+        # FACE_ORDER: the page orders faces as the runtime does
+        "pipeline": {**described["pipeline"], "duplicate_iou": DUPLICATE_IOU,
+                     "face_order": "presence" if landmarker.by_presence else "detector", "score_digits": SCORE_DIGITS},
         "runtimes": pinned_versions(),
     }
 

@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from facemark.drawing import DrawMode
-from facemark.errors import FacemarkError
+from facemark.errors import FacemarkError, cli_message
 from facemark.imageio import DEFAULT_MAX_FILE_BYTES, decode_image, read_image
 from facemark.runtime.landmarker import Detections, FaceLandmarker, Found, default_workers
 from facemark.runtime.predict.inputs import ImageResult
@@ -56,7 +56,7 @@ def _load_and_find(landmarker: FaceLandmarker, path: Path | str, read: ReadBytes
         data = read(str(path)) if read is not None else None
         image = read_image(path, max_bytes=max_bytes) if data is None else decode_image(data, path)
     except FacemarkError as exc:
-        return LoadedFile(ImageResult(str(path), error=str(exc)))
+        return LoadedFile(ImageResult(str(path), error=cli_message(exc)))  # the command line's words
     found = landmarker.find(image)
     return LoadedFile(ImageResult(str(path), image.shape[1], image.shape[0]), image, found,
                    time.perf_counter() - start)

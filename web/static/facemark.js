@@ -627,7 +627,7 @@ export class FaceLandmarker {
     }
   }
 
-  /** All faces of an RGBA cv.Mat, most confident first, as FaceLandmarker.detect_full (the image entry's faces):
+  /** All faces of an RGBA cv.Mat, in landmarker.FACE_ORDER, as FaceLandmarker.detect_full (the image entry's faces):
    *  the landmarks on its gray copy, the detector on gray (Haar) or colour (CNN). */
   async detectMats(rgba) {
     const gray = new this.cv.Mat();
@@ -655,6 +655,12 @@ export class FaceLandmarker {
       const kept = nonMaxSuppression(faces.map((face) => boxFromLandmarks(face.landmarks)),
         faces.map((face) => face.score || 0), pipeline.duplicate_iou);
       faces = kept.sort((a, b) => a - b).map((i) => faces[i]);
+    }
+    // landmarker.FACE_ORDER: by presence score at the JSON's precision (landmarker.presence_rank) when the model's
+    // is trusted (a stable sort keeps the detector's order among equal ones), else the detector's order
+    if (pipeline.face_order === "presence") {
+      const rank = (score) => Math.floor(score * 10 ** pipeline.score_digits + 0.5);
+      faces.sort((a, b) => rank(b.score) - rank(a.score));
     }
     const t2 = performance.now();
     return { width: gray.cols, height: gray.rows, faces, times: { detect: t1 - t0, landmarks: t2 - t1 } };
