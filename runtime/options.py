@@ -120,6 +120,20 @@ class DetectorOptions(_Settings):
         if self.detector == HAAR and self.detector_input_side is not None:
             raise SettingError.worded(lambda cli: f"{setting('detector_input_side', cli=cli)}: an option of the CNN "
                                       "detectors, not of haar")
+        self._check_haar_values()
+
+    def _check_haar_values(self) -> None:
+        """The Haar detector's own limits (runtime.detector.HaarDetector), refused here in the caller's words."""
+        limits = (("min_face", self.min_face, not 0.0 <= self.min_face < 1.0, ">= 0 and < 1"),
+                  ("scale_factor", self.scale_factor, self.scale_factor is not None and self.scale_factor <= 1.0,
+                   "> 1"),
+                  ("max_side", self.max_side, 0 < self.max_side < 64, "0 (off) or >= 64"),
+                  ("min_face_windows", self.min_face_windows,
+                   self.min_face_windows is not None and 0.0 < self.min_face_windows < 1.0, "0 (off) or >= 1"))
+        for name, value, wrong, allowed in limits:
+            if wrong:
+                raise SettingError.worded(lambda cli, name=name, value=value, allowed=allowed:
+                                          f"{setting(name, value, cli=cli)}: must be {allowed}")
 
     def detector_kwargs(self) -> dict:
         """The chosen detector's options over its defaults (runtime.detectors.create_detector): Haar's knobs

@@ -96,6 +96,9 @@ def test_values_are_checked_against_the_flags_bounds():
         FaceLandmarker(device="cpu", max_faces=0)
     with pytest.raises(ValueError, match="min_score=1.5"):
         FaceLandmarker(device="cpu", min_score=1.5)
+    for keyword, value in (("min_face", 5), ("scale_factor", 1.0), ("max_side", 10), ("min_face_windows", 0.5)):
+        with pytest.raises(SettingError, match=f"^{keyword}={value}: must be"):  # the Haar detector's limits
+            FaceLandmarker(device="cpu", **{keyword: value})
     with pytest.raises(SettingError, match="min_face: Haar options, not for detector='faceboxes'"):
         FaceLandmarker(device="cpu", detector="faceboxes", min_face=0.1)  # refused as on the command line
 
@@ -179,6 +182,8 @@ def test_option_errors_name_the_keyword_in_python_and_the_flag_on_the_command_li
     assert str(caught.value).startswith("detector_input_side:") and "--" not in str(caught.value)
     assert run(["runtime", "predict", str(GROUP), "--detector-input-side", "320"]) == 2
     assert "--detector-input-side" in capsys.readouterr().err
+    assert run(["runtime", "predict", str(GROUP), "--min-face", "5"]) == 2
+    assert "--min-face 5.0: must be" in capsys.readouterr().err  # not the detector's internal min_face_fraction
 
 
 def test_a_missing_default_model_says_how_to_pass_one_in_the_callers_words(monkeypatch, tmp_path):
