@@ -46,6 +46,12 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 DEVICE_HELP = "Where the model runs: auto (TensorRT > CUDA > CPU, whichever loads), cpu, cuda or tensorrt."
 MODEL_HELP = "facemark ONNX model (default: the model shipped in facemark/assets)."
+# Options predict and video share word for word (typer reads an option's declaration; it never changes it).
+ALIGNED_SIZE_OPTION = typer.Option(112, "--aligned-size", min=8, help="Side of the aligned chips in pixels.")
+ALIGNED_TEMPLATE_OPTION = typer.Option("arcface", "--aligned-template",
+                                       help="arcface: the five-point ArcFace layout; eyes: eye centres.")
+POSE_OPTION = typer.Option(False, "--pose", help="Add each face's head pose (yaw, pitch, roll in degrees) to the "
+                           "JSON, JSONL and CSV.")
 
 
 def _landmarker_options(device: Provider, threads: int | None, trt_fp16: bool, trt_cache: Path | None,
@@ -114,11 +120,9 @@ def predict_command(
     aligned: Path | None = typer.Option(None, "--aligned", metavar=DIR, help="Folder for each face's "
                                         "similarity-aligned chip (PNG, NAME-faceI.png; dlib get_face_chips / "
                                         "InsightFace norm_crop); not the --out-dir folder."),
-    aligned_size: int = typer.Option(112, "--aligned-size", min=8, help="Side of the aligned chips in pixels."),
-    aligned_template: AlignTemplate = typer.Option("arcface", "--aligned-template",
-                                                   help="arcface: the five-point ArcFace layout; eyes: eye centres."),
-    pose: bool = typer.Option(False, "--pose", help="Add each face's head pose (yaw, pitch, roll in degrees) to the "
-                              "JSON, JSONL and CSV."),
+    aligned_size: int = ALIGNED_SIZE_OPTION,
+    aligned_template: AlignTemplate = ALIGNED_TEMPLATE_OPTION,
+    pose: bool = POSE_OPTION,
     csv_path: Path | None = typer.Option(None, "--csv", metavar=FILE, help="Write one CSV row per face: path, "
                                          "face, box, score, x0,y0 .. x67,y67 (and yaw, pitch, roll with --pose); "
                                          "- for stdout."),
@@ -377,11 +381,9 @@ def video_command(
                                          "stdout."),
     aligned: Path | None = typer.Option(None, "--aligned", metavar=DIR, help="Folder for each face's "
                                         "similarity-aligned chip per frame (PNG, NAME-frameNNNNNN-faceI.png)."),
-    aligned_size: int = typer.Option(112, "--aligned-size", min=8, help="Side of the aligned chips in pixels."),
-    aligned_template: AlignTemplate = typer.Option("arcface", "--aligned-template",
-                                                   help="arcface: the five-point ArcFace layout; eyes: eye centres."),
-    pose: bool = typer.Option(False, "--pose", help="Add each face's head pose (yaw, pitch, roll in degrees) to the "
-                              "JSON, JSONL and CSV."),
+    aligned_size: int = ALIGNED_SIZE_OPTION,
+    aligned_template: AlignTemplate = ALIGNED_TEMPLATE_OPTION,
+    pose: bool = POSE_OPTION,
     smooth: bool = typer.Option(True, "--smooth/--no-smooth", help="One-Euro smoothing of the points."),
     detect_every: int = typer.Option(10, "--detect-every", min=1, help="Run the detector every N frames (and on "
                                      "loss)."),

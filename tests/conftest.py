@@ -18,6 +18,18 @@ requires_dlib_examples = pytest.mark.skipif(
 )
 
 TINY_SIZE = 64  # small crops keep the tests fast; the weights are a full ResNet18 all the same
+GUARDED_LIMIT_MB = 2  # --max-request-mb of the servers the limit tests start
+GUARDED_LIMIT_BYTES = GUARDED_LIMIT_MB * 1_000_000 + 1_000_000  # and the allowance the HTTP and gRPC guards share
+
+
+def guarded_server(tmp_path_factory, name: str):
+    """A `facemark serve` on loopback with small limits (GUARDED_LIMIT_MB, 4 images, grace 5 s), its log in a
+    folder of its own; the serve extra or a skip."""
+    pytest.importorskip("pytriton", reason="the serve extra is not installed (pip install 'facemark[serve]')")
+    from facemark.benchmarks.serve_load import ServerProcess
+
+    return ServerProcess(["--max-batch-size", "8", "--max-images", "4", "--max-request-mb", str(GUARDED_LIMIT_MB),
+                          "--grace", "5"], log=tmp_path_factory.mktemp(name) / "serve.log")
 
 
 @pytest.fixture(scope="session")

@@ -25,10 +25,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import SAMPLES
 
 from facemark.benchmarks.serve_load import ServerProcess, damaged_jpeg2000, free_ports, process_tree
 from facemark.cli import run as cli_run
-from tests.conftest import SAMPLES
 
 SHIPPED = Path(__file__).resolve().parents[1] / "facemark" / "assets" / "facemark-68.onnx"
 PHOTO = SAMPLES / "2008_002470.jpg"

@@ -14,13 +14,13 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from conftest import GUARDED_LIMIT_BYTES, GUARDED_LIMIT_MB, SAMPLES, guarded_server
 
 from facemark.benchmarks.serve_load import INFER_PATH, ServerProcess, post_status, tree_rss_bytes
-from tests.conftest import SAMPLES
 
 PHOTO = (SAMPLES / "2008_002470.jpg").read_bytes()
-LIMIT_MB = 2
-LIMIT_BYTES = LIMIT_MB * 1_000_000 + 1_000_000  # --max-request-mb and the guards' allowance
+LIMIT_MB = GUARDED_LIMIT_MB
+LIMIT_BYTES = GUARDED_LIMIT_BYTES
 PER_BATCH = 60
 ROUNDS = 2  # of PER_BATCH requests per encoding
 RSS_GROWTH_MB = 600  # allowed growth of the tree's RSS over the whole fuzz, after the first good answer
@@ -29,9 +29,7 @@ RSS_ROUND_GROWTH_MB = 200  # allowed growth from the first round's peak to the s
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    pytest.importorskip("pytriton", reason="the serve extra is not installed (pip install 'facemark[serve]')")
-    started = ServerProcess(["--max-batch-size", "8", "--max-images", "4", "--max-request-mb", str(LIMIT_MB), "--grace",
-                             "5"], log=tmp_path_factory.mktemp("fuzz") / "serve.log")
+    started = guarded_server(tmp_path_factory, "fuzz")
     yield started
     started.stop()
 
@@ -176,7 +174,7 @@ def test_fuzz_every_encoding_and_the_server_stays_up_with_bounded_memory(server)
 def test_json_bodies_of_5_to_200_mb_are_answered_or_refused_and_the_server_stays_up(server, content_type):
     """The sizes that killed tritonserver 2.51 when sent as a form (curl -d): up to the limit they reach the model
     (and are refused there by --max-request-mb), above it the guard answers 413."""
-    limit = LIMIT_MB * 1_000_000 + 1_000_000  # --max-request-mb and the JSON header's allowance
+    limit = LIMIT_BYTES  # --max-request-mb and the JSON header's allowance
     for megabytes in (4, 5, 20, 40, 200):
         body = _json_body(["A" * int(megabytes * 1e6)])
         status = post_status(server.http, body, {"Content-Type": content_type})

@@ -14,14 +14,14 @@ import time
 import cv2
 import numpy as np
 import pytest
+from conftest import GUARDED_LIMIT_BYTES, GUARDED_LIMIT_MB, SAMPLES, guarded_server
 
 from facemark.benchmarks.serve_load import PeakRss, ServerProcess, tree_rss_bytes
-from tests.conftest import SAMPLES
 
 PHOTO = (SAMPLES / "2008_002470.jpg").read_bytes()
 PHOTO_SIZE = (500, 332)
-LIMIT_MB = 2
-LIMIT_BYTES = LIMIT_MB * 1_000_000 + 1_000_000  # --max-request-mb and the allowance shared with the HTTP guard
+LIMIT_MB = GUARDED_LIMIT_MB
+LIMIT_BYTES = GUARDED_LIMIT_BYTES
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 CONCURRENT_40_MB = 6
 RSS_GROWTH_MB = 200  # allowed peak growth of the tree's RSS while 6 x 40 MB are sent twice
@@ -29,9 +29,7 @@ RSS_GROWTH_MB = 200  # allowed peak growth of the tree's RSS while 6 x 40 MB are
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    pytest.importorskip("pytriton", reason="the serve extra is not installed (pip install 'facemark[serve]')")
-    started = ServerProcess(["--max-batch-size", "8", "--max-images", "4", "--max-request-mb", str(LIMIT_MB), "--grace",
-                             "5"], log=tmp_path_factory.mktemp("grpc-limit") / "serve.log")
+    started = guarded_server(tmp_path_factory, "grpc-limit")
     yield started
     started.stop()
 

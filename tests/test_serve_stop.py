@@ -18,10 +18,10 @@ from pathlib import Path
 
 import cv2
 import pytest
+from conftest import SAMPLES
+from test_serve import _alive
 
 from facemark.benchmarks.serve_load import ServerProcess, process_tree
-from tests.conftest import SAMPLES
-from tests.test_serve import _alive
 
 PHOTO = SAMPLES / "2008_002470.jpg"
 CLIENTS = 8

@@ -169,6 +169,14 @@ class FrameWriter:
             self.writer.writelines(frames)
 
 
+async def _give_back_window(kind: int, payload: bytes, to_sender: FrameWriter) -> None:
+    """A dropped DATA frame of a refused stream still counted against the connection's flow-control window: give
+    its bytes back to the side that sent it (HTTP/2 has no other way), else that side stalls."""
+    if kind == DATA and payload:
+        to_sender.send(window_update(0, len(payload)))
+        await to_sender.writer.drain()
+
+
 async def _read_frame(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     """(the 9-byte frame header, the payload); IncompleteReadError at the end of the stream."""
     header = await reader.readexactly(FRAME_HEADER_BYTES)
@@ -212,10 +220,8 @@ class GrpcGuard(LoopbackGuard):
             while True:
                 header, payload = await _read_frame(reader)
                 kind, flags, stream = header[3], header[4], _stream_of(header)
-                if stream in connection.refused:
-                    if kind == DATA and payload:  # already sent when the refusal went out: its window given back
-                        to_client.send(window_update(0, len(payload)))
-                        await to_client.writer.drain()
+                if stream in connection.refused:  # sent before the client read the refusal
+                    await _give_back_window(kind, payload, to_client)
                     continue
                 if kind == HEADERS:
                     connection.streams.add(stream)
@@ -242,9 +248,7 @@ class GrpcGuard(LoopbackGuard):
                 header, payload = await _read_frame(reader)
                 kind, flags, stream = header[3], header[4], _stream_of(header)
                 if stream in connection.refused:  # the client has its answer already
-                    if kind == DATA and payload:
-                        to_triton.send(window_update(0, len(payload)))
-                        await to_triton.writer.drain()
+                    await _give_back_window(kind, payload, to_triton)
                     continue
                 if flags & END_STREAM and kind in (DATA, HEADERS) or kind == RST_STREAM:
                     connection.end(stream)
