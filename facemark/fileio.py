@@ -11,7 +11,7 @@ import os
 import stat
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -79,17 +79,24 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
 
 def write_output_text(path: str | os.PathLike, text: str) -> None:
     """A document the user asked for: `-` to stdout, a pipe or device directly, a file atomically."""
+    write_output_chunks(path, [text])
+
+
+def write_output_chunks(path: str | os.PathLike, chunks: Iterable[str]) -> None:
+    """write_output_text for a document made piece by piece (a long video's): never whole in memory."""
     if is_stdout(path):
-        sys.stdout.write(text)
+        sys.stdout.writelines(chunks)
         sys.stdout.flush()
-    elif is_stream(path):
-        try:
+        return
+    try:
+        if is_stream(path):
             with open(path, "w", encoding="utf-8") as f:
-                f.write(text)
-        except OSError as exc:
-            raise write_error(path, exc) from None
-    else:
-        write_text_atomic(path, text)
+                f.writelines(chunks)
+        else:
+            with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(chunks)
+    except OSError as exc:
+        raise write_error(path, exc) from None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

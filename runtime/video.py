@@ -32,6 +32,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
@@ -47,7 +48,7 @@ import numpy as np
 from facemark.contract import Box, box_from_landmarks, box_iou
 from facemark.drawing import DrawMode, draw_face
 from facemark.errors import ImageError, WriteError
-from facemark.fileio import atomic_path, is_stdout, is_stream, write_error, write_output_text
+from facemark.fileio import atomic_path, is_stdout, is_stream, write_error, write_output_chunks
 from facemark.imageio import IMAGE_SUFFIXES, JPEG_HEADER_BYTES, probe_size, sniff_format, write_image
 from facemark.outputs import path_bytes, utf8_text
 from facemark.runtime.defaults import DEFAULT_FULL_SCAN_EVERY
@@ -531,7 +532,8 @@ def run_video(
             on_open(info)
 
     with ExitStack() as stack:
-        sinks = _FrameSinks(stack, source, out, jsonl, csv_path, chips, pose, draw, keep=json_path is not None)
+        sinks = _FrameSinks(stack, source, out, jsonl, csv_path, chips, pose, draw, keep=json_path is not None,
+                            spool_dir=_spool_folder(json_path))
         start = time.perf_counter()
         try:  # Ctrl-C ends a camera session like the end of a file: the outputs so far are kept
             for index, t, frame in read_frames(source, max_frames, skipped, on_damaged=damaged, on_open=started,
@@ -556,21 +558,25 @@ def run_video(
         if json_path is not None:
             settings = {"detect_every": detect_every, "full_scan_every": full_scan_every, "smooth": smooth,
                         "pose": pose}
-            document = video_document(landmarker, opened[0], settings, sinks.frames or [], summary)
-            write_output_text(json_path, json.dumps(document, allow_nan=False) + "\n")
+            write_output_chunks(json_path, video_document(landmarker, opened[0], settings, sinks.frame_lines(),
+                                                          summary))
     summary.outputs = [str(p) for p in (out, jsonl, json_path, csv_path) if p is not None]
     if chips is not None:
         summary.outputs.append(str(chips.folder))
     return summary
 
 
-def video_document(landmarker: FaceLandmarker, info: VideoInfo, tracking: dict, frames: list[dict],
-                   summary: VideoSummary) -> dict:
-    """`runtime video --json`: predict's header (model, detector, pipeline), the source, the tracking settings,
-    `complete` (false when interrupted or a stream dropped), every frame as its --jsonl line, the summary."""
-    return {**landmarker.describe(), "source": info.to_json(), "tracking": tracking,
-            "complete": not (summary.interrupted or summary.dropped), "frames": frames,
-            "summary": summary.to_json()}
+def video_document(landmarker: FaceLandmarker, info: VideoInfo, tracking: dict, frame_lines: Iterable[str],
+                   summary: VideoSummary) -> Iterator[str]:
+    """`runtime video --json`, piece by piece: predict's header (model, detector, pipeline), the source, the
+    tracking settings, `complete` (false when interrupted or a stream dropped), every frame as its --jsonl line
+    (`frame_lines`, read back from disk: a long stream's frames are never all in memory), the summary."""
+    head = {**landmarker.describe(), "source": info.to_json(), "tracking": tracking,
+            "complete": not (summary.interrupted or summary.dropped)}
+    yield json.dumps(head, allow_nan=False)[:-1] + ', "frames": ['
+    for i, line in enumerate(frame_lines):
+        yield ("" if i == 0 else ", ") + line.rstrip("\n")
+    yield '], "summary": ' + json.dumps(summary.to_json(), allow_nan=False) + "}\n"
 
 
 def video_csv_header(pose: bool) -> list[str]:
@@ -592,6 +598,14 @@ def _open_text(stack: ExitStack, path: str | os.PathLike | None) -> TextIO | Non
         raise write_error(path, exc) from None
 
 
+def _spool_folder(json_path: str | os.PathLike | None) -> str | None:
+    """Where the --json document's frames wait: beside a file document (the space it will need), else the
+    system's temporary folder."""
+    if json_path is None or is_stdout(json_path) or is_stream(json_path):
+        return None
+    return str(Path(json_path).resolve().parent)
+
+
 def _source_name(source: str | int) -> Path:
     """The name a source's chips take their stem from: the file's, the URL's last part, camera0."""
     if is_camera_source(source):
@@ -606,7 +620,7 @@ class _FrameSinks:
 
     def __init__(self, stack: ExitStack, source: str | int, out: str | os.PathLike | None,
                  jsonl: str | os.PathLike | None, csv_path: str | os.PathLike | None, chips: ChipOptions | None,
-                 pose: bool, draw: DrawMode, keep: bool) -> None:
+                 pose: bool, draw: DrawMode, keep: bool, spool_dir: str | None = None) -> None:
         self.name, self.name_bytes = utf8_text(str(source)), path_bytes(str(source)) or ""
         self.pose, self.draw, self.chips = pose, draw, chips
         self.lines = _open_text(stack, jsonl)
@@ -614,7 +628,9 @@ class _FrameSinks:
         self.rows = csv.writer(csv_file, lineterminator="\n") if csv_file is not None else None
         if self.rows is not None:
             self.rows.writerow(video_csv_header(pose))
-        self.frames: list[dict] | None = [] if keep else None  # the JSON document's frames
+        # The JSON document's frames, one line each, on disk until the end (beside the document: its file system)
+        self.frames: TextIO | None = stack.enter_context(
+            tempfile.TemporaryFile("w+", encoding="utf-8", dir=spool_dir)) if keep else None
         self.out = out
         self.tmp_video = stack.enter_context(atomic_path(out)) if out is not None else None
         self.writer: cv2.VideoWriter | None = None
@@ -625,11 +641,12 @@ class _FrameSinks:
             self.stem = claim_output_stems([name], [folder], per_frame=True)[str(name)]
 
     def write(self, result: FrameResult, frame: np.ndarray, fps: float) -> None:
-        entry = result.to_json(self.pose) if self.lines is not None or self.frames is not None else None
+        line = json.dumps(result.to_json(self.pose), allow_nan=False) + "\n" \
+            if self.lines is not None or self.frames is not None else ""
         if self.lines is not None:
-            self.lines.write(json.dumps(entry, allow_nan=False) + "\n")
+            self.lines.write(line)
         if self.frames is not None:
-            self.frames.append(entry)
+            self.frames.write(line)
         if self.rows is not None:
             self.rows.writerows([self.name, result.index, round(result.time, 4), i, *face_csv_cells(face, self.pose),
                                  self.name_bytes] for i, face in enumerate(result.faces))
@@ -645,6 +662,14 @@ class _FrameSinks:
             for i, face in enumerate(result.faces):
                 write_image(Path(self.chips.folder) / chip_name(stem, i),
                             face.aligned(frame, self.chips.size, self.chips.template))
+
+    def frame_lines(self) -> Iterator[str]:
+        """The frames written so far, as their JSON lines (none when no --json document was asked for)."""
+        if self.frames is None:
+            return
+        self.frames.flush()
+        self.frames.seek(0)
+        yield from self.frames
 
     def finish_video(self, frames: int) -> None:
         if self.writer is not None:

@@ -98,6 +98,19 @@ def test_json_csv_pose_and_aligned_as_in_predict(clip, tmp_path, landmarker):
     chips = sorted(p.name for p in (out / "chips").glob("*.png"))
     assert chips[0] == "clip-frame000000-face0.png" and len(chips) == len(faces)
     assert cv2.imread(str(out / "chips" / chips[0])).shape == (64, 64, 3)
+    assert sorted(p.name for p in out.iterdir()) == ["chips", "v.csv", "v.json", "v.jsonl"]  # no temporary left
+
+
+def test_the_json_document_on_stdout_is_the_files(clip, tmp_path, capsys):
+    """The document is written piece by piece (its frames wait on disk, not in memory): on stdout as in a file."""
+    assert run(["runtime", "video", str(clip), *CPU, "--json", str(tmp_path / "v.json")]) == 0
+    capsys.readouterr()
+    assert run(["runtime", "video", str(clip), *CPU, "--json", "-"]) == 0
+    printed, written = json.loads(capsys.readouterr().out), json.loads((tmp_path / "v.json").read_text())
+    for document in (printed, written):
+        jsonschema.Draft202012Validator(schema("video-document")).validate(document)
+        document["summary"].pop("seconds"), document["summary"].pop("fps")
+    assert printed == written and len(printed["frames"]) == FRAMES
 
 
 def test_aligned_chips_never_replace_a_file_facemark_did_not_write(clip, tmp_path):
