@@ -82,7 +82,7 @@ class DetectorOptions(_Settings):
         "--detector", "Face detector: haar (OpenCV's cascade, the default) or a CNN detector fetched once with "
         "`facemark detectors fetch NAME` (docs/DETECTORS.md).", choices=DETECTOR_NAMES))
     min_face: float = field(default=haar.DEFAULT_MIN_FACE_FRACTION, metadata=flag(
-        "--min-face", "Smallest face, as a fraction of the shorter side (the speed knob)."))
+        "--min-face", "Smallest face, as a fraction of the shorter side, 0 to below 1 (the speed knob)."))
     max_side: int = field(default=haar.DEFAULT_MAX_SIDE, metadata=flag(
         "--max-side", "Detect on a copy downscaled to this longer side at most (0 = off).", min=0))
     min_face_windows: float | None = field(default=None, metadata=flag(
@@ -165,8 +165,8 @@ class PipelineOptions(_Settings):
         "--min-score", "Drop faces whose presence score (0-1, models with a presence head) is below this; "
         "0 keeps all.", min=0.0, max=1.0))
     max_faces: int | None = field(default=None, metadata=flag(
-        "--max-faces", "Keep the first N faces: the highest presence scores (then detector scores; "
-        "docs/CLI.md, face order).", min=1))
+        "--max-faces", "Keep the first N faces in the face order: presence score as the JSON shows it, then the "
+        "detector's order (docs/CLI.md).", min=1))
 
     def __post_init__(self) -> None:
         self._check_bounds()
