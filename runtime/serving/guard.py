@@ -32,6 +32,11 @@ LOGGER = logging.getLogger("facemark.serve")
 HEAD_LIMIT = 64 * 1024
 CHUNK = 256 * 1024
 IDLE_CLOSE_S = 1.0
+MAX_CONNECTIONS = 1000  # per guard, at most (connection_limit: fewer when file descriptors are short)
+FDS_PER_CONNECTION = 4  # the client's socket and Triton's here, and Triton's end of its own
+FDS_KEPT = 256  # for everything else of facemark serve: model files, decoder pipes, Triton's own sockets
+OPEN_FILES_WANTED = 65536
+OVERLOAD_LOG_S = 10.0  # at most one "too many connections" line per guard in this many seconds
 FORM_TYPE = b"application/x-www-form-urlencoded"
 
 
@@ -78,6 +83,44 @@ def request_limit_bytes(max_request_mb: float) -> int:
     return int(max_request_mb * 1e6) + REQUEST_ALLOWANCE_BYTES
 
 
+class RepeatFilter(logging.Filter):
+    """Lets a message through at most once per `seconds` (asyncio logs every failed accept(): thousands of lines a
+    second when file descriptors run out)."""
+
+    def __init__(self, seconds: float = OVERLOAD_LOG_S) -> None:
+        super().__init__()
+        self.seconds, self._last = seconds, {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now, key = time.monotonic(), str(record.msg)
+        if now - self._last.get(key, -self.seconds) < self.seconds:
+            return False
+        self._last[key] = now
+        return True
+
+
+ASYNCIO_REPEATS = RepeatFilter()
+
+
+def raise_open_files_limit(wanted: int = OPEN_FILES_WANTED) -> int:
+    """The soft limit of open files raised towards the hard one (a shell's default 1024 would cap the
+    connections at about 100 per guard); Triton, started later, inherits it. The limit now."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return wanted if soft == resource.RLIM_INFINITY else soft
+
+
+def connection_limit(open_files: int, guards: int = 2) -> int:
+    """Connections one guard holds at most: MAX_CONNECTIONS, or what the open-files limit leaves for each."""
+    return max(8, min(MAX_CONNECTIONS, (open_files - FDS_KEPT) // (FDS_PER_CONNECTION * guards)))
+
+
 @dataclass
 class Connection:
     """One client connection of a guard, the task serving it, and when it last had something in flight."""
@@ -112,9 +155,14 @@ class LoopbackGuard:
 
     name = "guard"
 
-    def __init__(self, host: str, port: int, upstream_port: int, max_bytes: int) -> None:
+    def __init__(self, host: str, port: int, upstream_port: int, max_bytes: int,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self.host, self.port, self.upstream_port, self.max_bytes = host, port, upstream_port, max_bytes
+        self.max_connections = max_connections
         self.refused = 0
+        self.overloaded = 0  # connections turned away: max_connections busy ones open
+        self.reaped = 0  # idle connections closed to make room for new ones
+        self._overload_logged = -OVERLOAD_LOG_S
         self.cut = 0  # requests in flight whose connection ended without their reply, from the drain on
         self._draining = False
         self._sweeper: asyncio.Task | None = None
@@ -124,6 +172,8 @@ class LoopbackGuard:
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"facemark-{self.name}", daemon=True)
 
     def start(self) -> None:
+        if ASYNCIO_REPEATS not in logging.getLogger("asyncio").filters:
+            logging.getLogger("asyncio").addFilter(ASYNCIO_REPEATS)
         listener = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((self.host, self.port))
@@ -182,7 +232,39 @@ class LoopbackGuard:
                       ) -> None:
         raise NotImplementedError
 
+    def _make_room(self) -> bool:
+        """Whether a new connection may be served: below max_connections, or once the connection idle the
+        longest (nothing in flight: a keep-alive client between requests, or one that never sent a whole request)
+        is closed. False when every connection has a request in flight."""
+        if len(self._connections) < self.max_connections:
+            return True
+        now = time.monotonic()
+        idle = [c for c in self._connections if not c.busy() and not c.task.cancelling()]
+        if not idle:
+            return False
+        max(idle, key=lambda c: c.idle_for(now)).task.cancel()
+        self.reaped += 1
+        return True
+
+    def _turn_away(self, writer: asyncio.StreamWriter) -> None:
+        """A connection over max_connections: counted, one log line per OVERLOAD_LOG_S (not one per connection),
+        then closed at once (`_goodbye`)."""
+        self.overloaded += 1
+        now = time.monotonic()
+        if now - self._overload_logged >= OVERLOAD_LOG_S:
+            self._overload_logged = now
+            LOGGER.warning("%s: %d connections, each with a request in flight: new ones turned away (%d so far)",
+                           self.name, len(self._connections), self.overloaded)
+        self._goodbye(writer)
+
+    def _goodbye(self, writer: asyncio.StreamWriter) -> None:
+        """Close a connection turned away (a subclass may answer first: its protocol's way to say "busy")."""
+        writer.close()
+
     async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        if not self._make_room():
+            self._turn_away(client_writer)
+            return
         connection = self._new_connection(asyncio.current_task())  # type: ignore[arg-type]
         self._connections.append(connection)
         try:
@@ -219,6 +301,11 @@ class HttpGuard(LoopbackGuard):
 
     def _new_connection(self, task: asyncio.Task) -> _HttpConnection:
         return _HttpConnection(task)
+
+    def _goodbye(self, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, RuntimeError):
+            writer.write(_reply("503 Service Unavailable", "too many connections with a request in flight; retry"))
+        writer.close()  # after the reply is flushed
 
     async def _handle(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,
                       connection: _HttpConnection) -> None:  # type: ignore[override]

@@ -58,7 +58,13 @@ from facemark.runtime.decode_pool import DecoderPool
 from facemark.runtime.landmarker import Detections, FaceLandmarker
 from facemark.runtime.options import RuntimeOptions
 from facemark.runtime.serving.grpc_guard import GrpcGuard
-from facemark.runtime.serving.guard import HttpGuard, LoopbackGuard, request_limit_bytes
+from facemark.runtime.serving.guard import (
+    HttpGuard,
+    LoopbackGuard,
+    connection_limit,
+    raise_open_files_limit,
+    request_limit_bytes,
+)
 from facemark.runtime.serving.protocol import (
     CROPS_MODEL,
     ERROR,
@@ -324,8 +330,9 @@ class FacemarkServer:
         # Triton's HTTP and gRPC endpoints on private loopback ports, behind guards on the public ones (guard.py
         # and grpc_guard.py say why)
         limit = request_limit_bytes(config.limits.max_request_mb)
-        self.http_guard = HttpGuard(config.host, config.http_port, free_loopback_port(), limit)
-        self.grpc_guard = GrpcGuard(config.host, config.grpc_port, free_loopback_port(), limit)
+        connections = connection_limit(raise_open_files_limit())  # before Triton starts: it inherits the limit
+        self.http_guard = HttpGuard(config.host, config.http_port, free_loopback_port(), limit, connections)
+        self.grpc_guard = GrpcGuard(config.host, config.grpc_port, free_loopback_port(), limit, connections)
         self.guards: tuple[LoopbackGuard, ...] = (self.http_guard, self.grpc_guard)
 
     def describe(self) -> dict:
