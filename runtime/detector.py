@@ -41,6 +41,7 @@ PRESENCE_MIN_NEIGHBORS = 0
 PRESENCE_MIN_FACE_WINDOWS = 2.0
 DEFAULT_MIN_FACE_FRACTION = 0.08
 DEFAULT_MAX_SIDE = 640
+SMALLEST_MAX_SIDE = 64  # a smaller --max-side copy leaves no room for the cascade's windows
 # The detection copy: the smallest face wanted spans 1.5 cascade windows (640x480 with min_face 0.08 -> a 500x375
 # copy). Measured on the validation split with the shipped model (docs/MODEL.md, "Detector speed"): Haar 1.4x
 # faster at 640x480 for 1.4 points of detection rate (94.6 -> 93.2 % found at presence >= 0.9, no false face).
@@ -116,8 +117,8 @@ class HaarDetector:
             raise ValueError(f"scale_factor must be > 1 (got {scale_factor})")
         if not 0.0 <= min_face_fraction < 1.0:
             raise ValueError(f"min_face_fraction must be in [0, 1) (got {min_face_fraction})")
-        if max_side is not None and max_side < 64:
-            raise ValueError(f"max_side must be >= 64 or None (got {max_side})")
+        if max_side is not None and max_side < SMALLEST_MAX_SIDE:
+            raise ValueError(f"max_side must be >= {SMALLEST_MAX_SIDE} or None (got {max_side})")
         if min_face_windows is not None and min_face_windows < 1.0:
             raise ValueError(f"min_face_windows must be >= 1 or None (got {min_face_windows})")
         self.scale_factor = scale_factor

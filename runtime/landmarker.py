@@ -48,9 +48,10 @@ IDENTITY = BoxCalibration()
 TIMING_KEYS = ("detect", "landmarks")
 MAX_DEFAULT_WORKERS = 8
 DUPLICATE_IOU = 0.5  # two faces whose landmark boxes overlap this much are one (distinct_faces)
-SCORE_DIGITS = 4  # a face's presence and detector scores in the JSON; FACE_ORDER compares presence scores so
-FACE_ORDER = ("by presence score as reported (4 decimals), highest first, when the model has a trusted presence "
-              "score; else (and among equal reported scores) in the detector's order, its score highest first")
+SCORE_DIGITS = 4  # decimals of a face's presence and detector scores in the JSON (FACE_ORDER compares at this)
+FACE_ORDER = (f"by presence score as reported ({SCORE_DIGITS} decimals), highest first, when the model has a trusted "
+              "presence score; else (and among equal reported scores) in the detector's order, its score highest "
+              "first")
 # FaceLandmarker's keywords beyond the options of facemark.runtime.options: where and how the model runs.
 LANDMARKER_KEYWORDS = ("device", "threads", "trt_fp16", "trt_cache", "max_batch_size", "calibration", "spin")
 # Old keyword -> its name now (a DeprecationWarning names it); detector_options's keys -> the option fields.

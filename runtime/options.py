@@ -127,7 +127,8 @@ class DetectorOptions(_Settings):
         limits = (("min_face", self.min_face, not 0.0 <= self.min_face < 1.0, ">= 0 and < 1"),
                   ("scale_factor", self.scale_factor, self.scale_factor is not None and self.scale_factor <= 1.0,
                    "> 1"),
-                  ("max_side", self.max_side, 0 < self.max_side < 64, "0 (off) or >= 64"),
+                  ("max_side", self.max_side, 0 < self.max_side < haar.SMALLEST_MAX_SIDE,
+                   f"0 (off) or >= {haar.SMALLEST_MAX_SIDE}"),
                   ("min_face_windows", self.min_face_windows,
                    self.min_face_windows is not None and 0.0 < self.min_face_windows < 1.0, "0 (off) or >= 1"))
         for name, value, wrong, allowed in limits:

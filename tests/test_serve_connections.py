@@ -21,6 +21,7 @@ from facemark.runtime.serving.guard import (
     connection_limit,
     raise_open_files_limit,
 )
+from facemark.runtime.serving.server import free_loopback_port
 
 CAP = 4
 FLOOD = 3000  # per port: more than a guard holds (MAX_CONNECTIONS)
@@ -45,18 +46,12 @@ class _Upstream(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def guard():
     RELEASE.clear()
     upstream = ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    started = HttpGuard("127.0.0.1", _free_port(), upstream.server_address[1], 1_000_000, max_connections=CAP)
+    started = HttpGuard("127.0.0.1", free_loopback_port(), upstream.server_address[1], 1_000_000, max_connections=CAP)
     started.start()
     yield started
     RELEASE.set()
